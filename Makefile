@@ -1,0 +1,27 @@
+# The two commands at the top of README.md: `make dev` and `make test`.
+# Each creates .venv on first use, so they work on a fresh machine with python3 (>= 3.11).
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: dev test venv bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+dev: $(STAMP)
+	$(VENV)/bin/derpd dev
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/relay.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

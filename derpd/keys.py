@@ -1,0 +1,179 @@
+"""Curve25519 node keys, their text forms, and NaCl box as DERP uses it.
+
+A DERP client is addressed by its 32-byte node public key.  The relay's own
+identity is a node key too.  Text forms (spec 1.2):
+
+    nodekey:<64 hex>   typed public key (JSON, logs)
+    privkey:<64 hex>   typed private key (derper's key file)
+    <64 hex>           untyped public key (Derp-Public-Key header, meta-cert CN)
+
+Sealed boxes are ``nonce(24) || tag(16) || ciphertext`` (spec 1.4), which is
+what PyNaCl's ``Box.encrypt`` returns.  The nonce can be injected so tests are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+
+import nacl.exceptions
+import nacl.public
+import nacl.utils
+
+KEY_LEN = 32
+NONCE_LEN = 24
+
+_NODE_PREFIX = "nodekey:"
+_PRIV_PREFIX = "privkey:"
+_HEXDIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+class KeyFormatError(ValueError):
+    """A key's text or bytes are malformed."""
+
+
+def _parse_hex(text: str, prefix: str) -> bytes:
+    if not text.startswith(prefix):
+        raise KeyFormatError(f"key must start with {prefix!r}")
+    body = text[len(prefix):]
+    if len(body) != 2 * KEY_LEN or not _HEXDIGITS.issuperset(body):
+        raise KeyFormatError(f"key must be {prefix!r} followed by {2 * KEY_LEN} hex digits")
+    return bytes.fromhex(body)
+
+
+@dataclass(frozen=True, slots=True)
+class NodePublic:
+    """A 32-byte Curve25519 public key that names a DERP client or server."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.raw, bytes) or len(self.raw) != KEY_LEN:
+            raise KeyFormatError(f"a public key is {KEY_LEN} bytes")
+
+    @classmethod
+    def parse(cls, text: str) -> NodePublic:
+        """Parse ``nodekey:<hex>``.
+
+        Raises:
+            KeyFormatError: the prefix or the hex digits are wrong.
+        """
+        return cls(_parse_hex(text, _NODE_PREFIX))
+
+    @classmethod
+    def from_hex(cls, text: str) -> NodePublic:
+        """Parse an untyped 64-hex-digit key (as in ``Derp-Public-Key``)."""
+        return cls(_parse_hex(text, ""))
+
+    def is_zero(self) -> bool:
+        return self.raw == bytes(KEY_LEN)
+
+    def hex(self) -> str:
+        return self.raw.hex()
+
+    def __str__(self) -> str:
+        return _NODE_PREFIX + self.raw.hex()
+
+    def short(self) -> str:
+        """A short form for log lines: ``[abcde]`` (first 5 hex digits)."""
+        return "[" + self.raw.hex()[:5] + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class NodePrivate:
+    """A 32-byte Curve25519 private key."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.raw, bytes) or len(self.raw) != KEY_LEN:
+            raise KeyFormatError(f"a private key is {KEY_LEN} bytes")
+
+    @classmethod
+    def generate(cls) -> NodePrivate:
+        """A fresh, clamped private key."""
+        b = bytearray(os.urandom(KEY_LEN))
+        b[0] &= 248
+        b[31] = (b[31] & 127) | 64
+        return cls(bytes(b))
+
+    @classmethod
+    def parse(cls, text: str) -> NodePrivate:
+        """Parse ``privkey:<hex>`` (unclamped keys are accepted).
+
+        Raises:
+            KeyFormatError: the prefix or the hex digits are wrong.
+        """
+        return cls(_parse_hex(text, _PRIV_PREFIX))
+
+    def __str__(self) -> str:
+        return _PRIV_PREFIX + self.raw.hex()
+
+    def __repr__(self) -> str:  # never print the secret by accident
+        return f"NodePrivate(public={self.public})"
+
+    @property
+    def public(self) -> NodePublic:
+        return NodePublic(bytes(nacl.public.PrivateKey(self.raw).public_key))
+
+    def box(self, peer: NodePublic) -> SealedBox:
+        """A box for messages between this key and ``peer``.
+
+        Raises:
+            KeyFormatError: ``peer`` is the zero key (spec P-8).
+        """
+        if peer.is_zero():
+            raise KeyFormatError("the zero key cannot open or seal a box")
+        return SealedBox(nacl.public.Box(nacl.public.PrivateKey(self.raw), nacl.public.PublicKey(peer.raw)))
+
+
+class BoxOpenError(ValueError):
+    """A sealed box did not open (short, forged, or for another key)."""
+
+
+class SealedBox:
+    """NaCl ``crypto_box`` between two keys, in DERP's ``nonce || box`` layout."""
+
+    __slots__ = ("_box",)
+
+    def __init__(self, box: nacl.public.Box) -> None:
+        self._box = box
+
+    def seal(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
+        if nonce is None:
+            nonce = nacl.utils.random(NONCE_LEN)
+        return bytes(self._box.encrypt(plaintext, nonce))
+
+    def open(self, sealed: bytes) -> bytes:
+        """Returns the plaintext.
+
+        Raises:
+            BoxOpenError: too short or the tag does not verify.
+        """
+        if len(sealed) < NONCE_LEN + 16:
+            raise BoxOpenError("sealed box too short")
+        try:
+            return bytes(self._box.decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN]))
+        except nacl.exceptions.CryptoError as e:
+            raise BoxOpenError("box does not open") from e
+
+
+def parse_mesh_key(text: str) -> bytes:
+    """Parse a mesh key: 64 hex digits, surrounding whitespace trimmed.
+
+    Raises:
+        KeyFormatError: not exactly 64 hex digits, or all zero.
+    """
+    raw = _parse_hex(text.strip(), "")
+    if raw == bytes(KEY_LEN):
+        raise KeyFormatError("the mesh key must not be all zeros")
+    return raw
+
+
+def mesh_keys_equal(a: bytes | None, b: bytes | None) -> bool:
+    """Constant-time comparison; a missing or zero key never matches."""
+    if not a or not b or a == bytes(KEY_LEN):
+        return False
+    return hmac.compare_digest(a, b)
