@@ -1,0 +1,5 @@
+//go:build !((linux || darwin) && ts_debug_websockets)
+
+package main
+
+const builtWithWebsockets = false
