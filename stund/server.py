@@ -1,0 +1,425 @@
+"""Trio UDP loop for the STUN server; it only moves bytes (decisions are in stund.binding).
+
+Each listening socket gets one task that waits until the socket is readable, then drains up
+to :data:`BATCH` datagrams with non-blocking ``recvfrom`` and answers each with a
+non-blocking ``sendto`` before waiting again.  Per datagram the work is: one address lookup
+in a small cache, :func:`stund.binding.answer`, one counter increment and one send.  A full
+send buffer drops the reply (counted as a write error): UDP callers retransmit.
+
+Dual-stack: ``"::"`` binds one IPv6 socket with IPV6_V6ONLY off.  IPv4 clients then appear as
+``::ffff:a.b.c.d``; we un-map them so they get a family-1 (IPv4) XOR-MAPPED-ADDRESS (P-26).
+
+RFC 5780: with an alternate IP, the first address of ``addrs`` is the primary and stund binds
+the four combinations {primary, alternate IP} x {primary, alternate port}.  A reply to a
+CHANGE-REQUEST leaves from the socket the request asked for.
+
+``--workers N`` (see :func:`run_workers`) starts N processes that bind the same ports with
+SO_REUSEPORT; the kernel spreads clients across them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+from collections.abc import Callable, MutableSequence, Sequence
+from functools import partial
+from typing import Any
+
+import trio
+
+from .binding import Grid, Ignore, answer
+from .message import StunError
+from .metrics import PROCESS_STATS, StunStats, add_source, slot_count
+
+__all__ = ["BATCH", "RCVBUF", "StunConfigError", "serve_stun", "run_workers", "parse_hostport"]
+
+log = logging.getLogger("stund")
+
+#: Datagrams handled per wakeup before yielding to other tasks.
+BATCH = 256
+#: Requested socket buffer sizes (the kernel caps them at net.core.[rw]mem_max).
+RCVBUF = 8 << 20
+SNDBUF = 4 << 20
+#: Largest datagram we read; longer ones are truncated and then fail the length check.
+MAX_DATAGRAM = 2048
+
+
+class StunConfigError(StunError, ValueError):
+    """The server was configured with addresses it cannot use."""
+
+
+def parse_hostport(text: str, default_port: int = 3478) -> tuple[str, int]:
+    """Parses ``IP``, ``IP:PORT``, ``[IPv6]:PORT``, ``:PORT`` (all addresses, dual-stack).
+
+    Raises:
+        StunConfigError: with a hint on the accepted forms.
+    """
+    host, port_text = text, ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise StunConfigError(f"{text!r}: missing ']'; write IPv6 addresses as [::1]:3478")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest and not rest.startswith(":"):
+            raise StunConfigError(f"{text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if host == "":
+        host = "::"
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise StunConfigError(f"{text!r}: port must be a number, e.g. 0.0.0.0:3478") from None
+    if not 0 <= port <= 65535:
+        raise StunConfigError(f"{text!r}: port must be 0-65535")
+    return host, port
+
+
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return socket.AF_INET
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host.split("%")[0])
+        return socket.AF_INET6
+    except OSError:
+        raise StunConfigError(
+            f"{host!r} is not an IP address; give a literal such as 0.0.0.0, :: or 127.0.0.1"
+        ) from None
+
+
+def _open_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    fam = _family(host)
+    sock = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        if fam == socket.AF_INET6 and host in ("::", "::0"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for opt, size in ((socket.SO_RCVBUF, RCVBUF), (socket.SO_SNDBUF, SNDBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:  # pragma: no cover - platform limits
+                pass
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Peer:
+    """Packed-address cache: recvfrom gives text addresses; the codec wants bytes."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self) -> None:
+        self.cache: dict[str, bytes] = {}
+
+    def packed(self, host: str) -> bytes:
+        ip = self.cache.get(host)
+        if ip is None:
+            if len(self.cache) > 4096:
+                self.cache.clear()
+            if ":" not in host:
+                ip = socket.inet_pton(socket.AF_INET, host)
+            elif host.startswith("::ffff:") and "." in host:
+                ip = socket.inet_pton(socket.AF_INET, host[7:])
+            else:
+                ip = socket.inet_pton(socket.AF_INET6, host.split("%")[0])
+            self.cache[host] = ip
+        return ip
+
+
+async def _serve_socket(
+    sock: socket.socket,
+    stats: StunStats,
+    decide: Callable[..., Any],
+    grid_socks: dict[tuple[int, int], socket.socket] | None,
+) -> None:
+    counts = stats.counts
+    request_slots = {
+        (v6, kind): StunStats.request_slot(v6, kind) for v6 in (False, True) for kind in ("tailscale", "rfc5389", "rfc3489")
+    }
+    ok_slot, err_slot = StunStats.response_slot(False), StunStats.response_slot(True)
+    ignored_slots: dict[str, int] = {}
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    packed = _Peer().packed
+    wait_readable = trio.lowlevel.wait_readable
+    while True:
+        await wait_readable(sock)
+        debug = log.isEnabledFor(logging.DEBUG)
+        for _ in range(BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                counts[StunStats.READ_ERROR] += 1
+                log.debug("stun: receive error on %s: %s", sock.getsockname(), exc)
+                break
+            ip = packed(addr[0])
+            result = decide(data, ip, addr[1])
+            if type(result) is Ignore:
+                slot = ignored_slots.get(result.reason)
+                if slot is None:
+                    slot = ignored_slots[result.reason] = StunStats.ignored_slot(result.reason)
+                counts[slot] += 1
+                if result.kind is not None:
+                    counts[request_slots[(len(ip) == 16, result.kind)]] += 1
+                if debug:
+                    log.debug("stun: ignored %d bytes from %s: %s", len(data), addr[0], result.reason)
+                continue
+            counts[request_slots[(len(ip) == 16, result.kind)]] += 1
+            dest = addr if result.port == addr[1] else (addr[0], result.port, *addr[2:])
+            out = sock if result.via is None or grid_socks is None else grid_socks[result.via]
+            try:
+                if out is sock:
+                    sendto(result.data, dest)
+                else:
+                    out.sendto(result.data, (addr[0], result.port))
+            except OSError as exc:
+                counts[StunStats.WRITE_ERROR] += 1
+                if debug:
+                    log.debug("stun: send to %s failed: %s", addr[0], exc)
+                continue
+            counts[err_slot if result.error else ok_slot] += 1
+
+
+async def serve_stun(
+    addrs: list[tuple[str, int]],
+    *,
+    alternate_ip: str | None = None,
+    alternate_port: int | None = None,
+    tailscale_only: bool = False,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves STUN on every ``(host, port)`` until cancelled.
+
+    ``"::"`` is dual-stack; port 0 picks a free port.  With ``alternate_ip`` the first
+    address is the RFC 5780 primary and must be a specific IP of the same family;
+    ``alternate_port`` defaults to a free port.
+
+    ``task_status.started`` receives the bound ``(host, port)`` of every address in
+    ``addrs`` order, followed in RFC 5780 mode by (primary IP, alternate port),
+    (alternate IP, primary port) and (alternate IP, alternate port).
+
+    Raises:
+        StunConfigError: unusable addresses (before ``started``).
+        OSError: a bind failed (before ``started``).
+    """
+    await _serve(
+        addrs,
+        alternate_ip=alternate_ip,
+        alternate_port=alternate_port,
+        tailscale_only=tailscale_only,
+        reuse_port=False,
+        stats=PROCESS_STATS,
+        task_status=task_status,
+    )
+
+
+def _bind_grid(
+    primary: tuple[str, int], alternate_ip: str, alternate_port: int | None, reuse_port: bool
+) -> dict[tuple[int, int], socket.socket]:
+    """Binds the 2x2 RFC 5780 grid; ports chosen by the kernel when 0 (retrying collisions)."""
+    p_ip, p_port = primary
+    if _family(p_ip) != _family(alternate_ip):
+        raise StunConfigError(
+            f"alternate address {alternate_ip} and primary {p_ip} must be the same IP family"
+        )
+    if p_ip in ("0.0.0.0", "::", "::0") or alternate_ip in ("0.0.0.0", "::", "::0"):
+        raise StunConfigError(
+            "RFC 5780 needs specific addresses: give -a PRIMARY_IP:PORT first and "
+            "--alternate-addr ALT_IP[:PORT], not a wildcard"
+        )
+    if p_ip == alternate_ip:
+        raise StunConfigError("the alternate IP must differ from the primary IP")
+    for _attempt in range(20):
+        socks: dict[tuple[int, int], socket.socket] = {}
+        try:
+            socks[(0, 0)] = _open_socket(p_ip, p_port, reuse_port)
+            port0 = socks[(0, 0)].getsockname()[1]
+            socks[(1, 0)] = _open_socket(alternate_ip, port0, reuse_port)
+            socks[(0, 1)] = _open_socket(p_ip, alternate_port or 0, reuse_port)
+            port1 = socks[(0, 1)].getsockname()[1]
+            if port1 == port0:
+                raise StunConfigError("the alternate port must differ from the primary port")
+            socks[(1, 1)] = _open_socket(alternate_ip, port1, reuse_port)
+            return socks
+        except OSError as exc:
+            for s in socks.values():
+                s.close()
+            # Only a kernel-chosen port may collide on the other IP: retry those.
+            if exc.errno != errno.EADDRINUSE or (p_port and alternate_port):
+                raise
+        except BaseException:
+            for s in socks.values():
+                s.close()
+            raise
+    raise OSError(errno.EADDRINUSE, "could not find a port free on both RFC 5780 addresses")
+
+
+async def _serve(
+    addrs: Sequence[tuple[str, int]],
+    *,
+    alternate_ip: str | None,
+    alternate_port: int | None,
+    tailscale_only: bool,
+    reuse_port: bool,
+    stats: StunStats,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    if not addrs:
+        raise StunConfigError("no address to listen on; give at least one, e.g. -a :3478")
+    socks: list[tuple[socket.socket, Callable[..., Any], dict[tuple[int, int], socket.socket] | None]] = []
+    bound: list[tuple[str, int]] = []
+    try:
+        plain = partial(answer, tailscale_only=tailscale_only)
+        rest = list(addrs)
+        grid_socks: dict[tuple[int, int], socket.socket] | None = None
+        if alternate_ip is not None:
+            grid_socks = _bind_grid(rest.pop(0), alternate_ip, alternate_port, reuse_port)
+            ips = (
+                socket.inet_pton(_family(addrs[0][0]), addrs[0][0]),
+                socket.inet_pton(_family(alternate_ip), alternate_ip),
+            )
+            grid = Grid(ips, (grid_socks[(0, 0)].getsockname()[1], grid_socks[(0, 1)].getsockname()[1]))
+            for at in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                decide = partial(answer, tailscale_only=tailscale_only, grid=grid, at=at)
+                socks.append((grid_socks[at], decide, grid_socks))
+        for host, port in rest:
+            socks.append((_open_socket(host, port, reuse_port), plain, None))
+        if grid_socks is not None:
+            order = [socks[0], *socks[4:], socks[1], socks[2], socks[3]]
+        else:
+            order = socks
+        hosts = [h for h, _ in addrs]
+        if grid_socks is not None:
+            hosts += [addrs[0][0], alternate_ip, alternate_ip]
+        for (sock, _, _), host in zip(order, hosts, strict=True):
+            bound.append((host, sock.getsockname()[1]))
+        async with trio.open_nursery() as nursery:
+            for sock, decide, table in socks:
+                nursery.start_soon(_serve_socket, sock, stats, decide, table)
+            log.info("stun: listening on %s", " ".join(_fmt(h, p) for h, p in bound))
+            task_status.started(bound)
+    finally:
+        for sock, _, _ in socks:
+            sock.close()
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- --workers N ----------------------------------------------------------------------------
+
+
+def _worker_main(
+    addrs: list[tuple[str, int]],
+    options: dict[str, Any],
+    counts: MutableSequence[int],
+    conn: Any,
+    log_level: int,
+) -> None:
+    logging.basicConfig(level=log_level, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                partial(_serve, addrs, reuse_port=True, stats=StunStats(counts), **options)
+            )
+            conn.send(bound)
+            conn.close()
+
+    try:
+        trio.run(main)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    except BaseException as exc:  # report bind errors to the parent
+        try:
+            conn.send(exc)
+        except Exception:
+            pass
+        raise
+
+
+def run_workers(
+    addrs: list[tuple[str, int]],
+    workers: int,
+    *,
+    alternate_ip: str | None = None,
+    alternate_port: int | None = None,
+    tailscale_only: bool = False,
+    on_started: Callable[[list[tuple[str, int]]], None] | None = None,
+) -> None:
+    """Runs ``workers`` processes serving the same ports with SO_REUSEPORT; blocks until they
+    exit or this process gets SIGINT/SIGTERM.  Their counters are added to this process's
+    metrics.  Worker 0 binds first so port 0 resolves to one port shared by all.
+
+    Raises:
+        StunConfigError / OSError: worker 0 could not bind.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    options: dict[str, Any] = {
+        "alternate_ip": alternate_ip,
+        "alternate_port": alternate_port,
+        "tailscale_only": tailscale_only,
+    }
+    procs: list[Any] = []
+    level = logging.getLogger().getEffectiveLevel()
+
+    def start(worker_addrs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        counts = ctx.RawArray("Q", slot_count())
+        add_source(counts)
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_worker_main, args=(worker_addrs, options, counts, child_end, level), daemon=True
+        )
+        proc.start()
+        child_end.close()
+        procs.append(proc)
+        try:
+            result = parent_end.recv()
+        except EOFError:
+            raise StunConfigError("a STUN worker exited before binding; see its error above") from None
+        finally:
+            parent_end.close()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def stop(*_: Any) -> None:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+
+    old_term = signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    try:
+        bound = start(list(addrs))
+        concrete = bound[: len(addrs)]
+        if alternate_ip is not None:
+            options["alternate_port"] = bound[len(addrs)][1]
+        for _ in range(workers - 1):
+            start(concrete)
+        if on_started is not None:
+            on_started(bound)
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+        for p in procs:
+            p.join(timeout=5)
+        signal.signal(signal.SIGTERM, old_term)
