@@ -1,0 +1,301 @@
+"""The coordinator's TOML config file: settings plus static regions and nodes.
+
+Every error names the file, the line and the field, so a user can go straight to it::
+
+    coordinator.toml:14: regions[0].nodes[1].derp_port: must be in 0..65535, 0 meaning 443 (got 70000)
+
+``tomllib`` reports syntax errors with a line; for errors in values we find the line by
+scanning the file for the table headers and ``key =`` lines (good enough for the usual
+one-key-per-line style; inline tables fall back to the line of their table header).
+See ``deploy/coordinator.example.toml`` for a complete example.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import DerpMap, DerpNode, DerpRegion, map_problems
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+class ConfigError(Exception):
+    """The config file is unusable.  ``str()`` is ``file:line: field: message``."""
+
+    def __init__(self, file: str, line: int | None, field_path: str, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.field = field_path
+        self.message = message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {field_path}: {message}" if field_path else f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    """Everything the coordinator needs, validated.  Durations are in seconds."""
+
+    static_map: DerpMap = field(default_factory=DerpMap)
+    listen: str = DEFAULT_LISTEN
+    token: str | None = None
+    probe_interval: float = 10.0
+    probe_timeout: float = 8.0
+    node_ttl: float = 60.0
+    keep_region_when_down: bool = True
+    ca_file: Path | None = None
+    max_body_bytes: int = 16 * 1024
+    max_registered_nodes: int = 256
+    min_heartbeat_interval: float = 1.0
+    history: int = 30
+    status_refresh: int = 5
+    source: str = "<defaults>"
+
+
+# TOML key -> (model attribute, expected python types) for [[regions.nodes]].
+_NODE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "name": ("name", (str,)),
+    "hostname": ("host_name", (str,)),
+    "cert_name": ("cert_name", (str,)),
+    "ipv4": ("ipv4", (str,)),
+    "ipv6": ("ipv6", (str,)),
+    "stun_port": ("stun_port", (int,)),
+    "stun_only": ("stun_only", (bool,)),
+    "derp_port": ("derp_port", (int,)),
+    "insecure_for_tests": ("insecure_for_tests", (bool,)),
+    "stun_test_ip": ("stun_test_ip", (str,)),
+    "can_port_80": ("can_port_80", (bool,)),
+}
+_REGION_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "id": ("region_id", (int,)),
+    "code": ("region_code", (str,)),
+    "name": ("region_name", (str,)),
+    "latitude": ("latitude", (int, float)),
+    "longitude": ("longitude", (int, float)),
+    "avoid": ("avoid", (bool,)),
+    "no_measure_no_home": ("no_measure_no_home", (bool,)),
+}
+_NODE_ATTR_TO_KEY = {attr: key for key, (attr, _) in _NODE_KEYS.items()} | {"region_id": "id"}
+_REGION_ATTR_TO_KEY = {attr: key for key, (attr, _) in _REGION_KEYS.items()}
+
+_COORD_KEYS: dict[str, tuple[type, ...]] = {
+    "listen": (str,),
+    "token_file": (str,),
+    "probe_interval": (int, float),
+    "probe_timeout": (int, float),
+    "node_ttl": (int, float),
+    "keep_region_when_down": (bool,),
+    "omit_default_regions": (bool,),
+    "ca_file": (str,),
+    "max_body_bytes": (int,),
+    "max_registered_nodes": (int,),
+    "min_heartbeat_interval": (int, float),
+    "history": (int,),
+    "status_refresh": (int,),
+}
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\s\"-]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+
+class _LineIndex:
+    """Maps (table path, key) to the line where it appears, from a plain scan of the text."""
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[tuple[Any, ...], int] = {}
+        counts: dict[str, int] = {}
+        node_counts: dict[int, int] = {}
+        table: tuple[Any, ...] = ()
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            m = _HEADER_RE.match(line)
+            if m:
+                name = re.sub(r"\s+", "", m.group(2))
+                if m.group(1) == "[[" and name == "regions":
+                    i = counts.get("regions", 0)
+                    counts["regions"] = i + 1
+                    table = ("regions", i)
+                elif m.group(1) == "[[" and name == "regions.nodes":
+                    ri = counts.get("regions", 1) - 1
+                    j = node_counts.get(ri, 0)
+                    node_counts[ri] = j + 1
+                    table = ("regions", ri, "nodes", j)
+                else:
+                    table = (name,)
+                self.lines.setdefault(table, lineno)
+                continue
+            k = _KEY_RE.match(line)
+            if k:
+                self.lines.setdefault((*table, k.group(1)), lineno)
+
+    def find(self, *path: Any) -> int | None:
+        """Returns the line of ``path`` or of the nearest enclosing table that was found."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+
+def _fmt_path(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Loader:
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.index = _LineIndex(text)
+
+    def error(self, path: tuple[Any, ...], message: str) -> ConfigError:
+        return ConfigError(self.file, self.index.find(*path), _fmt_path(path), message)
+
+    def typed(self, path: tuple[Any, ...], value: Any, types: tuple[type, ...]) -> Any:
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            want = " or ".join(_TYPE_WORDS[t] for t in types)
+            raise self.error(path, f"must be {want} (got {type(value).__name__} {value!r})")
+        return value
+
+    def table(self, path: tuple[Any, ...], value: Any, allowed: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(path, "must be a table")
+        for key in value:
+            if key not in allowed:
+                raise self.error((*path, key), f"unknown key; allowed keys are: {', '.join(sorted(allowed))}")
+        return value
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    """Reads and validates a coordinator config file.
+
+    Relative ``token_file`` and ``ca_file`` paths are relative to the config file.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or has a bad value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), None, "", f"cannot read the config file: {exc}") from None
+    return parse_config(text, str(path), base_dir=path.parent)
+
+
+def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = None) -> CoordinatorConfig:
+    """Parses config text; see :func:`load_config`.
+
+    Raises:
+        ConfigError: naming file, line and field.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(file, int(m.group(1)) if m else None, "", f"not valid TOML: {exc}") from None
+    ld = _Loader(file, text)
+    ld.table((), doc, {"coordinator": 1, "regions": 1})
+    coord = ld.table(("coordinator",), doc.get("coordinator", {}), _COORD_KEYS)
+    opts: dict[str, Any] = {}
+    for key, types in _COORD_KEYS.items():
+        if key in coord:
+            opts[key] = ld.typed(("coordinator", key), coord[key], types)
+
+    base = base_dir or Path(".")
+    kw: dict[str, Any] = {"source": file}
+    if "listen" in opts:
+        kw["listen"] = opts["listen"]
+    for key in ("probe_interval", "probe_timeout", "node_ttl", "min_heartbeat_interval"):
+        if key in opts:
+            value = float(opts[key])
+            if not math.isfinite(value) or value <= 0 or value > 86400:
+                raise ld.error(("coordinator", key), f"must be a number of seconds in (0, 86400] (got {value!r})")
+            kw[key] = value
+    interval = kw.get("probe_interval", CoordinatorConfig.probe_interval)
+    if "probe_timeout" not in kw:
+        kw["probe_timeout"] = round(interval * 0.8, 3)
+    elif kw["probe_timeout"] > interval:
+        raise ld.error(("coordinator", "probe_timeout"), f"must not exceed probe_interval ({interval:g} s)")
+    if "node_ttl" in kw and kw["node_ttl"] < kw.get("min_heartbeat_interval", 1.0):
+        raise ld.error(("coordinator", "node_ttl"), "must be at least min_heartbeat_interval")
+    for key, lo, hi in (("max_body_bytes", 1024, 1 << 20), ("max_registered_nodes", 0, 100_000),
+                        ("history", 1, 1000), ("status_refresh", 1, 3600)):
+        if key in opts:
+            if not lo <= opts[key] <= hi:
+                raise ld.error(("coordinator", key), f"must be in {lo}..{hi} (got {opts[key]})")
+            kw[key] = opts[key]
+    if "keep_region_when_down" in opts:
+        kw["keep_region_when_down"] = opts["keep_region_when_down"]
+    if "token_file" in opts:
+        kw["token"] = read_token_file(base / opts["token_file"], lambda msg: ld.error(("coordinator", "token_file"), msg))
+    if "ca_file" in opts:
+        ca = base / opts["ca_file"]
+        if not ca.is_file():
+            raise ld.error(("coordinator", "ca_file"), f"no such file: {ca} (give a PEM bundle of CA certificates)")
+        kw["ca_file"] = ca
+
+    regions_raw = doc.get("regions", [])
+    if not isinstance(regions_raw, list):
+        raise ld.error(("regions",), "must be an array of tables: write [[regions]]")
+    regions: list[DerpRegion] = []
+    for ri, raw in enumerate(regions_raw):
+        rpath: tuple[Any, ...] = ("regions", ri)
+        rt = ld.table(rpath, raw, {**_REGION_KEYS, "nodes": 1})
+        for key in ("id", "code"):
+            if key not in rt:
+                raise ld.error((*rpath, key), "is required")
+        rargs = {attr: ld.typed((*rpath, key), rt[key], types)
+                 for key, (attr, types) in _REGION_KEYS.items() if key in rt}
+        rargs.setdefault("region_name", rt["code"])
+        nodes_raw = rt.get("nodes", [])
+        if not isinstance(nodes_raw, list):
+            raise ld.error((*rpath, "nodes"), "must be an array of tables: write [[regions.nodes]]")
+        nodes = []
+        for ni, nraw in enumerate(nodes_raw):
+            npath = (*rpath, "nodes", ni)
+            nt = ld.table(npath, nraw, _NODE_KEYS)
+            for key in ("name", "hostname"):
+                if key not in nt:
+                    raise ld.error((*npath, key), "is required")
+            nargs = {attr: ld.typed((*npath, key), nt[key], types)
+                     for key, (attr, types) in _NODE_KEYS.items() if key in nt}
+            nodes.append(DerpNode(region_id=rargs["region_id"], **nargs))
+        regions.append(DerpRegion(nodes=tuple(nodes), **rargs))
+    dmap = DerpMap(tuple(regions), omit_default_regions=opts.get("omit_default_regions", False))
+    problems = map_problems(dmap)
+    if problems:
+        p = problems[0]
+        if p.node is not None:
+            path: tuple[Any, ...] = ("regions", p.region, "nodes", p.node, _NODE_ATTR_TO_KEY.get(p.attr, p.attr))
+        else:
+            path = ("regions", p.region, _REGION_ATTR_TO_KEY.get(p.attr, p.attr))
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ld.error(path, p.message + more)
+    return CoordinatorConfig(static_map=dmap, **kw)
+
+
+def read_token_file(path: Path, error: Any = None) -> str:
+    """Returns the shared registration token (the file's content, stripped).
+
+    Raises:
+        ConfigError (or what ``error(message)`` returns): missing, unreadable or too short.
+    """
+    def fail(msg: str) -> Exception:
+        return error(msg) if error else ConfigError(str(path), None, "token_file", msg)
+
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(f"cannot read the token file {path}: {exc}") from None
+    if len(token) < 16:
+        raise fail(f"the token in {path} is shorter than 16 characters; "
+                   "create one with: head -c 32 /dev/urandom | base64 > FILE")
+    return token

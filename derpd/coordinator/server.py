@@ -1,0 +1,104 @@
+"""``serve_coordinator``: the ASGI app on hypercorn's Trio worker, plus the prober.
+
+Usage::
+
+    running = await nursery.start(serve_coordinator, config)
+    running.url   # "http://127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .app import CoordinatorApp
+from .config import ConfigError, CoordinatorConfig, load_config
+from .prober import NodeProber, ProbeFn, Prober
+from .state import CoordinatorState
+
+log = logging.getLogger("derpd.coordinator")
+
+
+@dataclass(slots=True)
+class RunningCoordinator:
+    url: str
+    port: int
+    state: CoordinatorState
+    prober: Prober
+    app: CoordinatorApp
+
+    def reload_from(self, path: Path) -> bool:
+        """Reloads the config file; on error logs it and keeps serving the last good map.
+
+        Returns:
+            True if the new config is in force.
+        """
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            self.state.metrics.reloads.labels("error").inc()
+            log.error("config reload failed, still serving the last good map: %s", exc)
+            return False
+        if config.token is None and self.state.config.token is not None:
+            config = _with_token(config, self.state.config.token)
+        self.state.reload(config)
+        log.info("config reloaded from %s", path)
+        return True
+
+
+def _with_token(config: CoordinatorConfig, token: str) -> CoordinatorConfig:
+    from dataclasses import replace
+    return replace(config, token=token)
+
+
+def hypercorn_config(listen: str) -> HypercornConfig:
+    """Returns a quiet hypercorn config bound to ``listen`` (``host:port``; port 0 picks one)."""
+    hc = HypercornConfig()
+    hc.bind = [listen]
+    hc.accesslog = None
+    hc.errorlog = None
+    hc.graceful_timeout = 2.0
+    hc.keep_alive_timeout = 30.0
+    hc.h11_max_incomplete_size = 16 * 1024
+    return hc
+
+
+async def serve_coordinator(
+    config: CoordinatorConfig,
+    *,
+    listen: str | None = None,
+    probe: ProbeFn | None = None,
+    probing: bool = True,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[RunningCoordinator] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves the coordinator until cancelled (or until ``shutdown_trigger`` returns).
+
+    ``probe`` replaces the real node probe (tests); ``probing=False`` starts no prober
+    loop (call ``running.prober.run_round()`` yourself).
+    """
+    state = CoordinatorState(config)
+    app = CoordinatorApp(state)
+    cafile = str(config.ca_file) if config.ca_file else None
+    prober = Prober(state, probe or NodeProber(cafile=cafile, timeout=config.probe_timeout))
+    async with trio.open_nursery() as nursery:
+
+        async def run_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+            await hypercorn_serve(app, hypercorn_config(listen or config.listen),  # type: ignore[arg-type]
+                                  shutdown_trigger=shutdown_trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        binds: list[str] = await nursery.start(run_http)
+        url = binds[0]
+        port = int(url.rsplit(":", 1)[1])
+        if probing:
+            await nursery.start(prober.serve)
+        log.info("coordinator serving %s/derpmap/default (%d regions, status at %s/status)",
+                 url, len(state.published.dmap.regions), url)
+        task_status.started(RunningCoordinator(url, port, state, prober, app))
