@@ -70,6 +70,9 @@ class NodePublic:
     def is_zero(self) -> bool:
         return self.raw == bytes(KEY_LEN)
 
+    def __repr__(self) -> str:
+        return f"NodePublic({self})"
+
     def hex(self) -> str:
         return self.raw.hex()
 

@@ -1,0 +1,219 @@
+"""The DERP login, as sans-IO state machines for both ends.
+
+Theory of operation
+-------------------
+::
+
+    server                                  client
+    ServerHandshake.server_key_frame() ──▶  ClientHandshake: ServerKey event
+                                       ◀──  client_info_frame(server_key)
+    next_event() → ClientAuthenticated      (fast start: the client already knew the key from
+    [admission, register the client]        the TLS meta-certificate and sent ClientInfo
+    server_info_frame(client_key)      ──▶  without waiting; it still receives ServerKey)
+                                            next_event() → LoginComplete
+
+ServerInfo must be the very first frame after ServerKey (P-3): the server registers the client
+*before* writing ServerInfo, but starts its send loop only after, so nothing can overtake it.
+
+The first frame a server reads must be ClientInfo; anything else aborts the login.  The
+ClientInfo box is opened with the server's private key and the key the client claims, so a
+client proves it owns its key.  The all-zero key is refused outright (P-8).
+
+Nonces come from ``nonce()`` (24 random bytes by default) and can be injected for tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..keys import KEY_LEN, NONCE_LEN, BoxOpenError, NodePrivate, NodePublic
+from .errors import LocalProtocolError, RemoteProtocolError
+from .frames import (
+    CLIENT_MAX_FRAME_LEN,
+    CLIENT_READ_LIMITS,
+    MAGIC,
+    SERVER_READ_LIMITS,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+)
+from .messages import ClientInfo, ServerInfo
+
+__all__ = [
+    "NEED_DATA",
+    "ClientAuthenticated",
+    "ClientHandshake",
+    "LoginComplete",
+    "ServerHandshake",
+    "ServerKeyReceived",
+]
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+def _random_nonce() -> bytes:
+    return os.urandom(NONCE_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthenticated:
+    """The server opened a valid ClientInfo."""
+
+    key: NodePublic
+    info: ClientInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKeyReceived:
+    key: NodePublic
+
+
+@dataclass(frozen=True, slots=True)
+class LoginComplete:
+    server_key: NodePublic
+    info: ServerInfo
+
+
+class ServerHandshake:
+    """Server side of the login.  ``decoder`` keeps any bytes after ClientInfo for the
+    steady state, so fast-start clients that pipeline frames lose nothing."""
+
+    __slots__ = ("_key", "_nonce", "decoder", "client")
+
+    def __init__(self, private_key: NodePrivate, *, nonce: Callable[[], bytes] = _random_nonce) -> None:
+        self._key = private_key
+        self._nonce = nonce
+        self.decoder = FrameDecoder(SERVER_READ_LIMITS)
+        self.client: ClientAuthenticated | None = None
+
+    def server_key_frame(self) -> bytes:
+        return encode_frame(FrameType.SERVER_KEY, MAGIC + self._key.public.raw)
+
+    def receive_data(self, data: bytes) -> None:
+        self.decoder.receive_data(data)
+
+    def next_event(self) -> ClientAuthenticated | _NeedData:
+        """Returns ``ClientAuthenticated`` once a valid ClientInfo arrived.
+
+        Raises:
+            RemoteProtocolError: reasons ``bad_frame_type``, ``bad_client_info``,
+                ``zero_key``, ``box_open_failed``, ``frame_too_large``, ``truncated_frame``,
+                ``eof``.
+        """
+        if self.client is not None:
+            raise LocalProtocolError("the login is already complete")
+        frame = self.decoder.next_frame()
+        if frame is None:
+            if self.decoder.eof:
+                raise RemoteProtocolError("connection closed before ClientInfo", "eof")
+            return NEED_DATA
+        ftype, payload = frame
+        if ftype != FrameType.CLIENT_INFO:
+            raise RemoteProtocolError(f"expected ClientInfo, got frame type {ftype:#x}", "bad_frame_type")
+        if len(payload) < KEY_LEN + NONCE_LEN:
+            raise RemoteProtocolError(f"ClientInfo of {len(payload)} bytes", "bad_client_info")
+        client_key = NodePublic(payload[:KEY_LEN])
+        if client_key.is_zero():
+            raise RemoteProtocolError("ClientInfo with the zero key", "zero_key")
+        try:
+            plaintext = self._key.box(client_key).open(payload[KEY_LEN:])
+        except BoxOpenError as e:
+            raise RemoteProtocolError("ClientInfo box does not open", "box_open_failed") from e
+        self.client = ClientAuthenticated(client_key, ClientInfo.from_json(plaintext))
+        return self.client
+
+    def server_info_frame(self, info: ServerInfo | None = None) -> bytes:
+        """Raises: LocalProtocolError before the client is authenticated."""
+        if self.client is None:
+            raise LocalProtocolError("ServerInfo before ClientInfo")
+        sealed = self._key.box(self.client.key).seal((info or ServerInfo()).to_json(), self._nonce())
+        return encode_frame(FrameType.SERVER_INFO, sealed)
+
+
+class ClientHandshake:
+    """Client side of the login.
+
+    Without fast start: feed bytes until ``ServerKeyReceived``, send
+    ``client_info_frame(event.key)``, feed until ``LoginComplete``.  With fast start, pass
+    ``server_key`` and send ``client_info_frame()`` right away; the ServerKey that still
+    arrives is checked against it.
+    """
+
+    __slots__ = ("_key", "_info", "_nonce", "decoder", "server_key", "_sent_info", "_done")
+
+    def __init__(
+        self,
+        private_key: NodePrivate,
+        info: ClientInfo,
+        *,
+        server_key: NodePublic | None = None,
+        nonce: Callable[[], bytes] = _random_nonce,
+    ) -> None:
+        self._key = private_key
+        self._info = info
+        self._nonce = nonce
+        self.decoder = FrameDecoder(CLIENT_READ_LIMITS, max_unknown=CLIENT_MAX_FRAME_LEN)
+        self.server_key = server_key
+        self._sent_info = False
+        self._done = False
+
+    def receive_data(self, data: bytes) -> None:
+        self.decoder.receive_data(data)
+
+    def client_info_frame(self, server_key: NodePublic | None = None) -> bytes:
+        """Raises: LocalProtocolError when no server key is known yet, or sent twice."""
+        key = server_key or self.server_key
+        if key is None:
+            raise LocalProtocolError("ClientInfo needs the server key")
+        if self._sent_info:
+            raise LocalProtocolError("ClientInfo was already sent")
+        self.server_key = key
+        self._sent_info = True
+        sealed = self._key.box(key).seal(self._info.to_json(), self._nonce())
+        return encode_frame(FrameType.CLIENT_INFO, self._key.public.raw + sealed)
+
+    def next_event(self) -> ServerKeyReceived | LoginComplete | _NeedData:
+        """Raises:
+        RemoteProtocolError: a bad ServerKey (``bad_server_key``), a server key that differs
+            from the fast-start one (``server_key_mismatch``), a ServerInfo that does not
+            open or parse (``bad_server_info``), an unexpected frame, or EOF (``eof``).
+        """
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is None:
+                if self.decoder.eof:
+                    raise RemoteProtocolError("connection closed during login", "eof")
+                return NEED_DATA
+            ftype, payload = frame
+            if ftype == FrameType.SERVER_KEY:
+                if len(payload) < 40 or payload[:8] != MAGIC:
+                    raise RemoteProtocolError("malformed ServerKey", "bad_server_key")
+                key = NodePublic(payload[8:40])
+                if self._sent_info:
+                    if key != self.server_key:
+                        raise RemoteProtocolError("ServerKey differs from the expected key", "server_key_mismatch")
+                    continue  # fast start: the key was already known
+                self.server_key = key
+                return ServerKeyReceived(key)
+            if ftype == FrameType.SERVER_INFO:
+                if not self._sent_info or self.server_key is None:
+                    raise RemoteProtocolError("ServerInfo before ClientInfo", "bad_frame_type")
+                if len(payload) < NONCE_LEN:
+                    raise RemoteProtocolError("short ServerInfo", "bad_server_info")
+                try:
+                    plaintext = self._key.box(self.server_key).open(payload)
+                except BoxOpenError as e:
+                    raise RemoteProtocolError("ServerInfo box does not open", "bad_server_info") from e
+                self._done = True
+                return LoginComplete(self.server_key, ServerInfo.from_json(plaintext))
+            raise RemoteProtocolError(f"unexpected frame type {ftype:#x} during login", "bad_frame_type")

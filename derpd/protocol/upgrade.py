@@ -1,0 +1,184 @@
+"""Routing of HTTP requests on the relay port, and the exact bytes of the upgrade answers.
+
+Every accepted connection starts as HTTP/1.1 parsed with h11.  ``route_request`` turns the
+parsed request into one of:
+
+* ``DerpUpgrade``: binary DERP.  Answer with ``derp_switching_protocols()`` unless
+  ``fast_start`` (P-1: then no HTTP answer at all), then speak DERP on the raw stream,
+  starting with the bytes h11 read past the request head.
+* ``WebSocketUpgrade``: DERP inside WebSocket binary messages (spec 9.5).
+* ``Metrics``: Prometheus text, loopback peers only (the I/O layer checks the peer).
+* ``Response``: a complete plain answer (probe, generate_204, robots.txt, home, 426, 405).
+
+Decision order follows derper (spec 9.2): ``Upgrade: websocket`` plus a ``derp`` subprotocol
+is WebSocket; ``Upgrade: derp`` or a bare ``Upgrade: websocket`` is binary DERP (P-4).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import h11
+from wsproto.utilities import generate_accept_token
+
+from ..keys import NodePublic
+from .frames import PROTOCOL_VERSION
+
+BROWSER_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"Strict-Transport-Security", b"max-age=63072000; includeSubDomains"),
+    (
+        b"Content-Security-Policy",
+        b"default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'self'; "
+        b"block-all-mixed-content; object-src 'none'",
+    ),
+    (b"X-Frame-Options", b"DENY"),
+    (b"X-Content-Type-Options", b"nosniff"),
+)
+NO_CACHE = b"no-cache, no-store, must-revalidate, no-transform, max-age=0"
+_CHALLENGE_RE = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+HOME_PAGE = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>DERP</title></head>
+<body>
+<h1>DERP</h1>
+<p>This is a <a href="https://tailscale.com/kb/1232/derp-servers">Tailscale DERP</a> relay, served by derpd.</p>
+<p>It relays end-to-end encrypted WireGuard packets for Tailscale clients; it cannot read them.</p>
+</body></html>
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DerpUpgrade:
+    fast_start: bool = False
+    not_ideal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketUpgrade:
+    accept_token: bytes
+    subprotocol_ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+    head_only: bool = field(default=False)
+
+    def to_h11(self) -> tuple[h11.Response, h11.Data | None, h11.EndOfMessage]:
+        headers = list(self.headers)
+        headers.append((b"Content-Length", str(len(self.body)).encode()))
+        body = None if self.head_only or not self.body else h11.Data(data=self.body)
+        return h11.Response(status_code=self.status, headers=headers), body, h11.EndOfMessage()
+
+
+Route = DerpUpgrade | WebSocketUpgrade | Metrics | Response
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for k, v in request.headers:
+        if k == name:  # h11 lower-cases header names
+            return v
+    return None
+
+
+def _text(status: int, body: bytes, *extra: tuple[bytes, bytes]) -> Response:
+    return Response(status, ((b"Content-Type", b"text/plain; charset=utf-8"), *extra), body)
+
+
+def route_request(request: h11.Request, *, home: str = "", derp_enabled: bool = True) -> Route:
+    """Decide how to answer one request on the relay port.
+
+    Args:
+        home: derper's ``--home``: ``""`` the built-in page, ``"blank"`` an empty page, or an
+            ``http(s)://`` URL to redirect ``/`` to.
+    """
+    path = request.target.split(b"?", 1)[0]
+    method = request.method
+    head = method == b"HEAD"
+    if path == b"/derp":
+        if not derp_enabled:
+            return _text(404, b"derp server disabled\n")
+        upgrade = (_header(request, b"upgrade") or b"").strip().lower()
+        if upgrade == b"websocket" and b"derp" in (_header(request, b"sec-websocket-protocol") or b""):
+            protocols = [p.strip() for p in (_header(request, b"sec-websocket-protocol") or b"").split(b",")]
+            key = _header(request, b"sec-websocket-key")
+            if key is None:
+                return _text(400, b"missing Sec-WebSocket-Key\n")
+            return WebSocketUpgrade(generate_accept_token(key), b"derp" in protocols)
+        if upgrade in (b"derp", b"websocket"):
+            return DerpUpgrade(
+                fast_start=_header(request, b"derp-fast-start") == b"1",
+                not_ideal=bool(_header(request, b"ideal-node")),
+            )
+        return _text(426, b"DERP requires connection upgrade\n", (b"X-Content-Type-Options", b"nosniff"))
+    if path in (b"/derp/probe", b"/derp/latency-check"):
+        if method in (b"GET", b"HEAD"):
+            return Response(200, ((b"Access-Control-Allow-Origin", b"*"),), head_only=head)
+        return _text(405, b"bogus probe method\n")
+    if path == b"/generate_204":
+        headers = [(b"Cache-Control", NO_CACHE)]
+        challenge = _header(request, b"x-tailscale-challenge")
+        if challenge is not None and _CHALLENGE_RE.fullmatch(challenge):
+            headers.append((b"X-Tailscale-Response", b"response " + challenge))
+        return Response(204, tuple(headers), head_only=True)
+    if path == b"/robots.txt":
+        return Response(
+            200,
+            (*BROWSER_HEADERS, (b"Content-Type", b"text/plain; charset=utf-8")),
+            b"User-agent: *\nDisallow: /\n",
+            head_only=head,
+        )
+    if path == b"/metrics":
+        return Metrics()
+    if path == b"/bootstrap-dns":
+        return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"application/json")), head_only=head)
+    if home.startswith(("http://", "https://")) and path == b"/":
+        return Response(302, ((b"Location", home.encode()),))
+    body = b"" if home == "blank" else HOME_PAGE
+    return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"text/html; charset=utf-8")), body, head_only=head)
+
+
+def redirect_to_https(request: h11.Request) -> Response:
+    """The port-80 listener: ``/generate_204`` is served, GET/HEAD redirect to https, the
+    rest get 400 (spec 10.2)."""
+    path = request.target.split(b"?", 1)[0]
+    if path == b"/generate_204":
+        route = route_request(request)
+        assert isinstance(route, Response)
+        return route
+    if request.method not in (b"GET", b"HEAD"):
+        return _text(400, b"Use HTTPS\n")
+    host = _header(request, b"host") or b""
+    return Response(302, ((b"Location", b"https://" + host + request.target),), head_only=request.method == b"HEAD")
+
+
+def derp_switching_protocols(server_key: NodePublic) -> bytes:
+    """The exact 101 derper writes for a binary DERP upgrade (spec 9.2)."""
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: DERP\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Derp-Version: %d\r\n"
+        b"Derp-Public-Key: %s\r\n"
+        b"\r\n" % (PROTOCOL_VERSION, server_key.hex().encode())
+    )
+
+
+def websocket_switching_protocols(accept_token: bytes) -> bytes:
+    """The RFC 6455 101 with subprotocol ``derp`` and no extensions (no compression)."""
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: %s\r\n"
+        b"Sec-WebSocket-Protocol: derp\r\n"
+        b"\r\n" % accept_token
+    )

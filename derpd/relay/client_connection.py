@@ -1,0 +1,335 @@
+"""One logged-in DERP client: a reader task and a writer task around bounded send queues.
+
+Theory of operation
+-------------------
+The reader decodes every complete frame in its buffer at once.  For a SendPacket it looks up
+the destination in ``Registry.active`` and appends a ready-made RecvPacket frame to that
+destination's queue -- synchronously, never awaiting another client's socket.  The
+destination's writer wakes, takes *everything* queued, and writes it with one ``send_all``
+under the write deadline.
+
+Why drop the oldest packet?  A receiver that cannot keep up must not slow down its senders
+(that would let one slow phone stall a whole tailnet), and memory must stay bounded.  So each
+connection has two queues of ``queue_depth`` packets (disco and other, so a data flood cannot
+starve path discovery); when one is full the *oldest* packet goes: WireGuard and TCP inside
+the tunnel recover from loss, and the newest data is the most useful.  Every drop is counted
+by reason and kind (spec 5.3).
+
+Control frames (Pong, PeerGone, PeerPresent for watchers) have their own small queue that is
+never dropped from.  A KeepAlive goes out every ``keepalive_interval`` plus a per-connection
+jitter, whatever the traffic (spec 5.6).
+
+Whichever task ends first (EOF, protocol error, write timeout) cancels the other; the
+connection then unregisters, counts what was still queued as dropped, and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..keys import KEY_LEN, NodePublic
+from ..protocol.errors import RemoteProtocolError
+from ..protocol.frames import FrameDecoder, FrameType, PeerGoneReason
+from ..protocol.messages import (
+    DISCO_MAGIC,
+    DISCO_MIN_LEN,
+    KEEP_ALIVE_FRAME,
+    ClosePeer,
+    ForwardPacket,
+    NotePreferred,
+    Ping,
+    UnknownFrame,
+    WatchConns,
+    encode_frame,
+    encode_peer_gone,
+    parse_client_frame,
+)
+
+if TYPE_CHECKING:
+    from .server import RelayServer
+
+log = logging.getLogger("derpd.relay")
+
+RECV_SIZE = 256 * 1024
+_RECV_HEADER = struct.Struct(">BI")
+_FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
+_RECV_OVERHEAD = 5 + KEY_LEN  # header + source key in front of each queued packet
+
+
+class ConnectionClosed(Exception):
+    """Raised inside a connection's tasks to end it (ClosePeer, shutdown)."""
+
+
+class ClientConnection:
+    __slots__ = (
+        "server", "stream", "public", "key", "info", "remote_ip", "remote_port", "can_mesh",
+        "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
+        "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
+        "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason",
+    )
+
+    def __init__(
+        self,
+        server: RelayServer,
+        stream: trio.abc.Stream,
+        public: NodePublic,
+        info: object,
+        remote: tuple[str, int],
+        *,
+        can_mesh: bool,
+        is_prober: bool,
+        not_ideal: bool,
+    ) -> None:
+        from .registry import present_flags
+
+        self.server = server
+        self.stream = stream
+        self.public = public
+        self.key = public.raw
+        self.info = info
+        self.remote_ip, self.remote_port = remote
+        self.can_mesh = can_mesh
+        self.not_ideal = not_ideal
+        self.present_flags = present_flags(can_mesh, is_prober, not_ideal)
+        self.is_dup = False
+        self.preferred = False
+        self.connected_at = trio.current_time()
+        self.closing = False
+        self.close_reason = ""
+        s = server.settings
+        self._depth = s.queue_depth
+        self._write_timeout = s.mesh_write_timeout if can_mesh else (s.write_timeout or float("inf"))
+        self._queue: deque[bytes] = deque()
+        self._disco_queue: deque[bytes] = deque()
+        self._control: list[bytes] = []
+        self._pong: bytes | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+        self._nothere_tokens = 3.0
+        self._nothere_stamp = self.connected_at
+        self._cancel: trio.CancelScope | None = None
+        self._sent_to = server.registry.sent_to.setdefault(self.key, set())
+        self.rate_limiter = None
+
+    # ------------------------------------------------------------------ called by other tasks
+
+    def enqueue(self, frame: bytes, disco: bool) -> None:
+        """Queue a ready RecvPacket frame; never blocks, drops the oldest when full."""
+        if self.closing:
+            self.server.stats.drop("gone_disconnected", disco, len(frame) - _RECV_OVERHEAD)
+            return
+        q = self._disco_queue if disco else self._queue
+        if len(q) >= self._depth:
+            old = q.popleft()
+            self.server.stats.drop("queue_head", disco, len(old) - _RECV_OVERHEAD)
+        q.append(frame)
+        if self._lot.statistics().tasks_waiting:
+            self._lot.unpark()
+
+    def send_control(self, frame: bytes) -> None:
+        """Queue a frame that must not be dropped (PeerGone, PeerPresent)."""
+        if self.closing:
+            return
+        self._control.append(frame)
+        self._lot.unpark()
+
+    def close(self, reason: str) -> None:
+        """End this connection from outside (ClosePeer, shutdown)."""
+        self.close_reason = reason
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def run(self, decoder: FrameDecoder) -> None:
+        """Serve until EOF, a protocol error, a write failure or ``close()``."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                await self._read_loop(decoder)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        self.closing = True
+        stats = self.server.stats
+        for q, disco in ((self._queue, False), (self._disco_queue, True)):
+            if q:
+                stats.drop("gone_disconnected", disco, sum(len(f) for f in q) - _RECV_OVERHEAD * len(q), len(q))
+                q.clear()
+        self._control.clear()
+        if self.preferred:
+            stats.current_home_connections -= 1
+        if self.not_ideal:
+            stats.current_notideal_connections -= 1
+        self.server.registry.unregister(self)
+
+    # ------------------------------------------------------------------ reader
+
+    async def _read_loop(self, decoder: FrameDecoder) -> None:
+        stream = self.stream
+        try:
+            frames = decoder.frames()
+            while True:
+                if frames:
+                    self._handle_frames(frames)
+                    if self.rate_limiter is not None:
+                        await self.rate_limiter.wait(sum(len(p) for _, p in frames))
+                data = await stream.receive_some(RECV_SIZE)
+                decoder.receive_data(data)
+                frames = decoder.frames()
+                if not data:
+                    if frames:
+                        self._handle_frames(frames)
+                    return
+        except RemoteProtocolError as e:
+            self.server.stats.connection_errors[e.reason] += 1
+            self.close_reason = e.reason
+            log.debug("closing %s from %s: %s", self.public.short(), self.remote_ip, e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close_reason = "read_error"
+
+    def _handle_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        """The hot path: route every SendPacket; hand anything else to ``_handle_other``."""
+        server = self.server
+        active = server.registry.active
+        src = self.key
+        sent_to = self._sent_to
+        pack = _RECV_HEADER.pack
+        npk = nbytes = ndisco = 0
+        try:
+            for ftype, payload in frames:
+                if ftype == 4:  # SendPacket: dst(32) || packet
+                    n = len(payload)
+                    if n < KEY_LEN:
+                        raise RemoteProtocolError(f"SendPacket of {n} bytes", "bad_send_packet")
+                    dst = payload[:KEY_LEN]
+                    npk += 1
+                    nbytes += n - KEY_LEN
+                    disco = n >= KEY_LEN + DISCO_MIN_LEN and payload.startswith(DISCO_MAGIC, KEY_LEN)
+                    if disco:
+                        ndisco += 1
+                    conn = active.get(dst)
+                    if conn is not None:
+                        sent_to.add(dst)
+                        conn.enqueue(pack(5, n) + src + payload[KEY_LEN:], disco)
+                    else:
+                        server.route_elsewhere(self, src, dst, payload[KEY_LEN:], disco, forwarded=False)
+                else:
+                    self._handle_other(ftype, payload)
+        finally:
+            stats = server.stats
+            stats.packets_received += npk
+            stats.bytes_received += nbytes
+            stats.disco_packets_received += ndisco
+            if self.is_dup:
+                server.registry.note_activity(self)
+
+    def _handle_other(self, ftype: int, payload: bytes) -> None:
+        stats = self.server.stats
+        stats.frames_received[_FRAME_NAMES.get(ftype, "unknown")] += 1
+        match parse_client_frame(ftype, payload):
+            case Ping(data):
+                stats.got_ping += 1
+                if self._pong is None:
+                    self._pong = encode_frame(FrameType.PONG, data)
+                    self._lot.unpark()
+            case NotePreferred(preferred):
+                self._note_preferred(preferred)
+            case ForwardPacket(src, dst, data):
+                self._require_mesh("ForwardPacket")
+                self.server.handle_forwarded(self, src.raw, dst.raw, data)
+            case WatchConns():
+                self._require_mesh("WatchConns")
+                self.server.registry.add_watcher(self)
+            case ClosePeer(target):
+                self._require_mesh("ClosePeer")
+                self.server.close_peer(target)
+            case UnknownFrame():
+                stats.unknown_frames += 1
+
+    def _require_mesh(self, what: str) -> None:
+        if not self.can_mesh:
+            raise RemoteProtocolError(f"{what} from a client without the mesh key", "mesh_only_frame")
+
+    def _note_preferred(self, preferred: bool) -> None:
+        if preferred == self.preferred:
+            return
+        stats = self.server.stats
+        self.preferred = preferred
+        stats.current_home_connections += 1 if preferred else -1
+        if trio.current_time() - self.connected_at > 5:
+            if preferred:
+                stats.home_moves_in += 1
+            else:
+                stats.home_moves_out += 1
+
+    def not_here(self, dst: bytes) -> None:
+        """PeerGone(NotHere) for a disco packet to an unknown key: 1/s, burst 3 (spec 5.5)."""
+        now = trio.current_time()
+        self._nothere_tokens = min(3.0, self._nothere_tokens + (now - self._nothere_stamp))
+        self._nothere_stamp = now
+        if self._nothere_tokens >= 1.0:
+            self._nothere_tokens -= 1.0
+            self.send_control(encode_peer_gone(dst, PeerGoneReason.NOT_HERE))
+            self.server.stats.peer_gone_sent["not_here"] += 1
+
+    # ------------------------------------------------------------------ writer
+
+    async def _write_loop(self, scope: trio.CancelScope) -> None:
+        settings = self.server.settings
+        stats = self.server.stats
+        interval = settings.keepalive_interval + random.uniform(0, settings.keepalive_jitter)
+        next_keepalive = trio.current_time() + interval
+        queue, disco_queue, control = self._queue, self._disco_queue, self._control
+        stream = self.stream
+        try:
+            while True:
+                if not (queue or disco_queue or control or self._pong is not None):
+                    with trio.move_on_at(next_keepalive):
+                        await self._lot.park()
+                parts: list[bytes] = []
+                if control:
+                    parts.extend(control)
+                    control.clear()
+                if self._pong is not None:
+                    parts.append(self._pong)
+                    self._pong = None
+                    stats.sent_pong += 1
+                npk = len(queue) + len(disco_queue)
+                pbytes = sum(map(len, queue)) + sum(map(len, disco_queue)) - _RECV_OVERHEAD * npk if npk else 0
+                if queue:
+                    parts.extend(queue)
+                    queue.clear()
+                if disco_queue:
+                    parts.extend(disco_queue)
+                    disco_queue.clear()
+                if trio.current_time() >= next_keepalive:
+                    parts.append(KEEP_ALIVE_FRAME)
+                    next_keepalive += interval
+                if not parts:
+                    continue
+                data = b"".join(parts)
+                try:
+                    with trio.fail_after(self._write_timeout):
+                        await stream.send_all(data)
+                except trio.TooSlowError:
+                    stats.write_timeouts += 1
+                    stats.drop("write_error", False, pbytes, npk)
+                    self.close_reason = "write_timeout"
+                    log.debug("write timeout to %s, closing", self.public.short())
+                    return
+                if npk:
+                    stats.packets_sent += npk
+                    stats.bytes_sent += pbytes
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close_reason = self.close_reason or "write_error"
+        finally:
+            scope.cancel()

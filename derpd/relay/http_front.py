@@ -1,0 +1,188 @@
+"""The HTTP/1.1 front door of every relay connection (h11), and the port-80 companion.
+
+A connection is read as HTTP until a request upgrades it to DERP (binary or WebSocket); plain
+requests (probes, generate_204, robots.txt, the home page, /metrics) are answered with
+keep-alive.  The request head and the TLS handshake must finish within ``http_timeout``
+(slowloris); a request body is capped.  Garbage gets a 400 where HTTP still makes sense, is
+counted in ``derp_handshake_failures_total{reason}``, and closes only this connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..protocol.upgrade import (
+    DerpUpgrade,
+    Metrics,
+    Response,
+    WebSocketUpgrade,
+    derp_switching_protocols,
+    redirect_to_https,
+    route_request,
+    websocket_switching_protocols,
+)
+from .websocket_stream import WebSocketStream
+
+if TYPE_CHECKING:
+    from .server import RelayServer
+
+log = logging.getLogger("derpd.http")
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 64 * 1024
+MAX_REQUESTS_PER_CONNECTION = 100
+_READ = 16 * 1024
+
+
+class _BadRequest(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
+    """Returns the next request once its head and body are in, or None on a clean EOF."""
+    request: h11.Request | None = None
+    body = 0
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            raise _BadRequest("bad_http") from e
+        if event is h11.NEED_DATA:
+            if conn.they_are_waiting_for_100_continue:
+                raise _BadRequest("expect_continue")
+            data = await stream.receive_some(_READ)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += len(event.data)
+            if body > MAX_BODY:
+                raise _BadRequest("body_too_large")
+        elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+            return request
+        elif isinstance(event, h11.ConnectionClosed):
+            if request is not None or conn.their_state is h11.ERROR:
+                raise _BadRequest("truncated_request")
+            return None
+
+
+async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response: Response) -> None:
+    head, body, end = response.to_h11()
+    data = conn.send(head)
+    if body is not None:
+        data += conn.send(body)
+    data += conn.send(end)
+    await stream.send_all(data)
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _route_label(request: h11.Request) -> str:
+    path = request.target.split(b"?", 1)[0]
+    known = {b"/derp": "derp", b"/derp/probe": "probe", b"/derp/latency-check": "probe",
+             b"/generate_204": "generate_204", b"/robots.txt": "robots", b"/metrics": "metrics",
+             b"/bootstrap-dns": "bootstrap_dns"}
+    return known.get(path, "home")
+
+
+async def handle_connection(
+    server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int], *, tls: ssl.SSLContext | None
+) -> None:
+    """Serve one accepted connection until it closes.  Never raises for peer misbehaviour."""
+    settings = server.settings
+    stats = server.stats
+    if tls is not None:
+        stream = trio.SSLStream(stream, tls, server_side=True)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    try:
+        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+            with trio.move_on_after(settings.http_timeout) as scope:
+                request = await _read_request(stream, conn)
+            if scope.cancelled_caught:
+                stats.handshake_failures["http_timeout"] += 1
+                log.debug("no complete request from %s within %ss, closing", remote[0], settings.http_timeout)
+                return
+            if request is None:
+                return
+            route = route_request(request, home=settings.home, derp_enabled=settings.derp_enabled)
+            stats.http_requests[_route_label(request)] += 1
+            match route:
+                case DerpUpgrade(fast_start=fast, not_ideal=not_ideal):
+                    initial, _ = conn.trailing_data
+                    preamble = b"" if fast else derp_switching_protocols(server.public_key)
+                    await server.serve_derp(stream, remote, initial, preamble=preamble, not_ideal=not_ideal)
+                    return
+                case WebSocketUpgrade(accept_token=token, subprotocol_ok=ok):
+                    initial, _ = conn.trailing_data
+                    await stream.send_all(websocket_switching_protocols(token))
+                    ws = WebSocketStream(stream, initial=initial)
+                    if not ok:
+                        stats.handshake_failures["websocket_subprotocol"] += 1
+                        await ws._close(1008, "client must speak the derp subprotocol")
+                        return
+                    stats.websocket_accepts += 1
+                    await server.serve_derp(ws, remote, b"")
+                    return
+                case Metrics():
+                    if settings.serve_metrics and _is_loopback(remote[0]):
+                        response = Response(200, ((b"Content-Type", CONTENT_TYPE_LATEST.encode()),),
+                                            server.metrics_text())
+                    else:
+                        response = Response(403, ((b"Content-Type", b"text/plain; charset=utf-8"),),
+                                            b"metrics are served to loopback clients only; use --metrics-addr\n")
+                    await _send_response(stream, conn, response)
+                case Response() as response:
+                    await _send_response(stream, conn, response)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+    except _BadRequest as e:
+        stats.handshake_failures[e.reason] += 1
+        log.debug("bad request from %s: %s", remote[0], e.reason)
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                with trio.move_on_after(1):
+                    await _send_response(stream, conn, Response(400, body=b"bad request\n",
+                                                                 headers=((b"Connection", b"close"),)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                pass
+    except trio.BrokenResourceError as e:
+        cause = e.__cause__
+        if isinstance(cause, ssl.SSLError):
+            stats.handshake_failures["tls"] += 1
+            log.debug("TLS failure from %s: %s", remote[0], cause)
+    except (trio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+
+
+async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int]) -> None:
+    """The plain-HTTP port beside TLS: generate_204, else a redirect to https (spec 10.2)."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    try:
+        with trio.move_on_after(server.settings.http_timeout):
+            request = await _read_request(stream, conn)
+            if request is not None:
+                response = redirect_to_https(request)
+                await _send_response(stream, conn, response)
+    except _BadRequest as e:
+        server.stats.handshake_failures[e.reason] += 1
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        pass

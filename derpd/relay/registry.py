@@ -1,0 +1,166 @@
+"""Who is connected where: the client registry, duplicate keys, watchers and mesh forwarders.
+
+Every method is synchronous: a check and the change it leads to never have an ``await`` in
+between, so the registry needs no lock (design rule 6).
+
+``active`` is the hot-path table: key -> the one connection that receives that key's packets.
+``_members`` holds every connection of a key, oldest first and the active one last; a key
+with two or more connections is a *duplicate set*, and whichever member last sent a frame is
+active ("last writer is active", spec 5.8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from ..keys import NodePublic
+from ..metrics import GaugeSource, RelayStats
+from ..protocol.frames import PeerGoneReason, PeerPresentFlags
+from ..protocol.messages import encode_peer_gone, encode_peer_present
+
+if TYPE_CHECKING:
+    from .client_connection import ClientConnection
+
+log = logging.getLogger("derpd.relay")
+
+
+class Forwarder(Protocol):
+    """Something that can carry a packet to a mesh peer that holds the destination."""
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        """Queue the packet; returns False if it had to be dropped."""
+        ...
+
+
+class Registry(GaugeSource):
+    def __init__(self, stats: RelayStats, server_key: bytes) -> None:
+        self.stats = stats
+        self.server_key = server_key
+        self.active: dict[bytes, ClientConnection] = {}
+        self._members: dict[bytes, list[ClientConnection]] = {}
+        self.watchers: set[ClientConnection] = set()
+        self.forwarders: dict[bytes, list[Forwarder]] = {}
+        # src key -> destination keys it sent packets to; drives PeerGone(Disconnected) (5.4/5.5).
+        self.sent_to: dict[bytes, set[bytes]] = {}
+        self.on_change: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ local clients
+
+    def register(self, conn: ClientConnection) -> None:
+        members = self._members.setdefault(conn.key, [])
+        members.append(conn)
+        if len(members) > 1:
+            self.stats.dup_client_conns += 1
+            for m in members:
+                m.is_dup = True
+            log.info("duplicate connection for %s from %s (%d now)", conn.public.short(), conn.remote_ip,
+                     len(members))
+        self.active[conn.key] = conn
+        self.stats.current_connections += 1
+        if self.watchers:
+            frame = encode_peer_present(conn.key, conn.remote_ip, conn.remote_port, conn.present_flags)
+            for w in self.watchers:
+                if w is not conn:
+                    w.send_control(frame)
+
+    def unregister(self, conn: ClientConnection) -> None:
+        members = self._members.get(conn.key)
+        if members is None or conn not in members:
+            return
+        members.remove(conn)
+        self.stats.current_connections -= 1
+        self.watchers.discard(conn)
+        if members:
+            if len(members) == 1:
+                members[0].is_dup = False
+            if self.active.get(conn.key) is conn:
+                self.active[conn.key] = members[-1]
+            return
+        del self._members[conn.key]
+        del self.active[conn.key]
+        if self.watchers:
+            frame = encode_peer_gone(conn.key, PeerGoneReason.DISCONNECTED)
+            for w in self.watchers:
+                w.send_control(frame)
+        if conn.key not in self.forwarders:
+            self.gone_from_region(conn.key)
+
+    def note_activity(self, conn: ClientConnection) -> None:
+        """A member of a duplicate set sent a frame: it becomes the active one."""
+        if self.active.get(conn.key) is not conn:
+            members = self._members[conn.key]
+            members.remove(conn)
+            members.append(conn)
+            self.active[conn.key] = conn
+
+    def connections(self, key: bytes) -> list[ClientConnection]:
+        return list(self._members.get(key, ()))
+
+    def gone_from_region(self, key: bytes) -> None:
+        """``key`` left the region: tell every local client that received from it (5.5)."""
+        dsts = self.sent_to.pop(key, None)
+        if not dsts:
+            return
+        frame = encode_peer_gone(key, PeerGoneReason.DISCONNECTED)
+        for dst in dsts:
+            c = self.active.get(dst)
+            if c is not None:
+                c.send_control(frame)
+                self.stats.peer_gone_sent["disconnected"] += 1
+
+    # ------------------------------------------------------------------ mesh
+
+    def add_watcher(self, conn: ClientConnection) -> None:
+        """Flood PeerPresent for every local key, then stream changes (spec 6.2)."""
+        if conn.key == self.server_key:
+            return
+        for members in self._members.values():
+            m = members[-1]
+            conn.send_control(encode_peer_present(m.key, m.remote_ip, m.remote_port, m.present_flags))
+        self.watchers.add(conn)
+
+    def add_forwarder(self, key: bytes, fwd: Forwarder) -> None:
+        fwds = self.forwarders.setdefault(key, [])
+        if fwd not in fwds:
+            fwds.append(fwd)
+
+    def remove_forwarder(self, key: bytes, fwd: Forwarder) -> None:
+        fwds = self.forwarders.get(key)
+        if not fwds or fwd not in fwds:
+            return
+        fwds.remove(fwd)
+        if not fwds:
+            del self.forwarders[key]
+            if key not in self._members:
+                self.gone_from_region(key)
+
+    # ------------------------------------------------------------------ gauges
+
+    def gauge_values(self) -> dict[str, tuple[str, float]]:
+        dup_keys = [m for m in self._members.values() if len(m) > 1]
+        remote = sum(1 for k in self.forwarders if k not in self._members)
+        return {
+            "derp_clients_local": ("Distinct keys with local connections.", len(self._members)),
+            "derp_clients_remote": ("Distinct keys known only through mesh peers.", remote),
+            "derp_clients_total": ("Distinct keys known in the region.", len(self._members) + remote),
+            "derp_current_dup_client_keys": ("Keys with two or more connections.", len(dup_keys)),
+            "derp_current_dup_client_conns": ("Connections of keys with two or more connections.",
+                                              sum(len(m) for m in dup_keys)),
+            "derp_watchers": ("Mesh peers watching connections.", len(self.watchers)),
+        }
+
+
+def present_flags(can_mesh: bool, is_prober: bool, not_ideal: bool) -> int:
+    flags = 0
+    if can_mesh:
+        flags |= PeerPresentFlags.IS_MESH_PEER
+    if is_prober:
+        flags |= PeerPresentFlags.IS_PROBER
+    if not_ideal:
+        flags |= PeerPresentFlags.NOT_IDEAL
+    return flags or PeerPresentFlags.IS_REGULAR
+
+
+__all__ = ["Forwarder", "NodePublic", "Registry", "present_flags"]

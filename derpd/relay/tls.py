@@ -1,0 +1,181 @@
+"""TLS for the relay: derper's ``--certmode manual`` files, self-signed IP certificates with a
+``sha256-raw:`` pin, and the meta-certificate that lets Go clients fast-start (spec 11).
+
+The meta-certificate is a throw-away self-signed certificate appended to the served chain.
+Its subject CN is ``derpkey<64 hex of the server's public key>`` and its serial number is the
+protocol version.  Go clients that see it over TLS 1.3 already know the server key, so they
+send ClientInfo right behind the HTTP request and skip a round trip (spec 9.3).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..keys import NodePublic
+from ..protocol.frames import PROTOCOL_VERSION
+from ..settings import SettingsError, is_ip
+
+log = logging.getLogger("derpd.tls")
+
+
+class CertError(SettingsError):
+    """A certificate or key cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCert:
+    cert_path: Path
+    key_path: Path
+    pin: str  # "sha256-raw:<hex of the leaf's DER>"
+    not_after: dt.datetime
+    self_signed_generated: bool = False
+
+
+def cert_file_base(hostname: str) -> str:
+    """derper's file name rule: drop every character outside ``[A-Za-z0-9.-]``."""
+    return re.sub(r"[^A-Za-z0-9.\-]", "", hostname)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def generate_self_signed_ip_cert(ip: str, cert_path: Path, key_path: Path) -> None:
+    """An ECDSA P-256 certificate for one IP, valid a year, as derper makes (spec 11.3)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_encipherment=True, content_commitment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                          serialization.NoEncryption()),
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def make_meta_cert(server_key: NodePublic) -> bytes:
+    """Returns the PEM of the meta-certificate for ``server_key`` (spec 11.2)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpkey" + server_key.hex())])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(PROTOCOL_VERSION)
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, None)
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_manual_cert(certdir: Path, hostname: str) -> ServerCert:
+    """Find ``<certdir>/<hostname>.crt`` and ``.key``; for an IP hostname with no files,
+    generate a self-signed certificate and key (key mode 0600).
+
+    Raises:
+        CertError: files missing for a DNS hostname, unreadable, or not a certificate.
+    """
+    base = cert_file_base(hostname)
+    cert_path = certdir / f"{base}.crt"
+    key_path = certdir / f"{base}.key"
+    generated = False
+    if not cert_path.exists() and not key_path.exists():
+        if not is_ip(hostname):
+            raise CertError(
+                f"no certificate for {hostname!r}: put {cert_path} and {key_path} in place "
+                "(PEM; the .crt may hold the chain), or use an IP --hostname for a self-signed certificate"
+            )
+        certdir.mkdir(parents=True, exist_ok=True)
+        generate_self_signed_ip_cert(hostname, cert_path, key_path)
+        generated = True
+    try:
+        pem = cert_path.read_bytes()
+        leaf = x509.load_pem_x509_certificate(pem)
+    except (OSError, ValueError) as e:
+        raise CertError(f"cannot read the certificate {cert_path}: {e}") from e
+    if not key_path.exists():
+        raise CertError(f"missing the key {key_path} for {cert_path}")
+    pin = "sha256-raw:" + hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return ServerCert(cert_path, key_path, pin, leaf.not_valid_after_utc, generated)
+
+
+def server_context(cert: ServerCert, server_key: NodePublic) -> ssl.SSLContext:
+    """An SSLContext serving ``cert``'s chain with the meta-certificate appended.
+
+    Raises:
+        CertError: OpenSSL refused the certificate or the key.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    chain = cert.cert_path.read_bytes().rstrip(b"\n") + b"\n" + make_meta_cert(server_key)
+    with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as f:
+        f.write(chain)
+        tmp = f.name
+    try:
+        ctx.load_cert_chain(tmp, str(cert.key_path))
+    except (ssl.SSLError, OSError) as e:
+        raise CertError(f"cannot use {cert.cert_path} with {cert.key_path}: {e}") from e
+    finally:
+        os.unlink(tmp)
+    return ctx
+
+
+def node_json_for_pinned_cert(hostname: str, pin: str, port: int, stun_port: int) -> dict[str, object]:
+    """The DERP-map node an operator pastes for a self-signed IP certificate (spec 11.4)."""
+    node: dict[str, object] = {"Name": "custom", "RegionID": 900, "HostName": hostname, "CertName": pin}
+    if port != 443:
+        node["DERPPort"] = port
+    ip = ipaddress.ip_address(hostname) if is_ip(hostname) else None
+    if ip is not None:
+        node["IPv4" if ip.version == 4 else "IPv6"] = hostname
+    if stun_port > 0 and stun_port != 3478:
+        node["STUNPort"] = stun_port
+    elif stun_port < 0:
+        node["STUNPort"] = -1
+    return node

@@ -1,0 +1,111 @@
+"""Relay settings: one frozen dataclass, built once from the CLI (or by tests), then validated."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .keys import NodePrivate
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message says what to change."""
+
+
+def split_host_port(addr: str, default_port: int = 443) -> tuple[str, int]:
+    """Parse ``:port``, ``host:port``, ``[v6]:port``, ``host`` or ``port``.
+
+    Returns ``(host, port)`` where host ``""`` means every address.
+
+    Raises:
+        SettingsError: the port is not a number in 0..65535.
+    """
+    addr = addr.strip()
+    host, port_s = addr, ""
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end < 0:
+            raise SettingsError(f"address {addr!r}: missing ']' after the IPv6 address")
+        host = addr[1:end]
+        rest = addr[end + 1 :]
+        if rest.startswith(":"):
+            port_s = rest[1:]
+        elif rest:
+            raise SettingsError(f"address {addr!r}: expected ':port' after ']'")
+    elif addr.isdigit():
+        host, port_s = "", addr
+    elif addr.count(":") == 1:
+        host, port_s = addr.split(":")
+    if port_s == "https":
+        port_s = "443"
+    elif port_s == "http":
+        port_s = "80"
+    if not port_s:
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise SettingsError(f"address {addr!r}: the port must be a number from 0 to 65535")
+    return host, int(port_s)
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """Everything the relay needs to run.  Defaults match derper where they mean the same."""
+
+    private_key: NodePrivate = field(default_factory=NodePrivate.generate)
+    addr: str = ":443"
+    certmode: str | None = None  # None (plain unless port 443), "manual"
+    certdir: Path | None = None
+    hostname: str = "localhost"
+    http_port: int = -1  # plain-HTTP port beside TLS; -1 disables
+    home: str = ""
+    derp_enabled: bool = True
+    mesh_key: bytes | None = None
+    queue_depth: int = 32
+    write_timeout: float = 2.0  # 0 disables (non-mesh clients)
+    mesh_write_timeout: float = 30.0
+    keepalive_interval: float = 60.0
+    keepalive_jitter: float = 5.0
+    login_timeout: float = 10.0
+    http_timeout: float = 30.0
+    tcp_keepalive: float = 600.0
+    tcp_user_timeout: float = 15.0
+    max_connections_per_ip: int = 0  # 0 = unlimited
+    serve_metrics: bool = True  # /metrics on the relay port, loopback peers only
+
+    def __post_init__(self) -> None:
+        host, port = split_host_port(self.addr)
+        if self.certmode not in (None, "manual"):
+            raise SettingsError(
+                f"--certmode {self.certmode!r} is not supported; use 'manual' with --certdir, "
+                "or put a TLS-terminating proxy in front"
+            )
+        if self.certmode == "manual" and self.certdir is None:
+            raise SettingsError("--certmode manual needs --certdir (holding <hostname>.crt and <hostname>.key)")
+        if self.queue_depth < 1:
+            raise SettingsError("the send queue depth must be at least 1")
+        if not -1 <= self.http_port <= 65535:
+            raise SettingsError("--http-port must be -1 (off) or a port number")
+        if port == 443 and self.certmode is None:
+            raise SettingsError(
+                "port 443 means TLS: pass --certmode manual --certdir DIR (with <hostname>.crt/.key, "
+                "or an IP --hostname for a self-signed cert), or listen on another port for plain HTTP"
+            )
+        del host
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        return split_host_port(self.addr)
+
+    @property
+    def tls(self) -> bool:
+        """derper serves TLS iff the port is 443 or a certmode is given (P-25)."""
+        return self.certmode is not None or self.listen[1] == 443
