@@ -40,8 +40,10 @@ def _start_metrics(addr: tuple[str, int] | None) -> None:
     from prometheus_client import start_http_server
 
     host, port = addr
-    start_http_server(port, addr=host)
-    log.info("stun: metrics on http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    server, _thread = start_http_server(port, addr=host)
+    bound = server.server_port
+    # On stdout, like the listening line, so scripts learn the port chosen for port 0.
+    print(f"stund metrics on http://{f'[{host}]' if ':' in host else host}:{bound}/metrics", flush=True)
 
 
 @click.group()
