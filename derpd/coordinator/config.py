@@ -219,7 +219,7 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
             if not math.isfinite(value) or value <= 0 or value > 86400:
                 raise ld.error(("coordinator", key), f"must be a number of seconds in (0, 86400] (got {value!r})")
             kw[key] = value
-    interval = kw.get("probe_interval", CoordinatorConfig.probe_interval)
+    interval = kw.get("probe_interval", 10.0)
     if "probe_timeout" not in kw:
         kw["probe_timeout"] = round(interval * 0.8, 3)
     elif kw["probe_timeout"] > interval:
