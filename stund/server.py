@@ -332,26 +332,27 @@ def _worker_main(
     log_level: int,
 ) -> None:
     logging.basicConfig(level=log_level, format="%(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(
-                partial(_serve, addrs, reuse_port=True, stats=StunStats(counts), **options)
-            )
-            conn.send(bound)
-            conn.close()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(
+                    partial(_serve, addrs, reuse_port=True, stats=StunStats(counts), **options)
+                )
+                conn.send(bound)
+                conn.close()
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)
-    except (KeyboardInterrupt, SystemExit):
-        pass
     except BaseException as exc:  # report bind errors to the parent
         try:
             conn.send(exc)
         except Exception:
             pass
-        raise
+        if not isinstance(exc, Exception):
+            raise
 
 
 def run_workers(
