@@ -24,6 +24,11 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from derpd import client as derp_client
+from derpd.keys import NodePrivate
+from derpd.protocol import messages
+from stund import client as stun_client
+
 from .httpclient import HTTPError, client_ssl_context, request
 from .model import PIN_PREFIX, DerpNode
 from .state import CoordinatorState, ProbeResult
@@ -104,42 +109,43 @@ class NodeProber:
             raise HTTPError(f"/derp/probe answered {resp.status}, want 200")
 
     async def probe_derp(self, node: DerpNode) -> None:
-        try:
-            from derpd import client as derp_client
-            from derpd.keys import NodePrivate
-            from derpd.protocol import messages
-        except ImportError as exc:
-            raise _Skip(f"DERP client not available: {exc}") from None
         port = node.derp_port or 443
-        url = f"https://{_url_host(dial_host(node))}:{port}/derp"
         tls = self._tls_args(node)
-        kwargs: dict[str, object] = {"server_name": node.host_name, "is_prober": True}
+        sni = str(tls.get("server_name") or node.host_name)
+        url = f"https://{_url_host(sni)}:{port}/derp"
+        kwargs: dict[str, object] = {"connect_host": dial_host(node), "is_prober": True,
+                                     "timeout": self.timeout}
         if "cert_pin" in tls:
             kwargs["cert_pin"] = tls["cert_pin"]
         elif node.insecure_for_tests:
             kwargs["insecure"] = True
         else:
             kwargs["ssl_context"] = self._ctx
-            kwargs["server_name"] = tls["server_name"]
         a_key, b_key = NodePrivate.generate(), NodePrivate.generate()
         payload = os.urandom(8)
         async with derp_client.connect(url, a_key, **kwargs) as a, \
                 derp_client.connect(url, b_key, **kwargs) as b:
-            await a.send(b_key.public, payload)
-            while True:
-                ev = await b.recv()
-                if isinstance(ev, messages.RecvPacket):
-                    if ev.src == a_key.public and ev.data == payload:
+            # The relay may register b a moment after b's login completes; resend a few
+            # times (same payload) until b has it, within the probe's deadline.
+            async with trio.open_nursery() as nursery:
+
+                async def resend() -> None:
+                    for _ in range(20):
+                        await a.send(b_key.public, payload)
+                        await trio.sleep(0.25)
+
+                nursery.start_soon(resend)
+                while True:
+                    ev = await b.recv()
+                    if isinstance(ev, messages.RecvPacket):
+                        if ev.src != a_key.public or ev.data != payload:
+                            raise HTTPError("relayed packet arrived with the wrong source or payload")
+                        nursery.cancel_scope.cancel()
                         return
-                    raise HTTPError("relayed packet arrived with the wrong source or payload")
 
     async def probe_stun(self, node: DerpNode) -> None:
         if node.stun_port == -1:
             raise _Skip("STUNPort is -1")
-        try:
-            from stund import client as stun_client
-        except ImportError as exc:
-            raise _Skip(f"STUN client not available: {exc}") from None
         host = node.stun_test_ip or dial_host(node)
         await stun_client.stun_query(host, node.stun_port or 3478, timeout=2.0)
 

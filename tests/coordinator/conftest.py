@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -60,8 +61,8 @@ class FakeProbe:
     async def __call__(self, node: DerpNode) -> ProbeResult:
         self.calls.append(node.name)
         if node.name in self.down:
-            return ProbeResult(1.0, {"stun": 0.001}, {"derp": self.down[node.name]})
-        return ProbeResult(1.0, {"https": 0.002, "derp": 0.003, "stun": 0.001})
+            return ProbeResult(time.time(), {"stun": 0.001}, {"derp": self.down[node.name]})
+        return ProbeResult(time.time(), {"https": 0.002, "derp": 0.003, "stun": 0.001})
 
 
 def make_config(**overrides: Any) -> CoordinatorConfig:
