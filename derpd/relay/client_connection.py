@@ -118,11 +118,15 @@ class ClientConnection:
 
     # ------------------------------------------------------------------ called by other tasks
 
-    def enqueue(self, frame: bytes, disco: bool) -> None:
-        """Queue a ready RecvPacket frame; never blocks, drops the oldest when full."""
+    def enqueue(self, frame: bytes, disco: bool) -> bool:
+        """Queue a ready RecvPacket frame; never blocks, drops the oldest when full.
+
+        Returns True when the queue is now full, so the caller can yield to let this
+        connection's writer drain it before more packets arrive in the same read.
+        """
         if self.closing:
             self.server.stats.drop("gone_disconnected", disco, len(frame) - _RECV_OVERHEAD)
-            return
+            return False
         q = self._disco_queue if disco else self._queue
         if len(q) >= self._depth:
             old = q.popleft()
@@ -130,6 +134,7 @@ class ClientConnection:
         q.append(frame)
         if self._lot.statistics().tasks_waiting:
             self._lot.unpark()
+        return len(q) >= self._depth
 
     def send_control(self, frame: bytes) -> None:
         """Queue a frame that must not be dropped (PeerGone, PeerPresent)."""
@@ -176,19 +181,22 @@ class ClientConnection:
     async def _read_loop(self, decoder: FrameDecoder) -> None:
         stream = self.stream
         try:
+            data = b"x"
             frames = decoder.frames()
             while True:
-                if frames:
-                    self._handle_frames(frames)
-                    if self.rate_limiter is not None:
-                        await self.rate_limiter.wait(sum(len(p) for _, p in frames))
+                done = 0
+                while done < len(frames):
+                    done = self._handle_frames(frames, done)
+                    if done < len(frames):
+                        # A destination queue filled up: let its writer drain it first.
+                        await trio.lowlevel.checkpoint()
+                if frames and self.rate_limiter is not None:
+                    await self.rate_limiter.wait(sum(len(p) for _, p in frames))
+                if not data:
+                    return
                 data = await stream.receive_some(RECV_SIZE)
                 decoder.receive_data(data)
                 frames = decoder.frames()
-                if not data:
-                    if frames:
-                        self._handle_frames(frames)
-                    return
         except RemoteProtocolError as e:
             self.server.stats.connection_errors[e.reason] += 1
             self.close_reason = e.reason
@@ -196,16 +204,21 @@ class ClientConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.close_reason = "read_error"
 
-    def _handle_frames(self, frames: list[tuple[int, bytes]]) -> None:
-        """The hot path: route every SendPacket; hand anything else to ``_handle_other``."""
+    def _handle_frames(self, frames: list[tuple[int, bytes]], start: int) -> int:
+        """The hot path: route every SendPacket from ``frames[start:]``; hand anything else to
+        ``_handle_other``.  Returns the index to resume at (``len(frames)`` when done)."""
         server = self.server
         active = server.registry.active
         src = self.key
         sent_to = self._sent_to
         pack = _RECV_HEADER.pack
         npk = nbytes = ndisco = 0
+        i = start
+        end = len(frames)
         try:
-            for ftype, payload in frames:
+            while i < end:
+                ftype, payload = frames[i]
+                i += 1
                 if ftype == 4:  # SendPacket: dst(32) || packet
                     n = len(payload)
                     if n < KEY_LEN:
@@ -219,7 +232,8 @@ class ClientConnection:
                     conn = active.get(dst)
                     if conn is not None:
                         sent_to.add(dst)
-                        conn.enqueue(pack(5, n) + src + payload[KEY_LEN:], disco)
+                        if conn.enqueue(pack(5, n) + src + payload[KEY_LEN:], disco):
+                            break
                     else:
                         server.route_elsewhere(self, src, dst, payload[KEY_LEN:], disco, forwarded=False)
                 else:
@@ -231,6 +245,7 @@ class ClientConnection:
             stats.disco_packets_received += ndisco
             if self.is_dup:
                 server.registry.note_activity(self)
+        return i
 
     def _handle_other(self, ftype: int, payload: bytes) -> None:
         stats = self.server.stats

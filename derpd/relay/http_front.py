@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import h11
@@ -185,4 +186,27 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
     except _BadRequest as e:
         server.stats.handshake_failures[e.reason] += 1
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+
+
+async def handle_metrics_connection(render: Callable[[], bytes], stream: trio.abc.Stream, timeout: float) -> None:
+    """The dedicated ``--metrics-addr`` listener: ``/metrics`` for anyone who can reach it
+    (bind it to a private address), 404 elsewhere."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    try:
+        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+            with trio.move_on_after(timeout) as scope:
+                request = await _read_request(stream, conn)
+            if scope.cancelled_caught or request is None:
+                return
+            if request.target.split(b"?", 1)[0] == b"/metrics":
+                response = Response(200, ((b"Content-Type", CONTENT_TYPE_LATEST.encode()),), render(),
+                                    head_only=request.method == b"HEAD")
+            else:
+                response = Response(404, ((b"Content-Type", b"text/plain; charset=utf-8"),), b"try /metrics\n")
+            await _send_response(stream, conn, response)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+    except (_BadRequest, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass

@@ -24,9 +24,9 @@ from ..metrics import RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import looks_like_disco
-from ..settings import RelaySettings
+from ..settings import RelaySettings, split_host_port
 from .client_connection import RECV_SIZE, ClientConnection
-from .http_front import handle_connection, handle_redirect_connection
+from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
 from .registry import Registry
 from .tls import ServerCert, load_manual_cert, server_context
 
@@ -295,3 +295,21 @@ async def serve_relay(settings: RelaySettings, *, task_status: trio.TaskStatus[R
                 addresses=addresses,  # type: ignore[arg-type]
             )
         )
+
+
+async def serve_metrics(
+    addr: str, render: Callable[[], bytes], *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A dedicated Prometheus listener on ``HOST:PORT`` (``--metrics-addr``)."""
+    host, port = split_host_port(addr, default_port=9090)
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    bound = listeners[0].socket.getsockname()[:2]
+    settings = RelaySettings(addr="127.0.0.1:0")
+
+    async def handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
+        await handle_metrics_connection(render, stream, 30.0)
+
+    async with trio.open_nursery() as nursery:
+        for ls in listeners:
+            nursery.start_soon(_accept_loop, ls, handler, settings, nursery)
+        task_status.started((str(bound[0]), int(bound[1])))

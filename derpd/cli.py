@@ -1,0 +1,243 @@
+"""The ``derpd`` command: ``serve`` (derper's flags), ``genkey``, ``check``, and the
+coordinator commands registered at the bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from . import __version__
+from .keyfile import KeyFileError, key_file_json, load_or_create
+from .keys import KeyFormatError, NodePrivate, parse_mesh_key
+from .settings import RelaySettings, SettingsError, split_host_port
+
+log = logging.getLogger("derpd")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("derpd.startup").setLevel(logging.INFO)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"derpd: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="derpd")
+def main() -> None:
+    """derpd: a Tailscale-compatible DERP relay with STUN and a DERP-map coordinator.
+
+    Start with `derpd dev` for a complete local region, or `derpd serve --help` to run a relay.
+    """
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("-a", "--addr", default=":443", show_default=True,
+              help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode.")
+@click.option("--http-port", type=int, default=80, show_default=True,
+              help="Plain-HTTP port beside TLS (generate_204, redirects to https); -1 disables.")
+@click.option("--stun-port", type=int, default=3478, show_default=True,
+              help="UDP STUN port on the same IP as -a; -1 disables.")
+@click.option("-c", "config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing.")
+@click.option("--certmode", type=click.Choice(["manual"]), default=None,
+              help="'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP hostname).")
+@click.option("--certdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of the TLS certificate and key for --certmode manual.")
+@click.option("--hostname", default="localhost", show_default=True,
+              help="TLS hostname (names the cert files); may be an IP for a self-signed certificate.")
+@click.option("--dev", is_flag=True, help="Development: plain HTTP on :3340, a fresh key each start.")
+@click.option("--home", default="", help="Home page: '' built-in, 'blank', or an http(s):// URL to redirect to.")
+@click.option("--derp/--no-derp", "derp_enabled", default=True, help="Serve the relay (off: /derp answers 404).")
+@click.option("--metrics-addr", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus /metrics on a dedicated listener (on the relay port it answers loopback only).")
+@click.option("--mesh-psk-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers.")
+@click.option("--tcp-write-timeout", type=float, default=2.0, show_default=True,
+              help="Seconds a write to a client may take before it is dropped; 0 = none.")
+@click.option("--tcp-keepalive-time", type=float, default=600.0, show_default=True, help="TCP keepalive period, seconds.")
+@click.option("--tcp-user-timeout", type=float, default=15.0, show_default=True,
+              help="TCP_USER_TIMEOUT, seconds (Linux); 0 = kernel default.")
+@click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
+              help="Packets queued per client (and again for disco) before the oldest is dropped.")
+@click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
+def serve(**opts: object) -> None:
+    """Run a DERP relay (drop-in for Tailscale's derper)."""
+    _setup_logging(int(opts["verbose"]))  # type: ignore[call-overload]
+    try:
+        settings, stun_port, metrics_addr = _serve_settings(opts)
+    except (SettingsError, KeyFileError, KeyFormatError) as e:
+        _fail(str(e))
+    try:
+        trio.run(_run_serve, settings, stun_port, metrics_addr)
+    except KeyboardInterrupt:
+        pass
+    except SettingsError as e:  # includes CertError
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot listen: {e.strerror or e}; is another process using the port? Pick another with -a", 1)
+
+
+def _serve_settings(opts: dict[str, object]) -> tuple[RelaySettings, int, str | None]:
+    dev = bool(opts["dev"])
+    addr = str(opts["addr"])
+    config = opts["config"]
+    if dev:
+        if addr == ":443":
+            addr = ":3340"
+        key = NodePrivate.generate()
+    elif config is None:
+        raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
+    else:
+        assert isinstance(config, Path)
+        key, created = load_or_create(config)
+        if created:
+            logging.getLogger("derpd.startup").info("created key file %s", config)
+    mesh_key = None
+    if opts["mesh_psk_file"] is not None:
+        path = opts["mesh_psk_file"]
+        assert isinstance(path, Path)
+        try:
+            mesh_key = parse_mesh_key(path.read_text())
+        except OSError as e:
+            raise SettingsError(f"cannot read the mesh key file {path}: {e.strerror}") from e
+        except KeyFormatError as e:
+            raise SettingsError(f"{path}: the mesh key must be 64 hex digits ({e})") from e
+    settings = RelaySettings(
+        private_key=key,
+        addr=addr,
+        certmode=opts["certmode"],  # type: ignore[arg-type]
+        certdir=opts["certdir"],  # type: ignore[arg-type]
+        hostname=str(opts["hostname"]),
+        http_port=int(opts["http_port"]),  # type: ignore[call-overload]
+        home=str(opts["home"]),
+        derp_enabled=bool(opts["derp_enabled"]),
+        mesh_key=mesh_key,
+        write_timeout=float(opts["tcp_write_timeout"]),  # type: ignore[arg-type]
+        tcp_keepalive=float(opts["tcp_keepalive_time"]),  # type: ignore[arg-type]
+        tcp_user_timeout=float(opts["tcp_user_timeout"]),  # type: ignore[arg-type]
+        queue_depth=int(opts["queue_depth"]),  # type: ignore[call-overload]
+    )
+    metrics_addr = opts["metrics_addr"]
+    if metrics_addr is not None:
+        split_host_port(str(metrics_addr), default_port=9090)
+    return settings, int(opts["stun_port"]), metrics_addr  # type: ignore[call-overload,return-value]
+
+
+async def _run_serve(settings: RelaySettings, stun_port: int, metrics_addr: str | None) -> None:
+    from .relay.server import serve_metrics, serve_relay
+
+    startup = logging.getLogger("derpd.startup")
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(serve_relay, settings)
+        server = running.server
+        scheme = "TLS" if server.ssl_context else "plain HTTP"
+        startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
+                     ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
+        if server.ssl_context is None:
+            startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
+                            "clients need TLS otherwise (use --certmode manual)")
+        if server.cert is not None and server.cert.self_signed_generated or (
+            server.cert is not None and settings.certmode == "manual" and _is_ip(settings.hostname)
+        ):
+            from .relay.tls import node_json_for_pinned_cert
+
+            node = node_json_for_pinned_cert(settings.hostname, server.cert.pin, running.port, stun_port)
+            startup.info("self-signed certificate; DERP map node: %s",
+                         json.dumps(node, separators=(",", ":")))
+            click.echo(json.dumps(node))
+        if stun_port >= 0:
+            from stund.server import serve_stun
+
+            host = settings.listen[0] or "::"
+            bound = await nursery.start(serve_stun, [(host, stun_port)])
+            startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        if running.http_port is not None:
+            startup.info("plain HTTP (generate_204, redirects) on port %d", running.http_port)
+        if metrics_addr is not None:
+            bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
+            startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                startup.info("received %s, stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _is_ip(text: str) -> bool:
+    from .settings import is_ip
+
+    return is_ip(text)
+
+
+# ---------------------------------------------------------------------------- genkey
+
+
+@main.command()
+@click.option("-c", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the key file here (mode 0600; never overwrites). Default: print it.")
+def genkey(config: Path | None) -> None:
+    """Generate a relay key in derper's key-file format; prints the public key to stderr."""
+    key = NodePrivate.generate()
+    if config is None:
+        click.echo(key_file_json(key), nl=False)
+    else:
+        from .keyfile import write_new
+
+        try:
+            write_new(config, key)
+        except KeyFileError as e:
+            _fail(str(e))
+    click.echo(f"public key: {key.public}", err=True)
+
+
+# ---------------------------------------------------------------------------- check
+
+
+@main.command()
+@click.argument("url")
+@click.option("-n", "--count", type=click.IntRange(1, 1_000_000), default=100, show_default=True,
+              help="Packets to relay each way.")
+@click.option("--size", type=click.IntRange(12, 65536), default=256, show_default=True, help="Packet size in bytes.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds for login and for the run.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Trust this CA bundle (PEM) instead of the system roots.")
+@click.option("--cert-pin", default=None, metavar="sha256-raw:HEX", help="Accept only this certificate (DERP map CertName).")
+@click.option("--insecure", is_flag=True, help="Skip TLS verification (tests only).")
+@click.option("--server-name", default=None, help="TLS SNI / verified name, if not the URL host.")
+def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, cert_pin: str | None,
+          insecure: bool, server_name: str | None) -> None:
+    """Log two clients in to URL, relay packets both ways, print loss and RTT; exit 1 on failure.
+
+    URL is the relay's DERP URL, e.g. https://derp.example.com/derp or http://127.0.0.1:3340/derp.
+    """
+    from .check import run_check
+    from .client import DerpClientError, make_ssl_context
+
+    options: dict[str, object] = {"server_name": server_name, "cert_pin": cert_pin, "insecure": insecure}
+    if ca_file:
+        options["ssl_context"] = make_ssl_context(ca_file=ca_file)
+    if "://" not in url:
+        url = f"https://{url}/derp"
+    try:
+        result = trio.run(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+        _fail(f"cannot log in to {url}: {e or type(e).__name__}", 1)
+    p50, p99 = result.percentile(50), result.percentile(99)
+    ms = lambda v: "n/a" if v is None else f"{v * 1000:.2f}ms"  # noqa: E731
+    click.echo(f"{url}: delivered {result.delivered}/{result.sent}, lost {result.lost}, "
+               f"corrupted {result.corrupted}, rtt p50 {ms(p50)} p99 {ms(p99)}, ping {ms(result.ping_rtt)}")
+    if result.lost or result.corrupted or result.sent != count:
+        sys.exit(1)
