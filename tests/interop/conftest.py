@@ -1,0 +1,147 @@
+"""Interop fixtures: build Tailscale's Go programs once, start our servers, run scenarios.
+
+Without ``go`` the suite is skipped with a message saying what to install, unless
+``DERPD_REQUIRE_INTEROP=1`` (CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+import trio
+
+from interop_harness import SCENARIO_TIMEOUT, GoTools, ScenarioResult, build_go_tools, parse_scenario, run_go
+
+
+def _missing(message: str) -> NoReturn:
+    if os.environ.get("DERPD_REQUIRE_INTEROP") == "1":
+        pytest.fail(message + " (DERPD_REQUIRE_INTEROP=1 makes this a failure)", pytrace=False)
+    pytest.skip(message)
+
+
+def _fail(message: str) -> NoReturn:
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def go_tools() -> GoTools:
+    """Builds derpinterop, derpprobe and derper once; later runs reuse the cached binaries."""
+    return build_go_tools(_missing, _fail)
+
+
+RunScenario = Callable[..., Awaitable[ScenarioResult]]
+
+
+@pytest.fixture
+def scenario(go_tools: GoTools) -> RunScenario:
+    """``await scenario("relay", "--url", url, ...)`` runs derpinterop and parses its JSON line.
+
+    It asserts the scenario passed unless ``expect_ok=False``; ``env`` adds variables.
+    """
+
+    async def run(name: str, *args: str, env: dict[str, str] | None = None,
+                  expect_ok: bool = True, timeout: float = SCENARIO_TIMEOUT) -> ScenarioResult:
+        argv = [go_tools.derpinterop, name, *args]
+        result = parse_scenario(argv, *await run_go(argv, env=env, timeout=timeout))
+        assert result.data.get("scenario") == name, result.explain()
+        if expect_ok:
+            assert result.returncode == 0 and result.data.get("ok") is True, result.explain()
+        return result
+
+    return run
+
+
+# ---------------------------------------------------------------------------
+# Our servers, in-process on loopback port 0.
+
+
+@dataclass(frozen=True)
+class CertAuthority:
+    ca_file: Path  # PEM of the CA, for SSL_CERT_FILE / --ca
+    certdir: Path  # holds localhost.crt and localhost.key (derper's manual-mode names)
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    root = tmp_path_factory.mktemp("interop-ca")
+    certdir = root / "certs"
+    certdir.mkdir()
+    ca.cert_pem.write_to_path(str(root / "ca.pem"))
+    (certdir / "localhost.crt").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(certdir / "localhost.key"))
+    return CertAuthority(root / "ca.pem", certdir)
+
+
+StartRelay = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+def start_relay(nursery: trio.Nursery, tmp_path: Path, test_ca: CertAuthority) -> StartRelay:
+    """``await start_relay(tls=None | "ca" | "self-signed")`` starts derpd's relay.
+
+    * ``None``: plain HTTP on 127.0.0.1.
+    * ``"ca"``: TLS (``--certmode manual``) for ``localhost`` with a cert from ``test_ca``.
+    * ``"self-signed"``: TLS for the IP 127.0.0.1 with no files, so the relay makes a
+      self-signed cert and reports its ``sha256-raw:`` pin in ``cert_pin``.
+    """
+
+    async def start(tls: str | None = None) -> Any:
+        from derpd.keys import NodePrivate
+        from derpd.relay.server import serve_relay
+        from derpd.settings import RelaySettings
+
+        if tls is None:
+            settings = RelaySettings(addr="127.0.0.1:0", private_key=NodePrivate.generate(),
+                                     certmode=None, certdir=None, hostname="localhost")
+        elif tls == "ca":
+            settings = RelaySettings(addr="127.0.0.1:0", private_key=NodePrivate.generate(),
+                                     certmode="manual", certdir=test_ca.certdir, hostname="localhost")
+        elif tls == "self-signed":
+            certdir = tmp_path / "self-signed"
+            certdir.mkdir(exist_ok=True)
+            settings = RelaySettings(addr="127.0.0.1:0", private_key=NodePrivate.generate(),
+                                     certmode="manual", certdir=certdir, hostname="127.0.0.1")
+        else:
+            raise AssertionError(f"unknown tls mode {tls!r}")
+        with trio.fail_after(10):
+            return await nursery.start(serve_relay, settings)
+
+    return start
+
+
+@pytest.fixture
+def start_stun(nursery: trio.Nursery) -> Callable[[], Awaitable[int]]:
+    """``port = await start_stun()`` serves STUN on 127.0.0.1 and ::1 with the same port
+    (a DERP map node has one STUNPort for both families)."""
+
+    async def start() -> int:
+        from stund.server import serve_stun
+
+        with trio.fail_after(10):
+            for _ in range(50):
+                v4_scope = trio.CancelScope()
+
+                async def serve_v4(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                    with v4_scope:
+                        await serve_stun([("127.0.0.1", 0)], task_status=task_status)
+
+                bound = await nursery.start(serve_v4)
+                port = int(bound[0][1])
+                try:
+                    await nursery.start(serve_stun, [("::1", port)])
+                except OSError:  # the port is taken on ::1; try another
+                    v4_scope.cancel()
+                    continue
+                return port
+        raise AssertionError("could not bind STUN on 127.0.0.1 and ::1 with one port in 50 tries")
+
+    return start
