@@ -6,6 +6,8 @@ Without ``go`` the suite is skipped with a message saying what to install, unles
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -143,5 +145,34 @@ def start_stun(nursery: trio.Nursery) -> Callable[[], Awaitable[int]]:
                     continue
                 return port
         raise AssertionError("could not bind STUN on 127.0.0.1 and ::1 with one port in 50 tries")
+
+    return start
+
+
+@pytest.fixture
+def start_coordinator(nursery: trio.Nursery) -> Callable[[list[dict[str, Any]]], Awaitable[str]]:
+    """``url = await start_coordinator(regions)`` serves a DERP map from derpd's coordinator.
+
+    ``regions`` uses the coordinator's TOML keys: ``[{"id": 900, "code": ..., "name": ...,
+    "nodes": [{"name": "900a", "hostname": ..., "derp_port": ..., ...}]}]``.  Returns the
+    map URL.  The coordinator's own prober is off so the map is exactly the config.
+    """
+
+    async def start(regions: list[dict[str, Any]]) -> str:
+        from derpd.coordinator.config import parse_config
+        from derpd.coordinator.server import serve_coordinator
+
+        lines = ["[coordinator]", 'listen = "127.0.0.1:0"']
+        for region in regions:
+            lines.append("[[regions]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in region.items() if k != "nodes"]
+            for node in region["nodes"]:
+                lines.append("[[regions.nodes]]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in node.items()]
+        config = parse_config("\n".join(lines) + "\n", "interop-coordinator.toml")
+        with trio.fail_after(10):
+            running = await nursery.start(
+                functools.partial(serve_coordinator, config, listen="127.0.0.1:0", probing=False))
+        return f"{running.url}/derpmap/default"
 
     return start

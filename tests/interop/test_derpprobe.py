@@ -1,9 +1,9 @@
 """Tailscale's derpprobe (cmd/derpprobe, same pinned module) against derpd and stund.
 
-One region with one node (spec 17.5): HostName ``localhost`` (derpprobe's mesh probe
-needs a DNS name for SNI), TLS from the test CA passed through ``SSL_CERT_FILE``, and
-STUN on 127.0.0.1 and ::1.  Every probe must report ``good``.  The map is written by
-the test; mesh probes between two nodes wait for relay meshing.
+The map comes from derpd's coordinator: one region with one node (spec 17.5), HostName
+``localhost`` (derpprobe's mesh probe needs a DNS name for SNI), TLS from the test CA
+passed through ``SSL_CERT_FILE``, and STUN on 127.0.0.1 and ::1.  Every probe must
+report ``good``.  A two-node region (mesh probes between nodes) waits for relay meshing.
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ pytestmark = pytest.mark.interop
 RESULT_LINE = re.compile(r"\b(good|bad): (\S+): (.*)$")
 
 
-async def test_derpprobe_once_all_good(start_relay, start_stun, go_tools, test_ca, tmp_path) -> None:
+async def test_derpprobe_once_all_good(start_relay, start_stun, start_coordinator, go_tools,
+                                       test_ca) -> None:
     relay = await start_relay(tls="ca")
     stun_port = await start_stun()
-    derp_map = {"Regions": {"900": {
-        "RegionID": 900, "RegionCode": "interop", "RegionName": "interop",
-        "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": "localhost",
-                   "IPv4": "127.0.0.1", "IPv6": "::1",
-                   "DERPPort": relay.port, "STUNPort": stun_port}]}}}
-    map_file = tmp_path / "derpmap.json"
-    map_file.write_text(json.dumps(derp_map))
+    map_url = await start_coordinator([{"id": 900, "code": "interop", "name": "interop", "nodes": [
+        {"name": "900a", "hostname": "localhost", "ipv4": "127.0.0.1", "ipv6": "::1",
+         "derp_port": relay.port, "stun_port": stun_port}]}])
 
-    argv = [go_tools.derpprobe, f"-derp-map=file://{map_file}", "-once", "-spread=false"]
+    argv = [go_tools.derpprobe, f"-derp-map={map_url}", "-once", "-spread=false"]
     code, out, err = await run_go(argv, env={"SSL_CERT_FILE": str(test_ca.ca_file)})
     results = {m.group(2): (m.group(1), m.group(3))
                for m in map(RESULT_LINE.search, (out + err).splitlines()) if m}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytestmark = pytest.mark.interop
@@ -19,24 +17,16 @@ async def test_stun_ipv4_and_ipv6(start_stun, scenario) -> None:
     assert v6["response_len"] == 44
 
 
-async def test_netcheck_reports_udp_address_and_latency(start_stun, scenario, tmp_path) -> None:
-    """netcheck measures every region over UDP and learns the address it sent from.
-
-    The map is written by the test; the coordinator-published map is covered by
-    test_derpprobe.py once the coordinator can serve one for a given relay.
-    """
+async def test_netcheck_against_coordinator_map(start_stun, start_coordinator, scenario) -> None:
+    """netcheck, fed the coordinator's map, measures every region over UDP (IPv4 and
+    IPv6) and learns the exact address it sent from."""
     port = await start_stun()
-    derp_map = {"Regions": {
-        "900": {"RegionID": 900, "RegionCode": "ia", "RegionName": "interop A", "Nodes": [
-            {"Name": "900a", "RegionID": 900, "HostName": "localhost",
-             "IPv4": "127.0.0.1", "IPv6": "::1", "STUNPort": port}]},
-        "901": {"RegionID": 901, "RegionCode": "ib", "RegionName": "interop B", "Nodes": [
-            {"Name": "901a", "RegionID": 901, "HostName": "localhost",
-             "IPv4": "127.0.0.1", "IPv6": "::1", "STUNPort": port}]},
-    }}
-    map_file = tmp_path / "derpmap.json"
-    map_file.write_text(json.dumps(derp_map))
-    r = await scenario("netcheck", "--derpmap", f"file://{map_file}", "--want-ipv6")
+    node = {"hostname": "localhost", "ipv4": "127.0.0.1", "ipv6": "::1", "stun_port": port}
+    map_url = await start_coordinator([
+        {"id": 900, "code": "ia", "name": "interop A", "nodes": [{"name": "900a", **node}]},
+        {"id": 901, "code": "ib", "name": "interop B", "nodes": [{"name": "901a", **node}]},
+    ])
+    r = await scenario("netcheck", "--derpmap", map_url, "--want-ipv6")
     assert r.data["udp"] is True
     assert r.data["ipv4"] is True and r.data["ipv6"] is True
     assert r.data["global_v4"] == r.data["local_v4"]
