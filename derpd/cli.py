@@ -241,3 +241,10 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
                f"corrupted {result.corrupted}, rtt p50 {ms(p50)} p99 {ms(p99)}, ping {ms(result.ping_rtt)}")
     if result.lost or result.corrupted or result.sent != count:
         sys.exit(1)
+
+
+from .coordinator.cli import coordinator_command  # noqa: E402
+from .devregion import dev_command  # noqa: E402
+
+main.add_command(coordinator_command, "coordinator")
+main.add_command(dev_command, "dev")
