@@ -197,6 +197,9 @@ class ClientConnection:
                 data = await stream.receive_some(RECV_SIZE)
                 decoder.receive_data(data)
                 frames = decoder.frames()
+                if decoder.skipped_frames:  # unknown frame types, discarded by the decoder
+                    self.server.stats.unknown_frames += decoder.skipped_frames
+                    decoder.skipped_frames = 0
         except RemoteProtocolError as e:
             self.server.stats.connection_errors[e.reason] += 1
             self.close_reason = e.reason

@@ -8,6 +8,8 @@ EOF; a text message is a protocol error and closes with 1003 (spec 9.5).
 
 from __future__ import annotations
 
+import operator
+
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
@@ -15,6 +17,9 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
 RECV_SIZE = 256 * 1024
+# Go's WebSocket library (used by derper and Tailscale clients) refuses messages over 32 KiB,
+# so a write larger than this is split into several binary messages.
+MAX_MESSAGE = 32768
 
 
 class WebSocketStream(trio.abc.Stream):
@@ -24,6 +29,9 @@ class WebSocketStream(trio.abc.Stream):
         self._send_lock = trio.StrictFIFOLock()
         self._pending = bytearray()
         self._eof = False
+        self._closed = False
+        self._sending = False
+        self._receiving = False
         if initial:
             self._ws.receive_data(initial)
 
@@ -32,20 +40,52 @@ class WebSocketStream(trio.abc.Stream):
             await self._transport.send_all(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._ws.state is not ConnectionState.OPEN:
-            raise trio.ClosedResourceError("the WebSocket is closed")
-        await self._send_raw(self._ws.send(BytesMessage(data=bytes(data))))
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this WebSocket")
+        self._sending = True
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError("the WebSocket was closed")
+            await trio.lowlevel.checkpoint()
+            if self._ws.state is not ConnectionState.OPEN:
+                raise trio.BrokenResourceError("the WebSocket is closing")
+            view = memoryview(data)
+            out = b"".join(
+                self._ws.send(BytesMessage(data=bytes(view[i : i + MAX_MESSAGE])))
+                for i in range(0, len(view), MAX_MESSAGE)
+            )
+            if out:
+                await self._send_raw(out)
+        finally:
+            self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this WebSocket")
+        if self._closed:
+            raise trio.ClosedResourceError("the WebSocket was closed")
         await self._transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        while not self._pending and not self._eof:
-            await self._pump()
-        limit = max_bytes or len(self._pending) or 1
-        out = bytes(self._pending[:limit])
-        del self._pending[:limit]
-        return out
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this WebSocket")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
+        self._receiving = True
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError("the WebSocket was closed")
+            await trio.lowlevel.checkpoint()
+            while not self._pending and not self._eof:
+                await self._pump()
+            limit = max_bytes or len(self._pending) or 1
+            out = bytes(self._pending[:limit])
+            del self._pending[:limit]
+            return out
+        finally:
+            self._receiving = False
 
     async def _pump(self) -> None:
         try:
@@ -54,10 +94,10 @@ class WebSocketStream(trio.abc.Stream):
                     case BytesMessage(data=data):
                         self._pending += data
                     case Ping():
-                        await self._send_raw(self._ws.send(event.response()))
+                        await self._send_quietly(self._ws.send(event.response()))
                     case CloseConnection():
                         if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                            await self._send_raw(self._ws.send(event.response()))
+                            await self._send_quietly(self._ws.send(event.response()))
                         self._eof = True
                     case TextMessage():
                         await self._close(CloseReason.UNSUPPORTED_DATA, "text messages are not DERP")
@@ -73,15 +113,24 @@ class WebSocketStream(trio.abc.Stream):
             return
         self._ws.receive_data(data)
 
-    async def _close(self, code: CloseReason, reason: str) -> None:
+    async def _send_quietly(self, data: bytes) -> None:
+        try:
+            await self._send_raw(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._eof = True
+
+    async def _close(self, code: int, reason: str) -> None:
         if self._ws.state is ConnectionState.OPEN:
-            try:
-                await self._send_raw(self._ws.send(CloseConnection(code=code, reason=reason)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await self._send_quietly(self._ws.send(CloseConnection(code=code, reason=reason)))
 
     async def aclose(self) -> None:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await self._close(CloseReason.NORMAL_CLOSURE, "")
-        await self._transport.aclose()
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await self._close(CloseReason.NORMAL_CLOSURE, "")
+        finally:
+            await self._transport.aclose()
