@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, derpd_bin, free_port, missing, poll, require_tool
+from .conftest import REPO, derpd_bin, free_port, missing, poll, require_tool
 
 BASE_TAR = Path(os.environ.get("DERPD_CI_BASE_TAR", "/var/cache/derpd-ci/bookworm-python3.tar"))
 BASE_IMAGE = "localhost/derpd-ci-base:bookworm"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import DEPLOY, derpd_bin, missing
+from .conftest import DEPLOY, derpd_bin, missing
 
 KUBE = DEPLOY / "kubernetes"
 KUBERNETES_VERSION = "1.37.0"

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import DEPLOY, derpd_bin, free_port, poll, require_tool
+from .conftest import DEPLOY, derpd_bin, free_port, poll, require_tool
 
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "derpd.json"

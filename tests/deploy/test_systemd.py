@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BIN, DEPLOY, derpd_bin, free_port, poll, require_tool
+from .conftest import BIN, DEPLOY, derpd_bin, free_port, poll, require_tool
 
 UNITS = ["derpd.service", "stund.service", "derpd-coordinator.service"]
 INSTALL_PREFIX = "/opt/derpd/bin/"  # where deploy/README.md installs derpd

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import pytest
 import trio
 
-from interop_harness import SCENARIO_TIMEOUT, GoTools, ScenarioResult, build_go_tools, parse_scenario, run_go
+from .interop_harness import SCENARIO_TIMEOUT, GoTools, ScenarioResult, build_go_tools, parse_scenario, run_go
 
 
 def _missing(message: str) -> NoReturn:

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from interop_harness import run_go
+from .interop_harness import run_go
 
 pytestmark = pytest.mark.interop
 

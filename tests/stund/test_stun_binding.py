@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import stun_vectors as V
+from . import stun_vectors as V
 from stund.binding import IGNORE_REASONS, MAX_GROWTH, Grid, Ignore, Reply, answer
 from stund.client import StunErrorResponse, parse_response
 from stund.message import (

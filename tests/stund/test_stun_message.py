@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import stun_vectors as V
+from . import stun_vectors as V
 from stund.binding import IGNORE_REASONS
 from stund.client import parse_response
 from stund.message import (

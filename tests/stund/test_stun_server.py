@@ -7,7 +7,7 @@ import pytest
 import trio
 from prometheus_client import REGISTRY, generate_latest
 
-import stun_vectors as V
+from . import stun_vectors as V
 from stund.client import StunErrorResponse, nat_discovery, parse_response, stun_query
 from stund.message import (
     Attribute,
