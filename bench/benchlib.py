@@ -205,6 +205,9 @@ class ServerProcess:
                                      stdin=subprocess.DEVNULL)
         try:
             wait_listening(self.port, self.proc)
+        except RuntimeError as e:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"{e}; {Path(self.cmd[0]).name} said:\n{self.log_tail()}") from None
         except BaseException:
             self.__exit__(None, None, None)
             raise
