@@ -15,6 +15,7 @@ import trio
 from . import __version__
 from .keyfile import KeyFileError, key_file_json, load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
+from .relay.server import RunningRelay
 from .settings import RelaySettings, SettingsError, split_host_port
 
 log = logging.getLogger("derpd")
@@ -70,6 +71,14 @@ def main() -> None:
 @click.option("--tcp-keepalive-time", type=float, default=600.0, show_default=True, help="TCP keepalive period, seconds.")
 @click.option("--tcp-user-timeout", type=float, default=15.0, show_default=True,
               help="TCP_USER_TIMEOUT, seconds (Linux); 0 = kernel default.")
+@click.option("--accept-connection-limit", type=float, default=float("inf"),
+              help="New connections accepted per second (token bucket); the surplus is closed at once.")
+@click.option("--accept-connection-burst", type=click.IntRange(1), default=1 << 30,
+              help="Burst for --accept-connection-limit.")
+@click.option("--max-connections-per-ip", type=click.IntRange(0), default=0,
+              help="Open connections allowed from one source IP; 0 = unlimited.")
+@click.option("--shutdown-grace", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
@@ -129,6 +138,10 @@ def _serve_settings(opts: dict[str, object]) -> tuple[RelaySettings, int, str | 
         tcp_keepalive=float(opts["tcp_keepalive_time"]),  # type: ignore[arg-type]
         tcp_user_timeout=float(opts["tcp_user_timeout"]),  # type: ignore[arg-type]
         queue_depth=int(opts["queue_depth"]),  # type: ignore[call-overload]
+        accept_connection_limit=float(opts["accept_connection_limit"]),  # type: ignore[arg-type]
+        accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
+        max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
+        shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
     )
     metrics_addr = opts["metrics_addr"]
     if metrics_addr is not None:
@@ -141,7 +154,12 @@ async def _run_serve(settings: RelaySettings, stun_port: int, metrics_addr: str 
 
     startup = logging.getLogger("derpd.startup")
     async with trio.open_nursery() as nursery:
-        running = await nursery.start(serve_relay, settings)
+
+        async def relay_then_stop(task_status: trio.TaskStatus[RunningRelay]) -> None:
+            await serve_relay(settings, task_status=task_status)
+            nursery.cancel_scope.cancel()  # after a graceful shutdown, stop STUN and the rest too
+
+        running = await nursery.start(relay_then_stop)
         server = running.server
         scheme = "TLS" if server.ssl_context else "plain HTTP"
         startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
@@ -169,11 +187,29 @@ async def _run_serve(settings: RelaySettings, stun_port: int, metrics_addr: str 
         if metrics_addr is not None:
             bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
             startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                startup.info("received %s, stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        await _handle_signals(running, settings, nursery.cancel_scope)
+
+
+async def _handle_signals(running: RunningRelay, settings: RelaySettings, scope: trio.CancelScope) -> None:
+    """SIGHUP reloads (certificates, allow-lists, rate limits); SIGTERM/SIGINT shut down
+    gracefully (Restarting to every client, then drain); a second one stops at once."""
+    startup = logging.getLogger("derpd.startup")
+    stopping = False
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                startup.info("received SIGHUP, reloading")
+                running.server.reload()
+            elif not stopping:
+                stopping = True
+                startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
+                             "(send it again to stop at once)", name, settings.shutdown_grace)
+                running.shutdown(settings.shutdown_grace)
+            else:
+                startup.info("received %s again, stopping now", name)
+                scope.cancel()
+                return
 
 
 def _is_ip(text: str) -> bool:

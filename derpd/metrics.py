@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 DROP_REASONS = (
@@ -58,6 +58,8 @@ class RelayStats:
         self.http_requests: Counter[str] = Counter()
         self.peer_gone_sent: Counter[str] = Counter({"disconnected": 0, "not_here": 0})
         self.admission_refused: Counter[str] = Counter()
+        self.accepts_rejected: Counter[str] = Counter({"rate_limit": 0, "per_ip_limit": 0})
+        self.tls_reloads: Counter[str] = Counter({"ok": 0, "error": 0})
         self.dropped_packets: Counter[tuple[str, str]] = Counter({(r, k): 0 for r in DROP_REASONS for k in KINDS})
         self.dropped_bytes: Counter[tuple[str, str]] = Counter({(r, k): 0 for r in DROP_REASONS for k in KINDS})
 
@@ -129,6 +131,9 @@ class RelayCollector(Collector):
             ("derp_peer_gone_frames", "PeerGone frames sent, by reason.", "reason", s.peer_gone_sent),
             ("derp_admission_refused", "Clients refused by admission control, by reason.", "reason",
              s.admission_refused),
+            ("derp_accepts_rejected", "TCP connections closed at accept by a limit, by reason.", "reason",
+             s.accepts_rejected),
+            ("derp_tls_reloads", "TLS certificate reloads, by result.", "result", s.tls_reloads),
         ):
             fam = CounterMetricFamily(name, doc, labels=[label])
             for k, v in sorted(values.items()):
@@ -150,15 +155,3 @@ class GaugeSource:
     def gauge_values(self) -> dict[str, tuple[str, float]]:  # pragma: no cover - interface
         raise NotImplementedError
 
-
-def register_collector(collector: Collector) -> None:
-    """Register in the default registry, so stund's and the coordinator's metrics share one
-    ``/metrics`` in-process."""
-    REGISTRY.register(collector)
-
-
-def unregister_collector(collector: Collector) -> None:
-    try:
-        REGISTRY.unregister(collector)
-    except KeyError:
-        pass

@@ -79,6 +79,9 @@ class RelaySettings:
     tcp_keepalive: float = 600.0
     tcp_user_timeout: float = 15.0
     max_connections_per_ip: int = 0  # 0 = unlimited
+    accept_connection_limit: float = float("inf")  # new connections per second
+    accept_connection_burst: int = 1 << 30
+    shutdown_grace: float = 5.0
     serve_metrics: bool = True  # /metrics on the relay port, loopback peers only
 
     def __post_init__(self) -> None:

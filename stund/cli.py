@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from functools import partial
 
@@ -70,6 +71,8 @@ def main(verbose: int) -> None:
 def serve(addrs: list[tuple[str, int]], alternate_addr: tuple[str, int] | None,
           metrics_addr: tuple[str, int] | None, workers: int, tailscale_only: bool) -> None:
     """Run the STUN server."""
+    # Nothing to reload: SIGHUP (systemctl reload) must not stop the server.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     alt_ip, alt_port = (None, None)
     if alternate_addr is not None:
         alt_ip, alt_port = alternate_addr[0], alternate_addr[1] or None  # no port: a free one

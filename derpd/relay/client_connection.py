@@ -71,7 +71,7 @@ class ClientConnection:
         "server", "stream", "public", "key", "info", "remote_ip", "remote_port", "can_mesh",
         "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
-        "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason",
+        "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason", "_writing",
     )
 
     def __init__(
@@ -115,6 +115,7 @@ class ClientConnection:
         self._cancel: trio.CancelScope | None = None
         self._sent_to = server.registry.sent_to.setdefault(self.key, set())
         self.rate_limiter = None
+        self._writing = False
 
     # ------------------------------------------------------------------ called by other tasks
 
@@ -142,6 +143,10 @@ class ClientConnection:
             return
         self._control.append(frame)
         self._lot.unpark()
+
+    def has_pending(self) -> bool:
+        """Anything queued or being written right now."""
+        return bool(self._queue or self._disco_queue or self._control or self._writing)
 
     def close(self, reason: str) -> None:
         """End this connection from outside (ClosePeer, shutdown)."""
@@ -335,9 +340,11 @@ class ClientConnection:
                 if not parts:
                     continue
                 data = b"".join(parts)
+                self._writing = True
                 try:
                     with trio.fail_after(self._write_timeout):
                         await stream.send_all(data)
+                    self._writing = False
                 except trio.TooSlowError:
                     stats.write_timeouts += 1
                     stats.drop("write_error", False, pbytes, npk)

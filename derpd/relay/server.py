@@ -7,9 +7,7 @@ Lifetime: ``serve_relay(settings, task_status=...)`` binds every listener, repor
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -17,16 +15,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..keys import NodePublic, mesh_keys_equal
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+
+from ..keys import NodePublic, mesh_keys_equal
 
 from ..metrics import RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
-from ..protocol.messages import looks_like_disco
-from ..settings import RelaySettings, split_host_port
+from ..protocol.messages import encode_restarting, looks_like_disco
+from ..settings import RelaySettings, SettingsError
 from .client_connection import RECV_SIZE, ClientConnection
-from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
 from .registry import Registry
 from .tls import ServerCert, load_manual_cert, server_context
 
@@ -50,10 +48,22 @@ class RunningRelay:
     cert_pin: str | None = None
     http_port: int | None = None
     addresses: list[tuple[str, int]] = field(default_factory=list)
+    _shutdown: trio.Event = field(default_factory=trio.Event, repr=False)
+    _grace: float = 0.0
 
     @property
     def derp_url(self) -> str:
         return self.url + "/derp"
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Ask ``serve_relay`` to stop accepting, send Restarting to every client, drain for
+        at most ``grace`` seconds, and return."""
+        self._grace = grace
+        self._shutdown.set()
+
+    async def wait_shutdown(self) -> float:
+        await self._shutdown.wait()
+        return self._grace
 
 
 class RelayServer:
@@ -65,15 +75,98 @@ class RelayServer:
         self.admission_checks: list[AdmissionCheck] = []
         self.ssl_context: ssl.SSLContext | None = None
         self.cert: ServerCert | None = None
-        self.metrics_registry = CollectorRegistry(auto_describe=True)
-        self.metrics_registry.register(RelayCollector(self.stats, self.registry))
         self.connections_per_ip: dict[str, int] = {}
+        self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
+        self.mesh_peers_configured = 0
+        self._cert_stamp: tuple[float, float] | None = None
+        self.reload_hooks: list[Callable[[], None]] = []
+        self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self.metrics_registry.register(RelayCollector(self.stats, self))
+
+    # ------------------------------------------------------------------ TLS
 
     def load_tls(self) -> None:
+        """Load the certificate at start-up.
+
+        Raises:
+            CertError: the files are missing or unusable.
+        """
         s = self.settings
         if s.tls and s.certmode == "manual" and s.certdir is not None:
             self.cert = load_manual_cert(s.certdir, s.hostname)
             self.ssl_context = server_context(self.cert, self.public_key)
+            self._cert_stamp = self._stamp()
+
+    def _stamp(self) -> tuple[float, float] | None:
+        if self.cert is None:
+            return None
+        try:
+            return self.cert.cert_path.stat().st_mtime, self.cert.key_path.stat().st_mtime
+        except OSError:
+            return None
+
+    def cert_files_changed(self) -> bool:
+        return self.cert is not None and self._stamp() not in (None, self._cert_stamp)
+
+    def reload_tls(self) -> bool:
+        """Load the certificate files again (SIGHUP, or they changed).  New connections use the
+        new certificate and a new meta-certificate; open connections are untouched.  A bad new
+        certificate keeps the old one and logs why.
+
+        Returns True if the new certificate is in use.
+        """
+        s = self.settings
+        if self.cert is None or s.certdir is None:
+            return False
+        self._cert_stamp = self._stamp()
+        try:
+            cert = load_manual_cert(s.certdir, s.hostname)
+            ctx = server_context(cert, self.public_key)
+        except SettingsError as e:
+            self.stats.tls_reloads["error"] += 1
+            log.error("TLS reload failed, keeping the current certificate: %s", e)
+            return False
+        self.cert, self.ssl_context = cert, ctx
+        self.stats.tls_reloads["ok"] += 1
+        log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
+                    cert.not_after.isoformat(), cert.pin)
+        return True
+
+    def reload(self) -> None:
+        """SIGHUP: reload the certificate and run every registered reload hook."""
+        self.reload_tls()
+        for hook in self.reload_hooks:
+            hook()
+
+    def gauge_values(self) -> dict[str, tuple[str, float]]:
+        g = self.registry.gauge_values()
+        if self.cert is not None:
+            g["derp_tls_cert_not_after_seconds"] = (
+                "Expiry of the served TLS certificate, as a Unix time.", self.cert.not_after.timestamp())
+        g["derp_mesh_peers_connected"] = ("Mesh peers this relay is logged in to.", self.mesh_peers_connected)
+        g["derp_mesh_peers_configured"] = ("Mesh peers this relay should be logged in to.",
+                                           self.mesh_peers_configured)
+        return g
+
+    # ------------------------------------------------------------------ shutdown
+
+    def all_connections(self) -> list[ClientConnection]:
+        return [c for key in list(self.registry.active) for c in self.registry.connections(key)]
+
+    async def drain(self, grace: float, reconnect_in_ms: int = 1000, try_for_ms: int = 10000) -> int:
+        """Tell every client we are restarting, then let their queues empty for at most
+        ``grace`` seconds.  Returns how many connections still had packets queued."""
+        frame = encode_restarting(reconnect_in_ms, try_for_ms)
+        conns = self.all_connections()
+        for c in conns:
+            c.send_control(frame)
+        deadline = trio.current_time() + grace
+        while trio.current_time() < deadline:
+            busy = [c for c in conns if c.has_pending() and not c.closing]
+            if not busy:
+                return 0
+            await trio.sleep(0.02)
+        return sum(1 for c in conns if c.has_pending() and not c.closing)
 
     # ------------------------------------------------------------------ login
 
@@ -193,123 +286,6 @@ class RelayServer:
         return generate_latest(self.metrics_registry) + generate_latest(REGISTRY)
 
 
-# ---------------------------------------------------------------------- listeners
+from .listener import serve_metrics, serve_relay  # noqa: E402  (listener imports this module)
 
-_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-def _tune_socket(sock: trio.socket.SocketType, settings: RelaySettings) -> None:
-    """TCP keepalive and TCP_USER_TIMEOUT where the OS has them (P-32); trio already sets
-    TCP_NODELAY on every SocketStream."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(settings.tcp_keepalive)))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(settings.tcp_keepalive)))
-        if hasattr(socket, "TCP_USER_TIMEOUT") and settings.tcp_user_timeout > 0:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.tcp_user_timeout * 1000))
-    except OSError:
-        pass
-
-
-async def _accept_loop(
-    listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]],
-    settings: RelaySettings,
-    nursery: trio.Nursery,
-) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as e:
-            if e.errno in _CAPACITY_ERRNOS:
-                log.error("accept failed (%s): out of file descriptors or memory; raise the "
-                          "open-files limit (ulimit -n / LimitNOFILE)", errno.errorcode.get(e.errno, e.errno))
-                await trio.sleep(0.1)
-                continue
-            raise
-        _tune_socket(stream.socket, settings)
-        nursery.start_soon(_serve_stream, stream, handler)
-
-
-async def _serve_stream(
-    stream: trio.SocketStream, handler: Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]]
-) -> None:
-    try:
-        peer = stream.socket.getpeername()
-        await handler(stream, (str(peer[0]), int(peer[1])))
-    except OSError:
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-async def serve_relay(settings: RelaySettings, *, task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the relay until cancelled.
-
-    Reports a ``RunningRelay`` (URL, bound port, public key, certificate pin) once every
-    listener is bound.
-
-    Raises:
-        CertError: the TLS certificate cannot be loaded.
-        OSError: a listen address cannot be bound.
-    """
-    server = RelayServer(settings)
-    server.load_tls()
-    host, port = settings.listen
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
-    bound_port = listeners[0].socket.getsockname()[1]
-    addresses = [tuple(ls.socket.getsockname()[:2]) for ls in listeners]
-    redirect_listeners: list[trio.SocketListener] = []
-    http_port = None
-    if server.ssl_context is not None and settings.http_port >= 0:
-        redirect_listeners = await trio.open_tcp_listeners(settings.http_port, host=host or None)
-        http_port = redirect_listeners[0].socket.getsockname()[1]
-    if server.ssl_context is not None:
-        url = f"https://{_url_host(settings.hostname)}:{bound_port}"
-    else:
-        url = f"http://{_url_host(host or '127.0.0.1')}:{bound_port}"
-        if host in ("", "0.0.0.0", "::"):
-            url = f"http://127.0.0.1:{bound_port}"
-    tls = server.ssl_context
-
-    async def relay_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        await handle_connection(server, stream, remote, tls=tls)
-
-    async def redirect_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        await handle_redirect_connection(server, stream, remote)
-
-    async with trio.open_nursery() as nursery:
-        for ls in listeners:
-            nursery.start_soon(_accept_loop, ls, relay_handler, settings, nursery)
-        for ls in redirect_listeners:
-            nursery.start_soon(_accept_loop, ls, redirect_handler, settings, nursery)
-        task_status.started(
-            RunningRelay(
-                server=server, url=url, host=host, port=bound_port, public_key=server.public_key,
-                cert_pin=server.cert.pin if server.cert else None, http_port=http_port,
-                addresses=addresses,  # type: ignore[arg-type]
-            )
-        )
-
-
-async def serve_metrics(
-    addr: str, render: Callable[[], bytes], *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """A dedicated Prometheus listener on ``HOST:PORT`` (``--metrics-addr``)."""
-    host, port = split_host_port(addr, default_port=9090)
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
-    bound = listeners[0].socket.getsockname()[:2]
-    settings = RelaySettings(addr="127.0.0.1:0")
-
-    async def handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        await handle_metrics_connection(render, stream, 30.0)
-
-    async with trio.open_nursery() as nursery:
-        for ls in listeners:
-            nursery.start_soon(_accept_loop, ls, handler, settings, nursery)
-        task_status.started((str(bound[0]), int(bound[1])))
+__all__ = ["RelayServer", "RunningRelay", "serve_metrics", "serve_relay"]

@@ -117,8 +117,6 @@ def test_derpd_service_command_line_runs(derpd_service: tuple[Any, list[str]]) -
     assert proc.popen.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="derpd serve does not handle SIGHUP yet: the default action ends it, "
-                                        "so `systemctl reload derpd` would stop the relay")
 def test_derpd_service_survives_reload(derpd_service: tuple[Any, list[str]]) -> None:
     proc, check = derpd_service
     _still_serving_after_reload(proc, "derpd.service", check)
@@ -140,7 +138,6 @@ def test_stund_service_command_line_runs(stund_service: tuple[Any, list[str]]) -
     assert stund_service[0].popen.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="stund serve does not handle SIGHUP yet: the default action ends it")
 def test_stund_service_survives_reload(stund_service: tuple[Any, list[str]]) -> None:
     proc, check = stund_service
     _still_serving_after_reload(proc, "stund.service", check)

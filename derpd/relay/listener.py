@@ -1,0 +1,216 @@
+"""Listeners: the accept loops of the relay port, the port-80 companion and the metrics port,
+with their limits, and the relay's lifetime (start, TLS reloads, graceful shutdown).
+
+``serve_relay(settings, task_status=...)`` binds every listener, then reports a
+``RunningRelay``.  It serves until cancelled, or until ``RunningRelay.shutdown(grace)``: then
+it stops accepting, sends every client a Restarting frame, lets their queues drain for at most
+``grace`` seconds, closes what is left, and returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..settings import RelaySettings, split_host_port
+from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
+from .server import RelayServer, RunningRelay
+
+log = logging.getLogger("derpd.relay")
+
+_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+CERT_WATCH_INTERVAL = 30.0
+
+Handler = Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]]
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` banked; ``inf`` rate means unlimited."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = trio.current_time()
+
+    def take(self, n: float = 1.0) -> bool:
+        if self.rate == float("inf"):
+            return True
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+def _tune_socket(sock: trio.socket.SocketType, settings: RelaySettings) -> None:
+    """TCP keepalive and TCP_USER_TIMEOUT where the OS has them (P-32); trio already sets
+    TCP_NODELAY on every SocketStream."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            period = max(1, int(settings.tcp_keepalive))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, period)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, period)
+        if hasattr(socket, "TCP_USER_TIMEOUT") and settings.tcp_user_timeout > 0:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.tcp_user_timeout * 1000))
+    except OSError:
+        pass
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handler: Handler,
+    settings: RelaySettings,
+    handler_nursery: trio.Nursery,
+    bucket: TokenBucket | None = None,
+    on_reject: Callable[[], None] | None = None,
+) -> None:
+    """Accept forever.  Retries only on capacity errors (EMFILE...), with one log line;
+    connections over the accept rate are closed at once and accepting goes on (P-31)."""
+    out_of_fds_logged = False
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as e:
+            if e.errno not in _CAPACITY_ERRNOS:
+                raise
+            if not out_of_fds_logged:
+                log.error("accept failed (%s): out of file descriptors or memory; raise the open-files "
+                          "limit (ulimit -n, systemd LimitNOFILE)", errno.errorcode.get(e.errno, e.errno))
+                out_of_fds_logged = True
+            await trio.sleep(0.1)
+            continue
+        out_of_fds_logged = False
+        if bucket is not None and not bucket.take():
+            if on_reject is not None:
+                on_reject()
+            await trio.aclose_forcefully(stream)
+            continue
+        _tune_socket(stream.socket, settings)
+        handler_nursery.start_soon(_serve_stream, stream, handler)
+
+
+async def _serve_stream(stream: trio.SocketStream, handler: Handler) -> None:
+    try:
+        peer = stream.socket.getpeername()
+        await handler(stream, (str(peer[0]), int(peer[1])))
+    except OSError:
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _watch_cert_files(server: RelayServer) -> None:
+    while True:
+        await trio.sleep(CERT_WATCH_INTERVAL)
+        if server.cert_files_changed():
+            server.reload_tls()
+
+
+async def serve_relay(
+    settings: RelaySettings, *, task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the relay until cancelled or shut down.
+
+    Raises:
+        CertError: the TLS certificate cannot be loaded.
+        OSError: a listen address cannot be bound.
+    """
+    server = RelayServer(settings)
+    server.load_tls()
+    host, port = settings.listen
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    bound_port = listeners[0].socket.getsockname()[1]
+    addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
+    redirect_listeners: list[trio.SocketListener] = []
+    http_port = None
+    if server.ssl_context is not None and settings.http_port >= 0:
+        redirect_listeners = await trio.open_tcp_listeners(settings.http_port, host=host or None)
+        http_port = redirect_listeners[0].socket.getsockname()[1]
+    if server.ssl_context is not None:
+        url = f"https://{_url_host(settings.hostname)}:{bound_port}"
+    elif host in ("", "0.0.0.0", "::"):
+        url = f"http://127.0.0.1:{bound_port}"
+    else:
+        url = f"http://{_url_host(host)}:{bound_port}"
+
+    per_ip = server.connections_per_ip
+    cap = settings.max_connections_per_ip
+
+    async def relay_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
+        ip = remote[0]
+        if cap and per_ip.get(ip, 0) >= cap:
+            server.stats.accepts_rejected["per_ip_limit"] += 1
+            log.debug("closing a connection from %s: %d connections from that address already", ip, cap)
+            return
+        per_ip[ip] = per_ip.get(ip, 0) + 1
+        try:
+            await handle_connection(server, stream, remote, tls=server.ssl_context)
+        finally:
+            left = per_ip[ip] - 1
+            if left:
+                per_ip[ip] = left
+            else:
+                del per_ip[ip]
+
+    async def redirect_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
+        await handle_redirect_connection(server, stream, remote)
+
+    def rejected() -> None:
+        server.stats.accepts_rejected["rate_limit"] += 1
+
+    running = RunningRelay(
+        server=server, url=url, host=host, port=bound_port, public_key=server.public_key,
+        cert_pin=server.cert.pin if server.cert else None, http_port=http_port, addresses=addresses,
+    )
+    bucket = TokenBucket(settings.accept_connection_limit, settings.accept_connection_burst)
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as acceptors:
+            for ls in listeners:
+                acceptors.start_soon(_accept_loop, ls, relay_handler, settings, connections, bucket, rejected)
+            for ls in redirect_listeners:
+                acceptors.start_soon(_accept_loop, ls, redirect_handler, settings, connections)
+            if server.cert is not None:
+                acceptors.start_soon(_watch_cert_files, server)
+            task_status.started(running)
+            grace = await running.wait_shutdown()
+            acceptors.cancel_scope.cancel()
+        for ls in listeners + redirect_listeners:
+            await ls.aclose()
+        log.warning("shutting down: %d clients told to reconnect, draining for up to %.1fs",
+                    len(server.all_connections()), grace)
+        left = await server.drain(grace)
+        if left:
+            log.warning("grace period over with %d clients still holding queued packets", left)
+        connections.cancel_scope.cancel()
+
+
+async def serve_metrics(
+    addr: str, render: Callable[[], bytes], *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A dedicated Prometheus listener on ``HOST:PORT`` (``--metrics-addr``)."""
+    host, port = split_host_port(addr, default_port=9090)
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    bound = listeners[0].socket.getsockname()[:2]
+    settings = RelaySettings(addr="127.0.0.1:0")
+
+    async def handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
+        await handle_metrics_connection(render, stream, 30.0)
+
+    async with trio.open_nursery() as nursery:
+        for ls in listeners:
+            nursery.start_soon(_accept_loop, ls, handler, settings, nursery)
+        task_status.started((str(bound[0]), int(bound[1])))
