@@ -7,6 +7,8 @@ import json
 import logging
 import signal
 import sys
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import click
@@ -17,6 +19,7 @@ from .keyfile import KeyFileError, key_file_json, load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
 from .relay.server import RunningRelay
 from .settings import RelaySettings, SettingsError, split_host_port
+from .admission import Protection, serve_options as admission_options
 
 log = logging.getLogger("derpd")
 
@@ -66,6 +69,10 @@ def main() -> None:
               help="Serve Prometheus /metrics on a dedicated listener (on the relay port it answers loopback only).")
 @click.option("--mesh-psk-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers.")
+@click.option("--mesh-with", default="", metavar="HOST[:PORT][/DIALHOST],...",
+              help="Mesh peers of this region (may include this relay's own hostname, which is skipped).")
+@click.option("--mesh-ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Trust this CA bundle (PEM) for mesh peers' TLS certificates, instead of the system roots.")
 @click.option("--tcp-write-timeout", type=float, default=2.0, show_default=True,
               help="Seconds a write to a client may take before it is dropped; 0 = none.")
 @click.option("--tcp-keepalive-time", type=float, default=600.0, show_default=True, help="TCP keepalive period, seconds.")
@@ -82,15 +89,20 @@ def main() -> None:
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
+@admission_options
 def serve(**opts: object) -> None:
     """Run a DERP relay (drop-in for Tailscale's derper)."""
     _setup_logging(int(opts["verbose"]))  # type: ignore[call-overload]
-    try:
-        settings, stun_port, metrics_addr = _serve_settings(opts)
-    except (SettingsError, KeyFileError, KeyFormatError) as e:
+    try:  # admission and rate options (derpd.admission); _run_serve installs them
+        click.get_current_context().meta["derpd.protection"] = Protection.from_options(opts)
+    except SettingsError as e:
         _fail(str(e))
     try:
-        trio.run(_run_serve, settings, stun_port, metrics_addr)
+        options = _serve_settings(opts)
+    except (SettingsError, KeyFileError, KeyFormatError, ValueError) as e:
+        _fail(str(e))
+    try:
+        trio.run(_run_serve, options)
     except KeyboardInterrupt:
         pass
     except SettingsError as e:  # includes CertError
@@ -99,7 +111,16 @@ def serve(**opts: object) -> None:
         _fail(f"cannot listen: {e.strerror or e}; is another process using the port? Pick another with -a", 1)
 
 
-def _serve_settings(opts: dict[str, object]) -> tuple[RelaySettings, int, str | None]:
+@dataclass(frozen=True)
+class ServeOptions:
+    settings: RelaySettings
+    stun_port: int
+    metrics_addr: str | None
+    mesh_with: str = ""
+    mesh_ca_file: str | None = None
+
+
+def _serve_settings(opts: dict[str, object]) -> ServeOptions:
     dev = bool(opts["dev"])
     addr = str(opts["addr"])
     config = opts["config"]
@@ -143,14 +164,19 @@ def _serve_settings(opts: dict[str, object]) -> tuple[RelaySettings, int, str | 
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
     )
+    if opts["mesh_with"] and mesh_key is None:
+        raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
     metrics_addr = opts["metrics_addr"]
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
-    return settings, int(opts["stun_port"]), metrics_addr  # type: ignore[call-overload,return-value]
+    return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
+                        str(opts["mesh_with"]), opts["mesh_ca_file"])  # type: ignore[arg-type]
 
 
-async def _run_serve(settings: RelaySettings, stun_port: int, metrics_addr: str | None) -> None:
+async def _run_serve(options: ServeOptions) -> None:
     from .relay.server import serve_metrics, serve_relay
+
+    settings, stun_port, metrics_addr = options.settings, options.stun_port, options.metrics_addr
 
     startup = logging.getLogger("derpd.startup")
     async with trio.open_nursery() as nursery:
@@ -161,6 +187,7 @@ async def _run_serve(settings: RelaySettings, stun_port: int, metrics_addr: str 
 
         running = await nursery.start(relay_then_stop)
         server = running.server
+        click.get_current_context().meta["derpd.protection"].install(server, nursery)
         scheme = "TLS" if server.ssl_context else "plain HTTP"
         startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
                      ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
@@ -184,6 +211,16 @@ async def _run_serve(settings: RelaySettings, stun_port: int, metrics_addr: str 
             startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in bound))
         if running.http_port is not None:
             startup.info("plain HTTP (generate_204, redirects) on port %d", running.http_port)
+        if options.mesh_with:
+            from .client import make_ssl_context
+            from .mesh import parse_mesh_with, run_mesh
+
+            assert settings.mesh_key is not None
+            ctx = make_ssl_context(ca_file=options.mesh_ca_file) if options.mesh_ca_file else None
+            peers = await nursery.start(partial(run_mesh, server, parse_mesh_with(options.mesh_with),
+                                                settings.mesh_key, own_hostname=settings.hostname,
+                                                ssl_context=ctx))
+            startup.info("meshing with %s", ", ".join(p.target.host for p in peers) or "nobody")
         if metrics_addr is not None:
             bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
             startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
@@ -284,3 +321,35 @@ from .devregion import dev_command  # noqa: E402
 
 main.add_command(coordinator_command, "coordinator")
 main.add_command(dev_command, "dev")
+
+
+# ---------------------------------------------------------------------------- close-peer
+
+
+@main.command("close-peer")
+@click.argument("url")
+@click.argument("nodekey")
+@click.option("--mesh-psk-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The region's mesh key file; only mesh peers may close clients.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None, help="Trust this CA bundle.")
+@click.option("--cert-pin", default=None, metavar="sha256-raw:HEX", help="Accept only this certificate.")
+def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str | None, cert_pin: str | None) -> None:
+    """Ask the relay at URL to close every connection of NODEKEY (nodekey:<hex>), e.g. to move a
+    client back to its ideal node.  Uses the mesh key, as a mesh peer would."""
+    from .client import DerpClientError, make_ssl_context
+    from .keys import NodePublic
+    from .mesh import close_peer
+
+    try:
+        target = NodePublic.parse(nodekey)
+        mesh_key = parse_mesh_key(mesh_psk_file.read_text())
+    except (KeyFormatError, OSError) as e:
+        _fail(f"{e}; NODEKEY is nodekey:<64 hex> and the mesh key file holds 64 hex digits")
+    options: dict[str, object] = {"cert_pin": cert_pin}
+    if ca_file:
+        options["ssl_context"] = make_ssl_context(ca_file=ca_file)
+    try:
+        trio.run(partial(close_peer, url, target, mesh_key, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+        _fail(f"cannot reach {url}: {e}", 1)
+    click.echo(f"asked {url} to close {target}")

@@ -350,6 +350,12 @@ async def connect(
                 yield client
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The reader task never raises, so a group holds the caller's own exception: give it
+        # back unwrapped, as if there were no nursery here.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         await client.aclose()
 

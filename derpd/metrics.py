@@ -94,6 +94,7 @@ class RelayCollector(Collector):
         g = self._g.gauge_values()
         for name, (doc, value) in g.items():
             yield gauge(name, doc, value)
+        yield from self._g.extra_families()
         yield counter("derp_accepts", "Connections handed to the DERP server (before login).", s.accepts)
         yield counter("derp_websocket_accepts", "WebSocket DERP connections accepted.", s.websocket_accepts)
         yield counter("derp_dup_client_conns", "Connections accepted while their key already had one.",
@@ -154,4 +155,7 @@ class GaugeSource:
 
     def gauge_values(self) -> dict[str, tuple[str, float]]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def extra_families(self) -> list:
+        return []
 

@@ -12,8 +12,9 @@ active ("last writer is active", spec 5.8).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
+
+import trio
 
 from ..keys import NodePublic
 from ..metrics import GaugeSource, RelayStats
@@ -44,7 +45,15 @@ class Registry(GaugeSource):
         self.forwarders: dict[bytes, list[Forwarder]] = {}
         # src key -> destination keys it sent packets to; drives PeerGone(Disconnected) (5.4/5.5).
         self.sent_to: dict[bytes, set[bytes]] = {}
-        self.on_change: list[Callable[[], None]] = []
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Wait until the next registration, unregistration or forwarder change."""
+        await self._changed.wait()
 
     # ------------------------------------------------------------------ local clients
 
@@ -59,6 +68,7 @@ class Registry(GaugeSource):
                      len(members))
         self.active[conn.key] = conn
         self.stats.current_connections += 1
+        self._notify()
         if self.watchers:
             frame = encode_peer_present(conn.key, conn.remote_ip, conn.remote_port, conn.present_flags)
             for w in self.watchers:
@@ -72,6 +82,7 @@ class Registry(GaugeSource):
         members.remove(conn)
         self.stats.current_connections -= 1
         self.watchers.discard(conn)
+        self._notify()
         if members:
             if len(members) == 1:
                 members[0].is_dup = False
@@ -125,12 +136,14 @@ class Registry(GaugeSource):
         fwds = self.forwarders.setdefault(key, [])
         if fwd not in fwds:
             fwds.append(fwd)
+            self._notify()
 
     def remove_forwarder(self, key: bytes, fwd: Forwarder) -> None:
         fwds = self.forwarders.get(key)
         if not fwds or fwd not in fwds:
             return
         fwds.remove(fwd)
+        self._notify()
         if not fwds:
             del self.forwarders[key]
             if key not in self._members:

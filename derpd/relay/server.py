@@ -23,6 +23,7 @@ from ..metrics import RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import encode_restarting, looks_like_disco
+from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
 from .client_connection import RECV_SIZE, ClientConnection
 from .registry import Registry
@@ -78,8 +79,10 @@ class RelayServer:
         self.connections_per_ip: dict[str, int] = {}
         self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
         self.mesh_peers_configured = 0
+        self.mesh_links: list = []  # derpd.mesh.MeshPeer, for metrics
         self._cert_stamp: tuple[float, float] | None = None
         self.reload_hooks: list[Callable[[], None]] = []
+        self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
 
@@ -147,6 +150,19 @@ class RelayServer:
         g["derp_mesh_peers_configured"] = ("Mesh peers this relay should be logged in to.",
                                            self.mesh_peers_configured)
         return g
+
+    def extra_families(self) -> list:
+        """Labelled metrics about the mesh links."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        keys = GaugeMetricFamily("derp_mesh_peer_keys", "Client keys a mesh peer reported.", labels=["peer"])
+        up = GaugeMetricFamily("derp_mesh_peer_up", "1 if the link to a mesh peer is logged in.", labels=["peer"])
+        reconnects = CounterMetricFamily("derp_mesh_reconnects", "Reconnects of a mesh link.", labels=["peer"])
+        for link in self.mesh_links:
+            keys.add_metric([link.target.host], len(link.keys))
+            up.add_metric([link.target.host], 1 if link.connected else 0)
+            reconnects.add_metric([link.target.host], link.reconnects)
+        return [keys, up, reconnects]
 
     # ------------------------------------------------------------------ shutdown
 
@@ -216,6 +232,8 @@ class RelayServer:
             self, stream, event.key, event.info, remote,
             can_mesh=can_mesh, is_prober=event.info.is_prober, not_ideal=not_ideal,
         )
+        if not can_mesh:  # mesh peers are exempt from the receive rate limit (spec 5.9)
+            conn.rate_limiter = self.client_rate_limits.limiter()
         # Register before ServerInfo (packets may queue from now on), but start the writer only
         # after ServerInfo is out, so it is the first frame after ServerKey (P-3).
         self.registry.register(conn)

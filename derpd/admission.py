@@ -1,0 +1,411 @@
+"""Client admission: who may log in to the relay (spec section 7).
+
+Two checks, each optional, both run after a valid ClientInfo and before ServerInfo (mesh
+peers skip them; the server's ``admit`` runs the installed checks in order, all must pass):
+
+* ``AllowList`` (``--allow-keys FILE``): a static list of ``nodekey:`` lines.  It is read at
+  start, on SIGHUP, and when the file changes (checked every few seconds).  A file that
+  cannot be read or parsed keeps the previous list and logs why.
+* ``VerifyClientURL`` (``--verify-client-url URL``): derper's admission controller protocol
+  (spec 7.2), as headscale's ``/verify`` implements it.  The relay POSTs::
+
+      {"NodePublic":"nodekey:<64 hex>","Source":"<client IP>"}
+
+  with no Content-Type and a 5 s timeout, reads at most 4 KiB of the answer, and admits only
+  a 200 whose JSON has ``"Allow": true`` (field name matched case-insensitively, like Go).
+  ``fail_open`` (default true, as derper) admits when the request itself fails -- connect
+  error, TLS error, a broken response head, or the 5 s timeout; a non-200 status or an
+  unreadable body always refuses.
+
+Decisions are cached per (key, source IP) for ``cache_ttl`` seconds and concurrent checks of
+the same pair share one request, so a reconnect storm costs the controller one request per
+client per TTL; at most ``max_in_flight`` requests run at once.
+
+A refusal returns a reason label counted in ``derp_admission_refused_total{reason}``:
+``not_allowed`` (allow-list), ``verify_denied`` (``Allow`` false or missing),
+``verify_status`` (non-200), ``verify_bad_response`` (body not the expected JSON),
+``verify_unreachable`` (transport failure with fail-open off).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from .keys import KeyFormatError, NodePublic
+from .settings import SettingsError
+
+log = logging.getLogger("derpd.admission")
+
+VERIFY_TIMEOUT = 5.0
+MAX_RESPONSE_BODY = 4 << 10
+DEFAULT_CACHE_TTL = 5.0
+MAX_CACHE_ENTRIES = 100_000
+MAX_IN_FLIGHT = 64
+ALLOW_FILE_CHECK_INTERVAL = 5.0
+_MAX_RESPONSE_HEAD = 16 << 10
+
+Decision = tuple[bool, str]
+
+
+class AdmissionConfigError(SettingsError):
+    """An admission option is unusable; the message says what to change."""
+
+
+# ------------------------------------------------------------------------------ allow-list
+
+
+def parse_allow_keys(text: str) -> frozenset[bytes]:
+    """Parse an allow-list: one ``nodekey:<64 hex>`` per line; blank lines and ``#`` comments
+    are ignored, as is anything after ``#`` on a line.
+
+    Raises:
+        AdmissionConfigError: a line that is not a node key (with its line number).
+    """
+    keys = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            keys.add(NodePublic.parse(entry.lower()).raw)
+        except KeyFormatError as e:
+            raise AdmissionConfigError(f"line {n}: {e} (each line must be nodekey:<64 hex digits>)") from e
+    return frozenset(keys)
+
+
+class AllowList:
+    """``--allow-keys FILE``: only keys listed in the file may log in."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: frozenset[bytes] = frozenset()
+        self._stamp: tuple[int, float, int] | None = None
+
+    def _file_stamp(self) -> tuple[int, float, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime, st.st_size
+
+    def load(self) -> None:
+        """Read the file (at start-up).
+
+        Raises:
+            AdmissionConfigError: unreadable file or a bad line.
+        """
+        stamp = self._file_stamp()
+        try:
+            text = self.path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AdmissionConfigError(f"cannot read the allow-list {self.path}: {e}; check --allow-keys") from e
+        try:
+            self.keys = parse_allow_keys(text)
+        except AdmissionConfigError as e:
+            raise AdmissionConfigError(f"{self.path}: {e}") from e
+        self._stamp = stamp
+
+    def reload(self) -> bool:
+        """SIGHUP or file change: read again; on error keep the current list and log why.
+
+        Returns True if the new list is in use.
+        """
+        try:
+            self.load()
+        except AdmissionConfigError as e:
+            self._stamp = self._file_stamp()  # do not retry the same broken file every interval
+            log.error("allow-list not reloaded, keeping %d keys: %s", len(self.keys), e)
+            return False
+        log.warning("allow-list reloaded: %d keys", len(self.keys))
+        return True
+
+    def changed(self) -> bool:
+        return self._file_stamp() != self._stamp
+
+    async def watch(self, interval: float = ALLOW_FILE_CHECK_INTERVAL) -> None:
+        """Reload whenever the file changes, forever."""
+        while True:
+            await trio.sleep(interval)
+            if self.changed():
+                self.reload()
+
+    async def check(self, key: NodePublic, info: object, ip: str) -> Decision:
+        return (True, "") if key.raw in self.keys else (False, "not_allowed")
+
+
+# ------------------------------------------------------------------------------ verify URL
+
+
+class _TransportError(Exception):
+    """The request failed before a response head arrived (fail-open applies)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    tls: bool
+    host: str
+    port: int
+    target: bytes
+    host_header: bytes
+
+
+def _parse_url(url: str) -> _Target:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AdmissionConfigError(f"--verify-client-url must be an http:// or https:// URL, not {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise AdmissionConfigError(f"--verify-client-url has a bad port: {url!r}") from e
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target(parts.scheme == "https", parts.hostname, port, target.encode(), parts.netloc.encode())
+
+
+def request_body(key: NodePublic, ip: str) -> bytes:
+    """The JSON derper sends (``tailcfg.DERPAdmitClientRequest``)."""
+    return json.dumps({"NodePublic": str(key), "Source": ip}, separators=(",", ":")).encode()
+
+
+def parse_verify_response(status: int, body: bytes) -> Decision:
+    """Judge a controller's answer like derper: status 200 and a JSON object whose ``Allow``
+    field (any letter case; the last one wins) is ``true``.  Only the first 4 KiB count and
+    anything after the first JSON value is ignored.  Never raises."""
+    if status != 200:
+        return False, "verify_status"
+    try:
+        text = body[:MAX_RESPONSE_BODY].decode()
+        obj, _ = json.JSONDecoder().raw_decode(text.lstrip(" \t\r\n"))
+    except (ValueError, RecursionError):
+        return False, "verify_bad_response"
+    if obj is None:  # Go decodes null into a zero struct: Allow false
+        return False, "verify_denied"
+    if not isinstance(obj, dict):
+        return False, "verify_bad_response"
+    allow: Any = False
+    for k, v in obj.items():
+        if k.lower() == "allow":
+            allow = v
+    if allow is None:
+        allow = False
+    if not isinstance(allow, bool):
+        return False, "verify_bad_response"
+    return (True, "") if allow else (False, "verify_denied")
+
+
+async def post_json(url: str, body: bytes, *, max_body: int = MAX_RESPONSE_BODY,
+                    ssl_context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    """POST ``body`` (no Content-Type, as Go's client does for derper) and return the status and
+    at most ``max_body`` bytes of the response body.  The caller bounds the time.
+
+    Raises:
+        _TransportError: connect/TLS failure or a broken response head.
+        trio.BrokenResourceError, h11.RemoteProtocolError: the body broke off.
+    """
+    t = _parse_url(url)
+    try:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(t.host, t.port)
+    except OSError as e:
+        raise _TransportError(f"connect to {t.host}:{t.port}: {e}") from e
+    try:
+        if t.tls:
+            ctx = ssl_context or ssl.create_default_context()
+            stream = trio.SSLStream(stream, ctx, server_hostname=t.host)
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
+        head = h11.Request(method="POST", target=t.target, headers=[
+            ("Host", t.host_header), ("User-Agent", "derpd"), ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ])
+        try:
+            await stream.send_all(conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+            status = None
+            while status is None:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(16384))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise _TransportError("connection closed before a response")
+                # InformationalResponse (1xx): keep reading
+        except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+            raise _TransportError(str(e) or type(e).__name__) from e
+        got = bytearray()
+        while len(got) < max_body:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(16384))
+            elif isinstance(event, h11.Data):
+                got += event.data
+            else:  # EndOfMessage or ConnectionClosed
+                break
+        return status, bytes(got[:max_body])
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+class VerifyClientURL:
+    """``--verify-client-url``: ask an admission controller (headscale's ``/verify``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fail_open: bool = True,
+        timeout: float = VERIFY_TIMEOUT,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        _parse_url(url)  # fail at start-up, not at the first client
+        self.url = url
+        self.fail_open = fail_open
+        self.timeout = timeout
+        self.cache_ttl = cache_ttl
+        self.ssl_context = ssl_context
+        self.requests = 0  # POSTs actually sent (tests and logs)
+        self._cache: OrderedDict[tuple[bytes, str], tuple[float, Decision]] = OrderedDict()
+        self._pending: dict[tuple[bytes, str], trio.Event] = {}
+        self._limit = trio.Semaphore(max_in_flight)
+        self._unreachable_logged = False
+
+    async def check(self, key: NodePublic, info: object, ip: str) -> Decision:
+        cache_key = (key.raw, ip)
+        while True:
+            hit = self._cache.get(cache_key)
+            if hit is not None and hit[0] > trio.current_time():
+                return hit[1]
+            pending = self._pending.get(cache_key)
+            if pending is None:
+                break
+            await pending.wait()  # someone is asking about this client right now
+        event = self._pending[cache_key] = trio.Event()
+        try:
+            decision = await self._ask(key, ip)
+            self._remember(cache_key, decision)
+            return decision
+        finally:
+            del self._pending[cache_key]
+            event.set()
+
+    def _remember(self, cache_key: tuple[bytes, str], decision: Decision) -> None:
+        cache = self._cache
+        now = trio.current_time()
+        cache[cache_key] = (now + self.cache_ttl, decision)
+        cache.move_to_end(cache_key)
+        while len(cache) > MAX_CACHE_ENTRIES:
+            cache.popitem(last=False)
+        oldest = next(iter(cache.values()))
+        if oldest[0] <= now:  # drop a few expired entries on the way
+            for k in [k for k, (exp, _) in list(cache.items())[:64] if exp <= now]:
+                del cache[k]
+
+    async def _ask(self, key: NodePublic, ip: str) -> Decision:
+        async with self._limit:
+            self.requests += 1
+            try:
+                with trio.fail_after(self.timeout):
+                    status, body = await post_json(self.url, request_body(key, ip), ssl_context=self.ssl_context)
+            except (_TransportError, trio.TooSlowError) as e:
+                return self._unreachable(e)
+            except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError):
+                return False, "verify_bad_response"
+        if self._unreachable_logged:
+            self._unreachable_logged = False
+            log.warning("admission controller %s answers again", self.url)
+        return parse_verify_response(status, body)
+
+    def _unreachable(self, error: BaseException) -> Decision:
+        why = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
+        if not self._unreachable_logged:
+            self._unreachable_logged = True
+            action = ("admitting clients unchecked (--verify-client-url-fail-open)" if self.fail_open
+                      else "refusing clients (pass --verify-client-url-fail-open to admit them instead)")
+            log.error("admission controller %s unreachable (%s): %s", self.url, why, action)
+        return (True, "") if self.fail_open else (False, "verify_unreachable")
+
+
+# ------------------------------------------------------------------------------ CLI wiring
+
+
+@dataclass(frozen=True, slots=True)
+class Protection:
+    """The admission and rate options of ``derpd serve``, loaded and checked before start-up."""
+
+    allow_list: AllowList | None = None
+    verify: VerifyClientURL | None = None
+    rate_config_path: Path | None = None
+
+    @classmethod
+    def from_options(cls, opts: dict[str, object]) -> Protection:
+        """Build from the ``serve`` options (``serve_options`` below).
+
+        Raises:
+            SettingsError: an unreadable or malformed file, or a bad URL.
+        """
+        from .ratelimit import load_rate_config
+
+        allow = None
+        if opts.get("allow_keys") is not None:
+            allow = AllowList(Path(str(opts["allow_keys"])))
+            allow.load()
+        verify = None
+        if opts.get("verify_client_url"):
+            verify = VerifyClientURL(str(opts["verify_client_url"]),
+                                     fail_open=bool(opts.get("verify_client_url_fail_open", True)))
+        rate_path = None
+        if opts.get("rate_config") is not None:
+            rate_path = Path(str(opts["rate_config"]))
+            load_rate_config(rate_path)  # fail now, not at the first SIGHUP
+        return cls(allow, verify, rate_path)
+
+    def install(self, server: Any, nursery: trio.Nursery) -> None:
+        """Add the checks to ``server.admission_checks`` (allow-list first: it is cheaper), the
+        reloads to ``server.reload_hooks`` (SIGHUP), and start the file and open-files watches."""
+        from .ratelimit import load_rate_config, watch_open_files
+
+        if self.allow_list is not None:
+            server.admission_checks.append(self.allow_list.check)
+            server.reload_hooks.append(self.allow_list.reload)
+            nursery.start_soon(self.allow_list.watch)
+            log.info("admission: %d keys allowed by %s", len(self.allow_list.keys), self.allow_list.path)
+        if self.verify is not None:
+            server.admission_checks.append(self.verify.check)
+            log.info("admission: asking %s (fail-open %s)", self.verify.url, self.verify.fail_open)
+        if self.rate_config_path is not None:
+            limits = server.client_rate_limits
+            limits.path = self.rate_config_path
+            limits.set(load_rate_config(self.rate_config_path))
+            server.reload_hooks.append(limits.reload)
+        nursery.start_soon(watch_open_files)
+
+
+def serve_options(f: Any) -> Any:
+    """The click options of ``derpd serve`` that this module and ``derpd.ratelimit`` own."""
+    import click
+
+    options = [
+        click.option("--verify-client-url", default=None, metavar="URL",
+                     help="Admit a client only if a POST of its key to URL answers {\"Allow\": true} "
+                          "(derper's protocol; headscale serves it at /verify)."),
+        click.option("--verify-client-url-fail-open/--no-verify-client-url-fail-open", default=True,
+                     show_default=True,
+                     help="Admit clients when the verify URL cannot be reached or times out (5 s)."),
+        click.option("--allow-keys", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Admit only the nodekey:<hex> lines of this file (reloaded on SIGHUP and on change)."),
+        click.option("--rate-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="derper's JSON {\"PerClientRateLimitBytesPerSec\": N, \"PerClientRateBurstBytes\": N}: "
+                          "slows each non-mesh client's sending (never drops); reloaded on SIGHUP."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f

@@ -1,0 +1,242 @@
+"""Regional mesh: several relays act as one region (spec section 6).
+
+Every node holds one outgoing DERP connection to each peer, authenticated with the shared
+mesh key, and sends WatchConns on it.  The peer answers with PeerPresent for every client it
+holds (the flood), then streams PeerPresent/PeerGone as clients come and go.  From that
+stream we learn "key K is reachable through peer P" (``Registry.add_forwarder``).  A packet
+for a key with no local connection then goes to P as a ForwardPacket, exactly one hop: a
+forwarded packet is never forwarded again (P-17).
+
+When a mesh link breaks, every key it reported is withdrawn (PeerGone follows where a key
+left the region), and the link reconnects with backoff; the new flood re-adds the keys.
+
+``forward()`` is called synchronously from other clients' readers: it only appends to a
+bounded queue that the link's writer sends in batches, so a slow peer never stalls readers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+
+from . import client as derp_client
+from .keys import NodePrivate, NodePublic
+from .protocol.errors import RemoteProtocolError
+from .protocol.messages import PeerGone, PeerPresent, encode_forward_packet
+from .relay.server import RelayServer
+
+log = logging.getLogger("derpd.mesh")
+
+FORWARD_QUEUE = 4096  # packets queued per mesh link before the oldest is dropped
+FORWARD_WRITE_TIMEOUT = 5.0
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class MeshTarget:
+    """One ``--mesh-with`` entry: ``host[:port]`` or ``host[:port]/dialhost[:port]``."""
+
+    host: str  # as it appears in the URL (and SNI)
+    dial: str | None = None  # another address to dial, same port unless given
+
+    @property
+    def name(self) -> str:
+        return self.host
+
+
+def parse_mesh_with(text: str) -> list[MeshTarget]:
+    """Parse derper's comma-separated ``--mesh-with`` list.
+
+    Raises:
+        ValueError: an empty entry or an empty host.
+    """
+    out = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        host, _, dial = entry.partition("/")
+        if not host:
+            raise ValueError(f"--mesh-with entry {entry!r} has no host")
+        out.append(MeshTarget(host, dial or None))
+    return out
+
+
+def _split_port(hostport: str, default: int) -> tuple[str, int]:
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default
+    if hostport.count(":") == 1:
+        host, port = hostport.split(":")
+        return host, int(port)
+    return hostport, default
+
+
+class MeshPeer:
+    """The link to one peer relay: a watcher client plus a forwarding queue."""
+
+    def __init__(
+        self,
+        server: RelayServer,
+        target: MeshTarget,
+        mesh_key: bytes,
+        *,
+        scheme: str,
+        client_key: NodePrivate | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        skip_self_check: bool = False,
+    ) -> None:
+        self.server = server
+        self.target = target
+        self.mesh_key = mesh_key
+        self.scheme = scheme
+        self.client_key = client_key or server.settings.private_key
+        self.ssl_context = ssl_context
+        self.skip_self_check = skip_self_check
+        self.keys: set[bytes] = set()
+        self.connected = False
+        self.reconnects = 0
+        self.forward_drops = 0
+        self._queue: deque[bytes] = deque()
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.target.host}/derp"
+
+    def __repr__(self) -> str:
+        return f"MeshPeer({self.target.host})"
+
+    # ------------------------------------------------------------------ Forwarder
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        if not self.connected:
+            return False
+        if len(self._queue) >= FORWARD_QUEUE:
+            self._queue.popleft()
+            self.forward_drops += 1
+            self.server.stats.drop("queue_head", False, len(packet))
+        self._queue.append(encode_forward_packet(src, dst, packet))
+        if self._lot.statistics().tasks_waiting:
+            self._lot.unpark()
+        return True
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def run(self) -> None:
+        """Connect, watch and forward; reconnect with backoff, forever."""
+        backoff = BACKOFF_START
+        connect_host = _split_port(self.target.dial, 0)[0] if self.target.dial else None
+        while True:
+            try:
+                async with derp_client.connect(
+                    self.url, self.client_key, mesh_key=self.mesh_key, can_ack_pings=True,
+                    ssl_context=self.ssl_context, connect_host=connect_host, timeout=10.0,
+                ) as c:
+                    if c.server_key == self.server.public_key and not self.skip_self_check:
+                        log.info("mesh %s is this relay itself; not meshing with it", self.target.host)
+                        return
+                    backoff = BACKOFF_START
+                    await self._serve(c)
+            except* (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                     derp_client.DerpClientError, RemoteProtocolError) as group:
+                e = group.exceptions[0]
+                log.info("mesh %s: %s; retrying in %.1fs", self.target.host, e or type(e).__name__, backoff)
+            finally:
+                self._disconnected()
+            await trio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(BACKOFF_MAX, backoff * 2)
+            self.reconnects += 1
+
+    async def _serve(self, c: derp_client.DerpClient) -> None:
+        await c.watch_conns()
+        self.connected = True
+        self.server.mesh_peers_connected += 1
+        log.info("mesh %s connected (%s)", self.target.host, c.server_key.short())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, c, nursery.cancel_scope)
+            nursery.start_soon(self._reader, c, nursery.cancel_scope)
+        log.info("mesh %s disconnected", self.target.host)
+
+    async def _reader(self, c: derp_client.DerpClient, scope: trio.CancelScope) -> None:
+        registry = self.server.registry
+        try:
+            async for ev in c:
+                match ev:
+                    case PeerPresent(peer=peer):
+                        self.keys.add(peer.raw)
+                        registry.add_forwarder(peer.raw, self)
+                    case PeerGone(peer=peer):
+                        self.keys.discard(peer.raw)
+                        registry.remove_forwarder(peer.raw, self)
+        except (trio.BrokenResourceError, RemoteProtocolError) as e:
+            log.info("mesh %s: %s", self.target.host, e)
+        finally:
+            scope.cancel()
+
+    async def _writer(self, c: derp_client.DerpClient, scope: trio.CancelScope) -> None:
+        q = self._queue
+        try:
+            while True:
+                if not q:
+                    await self._lot.park()
+                batch = list(q)
+                q.clear()
+                with trio.fail_after(FORWARD_WRITE_TIMEOUT):
+                    await c.send_raw(b"".join(batch))
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("mesh %s: forwarding failed (%s); reconnecting", self.target.host, type(e).__name__)
+        finally:
+            scope.cancel()
+
+    def _disconnected(self) -> None:
+        if self.connected:
+            self.server.mesh_peers_connected -= 1
+        self.connected = False
+        if self._queue:
+            self.server.stats.drop("write_error", False, 0, len(self._queue))
+            self._queue.clear()
+        registry = self.server.registry
+        for key in list(self.keys):
+            registry.remove_forwarder(key, self)
+        self.keys.clear()
+
+
+async def run_mesh(
+    server: RelayServer,
+    targets: list[MeshTarget],
+    mesh_key: bytes,
+    *,
+    own_hostname: str | None = None,
+    client_key: NodePrivate | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    skip_self_check: bool = False,
+    task_status: trio.TaskStatus[list[MeshPeer]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hold a mesh link to every target (except our own hostname) until cancelled."""
+    scheme = "https" if server.ssl_context is not None else "http"
+    peers = [
+        MeshPeer(server, t, mesh_key, scheme=scheme, client_key=client_key, ssl_context=ssl_context,
+                 skip_self_check=skip_self_check)
+        for t in targets
+        if t.host != own_hostname
+    ]
+    server.mesh_peers_configured = len(peers)
+    server.mesh_links = peers
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            nursery.start_soon(p.run)
+        task_status.started(peers)
+
+
+async def close_peer(url: str, target: NodePublic, mesh_key: bytes, **connect_options: object) -> None:
+    """Ask the relay at ``url`` (as a mesh peer) to close every connection of ``target``."""
+    async with derp_client.connect(url, NodePrivate.generate(), mesh_key=mesh_key, **connect_options) as c:  # type: ignore[arg-type]
+        await c.close_peer(target)
+        await c.ping()  # the ClosePeer was read before the Pong was written
