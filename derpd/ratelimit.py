@@ -82,7 +82,7 @@ def parse_rate_config(text: str | bytes) -> RateConfig:
     """
     try:
         obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise RateConfigError(f"the rate config is not valid JSON ({e}); expected "
                               f'{{"{_RATE}": N, "{_BURST}": N}}') from e
     if not isinstance(obj, dict):
