@@ -6,6 +6,7 @@ Without ``go`` the suite is skipped with a message saying what to install, unles
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -88,7 +89,7 @@ StartRelay = Callable[..., Awaitable[Any]]
 
 @pytest.fixture
 def start_relay(nursery: trio.Nursery, tmp_path: Path, test_ca: CertAuthority) -> StartRelay:
-    """``await start_relay(tls=None | "ca" | "self-signed")`` starts derpd's relay.
+    """``await start_relay(tls=None | "ca" | "self-signed", mesh_key=None)`` starts derpd's relay.
 
     * ``None``: plain HTTP on 127.0.0.1.
     * ``"ca"``: TLS (``--certmode manual``) for ``localhost`` with a cert from ``test_ca``.
@@ -96,7 +97,7 @@ def start_relay(nursery: trio.Nursery, tmp_path: Path, test_ca: CertAuthority) -
       self-signed cert and reports its ``sha256-raw:`` pin in ``cert_pin``.
     """
 
-    async def start(tls: str | None = None) -> Any:
+    async def start(tls: str | None = None, mesh_key: bytes | None = None) -> Any:
         from derpd.keys import NodePrivate
         from derpd.relay.server import serve_relay
         from derpd.settings import RelaySettings
@@ -114,6 +115,8 @@ def start_relay(nursery: trio.Nursery, tmp_path: Path, test_ca: CertAuthority) -
                                      certmode="manual", certdir=certdir, hostname="127.0.0.1")
         else:
             raise AssertionError(f"unknown tls mode {tls!r}")
+        if mesh_key is not None:
+            settings = dataclasses.replace(settings, mesh_key=mesh_key)
         with trio.fail_after(10):
             return await nursery.start(serve_relay, settings)
 

@@ -173,3 +173,34 @@ def parse_scenario(argv: list[str], code: int, out: str, err: str) -> ScenarioRe
     except json.JSONDecodeError:
         data = {"unparsed_stdout": out[-2000:]}
     return ScenarioResult(argv, code, data, err)
+
+
+# ---------------------------------------------------------------------------
+# Mesh helpers (derpd relays meshed with each other or with Tailscale's derper).
+
+MESH_KEY = bytes(range(0x40, 0x60))  # any 32 non-zero bytes; shared by every node of a test
+
+
+def write_mesh_key(path: Path, mesh_key: bytes = MESH_KEY) -> Path:
+    """The --mesh-psk-file format (derper, derpprobe, derpd): 64 lower-case hex digits."""
+    path.write_text(mesh_key.hex() + "\n")
+    return path
+
+
+async def wait_for_registries(registries: list[Any], condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds, re-checking it after every change of any of the
+    relay registries (registration, unregistration, forwarder change); no polling."""
+    while not condition():
+        async with trio.open_nursery() as nursery:
+            for registry in registries:
+
+                async def changed(registry: Any = registry) -> None:
+                    await registry.wait_changed()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(changed)
+
+
+def watcher_keys(relay: Any) -> set[bytes]:
+    """Keys of the mesh peers that sent WatchConns to ``relay`` (a RunningRelay)."""
+    return {w.key for w in relay.server.registry.watchers}

@@ -16,6 +16,7 @@
 //	derpinterop mixed      --url U --py-key nodekey:... [--packets M] [--ca FILE]
 //	derpinterop stun       --addr HOST:PORT [--addr HOST:PORT ...]
 //	derpinterop netcheck   --derpmap URL|FILE
+//	derpinterop meshpair   --url-a U1 --url-b U2 [--pairs N] [--packets M] [--ca FILE]
 package main
 
 import (
@@ -72,6 +73,7 @@ var scenarios = map[string]scenario{
 	"mixed":      {runMixed, "a Go client and a Python client exchange packets both ways"},
 	"stun":       {runSTUN, "tailscale.com/net/stun request and response"},
 	"netcheck":   {runNetcheck, "tailscale.com/net/netcheck report against a DERP map"},
+	"meshpair":   {runMeshPair, "clients on two meshed relays exchange packets both ways; PeerGone crosses the mesh"},
 }
 
 var verbose bool
@@ -156,16 +158,25 @@ func parseFlags(fs *flag.FlagSet, args []string, c *commonFlags, needURL bool) e
 		return usageError{errors.New("--url is required")}
 	}
 	if c.url != "" {
-		u, err := url.Parse(c.url)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return usageError{fmt.Errorf("--url %q: want http(s)://HOST:PORT[/derp]", c.url)}
+		u, err := normalizeURL(c.url)
+		if err != nil {
+			return usageError{fmt.Errorf("--url: %w", err)}
 		}
-		if u.Path == "" || u.Path == "/" {
-			u.Path = "/derp"
-		}
-		c.url = u.String()
+		c.url = u
 	}
 	return nil
+}
+
+// normalizeURL checks a DERP URL and adds the /derp path if it has none.
+func normalizeURL(s string) (string, error) {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("%q: want http(s)://HOST:PORT[/derp]", s)
+	}
+	if u.Path == "" || u.Path == "/" {
+		u.Path = "/derp"
+	}
+	return u.String(), nil
 }
 
 // tlsConfig returns the client TLS config for --ca, or nil. The CA is also
