@@ -294,14 +294,14 @@ def chart(rows: list[dict], path: Path) -> bool:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     sizes = [(64, "64"), (1200, "1200"), (16384, "16K"), (65536, "64K")]
-    for impl, marker in (("derpd", "o"), ("derper", "s")):
+    for impl, marker, color in (("derpd", "o", "tab:blue"), ("derper", "s", "tab:orange")):
         xs, ys = [], []
         for size, label in sizes:
             v = get(f"tput 10x{label} plain", "delivered_mbps", impl)
             if v is not None:
                 xs.append(size)
                 ys.append(v)
-        ax1.plot(xs, ys, marker=marker, linestyle="-", label=impl)
+        ax1.plot(xs, ys, marker=marker, linestyle="-", color=color, label=impl)
         for mode, ls in (("plain", "-"), ("tls", ":")):
             px, py = [], []
             for pairs in (1, 10, 50):
@@ -310,10 +310,11 @@ def chart(rows: list[dict], path: Path) -> bool:
                     px.append(pairs)
                     py.append(v / 1000)
             if px:
-                ax2.plot(px, py, marker=marker, linestyle=ls, label=f"{impl} {mode}")
+                ax2.plot(px, py, marker=marker, linestyle=ls, color=color, label=f"{impl} {mode} (unpaced)")
         cap = get("capacity 50x1200 plain", "capacity_pps", impl)
         if cap is not None:
-            ax2.plot([50], [cap / 1000], marker="*", markersize=12, linestyle="none",
+            ax2.plot([50], [cap / 1000], marker="*", markersize=14, linestyle="none", color=color,
+                     markeredgecolor="black",
                      label=f"{impl} capacity (loss < 1%)")
     ax1.set(xscale="log", xlabel="packet size (bytes), 10 pairs, plain", ylabel="delivered MB/s",
             title="Throughput against packet size")
@@ -322,7 +323,7 @@ def chart(rows: list[dict], path: Path) -> bool:
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle("derpd vs derper on loopback (medians; unpaced senders)")
+    fig.suptitle("derpd vs derper on loopback, server pinned to one CPU (medians; lines: unpaced senders)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
