@@ -88,6 +88,8 @@ def main() -> None:
               help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
 @admission_options
 def serve(**opts: object) -> None:
@@ -102,6 +104,10 @@ def serve(**opts: object) -> None:
     except (SettingsError, KeyFileError, KeyFormatError, ValueError) as e:
         _fail(str(e))
     try:
+        if options.workers > 1:
+            from .workers import run_workers
+
+            sys.exit(run_workers(options, options.workers))
         trio.run(_run_serve, options)
     except KeyboardInterrupt:
         pass
@@ -118,6 +124,8 @@ class ServeOptions:
     metrics_addr: str | None
     mesh_with: str = ""
     mesh_ca_file: str | None = None
+    workers: int = 1
+    verbose: int = 0
 
 
 def _serve_settings(opts: dict[str, object]) -> ServeOptions:
@@ -170,7 +178,8 @@ def _serve_settings(opts: dict[str, object]) -> ServeOptions:
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
     return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
-                        str(opts["mesh_with"]), opts["mesh_ca_file"])  # type: ignore[arg-type]
+                        str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
+                        int(opts["workers"]), int(opts["verbose"]))  # type: ignore[call-overload]
 
 
 async def _run_serve(options: ServeOptions) -> None:
@@ -231,15 +240,19 @@ async def _handle_signals(running: RunningRelay, settings: RelaySettings, scope:
     """SIGHUP reloads (certificates, allow-lists, rate limits); SIGTERM/SIGINT shut down
     gracefully (Restarting to every client, then drain); a second one stops at once."""
     startup = logging.getLogger("derpd.startup")
-    stopping = False
+    stopping_since: float | None = None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 startup.info("received SIGHUP, reloading")
                 running.server.reload()
-            elif not stopping:
-                stopping = True
+            elif stopping_since is None or trio.current_time() - stopping_since < 1.0:
+                # A repeat within a second is the same stop reaching us twice (a process group
+                # signal plus the --workers parent forwarding it), not an operator's second one.
+                if stopping_since is not None:
+                    continue
+                stopping_since = trio.current_time()
                 startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
                              "(send it again to stop at once)", name, settings.shutdown_grace)
                 running.shutdown(settings.shutdown_grace)

@@ -217,10 +217,14 @@ async def run_mesh(
     client_key: NodePrivate | None = None,
     ssl_context: ssl.SSLContext | None = None,
     skip_self_check: bool = False,
+    scheme: str | None = None,
     task_status: trio.TaskStatus[list[MeshPeer]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Hold a mesh link to every target (except our own hostname) until cancelled."""
-    scheme = "https" if server.ssl_context is not None else "http"
+    """Hold a mesh link to every target (except our own hostname) until cancelled.
+
+    ``scheme`` defaults to ``https`` when this relay serves TLS (the region's nodes are alike),
+    else ``http``."""
+    scheme = scheme or ("https" if server.ssl_context is not None else "http")
     peers = [
         MeshPeer(server, t, mesh_key, scheme=scheme, client_key=client_key, ssl_context=ssl_context,
                  skip_self_check=skip_self_check)

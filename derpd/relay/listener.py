@@ -120,10 +120,27 @@ async def _watch_cert_files(server: RelayServer) -> None:
             server.reload_tls()
 
 
+def _listeners_from(sockets: list[socket.socket]) -> list[trio.SocketListener]:
+    out = []
+    for sock in sockets:
+        sock.setblocking(False)
+        out.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+    return out
+
+
 async def serve_relay(
-    settings: RelaySettings, *, task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED
+    settings: RelaySettings,
+    *,
+    sockets: list[socket.socket] | None = None,
+    internal_sockets: list[socket.socket] | None = None,
+    task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until cancelled or shut down.
+
+    Args:
+        sockets: already bound and listening sockets for the main address (``--workers``
+            binds them in the parent with SO_REUSEPORT); default: bind ``settings.addr``.
+        internal_sockets: extra plain-HTTP listeners (the loopback ports workers mesh over).
 
     Raises:
         CertError: the TLS certificate cannot be loaded.
@@ -132,7 +149,11 @@ async def serve_relay(
     server = RelayServer(settings)
     server.load_tls()
     host, port = settings.listen
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    if sockets is not None:
+        listeners = _listeners_from(sockets)
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+    internal = _listeners_from(internal_sockets or [])
     bound_port = listeners[0].socket.getsockname()[1]
     addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
     redirect_listeners: list[trio.SocketListener] = []
@@ -166,6 +187,9 @@ async def serve_relay(
             else:
                 del per_ip[ip]
 
+    async def internal_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
+        await handle_connection(server, stream, remote, tls=None)
+
     async def redirect_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
         await handle_redirect_connection(server, stream, remote)
 
@@ -183,12 +207,14 @@ async def serve_relay(
                 acceptors.start_soon(_accept_loop, ls, relay_handler, settings, connections, bucket, rejected)
             for ls in redirect_listeners:
                 acceptors.start_soon(_accept_loop, ls, redirect_handler, settings, connections)
+            for ls in internal:
+                acceptors.start_soon(_accept_loop, ls, internal_handler, settings, connections)
             if server.cert is not None:
                 acceptors.start_soon(_watch_cert_files, server)
             task_status.started(running)
             grace = await running.wait_shutdown()
             acceptors.cancel_scope.cancel()
-        for ls in listeners + redirect_listeners:
+        for ls in listeners + redirect_listeners + internal:
             await ls.aclose()
         log.warning("shutting down: %d clients told to reconnect, draining for up to %.1fs",
                     len(server.all_connections()), grace)

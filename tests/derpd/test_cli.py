@@ -1,0 +1,198 @@
+"""The derpd command line: key files, serve as a real process (plain and --workers), check,
+genkey, close-peer, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from click.testing import CliRunner
+
+from derpd import client as derp_client
+from derpd.cli import main
+from derpd.keyfile import KeyFileError, load_or_create
+from derpd.keys import NodePrivate
+from derpd.protocol.messages import RecvPacket
+
+from .conftest import recv_skipping_keepalives, start_relay
+
+DERPD = [sys.executable, "-m", "derpd"]
+
+
+def test_key_file_created_0600_and_stable(tmp_path):
+    path = tmp_path / "sub" / "derper.key"
+    key, created = load_or_create(path)
+    assert created and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {"PrivateKey": str(key)}
+    again, created = load_or_create(path)
+    assert not created and again == key
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"PrivateKey": 3}', b'{"PrivateKey": "privkey:12"}',
+                                     b'{"Other": "x"}'])
+def test_bad_key_file_is_an_error_and_never_overwritten(tmp_path, content):
+    path = tmp_path / "derper.key"
+    path.write_bytes(content)
+    with pytest.raises(KeyFileError, match=str(path)):
+        load_or_create(path)
+    assert path.read_bytes() == content
+
+
+def test_key_file_field_name_is_case_insensitive(tmp_path):
+    path = tmp_path / "k"
+    key = NodePrivate.generate()
+    path.write_text(json.dumps({"privatekey": str(key)}))
+    assert load_or_create(path) == (key, False)
+
+
+def test_serve_with_bad_key_file_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "derper.key"
+    path.write_text("not json")
+    result = CliRunner().invoke(main, ["serve", "-c", str(path), "-a", "127.0.0.1:0"])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and str(path) in result.output
+    assert path.read_text() == "not json"
+
+
+def test_serve_needs_a_key_file_or_dev():
+    result = CliRunner().invoke(main, ["serve", "-a", "127.0.0.1:0"])
+    assert result.exit_code == 2 and "-c PATH" in result.output
+
+
+def test_port_443_without_certmode_explains(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:443"])
+    assert result.exit_code == 2 and "--certmode manual" in result.output
+
+
+def test_genkey_prints_a_key_file_and_refuses_to_overwrite(tmp_path):
+    result = CliRunner().invoke(main, ["genkey"])
+    assert result.exit_code == 0
+    assert NodePrivate.parse(json.loads(result.stdout)["PrivateKey"])
+    path = tmp_path / "k"
+    assert CliRunner().invoke(main, ["genkey", "-c", str(path)]).exit_code == 0
+    before = path.read_text()
+    result = CliRunner().invoke(main, ["genkey", "-c", str(path)])
+    assert result.exit_code == 2 and "not overwriting" in result.output
+    assert path.read_text() == before
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["serve", "--help"], ["check", "--help"], ["genkey", "--help"],
+                 ["close-peer", "--help"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+async def start_serve(*args: str, nursery: trio.Nursery) -> tuple[trio.Process, int]:
+    """``derpd serve`` as a real process on a port it picks; returns it and the port."""
+    proc = await nursery.start(lambda task_status: trio.run_process(
+        [*DERPD, "serve", *args, "-v"], stderr=subprocess.PIPE, check=False, task_status=task_status))
+    buf = b""
+    while True:
+        chunk = await proc.stderr.receive_some(4096)
+        assert chunk, f"derpd serve exited early: {buf.decode()}"
+        buf += chunk
+        m = re.search(rb"relay http://[^ ]+:(\d+)/derp|(\d+) workers on port (\d+)", buf)
+        if m:
+            port = int(m.group(1) or m.group(3))
+            break
+    if b"workers on port" in buf:  # wait for both workers' mesh links
+        while buf.count(b"connected") < 2:
+            chunk = await proc.stderr.receive_some(4096)
+            assert chunk, buf.decode()
+            buf += chunk
+
+    async def drain() -> None:
+        while await proc.stderr.receive_some(4096):
+            pass
+
+    nursery.start_soon(drain)
+    return proc, port
+
+
+async def test_serve_process_check_and_graceful_sigterm(nursery):
+    with trio.fail_after(30):
+        proc, port = await start_serve("--dev", "-a", "127.0.0.1:0", "--stun-port", "-1", nursery=nursery)
+        url = f"http://127.0.0.1:{port}/derp"
+        result = await trio.run_process([*DERPD, "check", url, "-n", "300"], capture_stdout=True, check=False)
+        assert result.returncode == 0, result.stdout
+        assert b"delivered 300/300, lost 0" in result.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+
+
+async def test_check_fails_against_nothing():
+    with trio.fail_after(20):
+        result = await trio.run_process([*DERPD, "check", "http://127.0.0.1:1/derp"], capture_stderr=True,
+                                        check=False)
+    assert result.returncode == 1 and b"cannot log in" in result.stderr
+
+
+async def test_workers_share_the_port_and_reach_each_other(nursery):
+    with trio.fail_after(60):
+        proc, port = await start_serve("--dev", "-a", "127.0.0.1:0", "--stun-port", "-1", "--workers", "2",
+                                       nursery=nursery)
+        url = f"http://127.0.0.1:{port}/derp"
+        keys = [NodePrivate.generate() for _ in range(16)]
+        async with trio.open_nursery() as inner:
+            clients = []
+            done = trio.Event()
+            all_in = trio.Event()
+
+            async def hold(k: NodePrivate) -> None:
+                async with derp_client.connect(url, k) as c:
+                    clients.append(c)
+                    if len(clients) == len(keys):
+                        all_in.set()
+                    await done.wait()
+
+            for k in keys:
+                inner.start_soon(hold, k)
+            await all_in.wait()
+            by_key = {c.public_key: c for c in clients}
+            # With 16 clients spread by the kernel over 2 workers, some pairs cross workers; each
+            # sender retries until its packet arrives (the mesh learns new keys asynchronously).
+            for i, k in enumerate(keys):
+                dst = keys[(i + 1) % len(keys)]
+                got = None
+                while got is None:
+                    await by_key[k.public].send(dst.public, b"%d" % i)
+                    with trio.move_on_after(0.5):
+                        got = await recv_skipping_keepalives(by_key[dst.public])
+                assert got == RecvPacket(k.public, b"%d" % i)
+            done.set()
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+
+
+async def test_close_peer_command(nursery, tmp_path):
+    mesh_file = tmp_path / "mesh.key"
+    mesh_key = os.urandom(32)
+    mesh_file.write_text(mesh_key.hex() + "\n")
+    relay = await start_relay(nursery, mesh_key=mesh_key)
+    victim = NodePrivate.generate()
+    with trio.fail_after(20):
+        async with derp_client.connect(relay.derp_url, victim) as cv:
+            result = await trio.run_process(
+                [*DERPD, "close-peer", relay.derp_url, str(victim.public), "--mesh-psk-file", str(mesh_file)],
+                capture_stdout=True, check=False)
+            assert result.returncode == 0
+            with pytest.raises((trio.EndOfChannel, trio.BrokenResourceError)):
+                while True:
+                    await cv.recv()
+
+
+def test_close_peer_bad_key_says_what_to_do(tmp_path):
+    mesh = Path(tmp_path / "m")
+    mesh.write_text("00" * 32)
+    result = CliRunner().invoke(main, ["close-peer", "http://127.0.0.1:1/derp", "nodekey:zz", "--mesh-psk-file",
+                                       str(mesh)])
+    assert result.exit_code == 2 and "nodekey:<64 hex>" in result.output
