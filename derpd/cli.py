@@ -88,6 +88,16 @@ def main() -> None:
               help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
+@click.option("--coordinator", default=None, metavar="URL",
+              help="Register this node with a derpd coordinator at URL and keep heartbeating.")
+@click.option("--coordinator-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="File holding the coordinator's shared registration token.")
+@click.option("--region-id", type=click.IntRange(1), default=900, show_default=True, help="Region to register in.")
+@click.option("--region-code", default=None, help="Short region code (when the coordinator does not know the region).")
+@click.option("--region-name", default=None, help="Human region name (likewise).")
+@click.option("--node-name", default=None, help="Unique node name in the map; default: the hostname.")
+@click.option("--advertise-ipv4", default=None, metavar="IP", help="IPv4 to publish for this node (IPv4 field).")
+@click.option("--advertise-ipv6", default=None, metavar="IP", help="IPv6 to publish for this node (IPv6 field).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
@@ -126,6 +136,7 @@ class ServeOptions:
     mesh_ca_file: str | None = None
     workers: int = 1
     verbose: int = 0
+    registration: dict[str, object] | None = None  # --coordinator and friends
 
 
 def _serve_settings(opts: dict[str, object]) -> ServeOptions:
@@ -179,7 +190,57 @@ def _serve_settings(opts: dict[str, object]) -> ServeOptions:
         split_host_port(str(metrics_addr), default_port=9090)
     return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
-                        int(opts["workers"]), int(opts["verbose"]))  # type: ignore[call-overload]
+                        int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
+                        _registration(opts))
+
+
+def _registration(opts: dict[str, object]) -> dict[str, object] | None:
+    url = opts["coordinator"]
+    if not url:
+        return None
+    token_file = opts["coordinator_token_file"]
+    if token_file is None:
+        raise SettingsError("--coordinator needs --coordinator-token-file (the coordinator's shared token)")
+    assert isinstance(token_file, Path)
+    try:
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise SettingsError(f"cannot read {token_file}: {e.strerror}") from e
+    if not token:
+        raise SettingsError(f"{token_file} is empty; it must hold the coordinator's registration token")
+    return {"url": url, "token": token, "region_id": opts["region_id"], "region_code": opts["region_code"],
+            "region_name": opts["region_name"], "node_name": opts["node_name"],
+            "ipv4": opts["advertise_ipv4"], "ipv6": opts["advertise_ipv6"]}
+
+
+def node_registration(reg: dict[str, object], running: RunningRelay, settings: RelaySettings,
+                      stun_port: int) -> dict[str, object]:
+    """This node's DERPNode entry for the coordinator (tailcfg field names)."""
+    node: dict[str, object] = {
+        "Name": reg["node_name"] or settings.hostname,
+        "RegionID": reg["region_id"],
+        "HostName": settings.hostname,
+        "PublicKey": str(running.public_key),
+    }
+    if running.port != 443:
+        node["DERPPort"] = running.port
+    if stun_port < 0:
+        node["STUNPort"] = -1
+    elif stun_port not in (0, 3478):
+        node["STUNPort"] = stun_port
+    server = running.server
+    if server.cert is not None and (server.cert.self_signed_generated or _is_ip(settings.hostname)):
+        node["CertName"] = server.cert.pin
+    for field, key in (("IPv4", "ipv4"), ("IPv6", "ipv6")):
+        if reg[key]:
+            node[field] = reg[key]
+    host = settings.listen[0]
+    if host and _is_ip(host) and host not in ("0.0.0.0", "::"):
+        node.setdefault("IPv6" if ":" in host else "IPv4", host)
+    for field, key in (("RegionCode", "region_code"), ("RegionName", "region_name")):
+        if reg[key]:
+            node[field] = reg[key]
+    return node
 
 
 async def _run_serve(options: ServeOptions) -> None:
@@ -230,6 +291,12 @@ async def _run_serve(options: ServeOptions) -> None:
                                                 settings.mesh_key, own_hostname=settings.hostname,
                                                 ssl_context=ctx))
             startup.info("meshing with %s", ", ".join(p.target.host for p in peers) or "nobody")
+        if options.registration is not None:
+            from .coordinator.announce import announce_forever
+
+            reg = options.registration
+            node = node_registration(reg, running, settings, stun_port)
+            await nursery.start(partial(announce_forever, str(reg["url"]), str(reg["token"]), node))
         if metrics_addr is not None:
             bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
             startup.info("metrics on http://%s:%d/metrics", *bound_metrics)

@@ -100,7 +100,7 @@ async def start_serve(*args: str, nursery: trio.Nursery) -> tuple[trio.Process, 
         chunk = await proc.stderr.receive_some(4096)
         assert chunk, f"derpd serve exited early: {buf.decode()}"
         buf += chunk
-        m = re.search(rb"relay http://[^ ]+:(\d+)/derp|(\d+) workers on port (\d+)", buf)
+        m = re.search(rb"relay https?://[^ ]+:(\d+)/derp|(\d+) workers on port (\d+)", buf)
         if m:
             port = int(m.group(1) or m.group(3))
             break
@@ -196,3 +196,42 @@ def test_close_peer_bad_key_says_what_to_do(tmp_path):
     result = CliRunner().invoke(main, ["close-peer", "http://127.0.0.1:1/derp", "nodekey:zz", "--mesh-psk-file",
                                        str(mesh)])
     assert result.exit_code == 2 and "nodekey:<64 hex>" in result.output
+
+
+async def test_serve_registers_with_the_coordinator(nursery, tmp_path):
+    from tests.coordinator.conftest import TOKEN, FakeProbe, http, make_config
+
+    from derpd.coordinator.server import serve_coordinator
+
+    coordinator = await nursery.start(lambda task_status: serve_coordinator(
+        make_config(), listen="127.0.0.1:0", probe=FakeProbe(), probing=False, task_status=task_status))
+    registered = trio.Event()
+    real_register = coordinator.state.register
+
+    def spy(reg, now):  # noqa: ANN001, ANN202
+        accepted = real_register(reg, now)
+        registered.set()
+        return accepted
+
+    coordinator.state.register = spy
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with trio.fail_after(30):
+        proc, port = await start_serve(
+            "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "--certmode", "manual", "--certdir", str(tmp_path),
+            "--hostname", "127.0.0.1", "--http-port", "-1", "--stun-port", "-1",
+            "--coordinator", coordinator.url, "--coordinator-token-file", str(token_file),
+            "--region-id", "901", "--node-name", "901x", nursery=nursery)
+        await registered.wait()
+        doc = json.loads((await http(coordinator.url + "/derpmap/default")).body)
+        node = next(n for r in doc["Regions"].values() for n in r["Nodes"] if n["Name"] == "901x")
+        assert node["RegionID"] == 901 and node["HostName"] == "127.0.0.1" and node["DERPPort"] == port
+        assert node["CertName"].startswith("sha256-raw:") and node["IPv4"] == "127.0.0.1"
+        assert node["STUNPort"] == -1
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+
+
+def test_coordinator_flag_needs_a_token(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--dev", "-a", "127.0.0.1:0", "--coordinator", "http://127.0.0.1:1"])
+    assert result.exit_code == 2 and "--coordinator-token-file" in result.output
