@@ -179,3 +179,36 @@ def start_coordinator(nursery: trio.Nursery) -> Callable[[list[dict[str, Any]]],
         return f"{running.url}/derpmap/default"
 
     return start
+
+
+@pytest.fixture
+def start_meshed_relays(start_relay, test_ca: CertAuthority, nursery: trio.Nursery) -> Callable[[int], Awaitable[list[Any]]]:
+    """``relays = await start_meshed_relays(n)``: n TLS relays for ``localhost`` (test CA)
+    sharing ``MESH_KEY``, each meshed with the others through ``run_mesh``.  Returns once
+    every link is up and every node has every other node's link as a WatchConns
+    subscriber, so clients that connect afterwards are announced across the mesh."""
+
+    async def start(n: int) -> list[Any]:
+        import ssl
+
+        from derpd.mesh import MeshTarget, run_mesh
+
+        from .interop_harness import MESH_KEY, wait_for_registries, watcher_keys
+
+        relays = [await start_relay(tls="ca", mesh_key=MESH_KEY) for _ in range(n)]
+        client_ctx = ssl.create_default_context(cafile=str(test_ca.ca_file))
+        with trio.fail_after(15):
+            for relay in relays:
+                others = [MeshTarget(f"localhost:{o.port}", dial="127.0.0.1") for o in relays if o is not relay]
+                await nursery.start(functools.partial(run_mesh, relay.server, others, MESH_KEY,
+                                                      ssl_context=client_ctx))
+
+            def meshed() -> bool:
+                links_up = all(link.connected for r in relays for link in r.server.mesh_links)
+                watching = all(o.public_key.raw in watcher_keys(r) for r in relays for o in relays if o is not r)
+                return links_up and watching
+
+            await wait_for_registries([r.server.registry for r in relays], meshed)
+        return relays
+
+    return start

@@ -11,15 +11,12 @@ clients then log in as mesh peers, spec 6.1).
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-import ssl
 
 import pytest
-import trio
 
-from .interop_harness import MESH_KEY, run_go, wait_for_registries, watcher_keys, write_mesh_key
+from .interop_harness import run_go, write_mesh_key
 
 pytestmark = pytest.mark.interop
 
@@ -28,28 +25,10 @@ NODES = ("900a", "900b")
 
 
 @pytest.fixture
-async def two_node_region(start_relay, start_stun, start_coordinator, test_ca, nursery):
+async def two_node_region(start_meshed_relays, start_stun, start_coordinator):
     """Two meshed TLS relays, STUN for each, and the coordinator's map of them."""
-    from derpd.mesh import MeshTarget, run_mesh
-
-    relays = [await start_relay(tls="ca", mesh_key=MESH_KEY) for _ in NODES]
+    relays = await start_meshed_relays(len(NODES))
     stun_ports = [await start_stun() for _ in NODES]
-    client_ctx = ssl.create_default_context(cafile=str(test_ca.ca_file))
-    with trio.fail_after(15):
-        for relay in relays:
-            others = [MeshTarget(f"localhost:{o.port}", dial="127.0.0.1") for o in relays if o is not relay]
-            await nursery.start(functools.partial(run_mesh, relay.server, others, MESH_KEY,
-                                                  ssl_context=client_ctx))
-
-        # Meshed both ways: each node's link to the other is up, and each node has the
-        # other's link as a WatchConns subscriber (so it streams its clients to it).
-        def meshed() -> bool:
-            links_up = all(link.connected for r in relays for link in r.server.mesh_links)
-            watching = all(o.public_key.raw in watcher_keys(r) for r in relays for o in relays if o is not r)
-            return links_up and watching
-
-        await wait_for_registries([r.server.registry for r in relays], meshed)
-
     map_url = await start_coordinator([{"id": 900, "code": "interop", "name": "interop", "nodes": [
         {"name": name, "hostname": "localhost", "ipv4": "127.0.0.1", "ipv6": "::1",
          "derp_port": relay.port, "stun_port": stun_port}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -47,8 +48,13 @@ func (e *meshEnd) readLoop(ctx context.Context) {
 			}
 			return
 		}
-		if _, ok := m.(derp.KeepAliveMessage); ok {
+		switch mm := m.(type) {
+		case derp.KeepAliveMessage:
 			continue
+		case derp.ReceivedPacket:
+			// Data aliases the client's read buffer, which the next Recv reuses.
+			mm.Data = bytes.Clone(mm.Data)
+			m = mm
 		}
 		select {
 		case e.in <- m:

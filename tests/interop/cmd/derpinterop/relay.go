@@ -55,7 +55,7 @@ func makePacket(pair, dir, seq int) []byte {
 func checkPacket(got []byte, pair, dir, seq int) error {
 	if len(got) < packetHeaderLen || got[0] != 'D' || got[1] != 'I' {
 		return fmt.Errorf("pair %d dir %d: packet %d: not one of ours (%d bytes, starts %x)",
-			pair, dir, seq, len(got), got[:min(len(got), 8)])
+			pair, dir, seq, len(got), got[:min(len(got), 40)])
 	}
 	gotSeq := int(binary.BigEndian.Uint32(got[6:]))
 	if gotSeq != seq {
