@@ -19,7 +19,7 @@ async def test_stun_ipv4_and_ipv6(start_stun, scenario) -> None:
 
 async def test_netcheck_against_coordinator_map(start_stun, start_coordinator, scenario) -> None:
     """netcheck, fed the coordinator's map, measures every region over UDP (IPv4 and
-    IPv6) and learns the exact address it sent from."""
+    IPv6), learns the exact address it sent from, and picks one of our regions as home."""
     port = await start_stun()
     node = {"hostname": "localhost", "ipv4": "127.0.0.1", "ipv6": "::1", "stun_port": port}
     map_url = await start_coordinator([
@@ -31,5 +31,11 @@ async def test_netcheck_against_coordinator_map(start_stun, start_coordinator, s
     assert r.data["ipv4"] is True and r.data["ipv6"] is True
     assert r.data["global_v4"] == r.data["local_v4"]
     assert r.data["global_v6"] == r.data["local_v6"]
-    assert set(r.data["region_latency_ms"]) == {"900", "901"}
-    assert r.data["preferred_derp"] in (900, 901)
+    latency = r.data["region_latency_ms"]
+    assert set(latency) == {"900", "901"}, "a latency for every region of the map"
+    assert all(ms > 0 for ms in latency.values()), latency
+    # The home region netcheck picks is one of ours, and the fastest one (the scenario
+    # also checks this on netcheck's own durations, before rounding to JSON).
+    home = r.data["preferred_derp"]
+    assert home in (900, 901), f"netcheck chose home region {home}, not one of ours"
+    assert latency[str(home)] == min(latency.values()), latency

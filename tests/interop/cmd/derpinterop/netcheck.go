@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"tailscale.com/net/netcheck"
 	"tailscale.com/net/netmon"
@@ -143,6 +144,13 @@ func runNetcheck(ctx context.Context, args []string) (result, error) {
 	res["local_v6"] = addrString(local("udp6"))
 	res["preferred_derp"] = report.PreferredDERP
 	res["region_latency_ms"] = latency
+	var fastest time.Duration = -1
+	for _, d := range report.RegionLatency {
+		if fastest < 0 || d < fastest {
+			fastest = d
+		}
+	}
+	preferredLatency, preferredMeasured := report.RegionLatency[report.PreferredDERP]
 
 	var missing []string
 	for id, reg := range dm.Regions {
@@ -159,6 +167,12 @@ func runNetcheck(ctx context.Context, args []string) (result, error) {
 		return res, errors.New("netcheck got no STUN answer over UDP; is the STUN server listening on the map's STUNPort?")
 	case len(missing) > 0:
 		return res, fmt.Errorf("no latency for regions %s", strings.Join(missing, ","))
+	case report.PreferredDERP == 0 || dm.Regions[report.PreferredDERP] == nil:
+		return res, fmt.Errorf("preferred (home) DERP region %d is not a region of the map", report.PreferredDERP)
+	case !preferredMeasured || preferredLatency != fastest:
+		// One report, no history and no HomeParams: netcheck must pick the fastest region.
+		return res, fmt.Errorf("preferred region %d (latency %v) is not the fastest (%v)",
+			report.PreferredDERP, preferredLatency, fastest)
 	case report.IPv4 && report.GlobalV4 != local("udp4"):
 		return res, fmt.Errorf("GlobalV4 %v, want this socket's address %v", report.GlobalV4, local("udp4"))
 	case report.IPv6 && report.GlobalV6 != local("udp6"):
