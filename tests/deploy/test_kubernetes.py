@@ -116,7 +116,9 @@ def test_region_cross_references() -> None:
         assert {p["targetPort"] for p in svc["ports"]} <= port_names
     # Mesh with every relay of the region; the key from the Secret.
     mesh = container["args"][container["args"].index("--mesh-with") + 1].split(",")
-    assert mesh == [f"{pod}.{sts['spec']['serviceName']}.derp.svc.cluster.local" for pod in pods]
+    # name/dialhost: the public name (TLS, SNI) and the pod's address through the headless Service
+    assert mesh == [f"{pod}.derp.example.com/{pod}.{sts['spec']['serviceName']}.derp.svc.cluster.local"
+                    for pod in pods]
     env = {e["name"]: e.get("value") for e in container["env"]}
     key_mount = next(m for m in container["volumeMounts"] if env["DERPD_MESH_PSK_FILE"].startswith(m["mountPath"]))
     key_volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == key_mount["name"])
