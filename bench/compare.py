@@ -61,6 +61,8 @@ def scenarios(idle_ks: list[int]) -> list[Scenario]:
                  metrics=(("capacity_pps", True), ("capacity_mbps", True)),
                  note="highest paced offered rate (doubling from 10k pkt/s, then two bisection steps) "
                       "delivered with loss < 1%"),
+        Scenario("capacity 50x1200 tls", "capacity", {"pairs": 50, "size": 1200}, tls=True,
+                 metrics=(("capacity_pps", True), ("capacity_mbps", True))),
         Scenario("latency 50x1200 @50% derper", "throughput", {"pairs": 50, "size": 1200, "rate": "half-derper"},
                  metrics=(("delivered_pps", True), ("loss", False), ("p50_ms", False), ("p99_ms", False),
                           ("p999_ms", False), ("cpu_s_per_mpkt", False)),
@@ -139,7 +141,8 @@ class Runner:
                 cpu = benchlib.cpu_seconds(srv.pid) - cpu0
                 r["cpu_s_per_mpkt"] = cpu / max(r["received"], 1) * 1e6
             elif sc.kind == "capacity":
-                r = self._capacity(lg, url, sc.args["pairs"], sc.args["size"])
+                r = self._capacity(lg + (["-ca", str(self.certs.ca)] if sc.tls else []), url,
+                                   sc.args["pairs"], sc.args["size"])
                 cpu = benchlib.cpu_seconds(srv.pid) - cpu0
             elif sc.kind == "idle":
                 r = self._idle(lg + ["-url", url, "-clients", str(sc.args["clients"]), "-hold", "60s",
