@@ -3,7 +3,8 @@
 # pytest run only links binaries instead of downloading and compiling tailscale.com.
 #   1. finds `go` (PATH or /usr/local/go/bin) and checks it is new enough for go.mod;
 #   2. `go mod download` in tests/interop (modules come from the Go module proxy);
-#   3. compiles the programs the suite builds, to warm GOCACHE (output discarded).
+#   3. compiles the programs the suite builds (derpinterop, derpprobe, and derper, which
+#      test_mesh_interop.py meshes with derpd), to warm GOCACHE (output discarded).
 # Runs as root on a fresh machine. Idempotent; network access is only the module proxy.
 set -euo pipefail
 cd "$(dirname "$0")/../../tests/interop"
