@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nacl.exceptions
 import nacl.public
@@ -89,10 +89,15 @@ class NodePrivate:
     """A 32-byte Curve25519 private key."""
 
     raw: bytes
+    _nacl: nacl.public.PrivateKey = field(init=False, repr=False, compare=False)
+    _public: NodePublic = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.raw, bytes) or len(self.raw) != KEY_LEN:
             raise KeyFormatError(f"a private key is {KEY_LEN} bytes")
+        key = nacl.public.PrivateKey(self.raw)  # computed once: the relay's key is used for every login
+        object.__setattr__(self, "_nacl", key)
+        object.__setattr__(self, "_public", NodePublic(bytes(key.public_key)))
 
     @classmethod
     def generate(cls) -> NodePrivate:
@@ -119,7 +124,7 @@ class NodePrivate:
 
     @property
     def public(self) -> NodePublic:
-        return NodePublic(bytes(nacl.public.PrivateKey(self.raw).public_key))
+        return self._public
 
     def box(self, peer: NodePublic) -> SealedBox:
         """A box for messages between this key and ``peer``.
@@ -129,7 +134,7 @@ class NodePrivate:
         """
         if peer.is_zero():
             raise KeyFormatError("the zero key cannot open or seal a box")
-        return SealedBox(nacl.public.Box(nacl.public.PrivateKey(self.raw), nacl.public.PublicKey(peer.raw)))
+        return SealedBox(nacl.public.Box(self._nacl, nacl.public.PublicKey(peer.raw)))
 
 
 class BoxOpenError(ValueError):

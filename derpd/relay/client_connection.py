@@ -39,7 +39,6 @@ from ..protocol.frames import FrameDecoder, FrameType, PeerGoneReason
 from ..protocol.messages import (
     DISCO_MAGIC,
     DISCO_MIN_LEN,
-    KEEP_ALIVE_FRAME,
     ClosePeer,
     ForwardPacket,
     NotePreferred,
@@ -72,6 +71,7 @@ class ClientConnection:
         "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
         "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason", "_writing",
+        "_parked", "keepalive_interval", "next_keepalive",
     )
 
     def __init__(
@@ -116,6 +116,11 @@ class ClientConnection:
         self._sent_to = server.registry.sent_to.setdefault(self.key, set())
         self.rate_limiter = None
         self._writing = False
+        self._parked = False
+        # KeepAlive every interval + a per-connection jitter, whatever the traffic (spec 5.6);
+        # RelayServer's keepalive ticker queues them.
+        self.keepalive_interval = s.keepalive_interval + random.uniform(0, s.keepalive_jitter)
+        self.next_keepalive = self.connected_at + self.keepalive_interval
 
     # ------------------------------------------------------------------ called by other tasks
 
@@ -133,7 +138,8 @@ class ClientConnection:
             old = q.popleft()
             self.server.stats.drop("queue_head", disco, len(old) - _RECV_OVERHEAD)
         q.append(frame)
-        if self._lot.statistics().tasks_waiting:
+        if self._parked:
+            self._parked = False
             self._lot.unpark()
         return len(q) >= self._depth
 
@@ -142,7 +148,9 @@ class ClientConnection:
         if self.closing:
             return
         self._control.append(frame)
-        self._lot.unpark()
+        if self._parked:
+            self._parked = False
+            self._lot.unpark()
 
     def has_pending(self) -> bool:
         """Anything queued or being written right now."""
@@ -263,7 +271,9 @@ class ClientConnection:
                 stats.got_ping += 1
                 if self._pong is None:
                     self._pong = encode_frame(FrameType.PONG, data)
-                    self._lot.unpark()
+                    if self._parked:
+                        self._parked = False
+                        self._lot.unpark()
             case NotePreferred(preferred):
                 self._note_preferred(preferred)
             case ForwardPacket(src, dst, data):
@@ -307,53 +317,57 @@ class ClientConnection:
     # ------------------------------------------------------------------ writer
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
-        settings = self.server.settings
+        """Take everything queued, write it in one ``send_all`` under the write deadline.
+
+        One cancel scope covers the whole loop; its deadline is set around each write and
+        lifted after, which is much cheaper than a ``fail_after`` per write.
+        """
         stats = self.server.stats
-        interval = settings.keepalive_interval + random.uniform(0, settings.keepalive_jitter)
-        next_keepalive = trio.current_time() + interval
         queue, disco_queue, control = self._queue, self._disco_queue, self._control
         stream = self.stream
+        lot = self._lot
+        timeout = self._write_timeout
+        inf = float("inf")
+        npk = pbytes = 0
+        deadline = trio.CancelScope()
         try:
-            while True:
-                if not (queue or disco_queue or control or self._pong is not None):
-                    with trio.move_on_at(next_keepalive):
-                        await self._lot.park()
-                parts: list[bytes] = []
-                if control:
-                    parts.extend(control)
-                    control.clear()
-                if self._pong is not None:
-                    parts.append(self._pong)
-                    self._pong = None
-                    stats.sent_pong += 1
-                npk = len(queue) + len(disco_queue)
-                pbytes = sum(map(len, queue)) + sum(map(len, disco_queue)) - _RECV_OVERHEAD * npk if npk else 0
-                if queue:
-                    parts.extend(queue)
-                    queue.clear()
-                if disco_queue:
-                    parts.extend(disco_queue)
-                    disco_queue.clear()
-                if trio.current_time() >= next_keepalive:
-                    parts.append(KEEP_ALIVE_FRAME)
-                    next_keepalive += interval
-                if not parts:
-                    continue
-                data = b"".join(parts)
-                self._writing = True
-                try:
-                    with trio.fail_after(self._write_timeout):
-                        await stream.send_all(data)
+            with deadline:
+                while True:
+                    if not (queue or disco_queue or control or self._pong is not None):
+                        self._parked = True
+                        await lot.park()
+                    parts: list[bytes] = []
+                    if control:
+                        parts.extend(control)
+                        control.clear()
+                    if self._pong is not None:
+                        parts.append(self._pong)
+                        self._pong = None
+                        stats.sent_pong += 1
+                    npk = len(queue) + len(disco_queue)
+                    if npk:
+                        pbytes = sum(map(len, queue)) + sum(map(len, disco_queue)) - _RECV_OVERHEAD * npk
+                        parts.extend(queue)
+                        queue.clear()
+                        parts.extend(disco_queue)
+                        disco_queue.clear()
+                    else:
+                        pbytes = 0
+                    if not parts:
+                        continue
+                    self._writing = True
+                    deadline.deadline = trio.current_time() + timeout
+                    await stream.send_all(b"".join(parts))
+                    deadline.deadline = inf
                     self._writing = False
-                except trio.TooSlowError:
-                    stats.write_timeouts += 1
-                    stats.drop("write_error", False, pbytes, npk)
-                    self.close_reason = "write_timeout"
-                    log.debug("write timeout to %s, closing", self.public.short())
-                    return
-                if npk:
-                    stats.packets_sent += npk
-                    stats.bytes_sent += pbytes
+                    if npk:
+                        stats.packets_sent += npk
+                        stats.bytes_sent += pbytes
+            if deadline.cancelled_caught:
+                stats.write_timeouts += 1
+                stats.drop("write_error", False, pbytes, npk)
+                self.close_reason = "write_timeout"
+                log.debug("write timeout to %s, closing", self.public.short())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.close_reason = self.close_reason or "write_error"
         finally:

@@ -211,6 +211,7 @@ async def serve_relay(
                 acceptors.start_soon(_accept_loop, ls, internal_handler, settings, connections)
             if server.cert is not None:
                 acceptors.start_soon(_watch_cert_files, server)
+            connections.start_soon(server.run_keepalives)
             task_status.started(running)
             grace = await running.wait_shutdown()
             acceptors.cancel_scope.cancel()

@@ -22,7 +22,7 @@ from ..keys import NodePublic, mesh_keys_equal
 from ..metrics import RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
-from ..protocol.messages import encode_restarting, looks_like_disco
+from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting, looks_like_disco
 from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
 from .client_connection import RECV_SIZE, ClientConnection
@@ -163,6 +163,19 @@ class RelayServer:
             up.add_metric([link.target.host], 1 if link.connected else 0)
             reconnects.add_metric([link.target.host], link.reconnects)
         return [keys, up, reconnects]
+
+    async def run_keepalives(self, tick: float = 1.0) -> None:
+        """Queue a KeepAlive on every connection whose period has come (spec 5.6).  One ticker
+        for the whole relay is far cheaper than a timer per connection."""
+        members = self.registry._members
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for conns in list(members.values()):
+                for c in conns:
+                    if now >= c.next_keepalive:
+                        c.next_keepalive = max(c.next_keepalive + c.keepalive_interval, now)
+                        c.send_control(KEEP_ALIVE_FRAME)
 
     # ------------------------------------------------------------------ shutdown
 

@@ -439,6 +439,7 @@ async def test_keepalive_every_60s_with_jitter(autojump_clock):
     client_side, server_side = trio.testing.memory_stream_pair()
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run_keepalives)
             nursery.start_soon(server.serve_derp, server_side, ("192.0.2.1", 1234), b"")
             hs = ClientHandshake(key, ClientInfo())
             while True:
@@ -450,14 +451,15 @@ async def test_keepalive_every_60s_with_jitter(autojump_clock):
                 else:
                     break
             start = trio.current_time()
+            interval = server.registry.active[key.public.raw].keepalive_interval
             stamps = []
-            while len(stamps) < 3:
+            while len(stamps) < 4:
                 hs.decoder.receive_data(await client_side.receive_some(4096))
                 for ftype, _ in hs.decoder.frames():
                     assert ftype == FrameType.KEEP_ALIVE
                     stamps.append(trio.current_time() - start)
             nursery.cancel_scope.cancel()
-    first, second, third = stamps
-    assert 60 <= first < 65
-    assert abs((second - first) - first) < 0.01 and abs((third - second) - first) < 0.01
-
+    assert 60 <= interval < 65  # 60 s plus a per-connection jitter under 5 s
+    assert interval <= stamps[0] <= interval + 1  # the ticker runs every second
+    for earlier, later in zip(stamps, stamps[1:]):
+        assert interval - 1 <= later - earlier <= interval + 1
