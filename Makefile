@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: dev test venv bench clean
+.PHONY: dev test venv bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# 10-minute soak of one relay process (not part of `make test`): docs/security.md.
+soak: $(STAMP)
+	$(VENV)/bin/python tests/soak/soak_relay.py --clients 1000 --minutes 10
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/relay.py
