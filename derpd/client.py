@@ -45,6 +45,7 @@ from .protocol.messages import (
     encode_send_packet,
     parse_server_frame,
 )
+from .relay.tls_stream import DrainingSSLStream
 from .relay.websocket_stream import WebSocketStream
 
 RECV_SIZE = 256 * 1024
@@ -96,7 +97,7 @@ def make_ssl_context(
     return ctx
 
 
-def _check_pin(stream: trio.SSLStream, pin: str) -> None:
+def _check_pin(stream: DrainingSSLStream, pin: str) -> None:
     der = stream.getpeercert(binary_form=True)
     if der is None:
         raise DerpClientError("the server presented no certificate")
@@ -299,7 +300,7 @@ async def connect(
             if target.tls:
                 ctx = ssl_context or make_ssl_context(cert_pin=cert_pin, insecure=insecure)
                 sni = server_name or target.host
-                tls_stream = trio.SSLStream(stream, ctx, server_hostname=sni)
+                tls_stream = DrainingSSLStream(stream, ctx, server_hostname=sni)
                 await tls_stream.do_handshake()
                 if cert_pin:
                     _check_pin(tls_stream, cert_pin)

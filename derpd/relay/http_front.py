@@ -29,6 +29,7 @@ from ..protocol.upgrade import (
     route_request,
     websocket_switching_protocols,
 )
+from .tls_stream import DrainingSSLStream
 from .websocket_stream import WebSocketStream
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ async def handle_connection(
     settings = server.settings
     stats = server.stats
     if tls is not None:
-        stream = trio.SSLStream(stream, tls, server_side=True)
+        stream = DrainingSSLStream(stream, tls, server_side=True)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     try:
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
