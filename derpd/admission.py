@@ -354,12 +354,6 @@ class Protection:
         """
         from .ratelimit import load_rate_config
 
-        chosen = [f"--{name.replace('_', '-')}" for name in ("allow_keys", "verify_client_url", "rate_config")
-                  if opts.get(name)]
-        if chosen and int(opts.get("workers", 1) or 1) > 1:  # type: ignore[call-overload]
-            # Worker processes do not install these checks yet: refuse rather than run unprotected.
-            raise AdmissionConfigError(f"{', '.join(chosen)} cannot be combined with --workers yet; "
-                                       "run one process per relay, or drop --workers")
         allow = None
         if opts.get("allow_keys") is not None:
             allow = AllowList(Path(str(opts["allow_keys"])))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import dataclasses
 import signal
 import sys
 from dataclasses import dataclass
@@ -105,12 +106,9 @@ def main() -> None:
 def serve(**opts: object) -> None:
     """Run a DERP relay (drop-in for Tailscale's derper)."""
     _setup_logging(int(opts["verbose"]))  # type: ignore[call-overload]
-    try:  # admission and rate options (derpd.admission); _run_serve installs them
-        click.get_current_context().meta["derpd.protection"] = Protection.from_options(opts)
-    except SettingsError as e:
-        _fail(str(e))
     try:
-        options = _serve_settings(opts)
+        # admission and rate options (derpd.admission); _run_serve (or each worker) installs them
+        options = dataclasses.replace(_serve_settings(opts), protection=Protection.from_options(opts))
     except (SettingsError, KeyFileError, KeyFormatError, ValueError) as e:
         _fail(str(e))
     try:
@@ -137,6 +135,7 @@ class ServeOptions:
     workers: int = 1
     verbose: int = 0
     registration: dict[str, object] | None = None  # --coordinator and friends
+    protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
 
 
 def _serve_settings(opts: dict[str, object]) -> ServeOptions:
@@ -257,7 +256,8 @@ async def _run_serve(options: ServeOptions) -> None:
 
         running = await nursery.start(relay_then_stop)
         server = running.server
-        click.get_current_context().meta["derpd.protection"].install(server, nursery)
+        if options.protection is not None:
+            options.protection.install(server, nursery)
         scheme = "TLS" if server.ssl_context else "plain HTTP"
         startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
                      ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)

@@ -40,7 +40,10 @@ BACKOFF_MAX = 5.0
 
 @dataclass(frozen=True, slots=True)
 class MeshTarget:
-    """One ``--mesh-with`` entry: ``host[:port]`` or ``host[:port]/dialhost[:port]``."""
+    """One ``--mesh-with`` entry: ``host[:port]`` or ``host[:port]/dialhost``.
+
+    As in derper, the URL is ``https://host[:port]/derp`` (TLS and SNI use ``host``); a
+    ``dialhost`` only changes the address dialled, on the URL's port."""
 
     host: str  # as it appears in the URL (and SNI)
     dial: str | None = None  # another address to dial, same port unless given
@@ -64,6 +67,9 @@ def parse_mesh_with(text: str) -> list[MeshTarget]:
         host, _, dial = entry.partition("/")
         if not host:
             raise ValueError(f"--mesh-with entry {entry!r} has no host")
+        if dial and (dial.count(":") == 1 or "]:" in dial):
+            raise ValueError(f"--mesh-with entry {entry!r}: put the port on the host, not the dial address "
+                             "(host:port/dialhost)")
         out.append(MeshTarget(host, dial or None))
     return out
 

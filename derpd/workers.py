@@ -97,6 +97,8 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
             nursery.cancel_scope.cancel()
 
         running = await nursery.start(relay_then_stop)
+        if options.protection is not None:
+            options.protection.install(running.server, nursery)
         await nursery.start(partial(
             run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
             client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))

@@ -112,6 +112,11 @@ class ServerHandshake:
         """
         if self.client is not None:
             raise LocalProtocolError("the login is already complete")
+        # The first frame must be ClientInfo (spec 5.11); check the type byte as soon as it
+        # arrives, before the decoder would skip an unknown type by streaming.
+        head = self.decoder.buffered()[:1]
+        if head and head[0] != FrameType.CLIENT_INFO:
+            raise RemoteProtocolError(f"expected ClientInfo, got frame type {head[0]:#x}", "bad_frame_type")
         frame = self.decoder.next_frame()
         if frame is None:
             if self.decoder.eof:

@@ -211,10 +211,9 @@ async def test_oversized_and_truncated_frames_of_every_type(relay_proc):
         async def before_login(t: int) -> None:
             s = await trio.open_tcp_stream("127.0.0.1", relay_proc.port)
             await s.send_all(UPGRADE + encode_header(t, random.choice([0, 10, 1 << 20, 0xFFFFFFFF])) + bytes(10))
-            # Frame types the server knows end the login at once.  Unknown ones are skipped by
-            # streaming even before ClientInfo (spec 5.11 says the first frame must be ClientInfo),
-            # so those logins end only at the 10 s login timeout.
-            assert await closed_by_relay(s, 5 if t in SERVER_READ_LIMITS else 15), hex(t)
+            # The first frame must be ClientInfo (spec 5.11): any other type ends the login at once,
+            # as soon as its type byte arrives.
+            assert await closed_by_relay(s, 5), hex(t)
             await trio.aclose_forcefully(s)
 
         async with trio.open_nursery() as n:

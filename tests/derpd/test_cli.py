@@ -20,6 +20,7 @@ from derpd import client as derp_client
 from derpd.cli import main
 from derpd.keyfile import KeyFileError, load_or_create
 from derpd.keys import NodePrivate
+from derpd.protocol.errors import RemoteProtocolError
 from derpd.protocol.messages import RecvPacket
 
 from .conftest import recv_skipping_keepalives, start_relay
@@ -235,3 +236,20 @@ async def test_serve_registers_with_the_coordinator(nursery, tmp_path):
 def test_coordinator_flag_needs_a_token(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--dev", "-a", "127.0.0.1:0", "--coordinator", "http://127.0.0.1:1"])
     assert result.exit_code == 2 and "--coordinator-token-file" in result.output
+
+
+async def test_workers_enforce_the_allow_list(nursery, tmp_path):
+    allowed, stranger = NodePrivate.generate(), NodePrivate.generate()
+    (tmp_path / "allow").write_text(f"{allowed.public}\n")
+    with trio.fail_after(60):
+        proc, port = await start_serve("--dev", "-a", "127.0.0.1:0", "--stun-port", "-1", "--workers", "2",
+                                       "--allow-keys", str(tmp_path / "allow"), nursery=nursery)
+        url = f"http://127.0.0.1:{port}/derp"
+        for _ in range(4):  # the kernel spreads connections over both workers: every one must refuse
+            with pytest.raises(RemoteProtocolError, match="closed during login"):  # no ServerInfo
+                async with derp_client.connect(url, stranger):
+                    pass
+        async with derp_client.connect(url, allowed) as c:
+            assert await c.ping() >= 0
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
