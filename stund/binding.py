@@ -157,7 +157,8 @@ def answer(
         and data[20:36] == _TS_MIDDLE
         and _U32.unpack_from(data, 36)[0] == fingerprint(data[:32])
     ):
-        return Reply(tailscale_response(data[8:20], src_ip, src_port), KIND_TAILSCALE, src_port)
+        return Reply(tailscale_response(data[8:20], src_ip, src_port, with_fingerprint=True), KIND_TAILSCALE,
+                     src_port)
     try:
         msg = parse_message(data)
     except RemoteProtocolError as exc:
@@ -220,7 +221,8 @@ def _answer_binding(
         reply_port = decode_response_port(port_value)
 
     if kind == KIND_TAILSCALE and via is None:
-        return Reply(tailscale_response(txid, src_ip, src_port), kind, reply_port)
+        has_fp = bool(msg.attributes) and msg.attributes[-1].type == AttrType.FINGERPRINT
+        return Reply(tailscale_response(txid, src_ip, src_port, with_fingerprint=has_fp), kind, reply_port)
 
     # Attribute list in priority order; optional ones are dropped to honour the budget.
     attrs: list[Attribute] = []

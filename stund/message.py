@@ -459,8 +459,15 @@ _TS_RESP4 = b"\x01\x01\x00\x0c" + MAGIC_COOKIE_BYTES
 _TS_RESP6 = b"\x01\x01\x00\x18" + MAGIC_COOKIE_BYTES
 
 
-def tailscale_response(transaction_id: bytes, ip: bytes, port: int) -> bytes:
-    """derper's answer: a success response with exactly one XOR-MAPPED-ADDRESS (32 or 44 bytes)."""
+def tailscale_response(transaction_id: bytes, ip: bytes, port: int, *, with_fingerprint: bool = False) -> bytes:
+    """derper's answer: a success response with exactly one XOR-MAPPED-ADDRESS (32 or 44 bytes).
+
+    With ``with_fingerprint`` (the request carried one, RFC 8489 section 14.7) a FINGERPRINT
+    follows, 8 bytes more; Tailscale's clients read the first attribute and ignore the rest."""
     head = _TS_RESP4 if len(ip) == 4 else _TS_RESP6
     xor = encode_xor_address(ip, port, transaction_id)
-    return head + transaction_id + b"\x00\x20" + len(xor).to_bytes(2, "big") + xor
+    body = b"\x00\x20" + len(xor).to_bytes(2, "big") + xor
+    if not with_fingerprint:
+        return head + transaction_id + body
+    msg = head[:2] + (len(body) + 8).to_bytes(2, "big") + head[4:] + transaction_id + body
+    return msg + b"\x80\x28\x00\x04" + _U32.pack(fingerprint(msg))

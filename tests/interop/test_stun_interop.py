@@ -13,8 +13,9 @@ async def test_stun_ipv4_and_ipv6(start_stun, scenario) -> None:
     v4, v6 = r.data["results"]
     assert v4["family"] == 4 and v4["mapped"] == v4["local"]
     assert v6["family"] == 6 and v6["mapped"] == v6["local"]
-    assert v4["response_len"] in (32, 44), "family 1, or family 2 with a v4-mapped address (spec 14.2)"
-    assert v6["response_len"] == 44
+    # XOR-MAPPED-ADDRESS (family 1 for IPv4, spec 14.2) plus the FINGERPRINT the request carried
+    assert v4["response_len"] == 40
+    assert v6["response_len"] == 52
 
 
 async def test_netcheck_against_coordinator_map(start_stun, start_coordinator, scenario) -> None:

@@ -1,6 +1,7 @@
 """The answer policy, sans-IO: which datagrams get which reply, and the amplification bound."""
 
 import os
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -33,16 +34,25 @@ def req(attrs=(), *, fp=False, txid=V.TXID, cls=MessageClass.REQUEST, method=Met
     return encode_message(method, cls, txid, list(attrs), add_fingerprint=fp)
 
 
-def test_tailscale_request_gets_derper_bytes():
+def with_fp(derper_wire: bytes) -> bytes:
+    """derper's answer plus the FINGERPRINT we add because the request carried one."""
+    body = derper_wire[:2] + (len(derper_wire) - 20 + 8).to_bytes(2, "big") + derper_wire[4:]
+    return body + b"\x80\x28\x00\x04" + (zlib.crc32(body) ^ 0x5354554E).to_bytes(4, "big")
+
+
+def test_tailscale_request_gets_derper_bytes_plus_fingerprint():
     for ip, wire in ((V4, V.APPENDIX_A_RESPONSE_V4), (V6, V.APPENDIX_A_RESPONSE_V6)):
         r = answer(V.APPENDIX_A_REQUEST, ip, 54321)
-        assert isinstance(r, Reply) and r.kind == "tailscale" and r.data == wire and r.port == 54321
+        assert isinstance(r, Reply) and r.kind == "tailscale" and r.port == 54321
+        assert r.data == with_fp(wire)  # Appendix A's XOR-MAPPED-ADDRESS, then FINGERPRINT
+        assert parse_message(r.data).attributes[-1].type == AttrType.FINGERPRINT  # strict parse
+        assert len(r.data) <= len(V.APPENDIX_A_REQUEST) + 12  # no amplification
 
 
 def test_tailscale_request_with_extra_attribute_takes_slow_path():
     data = req([Attribute(AttrType.SOFTWARE, b"tailnode"), Attribute(AttrType.USERNAME, b"u")], fp=True)
     r = answer(data, V4, 1)
-    assert r.kind == "tailscale" and r.data == V.APPENDIX_A_RESPONSE_V4.replace(b"\xf5\x23", b"\x21\x13")
+    assert r.kind == "tailscale" and r.data == with_fp(V.APPENDIX_A_RESPONSE_V4.replace(b"\xf5\x23", b"\x21\x13"))
 
 
 def test_rfc5389_request_gets_xor_mapped_and_fingerprint_when_asked():

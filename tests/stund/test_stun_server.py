@@ -60,7 +60,7 @@ async def test_ipv4_answers_every_kind():
             assert host == "127.0.0.1" and port > 0
             txid = os.urandom(12)
             reply, _, local = await exchange(socket.AF_INET, (host, port), tailscale_request(txid))
-            assert len(reply) == 32 and parse_response(reply, txid).address == local
+            assert len(reply) == 40 and parse_response(reply, txid).address == local  # + FINGERPRINT
             reply, _, local = await exchange(socket.AF_INET, (host, port), encode_message(
                 Method.BINDING, MessageClass.REQUEST, txid, add_fingerprint=True))
             assert parse_response(reply, txid).address == local
@@ -81,7 +81,7 @@ async def test_ipv6_loopback():
             [(host, port)] = await start(nursery, [("::1", 0)])
             txid = os.urandom(12)
             reply, _, local = await exchange(socket.AF_INET6, (host, port), tailscale_request(txid))
-            assert len(reply) == 44 and parse_response(reply, txid).address == local[:2]
+            assert len(reply) == 52 and parse_response(reply, txid).address == local[:2]
             assert (await stun_query("::1", port)).address[0] == "::1"
             nursery.cancel_scope.cancel()
 
@@ -94,11 +94,11 @@ async def test_dual_stack_answers_ipv4_clients_with_family_1():
             before = sample("stun_requests_total", family="ipv4", kind="tailscale")
             txid = os.urandom(12)
             reply, _, local = await exchange(socket.AF_INET, ("127.0.0.1", port), tailscale_request(txid))
-            assert len(reply) == 32 and reply[25] == 1  # family 1, not ::ffff:127.0.0.1 (P-26)
+            assert len(reply) == 40 and reply[25] == 1  # family 1, not ::ffff:127.0.0.1 (P-26)
             assert parse_response(reply, txid).address == local
             assert sample("stun_requests_total", family="ipv4", kind="tailscale") == before + 1
             reply, _, local = await exchange(socket.AF_INET6, ("::1", port), tailscale_request(txid))
-            assert len(reply) == 44 and parse_response(reply, txid).address == local[:2]
+            assert len(reply) == 52 and parse_response(reply, txid).address == local[:2]
             nursery.cancel_scope.cancel()
 
 
