@@ -33,6 +33,7 @@ from .relay.server import RelayServer
 log = logging.getLogger("derpd.mesh")
 
 FORWARD_QUEUE = 4096  # packets queued per mesh link before the oldest is dropped
+FORWARD_HIGH_WATER = 512  # past this, senders' readers wait for the link to drain (push back)
 FORWARD_WRITE_TIMEOUT = 5.0
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
@@ -111,6 +112,7 @@ class MeshPeer:
         self.forward_drops = 0
         self._queue: deque[bytes] = deque()
         self._lot = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()  # readers waiting for the queue to drain
 
     @property
     def url(self) -> str:
@@ -120,6 +122,10 @@ class MeshPeer:
         return f"MeshPeer({self.target.host})"
 
     # ------------------------------------------------------------------ Forwarder
+
+    @property
+    def congested(self) -> bool:
+        return len(self._queue) >= FORWARD_HIGH_WATER
 
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         if not self.connected:
@@ -132,6 +138,10 @@ class MeshPeer:
         if self._lot.statistics().tasks_waiting:
             self._lot.unpark()
         return True
+
+    async def wait_drained(self) -> None:
+        while self.connected and len(self._queue) >= FORWARD_HIGH_WATER:
+            await self._drained.park()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -194,6 +204,7 @@ class MeshPeer:
                     await self._lot.park()
                 batch = list(q)
                 q.clear()
+                self._drained.unpark_all()
                 with trio.fail_after(FORWARD_WRITE_TIMEOUT):
                     await c.send_raw(b"".join(batch))
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
@@ -205,6 +216,7 @@ class MeshPeer:
         if self.connected:
             self.server.mesh_peers_connected -= 1
         self.connected = False
+        self._drained.unpark_all()
         if self._queue:
             self.server.stats.drop("write_error", False, 0, len(self._queue))
             self._queue.clear()

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("derpd.relay")
 
 RECV_SIZE = 256 * 1024
+MESH_PUSHBACK_TIMEOUT = 5.0  # derper's mesh write timeout
 _RECV_HEADER = struct.Struct(">BI")
 _FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
 _RECV_OVERHEAD = 5 + KEY_LEN  # header + source key in front of each queued packet
@@ -71,7 +72,7 @@ class ClientConnection:
         "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
         "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason", "_writing",
-        "_parked", "keepalive_interval", "next_keepalive",
+        "_parked", "keepalive_interval", "next_keepalive", "_congested",
     )
 
     def __init__(
@@ -117,6 +118,7 @@ class ClientConnection:
         self.rate_limiter = None
         self._writing = False
         self._parked = False
+        self._congested = None
         # KeepAlive every interval + a per-connection jitter, whatever the traffic (spec 5.6);
         # RelayServer's keepalive ticker queues them.
         self.keepalive_interval = s.keepalive_interval + random.uniform(0, s.keepalive_jitter)
@@ -200,7 +202,13 @@ class ClientConnection:
                 done = 0
                 while done < len(frames):
                     done = self._handle_frames(frames, done)
-                    if done < len(frames):
+                    if self._congested is not None:
+                        # A mesh link is backed up: wait for it (a trusted peer, not a client),
+                        # at most as long as derper waits on a mesh write.
+                        fwd, self._congested = self._congested, None
+                        with trio.move_on_after(MESH_PUSHBACK_TIMEOUT):
+                            await fwd.wait_drained()
+                    elif done < len(frames):
                         # A destination queue filled up: let its writer drain it first.
                         await trio.lowlevel.checkpoint()
                 if frames and self.rate_limiter is not None:
@@ -228,7 +236,8 @@ class ClientConnection:
         src = self.key
         sent_to = self._sent_to
         pack = _RECV_HEADER.pack
-        npk = nbytes = ndisco = 0
+        npk = nbytes = ndisco = nfwd = nfwd_bytes = 0
+        sent_to_all = server.registry.sent_to
         i = start
         end = len(frames)
         try:
@@ -251,7 +260,29 @@ class ClientConnection:
                         if conn.enqueue(pack(5, n) + src + payload[KEY_LEN:], disco):
                             break
                     else:
-                        server.route_elsewhere(self, src, dst, payload[KEY_LEN:], disco, forwarded=False)
+                        congested = server.route_elsewhere(self, src, dst, payload[KEY_LEN:], disco, forwarded=False)
+                        if congested is not None:
+                            self._congested = congested
+                            break
+                elif ftype == 0x0A and self.can_mesh:  # ForwardPacket from a mesh peer: src(32) || dst(32) || packet
+                    n = len(payload)
+                    if n < 2 * KEY_LEN:
+                        raise RemoteProtocolError(f"ForwardPacket of {n} bytes", "bad_forward_packet")
+                    fsrc = payload[:KEY_LEN]
+                    dst = payload[KEY_LEN : 2 * KEY_LEN]
+                    conn = active.get(dst)
+                    nfwd += 1
+                    nfwd_bytes += n - 2 * KEY_LEN
+                    if conn is not None:
+                        disco = n >= 2 * KEY_LEN + DISCO_MIN_LEN and payload.startswith(DISCO_MAGIC, 2 * KEY_LEN)
+                        fwd_sent = sent_to_all.get(fsrc)
+                        if fwd_sent is None:
+                            fwd_sent = sent_to_all[fsrc] = set()
+                        fwd_sent.add(dst)
+                        if conn.enqueue(pack(5, n - KEY_LEN) + fsrc + payload[2 * KEY_LEN :], disco):
+                            break
+                    else:
+                        server.handle_forwarded(self, fsrc, dst, payload[2 * KEY_LEN :], counted=True)
                 else:
                     self._handle_other(ftype, payload)
         finally:
@@ -259,6 +290,9 @@ class ClientConnection:
             stats.packets_received += npk
             stats.bytes_received += nbytes
             stats.disco_packets_received += ndisco
+            if nfwd:
+                stats.packets_forwarded_in += nfwd
+                stats.bytes_forwarded_in += nfwd_bytes
             if self.is_dup:
                 server.registry.note_activity(self)
         return i

@@ -30,8 +30,14 @@ log = logging.getLogger("derpd.relay")
 class Forwarder(Protocol):
     """Something that can carry a packet to a mesh peer that holds the destination."""
 
+    congested: bool  # past the high-water mark: senders should wait for ``wait_drained``
+
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Queue the packet; returns False if it had to be dropped."""
+        ...
+
+    async def wait_drained(self) -> None:
+        """Return once the queue is below its high-water mark (or the link is down)."""
         ...
 
 

@@ -26,7 +26,7 @@ from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting, looks_like_
 from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
 from .client_connection import RECV_SIZE, ClientConnection
-from .registry import Registry
+from .registry import Forwarder, Registry
 from .tls import ServerCert, load_manual_cert, server_context
 
 log = logging.getLogger("derpd.relay")
@@ -278,23 +278,32 @@ class RelayServer:
 
     def route_elsewhere(
         self, sender: ClientConnection, src: bytes, dst: bytes, packet: bytes, disco: bool, *, forwarded: bool
-    ) -> None:
+    ) -> Forwarder | None:
         """A packet for a key with no active local connection: forward it one hop to the mesh
-        peer that holds the key, or drop it (spec 5.2)."""
+        peer that holds the key, or drop it (spec 5.2).
+
+        Returns the forwarder when its queue is past its high-water mark: the sender's reader
+        then waits (bounded) for it to drain, as derper's reader waits on its mesh write, so an
+        overloaded mesh link pushes back on senders instead of dropping."""
         fwds = None if forwarded else self.registry.forwarders.get(dst)
         if fwds:
-            if fwds[0].forward(src, dst, packet):
+            fwd = fwds[0]
+            if fwd.forward(src, dst, packet):
                 self.stats.packets_forwarded_out += 1
                 self.stats.bytes_forwarded_out += len(packet)
-            return
+            return fwd if fwd.congested else None
         self.stats.drop("unknown_dest_on_fwd" if forwarded else "unknown_dest", disco, len(packet))
         if disco:
             sender.not_here(dst)
+        return None
 
-    def handle_forwarded(self, peer: ClientConnection, src: bytes, dst: bytes, packet: bytes) -> None:
+    def handle_forwarded(
+        self, peer: ClientConnection, src: bytes, dst: bytes, packet: bytes, *, counted: bool = False
+    ) -> None:
         """A ForwardPacket from a mesh peer: deliver locally or drop; never re-forward (P-17)."""
-        self.stats.packets_forwarded_in += 1
-        self.stats.bytes_forwarded_in += len(packet)
+        if not counted:
+            self.stats.packets_forwarded_in += 1
+            self.stats.bytes_forwarded_in += len(packet)
         conn = self.registry.active.get(dst)
         disco = looks_like_disco(packet)
         if conn is not None:

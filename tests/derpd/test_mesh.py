@@ -149,3 +149,47 @@ async def test_close_peer_and_self_in_mesh_list(nursery):
 def test_parse_mesh_with():
     assert parse_mesh_with("a.example.com, b.example.com/10.0.0.2 ,") == [
         MeshTarget("a.example.com"), MeshTarget("b.example.com", "10.0.0.2")]
+
+
+async def test_congested_mesh_link_pushes_back_on_the_sender(nursery):
+    """A backed-up mesh link makes the sender's reader wait for it (as derper's reader waits on
+    its mesh write) instead of dropping packets."""
+    import trio.testing
+
+    from .conftest import start_relay
+
+    relay = await start_relay(nursery)
+    remote = NodePrivate.generate()
+
+    class SlowLink:
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.congested = False
+            self.two = trio.Event()
+            self.released = trio.Event()
+            self.waits = 0
+
+        def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+            self.got.append(packet)
+            self.congested = len(self.got) >= 2
+            if len(self.got) == 2:
+                self.two.set()
+            return True
+
+        async def wait_drained(self) -> None:
+            self.waits += 1
+            await self.released.wait()
+            self.congested = False
+
+    link = SlowLink()
+    relay.server.registry.add_forwarder(remote.public.raw, link)
+    with trio.fail_after(10):
+        async with derp_client.connect(relay.derp_url, NodePrivate.generate()) as c:
+            await c.send_many([(remote.public, b"p1"), (remote.public, b"p2"), (remote.public, b"p3")])
+            await link.two.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert link.got == [b"p1", b"p2"] and link.waits == 1  # the reader waits on the link
+            link.released.set()
+            await c.ping()  # read after the third packet
+            assert link.got == [b"p1", b"p2", b"p3"]
+    assert relay.server.stats.dropped_packets["queue_head", "other"] == 0
