@@ -62,19 +62,29 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _self_signed(
+    name: x509.Name, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, serial: int,
+    not_before: dt.datetime, not_after: dt.datetime,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+
+
 def generate_self_signed_ip_cert(ip: str, cert_path: Path, key_path: Path) -> None:
     """An ECDSA P-256 certificate for one IP, valid a year, as derper makes (spec 11.3)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
     now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
+        _self_signed(name, key, x509.random_serial_number(), now - dt.timedelta(minutes=5),
+                     now + dt.timedelta(days=365))
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
         .add_extension(
             x509.KeyUsage(
@@ -106,13 +116,7 @@ def make_meta_cert(server_key: NodePublic) -> bytes:
     name = x509.Name([cn])
     now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(PROTOCOL_VERSION)
-        .not_valid_before(now - dt.timedelta(days=30))
-        .not_valid_after(now + dt.timedelta(days=30))
+        _self_signed(name, key, PROTOCOL_VERSION, now - dt.timedelta(days=30), now + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, None)
     )

@@ -44,6 +44,12 @@ async def raw_login(relay, key: NodePrivate | None = None, *, info: ClientInfo |
     hs = ClientHandshake(key, info or ClientInfo(can_ack_pings=True))
     if rest:
         hs.receive_data(rest)
+    await drive_login(stream, hs)
+    return stream
+
+
+async def drive_login(stream: trio.abc.Stream, hs: ClientHandshake) -> None:
+    """Run the client side of the login on ``stream`` until ServerInfo arrived."""
     while True:
         ev = hs.next_event()
         if ev is NEED_DATA:
@@ -51,8 +57,7 @@ async def raw_login(relay, key: NodePrivate | None = None, *, info: ClientInfo |
         elif isinstance(ev, ServerKeyReceived):
             await stream.send_all(hs.client_info_frame(ev.key))
         else:
-            break
-    return stream
+            return
 
 
 # ----------------------------------------------------------------------------- routing
@@ -442,14 +447,7 @@ async def test_keepalive_every_60s_with_jitter(autojump_clock):
             nursery.start_soon(server.run_keepalives)
             nursery.start_soon(server.serve_derp, server_side, ("192.0.2.1", 1234), b"")
             hs = ClientHandshake(key, ClientInfo())
-            while True:
-                ev = hs.next_event()
-                if ev is NEED_DATA:
-                    hs.receive_data(await client_side.receive_some(4096))
-                elif isinstance(ev, ServerKeyReceived):
-                    await client_side.send_all(hs.client_info_frame(ev.key))
-                else:
-                    break
+            await drive_login(client_side, hs)
             start = trio.current_time()
             interval = server.registry.active[key.public.raw].keepalive_interval
             stamps = []
