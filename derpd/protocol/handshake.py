@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..keys import KEY_LEN, NONCE_LEN, BoxOpenError, NodePrivate, NodePublic
+from ..keys import KEY_LEN, NONCE_LEN, BoxOpenError, NodePrivate, NodePublic, SealedBox
 from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import (
     CLIENT_MAX_FRAME_LEN,
@@ -88,13 +88,14 @@ class ServerHandshake:
     """Server side of the login.  ``decoder`` keeps any bytes after ClientInfo for the
     steady state, so fast-start clients that pipeline frames lose nothing."""
 
-    __slots__ = ("_key", "_nonce", "decoder", "client")
+    __slots__ = ("_key", "_nonce", "decoder", "client", "_box")
 
     def __init__(self, private_key: NodePrivate, *, nonce: Callable[[], bytes] = _random_nonce) -> None:
         self._key = private_key
         self._nonce = nonce
         self.decoder = FrameDecoder(SERVER_READ_LIMITS)
         self.client: ClientAuthenticated | None = None
+        self._box: SealedBox | None = None  # one key agreement per login, for both directions
 
     def server_key_frame(self) -> bytes:
         return encode_frame(FrameType.SERVER_KEY, MAGIC + self._key.public.raw)
@@ -131,7 +132,8 @@ class ServerHandshake:
         if client_key.is_zero():
             raise RemoteProtocolError("ClientInfo with the zero key", "zero_key")
         try:
-            plaintext = self._key.box(client_key).open(payload[KEY_LEN:])
+            self._box = self._key.box(client_key)
+            plaintext = self._box.open(payload[KEY_LEN:])
         except BoxOpenError as e:
             raise RemoteProtocolError("ClientInfo box does not open", "box_open_failed") from e
         self.client = ClientAuthenticated(client_key, ClientInfo.from_json(plaintext))
@@ -141,7 +143,8 @@ class ServerHandshake:
         """Raises: LocalProtocolError before the client is authenticated."""
         if self.client is None:
             raise LocalProtocolError("ServerInfo before ClientInfo")
-        sealed = self._key.box(self.client.key).seal((info or ServerInfo()).to_json(), self._nonce())
+        assert self._box is not None
+        sealed = self._box.seal((info or ServerInfo()).to_json(), self._nonce())
         return encode_frame(FrameType.SERVER_INFO, sealed)
 
 
@@ -154,7 +157,7 @@ class ClientHandshake:
     arrives is checked against it.
     """
 
-    __slots__ = ("_key", "_info", "_nonce", "decoder", "server_key", "_sent_info", "_done")
+    __slots__ = ("_key", "_info", "_nonce", "decoder", "server_key", "_sent_info", "_done", "_box")
 
     def __init__(
         self,
@@ -171,6 +174,7 @@ class ClientHandshake:
         self.server_key = server_key
         self._sent_info = False
         self._done = False
+        self._box: SealedBox | None = None
 
     def receive_data(self, data: bytes) -> None:
         self.decoder.receive_data(data)
@@ -184,7 +188,8 @@ class ClientHandshake:
             raise LocalProtocolError("ClientInfo was already sent")
         self.server_key = key
         self._sent_info = True
-        sealed = self._key.box(key).seal(self._info.to_json(), self._nonce())
+        self._box = self._key.box(key)
+        sealed = self._box.seal(self._info.to_json(), self._nonce())
         return encode_frame(FrameType.CLIENT_INFO, self._key.public.raw + sealed)
 
     def next_event(self) -> ServerKeyReceived | LoginComplete | _NeedData:
@@ -216,7 +221,8 @@ class ClientHandshake:
                 if len(payload) < NONCE_LEN:
                     raise RemoteProtocolError("short ServerInfo", "bad_server_info")
                 try:
-                    plaintext = self._key.box(self.server_key).open(payload)
+                    assert self._box is not None
+                    plaintext = self._box.open(payload)
                 except BoxOpenError as e:
                     raise RemoteProtocolError("ServerInfo box does not open", "bad_server_info") from e
                 self._done = True
