@@ -20,7 +20,7 @@ import signal
 import socket
 from collections import defaultdict
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -51,25 +51,30 @@ def _bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 
 
 def aggregate_metrics(texts: list[str]) -> bytes:
-    """Sum Prometheus text from several processes, sample by sample."""
+    """Sum Prometheus text from several processes, sample by sample, and expose the sum with
+    prometheus-client's own writer (so counter TYPE lines keep their ``_total`` names)."""
+    from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
 
-    meta: dict[str, tuple[str, str]] = {}
+    families: dict[str, Any] = {}
     sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(dict)
     for text in texts:
         for fam in text_string_to_metric_families(text):
-            meta.setdefault(fam.name, (fam.documentation, fam.type))
+            families.setdefault(fam.name, fam)
             for sample in fam.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 sums[fam.name][key] = sums[fam.name].get(key, 0.0) + sample.value
-    out = []
-    for name, (doc, typ) in meta.items():
-        out.append(f"# HELP {name} {doc}")
-        out.append(f"# TYPE {name} {typ}")
-        for (sname, labels), value in sums[name].items():
-            lab = ",".join(f'{k}="{v}"' for k, v in labels)
-            out.append(f"{sname}{{{lab}}} {value!r}" if lab else f"{sname} {value!r}")
-    return ("\n".join(out) + "\n").encode()
+    for name, fam in families.items():
+        fam.samples = [Sample(sname, dict(labels), value) for (sname, labels), value in sums[name].items()]
+
+    class _Summed:
+        def collect(self) -> Any:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Summed())  # type: ignore[arg-type]
+    return generate_latest(registry)
 
 
 def _worker_main(index: int, options: ServeOptions, main_sock: socket.socket, mesh_sock: socket.socket,

@@ -253,3 +253,17 @@ async def test_workers_enforce_the_allow_list(nursery, tmp_path):
             assert await c.ping() >= 0
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
+
+
+def test_workers_metrics_are_summed_sample_by_sample():
+    from derpd.workers import aggregate_metrics
+
+    a = ('# HELP derp_packets_sent_total Sent.\n# TYPE derp_packets_sent_total counter\n'
+         'derp_packets_sent_total 3.0\n# HELP derp_packets_dropped_total Dropped.\n'
+         '# TYPE derp_packets_dropped_total counter\n'
+         'derp_packets_dropped_total{kind="other",reason="queue_head"} 2.0\n')
+    b = a.replace(" 3.0", " 4.0").replace(" 2.0", " 5.0")
+    text = aggregate_metrics([a, b]).decode()
+    assert "derp_packets_sent_total 7.0" in text
+    assert 'derp_packets_dropped_total{kind="other",reason="queue_head"} 7.0' in text
+    assert text.count("# TYPE derp_packets_sent_total counter") == 1
