@@ -47,6 +47,7 @@ from ..protocol.messages import (
     WatchConns,
     encode_frame,
     encode_peer_gone,
+    looks_like_disco,
     parse_client_frame,
 )
 
@@ -282,7 +283,8 @@ class ClientConnection:
                         if conn.enqueue(pack(5, n - KEY_LEN) + fsrc + payload[2 * KEY_LEN :], disco):
                             break
                     else:
-                        server.handle_forwarded(self, fsrc, dst, payload[2 * KEY_LEN :], counted=True)
+                        packet = payload[2 * KEY_LEN :]
+                        server.route_elsewhere(self, fsrc, dst, packet, looks_like_disco(packet), forwarded=True)
                 else:
                     self._handle_other(ftype, payload)
         finally:
@@ -310,9 +312,9 @@ class ClientConnection:
                         self._lot.unpark()
             case NotePreferred(preferred):
                 self._note_preferred(preferred)
-            case ForwardPacket(src, dst, data):
+            case ForwardPacket():
+                # Mesh peers' ForwardPackets take the fast path in _handle_frames; only others get here.
                 self._require_mesh("ForwardPacket")
-                self.server.handle_forwarded(self, src.raw, dst.raw, data)
             case WatchConns():
                 self._require_mesh("WatchConns")
                 self.server.registry.add_watcher(self)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from ..keys import NodePublic, mesh_keys_equal
 from ..metrics import RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
-from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting, looks_like_disco
+from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
 from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
 from .client_connection import RECV_SIZE, ClientConnection
@@ -31,7 +30,6 @@ from .tls import ServerCert, load_manual_cert, server_context
 
 log = logging.getLogger("derpd.relay")
 
-_RECV_HEADER = struct.Struct(">BI")
 
 # An admission check: (client key, ClientInfo, remote ip) -> (admitted, reason).
 AdmissionCheck = Callable[[NodePublic, object, str], Awaitable[tuple[bool, str]]]
@@ -297,20 +295,6 @@ class RelayServer:
             sender.not_here(dst)
         return None
 
-    def handle_forwarded(
-        self, peer: ClientConnection, src: bytes, dst: bytes, packet: bytes, *, counted: bool = False
-    ) -> None:
-        """A ForwardPacket from a mesh peer: deliver locally or drop; never re-forward (P-17)."""
-        if not counted:
-            self.stats.packets_forwarded_in += 1
-            self.stats.bytes_forwarded_in += len(packet)
-        conn = self.registry.active.get(dst)
-        disco = looks_like_disco(packet)
-        if conn is not None:
-            self.registry.sent_to.setdefault(src, set()).add(dst)
-            conn.enqueue(_RECV_HEADER.pack(5, len(packet) + 32) + src + packet, disco)
-        else:
-            self.route_elsewhere(peer, src, dst, packet, disco, forwarded=True)
 
     def close_peer(self, target: NodePublic) -> None:
         conns = self.registry.connections(target.raw)
