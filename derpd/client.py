@@ -55,9 +55,13 @@ class DerpClientError(Exception):
     """Connecting or logging in failed; the message says where."""
 
 
-class LoginRefused(DerpClientError):
+class LoginRefused(DerpClientError, RemoteProtocolError):
     """The relay read our ClientInfo and closed the connection without a ServerInfo: its
-    admission (``--verify-client-url``, ``--allow-keys``) or a wrong mesh key refused us."""
+    admission (``--verify-client-url``, ``--allow-keys``) or a wrong mesh key refused us.
+    It is also a ``RemoteProtocolError`` (reason ``eof``), as a login cut short always was."""
+
+    def __init__(self, message: str) -> None:
+        RemoteProtocolError.__init__(self, message, "eof")
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,8 +353,8 @@ async def connect(
             except (RemoteProtocolError, trio.BrokenResourceError) as exc:
                 closed = not isinstance(exc, RemoteProtocolError) or exc.reason == "eof"
                 if closed and hs.server_key is not None:
-                    raise LoginRefused("the relay closed the connection after our ClientInfo, without "
-                                       "ServerInfo: login refused (admission or mesh key)") from None
+                    raise LoginRefused("connection closed during login, after our ClientInfo and before "
+                                       "ServerInfo: the relay refused the login (admission or mesh key)") from None
                 raise
         except BaseException:
             await trio.aclose_forcefully(stream)

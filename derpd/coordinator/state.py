@@ -123,6 +123,7 @@ class NodeEntry:
     last_error_wall: float | None = None
     source_addr: str = ""  # where the registration came from (registered nodes)
     restored: bool = False  # loaded from the state file, no heartbeat since the start
+    last_change: float = 0.0  # trio clock of the last registration that changed the entry
     streak: int = 0  # consecutive probe results that disagree with ``status``
     note: str = ""  # e.g. "DERP probe refused by admission"
 
@@ -183,6 +184,7 @@ class CoordinatorState:
         self.listeners: list[Callable[[], None]] = []
         self.on_new_node: Callable[[], None] | None = None
         self.published: PublishedMap
+        self._restored_down: set[str] = set()  # config nodes that were down when the state was saved
         if store is not None:
             doc = store.load()
             if doc is not None:
@@ -201,7 +203,9 @@ class CoordinatorState:
             if prev is not None and prev.source == "static" and prev.node == node:
                 entries[node.name] = prev  # unchanged: keep its health
             else:
-                entries[node.name] = NodeEntry(node, "static")
+                status = "down" if node.name in self._restored_down else "unknown"
+                entries[node.name] = NodeEntry(node, "static", status=status)
+        self._restored_down.clear()
         for name, entry in old.items():
             if entry.source == "registered":
                 if name in entries:
@@ -256,7 +260,11 @@ class CoordinatorState:
             raise RegistrationError(
                 409, f"node name {node.name!r} is registered with another key until that registration "
                      f"expires (in {left:.0f} s without heartbeats); pick another --node-name", "PublicKey")
-        if entry is not None and not entry.restored and now - entry.last_seen < self.config.min_heartbeat_interval:
+        unchanged = entry is not None and entry.node == node and entry.source_addr == source
+        # A plain heartbeat may come once per min_heartbeat_interval; a changed entry (a new
+        # certificate pin right after a reload) may come as soon as the last change is as old.
+        if entry is not None and not entry.restored and \
+                now - (entry.last_seen if unchanged else entry.last_change) < self.config.min_heartbeat_interval:
             raise RegistrationError(
                 429, f"heartbeats from {node.name!r} come too fast; send at most one every "
                      f"{self.config.min_heartbeat_interval:g} s")
@@ -271,8 +279,9 @@ class CoordinatorState:
         if entry is not None:
             entry.last_seen = now
             entry.restored = False
-            if entry.node == node and entry.source_addr == source:
+            if unchanged:
                 return False
+            entry.last_change = now
             if entry.node.region_id != rid:
                 self.metrics.forget_node(node.name, entry.node.region_id)
             log.info("registered node %s changed: %s", node.name, node.to_json())
@@ -283,7 +292,7 @@ class CoordinatorState:
             entry.note = ""
         else:
             self.entries[node.name] = NodeEntry(node, "registered", reg.public_key, now, self._wall(),
-                                                source_addr=source)
+                                                source_addr=source, last_change=now)
             log.info("node %s registered in region %d (%s:%d)", node.name, rid, node.host_name,
                      node.derp_port or 443)
         self._rebuild(force_save=True)
@@ -433,7 +442,8 @@ class CoordinatorState:
                           "status": e.status, "registered_at": e.registered_at_wall})
         regions = [{"RegionID": r.region_id, "RegionCode": r.region_code, "RegionName": r.region_name}
                    for _, r in sorted(self._registered_regions.items())]
-        return {"version": 1, "regions": regions, "nodes": nodes,
+        down = sorted(name for name, e in self.entries.items() if e.source == "static" and e.status == "down")
+        return {"version": 1, "regions": regions, "nodes": nodes, "config_nodes_down": down,
                 "map": json.loads(self.published.json), "etag": self.published.etag}
 
     def _save(self) -> None:
@@ -447,6 +457,8 @@ class CoordinatorState:
         """Loads registrations from a state document; a bad entry is skipped with one log line."""
         from .registration import parse_registration
 
+        down = doc.get("config_nodes_down", [])
+        self._restored_down = {name for name in down if isinstance(name, str)} if isinstance(down, list) else set()
         for raw in doc.get("regions", []):
             try:
                 region = DerpRegion(int(raw["RegionID"]), str(raw["RegionCode"]), str(raw["RegionName"]))
