@@ -258,15 +258,16 @@ def _needs_pin(cert: object, hostname: str) -> bool:
     an IP) is checked by clients as usual and gets no pin."""
     if getattr(cert, "self_signed_generated", False):
         return True
-    return not _chain_trusted(str(cert.cert_path), cert.pin, hostname)  # type: ignore[attr-defined]
+    return not _chain_trusted(str(cert.cert_path), str(cert.key_path), cert.pin,  # type: ignore[attr-defined]
+                              hostname)
 
 
 @functools.lru_cache(maxsize=8)
-def _chain_trusted(cert_path: str, pin: str, hostname: str) -> bool:
+def _chain_trusted(cert_path: str, key_path: str, pin: str, hostname: str) -> bool:
     """Cached per certificate (its pin), so heartbeats do not read the CA bundle each time."""
     from .coordinator.announce import certificate_is_trusted
 
-    return certificate_is_trusted(Path(cert_path), hostname)
+    return certificate_is_trusted(Path(cert_path), Path(key_path), hostname)
 
 
 async def _run_serve(options: ServeOptions) -> None:

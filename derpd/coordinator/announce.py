@@ -180,31 +180,36 @@ async def announce_forever(
     await Announcer([coordinator_url], token, lambda: node_info, interval=interval).run(task_status=task_status)
 
 
-def certificate_is_trusted(cert_path: Path, hostname: str, *, cafile: str | None = None) -> bool:
+def certificate_is_trusted(cert_path: Path, key_path: Path, hostname: str, *, cafile: str | None = None) -> bool:
     """True if the certificate chain in ``cert_path`` verifies for ``hostname`` (a DNS name or
-    an IP literal) against the system's roots (or ``cafile``): such a certificate needs no
-    ``sha256-raw:`` pin in the map, and it is not self-signed, whatever name it is for."""
-    import ipaddress
+    an IP literal) against the system's roots (or ``cafile``), as a client checks it: such a
+    certificate needs no ``sha256-raw:`` pin in the map, and it is not self-signed.
+
+    The check is a TLS handshake in memory between a server holding the chain and a client
+    with the roots, so it follows the same rules as any OpenSSL client.
+    """
     import ssl
 
-    from cryptography import x509
-    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-
     try:
-        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
-        roots_file = cafile or ssl.get_default_verify_paths().cafile
-        if not roots_file:
-            return False
-        roots = x509.load_pem_x509_certificates(Path(roots_file).read_bytes())
-    except (OSError, ValueError):
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert_path, key_path)
+        client_ctx = ssl.create_default_context(cafile=cafile) if cafile else ssl.create_default_context()
+    except (OSError, ssl.SSLError, ValueError):
         return False
-    try:
-        subject: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
-    except ValueError:
-        subject = x509.DNSName(hostname)
-    try:
-        verifier = PolicyBuilder().store(Store(roots)).build_server_verifier(subject)
-        verifier.verify(chain[0], chain[1:])
-    except (VerificationError, ValueError):
-        return False
-    return True
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+        done = 0
+        for side, out, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, ValueError):
+                return False
+            peer_in.write(out.read())
+        if done == 2:
+            return True
+    return False

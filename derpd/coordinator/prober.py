@@ -34,6 +34,7 @@ import logging
 import os
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -241,11 +242,16 @@ class Prober:
         first, and the whole round ends ``probe_timeout`` after it began (a node not probed
         by then keeps its health, and the next round starts with the healthy ones again)."""
         config = self.state.config
-        limiter = trio.CapacityLimiter(config.max_parallel_probes)
+        queue = deque(self.state.probe_targets())
+
+        async def worker() -> None:  # workers take targets in order, so healthy nodes go first
+            while queue:
+                await self._probe_one(queue.popleft())
+
         with trio.move_on_after(config.probe_timeout + 0.5) as scope:
             async with trio.open_nursery() as nursery:
-                for target in self.state.probe_targets():
-                    nursery.start_soon(self._probe_one, target, limiter)
+                for _ in range(min(config.max_parallel_probes, len(queue))):
+                    nursery.start_soon(worker)
         if scope.cancelled_caught:
             log.info("probe round cut at its deadline (%g s); nodes not probed keep their health",
                      config.probe_timeout)
@@ -253,20 +259,19 @@ class Prober:
         self._round_done.set()
         self._round_done = trio.Event()
 
-    async def _probe_one(self, target: ProbeTarget, limiter: trio.CapacityLimiter) -> None:
+    async def _probe_one(self, target: ProbeTarget) -> None:
         timeout = self.state.config.probe_timeout
-        async with limiter:
-            result: ProbeResult | None = None
-            with trio.move_on_after(timeout):
-                try:
-                    result = await self.probe(target)
-                except Exception as exc:
-                    log.warning("probe of %s crashed: %r", target.node.name, exc)
-                    result = ProbeResult(time.time(), failed={"probe": f"internal error: {exc!r}"[:300]},
-                                         classes={"probe": "internal"})
-            if result is None:
-                result = ProbeResult(time.time(), failed={"probe": f"no answer within {timeout:g} s"},
-                                     classes={"probe": "timeout"})
+        result: ProbeResult | None = None
+        with trio.move_on_after(timeout):
+            try:
+                result = await self.probe(target)
+            except Exception as exc:
+                log.warning("probe of %s crashed: %r", target.node.name, exc)
+                result = ProbeResult(time.time(), failed={"probe": f"internal error: {exc!r}"[:300]},
+                                     classes={"probe": "internal"})
+        if result is None:
+            result = ProbeResult(time.time(), failed={"probe": f"no answer within {timeout:g} s"},
+                                 classes={"probe": "timeout"})
         self.state.record_probe(target.node, result)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

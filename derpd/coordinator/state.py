@@ -55,6 +55,9 @@ from .yamlout import to_yaml
 
 log = logging.getLogger("derpd.coordinator")
 
+#: Changed registrations a node may send back to back (then one per min_heartbeat_interval).
+CHANGE_BURST = 3.0
+
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
@@ -124,6 +127,7 @@ class NodeEntry:
     source_addr: str = ""  # where the registration came from (registered nodes)
     restored: bool = False  # loaded from the state file, no heartbeat since the start
     last_change: float = 0.0  # trio clock of the last registration that changed the entry
+    change_tokens: float = 3.0  # changed registrations allowed now (see CoordinatorState.register)
     streak: int = 0  # consecutive probe results that disagree with ``status``
     note: str = ""  # e.g. "DERP probe refused by admission"
 
@@ -261,10 +265,12 @@ class CoordinatorState:
                 409, f"node name {node.name!r} is registered with another key until that registration "
                      f"expires (in {left:.0f} s without heartbeats); pick another --node-name", "PublicKey")
         unchanged = entry is not None and entry.node == node and entry.source_addr == source
-        # A plain heartbeat may come once per min_heartbeat_interval; a changed entry (a new
-        # certificate pin right after a reload) may come as soon as the last change is as old.
-        if entry is not None and not entry.restored and \
-                now - (entry.last_seen if unchanged else entry.last_change) < self.config.min_heartbeat_interval:
+        # A plain heartbeat may come once per min_heartbeat_interval.  A changed entry (a new
+        # certificate pin right after a reload) is not a heartbeat: it spends one of a few
+        # change tokens, which come back at the same pace.
+        if entry is not None and not entry.restored and (
+                now - entry.last_seen < self.config.min_heartbeat_interval if unchanged
+                else self._change_tokens(entry, now) < 1):
             raise RegistrationError(
                 429, f"heartbeats from {node.name!r} come too fast; send at most one every "
                      f"{self.config.min_heartbeat_interval:g} s")
@@ -281,6 +287,7 @@ class CoordinatorState:
             entry.restored = False
             if unchanged:
                 return False
+            entry.change_tokens = self._change_tokens(entry, now) - 1
             entry.last_change = now
             if entry.node.region_id != rid:
                 self.metrics.forget_node(node.name, entry.node.region_id)
@@ -299,6 +306,10 @@ class CoordinatorState:
         if self.on_new_node is not None:
             self.on_new_node()
         return True
+
+    def _change_tokens(self, entry: NodeEntry, now: float) -> float:
+        refill = (now - entry.last_change) / self.config.min_heartbeat_interval
+        return min(CHANGE_BURST, entry.change_tokens + refill)
 
     def _registered_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.source == "registered")
