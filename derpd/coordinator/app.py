@@ -9,6 +9,7 @@ Routes:
     GET  /status.json            the data behind it
     GET  /metrics                Prometheus text
     GET  /healthz                ``ok``
+    GET  /readyz                 ``ok``, or 503 while a fresh replica waits for first heartbeats
 
 Bad requests get a 4xx with a JSON ``{"error": ..., "field": ...}`` body, one debug log
 line and a count in ``derpd_coordinator_registrations_total{result}``; they never change
@@ -166,7 +167,7 @@ class CoordinatorApp:
             "ok": True,
             "changed": created,
             "node_ttl": cfg.node_ttl,
-            "heartbeat_interval": max(cfg.min_heartbeat_interval, cfg.node_ttl / 3),
+            "heartbeat_interval": self.state.heartbeat_interval(),
         }), b"application/json")
 
     def _authorized(self, scope: Scope) -> bool:
@@ -203,6 +204,14 @@ class CoordinatorApp:
     async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send(send, 200, b"ok\n", b"text/plain; charset=utf-8")
 
+    async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """503 while a replica that started without a state file waits for the relays'
+        first heartbeats, so a load balancer does not hand out its incomplete map."""
+        if self.state.ready(self.clock()):
+            await _send(send, 200, b"ok\n", b"text/plain; charset=utf-8")
+        else:
+            await _send(send, 503, b"waiting for the relays' first heartbeats\n", b"text/plain; charset=utf-8")
+
 
 _Handler = Callable[[CoordinatorApp, Scope, Receive, Send], Awaitable[None]]
 _ROUTES: dict[str, tuple[_Handler, tuple[str, ...]]] = {
@@ -213,6 +222,7 @@ _ROUTES: dict[str, tuple[_Handler, tuple[str, ...]]] = {
     "/status.json": (CoordinatorApp.status_json, ("GET", "HEAD")),
     "/metrics": (CoordinatorApp.metrics, ("GET", "HEAD")),
     "/healthz": (CoordinatorApp.healthz, ("GET", "HEAD")),
+    "/readyz": (CoordinatorApp.readyz, ("GET", "HEAD")),
 }
 
 

@@ -189,10 +189,13 @@ class CoordinatorState:
         self.on_new_node: Callable[[], None] | None = None
         self.published: PublishedMap
         self._restored_down: set[str] = set()  # config nodes that were down when the state was saved
+        self.started_at = now
+        self.restored = False  # True when the state file was read at start
         if store is not None:
             doc = store.load()
             if doc is not None:
                 self._restore(doc, now)
+                self.restored = True
         self._install_static(config)
         self._rebuild()
 
@@ -310,6 +313,16 @@ class CoordinatorState:
     def _change_tokens(self, entry: NodeEntry, now: float) -> float:
         refill = (now - entry.last_change) / self.config.min_heartbeat_interval
         return min(CHANGE_BURST, entry.change_tokens + refill)
+
+    def heartbeat_interval(self) -> float:
+        """How often relays are told to heartbeat (in every registration answer)."""
+        return max(self.config.min_heartbeat_interval, self.config.node_ttl / 3)
+
+    def ready(self, now: float) -> bool:
+        """True once the map is complete: restored from the state file, or registrations are
+        off, or every relay has had a heartbeat interval (plus a little) to register."""
+        return (self.restored or self.config.token is None
+                or now - self.started_at >= self.heartbeat_interval() + 2.0)
 
     def _registered_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.source == "registered")

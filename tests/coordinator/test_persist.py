@@ -190,3 +190,17 @@ async def test_state_file_is_replaced_atomically(nursery: trio.Nursery, tmp_path
     assert saved["map"] == json.loads(coord.state.published.json)
     assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]  # no temporary file left
     _ = replace  # noqa: F841
+
+
+async def test_readyz_waits_for_heartbeats_unless_state_was_restored(nursery: trio.Nursery,
+                                                                     tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        scope, coord = await start(nursery, tmp_path, FakeProbe())
+        assert (await http(coord.url + "/readyz")).status == 503  # fresh, registrations on
+        assert (await http(coord.url + "/healthz")).status == 200
+        assert coord.state.ready(trio.current_time() + coord.state.heartbeat_interval() + 2.0)
+        assert (await register(coord.url, relay_entry("970a", 970))).status == 200
+        scope.cancel()
+        scope, coord = await start(nursery, tmp_path, FakeProbe())
+        assert (await http(coord.url + "/readyz")).status == 200  # the state file had the map
+        scope.cancel()
