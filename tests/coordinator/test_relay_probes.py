@@ -170,3 +170,28 @@ async def test_prober_goes_only_where_it_is_allowed(nursery: trio.Nursery, tmp_p
         assert {t.node.name: t.dial for t in coord.state.probe_targets()}["900t"] == "127.0.0.1"
         metrics = (await http(coord.url + "/metrics")).body.decode()
     assert 'derpd_coordinator_registrations_total{result="forbidden"} 5.0' in metrics
+
+
+async def test_probe_latency_measures_the_relay(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The best of a few probes of an idle loopback relay is a few milliseconds, not the prober's
+    own set-up (loading CA bundles, resending, sleeping).  The bounds are loose on purpose: the
+    best of five, and several times what an idle machine measures (bench/coordinator_probe.py)."""
+    from derpd.coordinator.prober import NodeProber
+    from derpd.coordinator.state import ProbeTarget
+
+    with trio.fail_after(60):
+        relay = await start_relay(nursery, tmp_path / "certs")
+        coord = await start_coordinator(nursery, '[[regions]]\nid = 900\ncode = "dev"\n' + node_toml(relay),
+                                        tmp_path)
+        node = next(iter(coord.state.published.dmap.nodes()))
+        target = ProbeTarget(node, "127.0.0.1", "127.0.0.1", str(relay.public_key))
+        prober = NodeProber(timeout=5.0)
+        best: dict[str, float] = {}
+        for _ in range(6):
+            result = await prober(target)
+            assert result.ok, result.failed
+            for kind, secs in result.latency.items():
+                best[kind] = min(best.get(kind, 1e9), secs)
+        await prober.aclose()
+    assert best["https"] < 0.025, best
+    assert best["derp"] < 0.050, best
