@@ -23,7 +23,7 @@ from derpd.coordinator.model import DerpNode
 from derpd.coordinator.prober import NodeProber
 from derpd.coordinator.state import ProbeTarget
 from derpd.keys import NodePrivate
-from derpd.relay.server import serve_relay
+from derpd.relay.listener import serve_relay
 from derpd.settings import RelaySettings
 from stund.server import serve_stun
 

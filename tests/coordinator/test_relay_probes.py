@@ -18,7 +18,7 @@ from derpd.coordinator.prober import ADMISSION_NOTE
 from derpd.coordinator.registration import parse_registration
 from derpd.coordinator.server import RunningCoordinator, serve_coordinator
 from derpd.keys import NodePrivate
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 
 from .conftest import TOKEN, http, node_names, register
