@@ -45,8 +45,8 @@ from .protocol.messages import (
     encode_send_packet,
     parse_server_frame,
 )
-from .relay.tls_stream import DrainingSSLStream
-from .relay.websocket_stream import WebSocketStream
+from .transport.tls_stream import DrainingSSLStream
+from .transport.websocket_stream import WebSocketStream
 
 RECV_SIZE = 256 * 1024
 

@@ -13,7 +13,7 @@ import trio
 from derpd.coordinator.config import parse_config
 from derpd.coordinator.server import RunningCoordinator, serve_coordinator
 from derpd.keys import NodePrivate
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 from stund.server import serve_stun
 
