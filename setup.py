@@ -8,7 +8,9 @@ import sys
 
 from setuptools import Extension, setup
 
-ext_modules = []
+ext_modules = [
+    Extension("derpd._speedups", ["derpd/_speedups.c"], optional=True),
+]
 if sys.platform.startswith("linux"):
     ext_modules.append(Extension("stund._mmsg", ["stund/_mmsg.c"], optional=True))
 
