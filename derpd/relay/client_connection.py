@@ -57,6 +57,7 @@ from ..protocol.messages import (
     parse_client_frame,
 )
 from ..settings import RelaySettings
+from ..transport.raw_socket import raw_io_for
 from .registry import Forwarder, Registry, present_flags
 
 log = logging.getLogger("derpd.relay")
@@ -99,7 +100,7 @@ class ClientConnection:
         "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
         "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason", "_writing",
-        "_parked", "keepalive_interval", "next_keepalive", "_congested",
+        "_parked", "keepalive_interval", "next_keepalive", "_congested", "_raw",
     )
 
     def __init__(
@@ -116,6 +117,7 @@ class ClientConnection:
     ) -> None:
         self.server = server
         self.stream = stream
+        self._raw = raw_io_for(stream)  # plain TCP: fewer syscalls and wakeups; None for TLS/WebSocket
         self.public = public
         self.key = public.raw
         self.info = info
@@ -220,7 +222,8 @@ class ClientConnection:
     # ------------------------------------------------------------------ reader
 
     async def _read_loop(self, decoder: FrameDecoder) -> None:
-        stream = self.stream
+        raw = self._raw
+        receive_some = raw.receive_some if raw is not None else self.stream.receive_some
         try:
             data = b"x"
             frames = decoder.frames()
@@ -241,7 +244,7 @@ class ClientConnection:
                     await self.rate_limiter.wait(sum(len(p) for _, p in frames))
                 if not data:
                     return
-                data = await stream.receive_some(RECV_SIZE)
+                data = await receive_some(RECV_SIZE)
                 decoder.receive_data(data)
                 frames = decoder.frames()
                 if decoder.skipped_frames:  # unknown frame types, discarded by the decoder
@@ -394,7 +397,8 @@ class ClientConnection:
         """
         stats = self.server.stats
         queue, disco_queue, control = self._queue, self._disco_queue, self._control
-        stream = self.stream
+        raw = self._raw
+        send_all = raw.send_all if raw is not None else self.stream.send_all
         lot = self._lot
         timeout = self._write_timeout
         inf = float("inf")
@@ -427,7 +431,7 @@ class ClientConnection:
                         continue
                     self._writing = True
                     deadline.deadline = trio.current_time() + timeout
-                    await stream.send_all(b"".join(parts))
+                    await send_all(b"".join(parts))
                     deadline.deadline = inf
                     self._writing = False
                     if npk:
