@@ -11,7 +11,8 @@ yields are a large share of the cost of a packet.  Here:
   epoll first and skips the EAGAIN attempt; after a full read it yields once (fairness)
   and reads again;
 * a write that the kernel takes whole returns without yielding; only a partial write waits
-  for the socket to become writable.
+  for the socket to become writable.  ``send_now`` is that first, non-waiting write on its
+  own, so the relay's writer arms its write deadline only when it has to wait.
 
 Semantics kept: EOF is ``b""``; a reset or a write to a closed peer raises
 ``trio.BrokenResourceError``; a closed stream raises ``trio.ClosedResourceError``; waits
@@ -57,25 +58,28 @@ class RawSocketIO:
             self._drained = len(data) < max_bytes
             return data
 
-    async def send_all(self, data: bytes) -> None:
+    def send_now(self, data: bytes) -> int:
+        """Write what the kernel takes now, without waiting: the number of bytes written.
+
+        Raises:
+            trio.BrokenResourceError: the peer is gone.
+            trio.ClosedResourceError: the stream was closed.
+        """
         try:
-            n = os.write(self._fd(), data)
+            return os.write(self._fd(), data)
         except BlockingIOError:
-            n = 0
+            return 0
         except OSError as exc:
             raise trio.BrokenResourceError(exc) from exc
+
+    async def send_all(self, data: bytes) -> None:
+        n = self.send_now(data)
         if n == len(data):
             return
         view = memoryview(data)[n:]
         while view:
             await trio.lowlevel.wait_writable(self._sock)
-            try:
-                n = os.write(self._fd(), view)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
-            view = view[n:]
+            view = view[self.send_now(view) :]
 
 
 def raw_io_for(stream: trio.abc.Stream) -> RawSocketIO | None:
