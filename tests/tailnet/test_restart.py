@@ -51,6 +51,8 @@ def test_relay_restart_mid_transfer(make_tailnet, blob: tuple[Path, str]) -> Non
     first = interrupted.get("result")
     intact = isinstance(first, Transfer) and first.nbytes == BLOB_SIZE and first.sha256 == blob[1]
     print(f"the interrupted transfer {'completed intact' if intact else 'did not complete'}: {first!r}")
+    if isinstance(first, Transfer) and first.nbytes == BLOB_SIZE:
+        assert intact, "the interrupted transfer delivered 50 MB with the wrong sha256"
     for pong in pongs:
         assert pong.via == f"DERP({REGION_CODE})", pong.line
     assert back < RECONNECT_BOUND, f"reconnecting took {back:.1f} s"
