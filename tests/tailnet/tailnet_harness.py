@@ -487,6 +487,18 @@ class Tailnet:
                 out[name] = float(value)
         return out
 
+    def metrics_when(self, condition: Callable[[dict[str, float]], bool], url: str, timeout: float = 15.0
+                     ) -> dict[str, float]:
+        """Metrics from ``url`` once ``condition`` holds.  For ``--workers``' summed metrics,
+        which the parent re-scrapes from its workers every 2 s: there is no event to wait
+        for, so this re-reads every 0.5 s, up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not condition(m := self.metrics(url=url)):
+            if time.monotonic() > deadline:
+                raise TailnetError(f"{url}: condition not met within {timeout:.0f}s: {m}")
+            time.sleep(0.5)
+        return m
+
     # -- coordinator ----------------------------------------------------------------
 
     def start_coordinator(self, nodes: list[dict[str, Any]], probe_interval: float = 2.0,
