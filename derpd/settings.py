@@ -76,6 +76,7 @@ class RelaySettings:
     keepalive_jitter: float = 5.0
     login_timeout: float = 10.0
     http_timeout: float = 30.0
+    http_write_timeout: float = 30.0  # every HTTP response (derper's WriteTimeout)
     tcp_keepalive: float = 600.0
     tcp_user_timeout: float = 15.0
     max_connections_per_ip: int = 0  # 0 = unlimited

@@ -20,12 +20,14 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..protocol.upgrade import (
+    MAX_HEAD,
     DerpUpgrade,
     Metrics,
     Response,
     WebSocketUpgrade,
     derp_switching_protocols,
     redirect_to_https,
+    request_framing_error,
     route_request,
     websocket_switching_protocols,
 )
@@ -37,9 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("derpd.http")
 
-MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 MAX_REQUESTS_PER_CONNECTION = 100
+WRITE_TIMEOUT = 30.0  # every HTTP response must be written within this (derper: 30 s)
 _READ = 16 * 1024
 
 
@@ -49,22 +51,45 @@ class _BadRequest(Exception):
         self.reason = reason
 
 
+class _WriteTimedOut(Exception):
+    """A response could not be written within the write deadline: the peer does not read."""
+
+
+async def _write(stream: trio.abc.Stream, data: bytes, timeout: float) -> None:
+    with trio.move_on_after(timeout) as scope:
+        await stream.send_all(data)
+    if scope.cancelled_caught:
+        raise _WriteTimedOut
+
+
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
-    """Returns the next request once its head and body are in, or None on a clean EOF."""
+    """Returns the next request once its head and body are in, or None on a clean EOF.
+
+    The head (request line and headers) may be at most ``MAX_HEAD`` bytes, however the bytes
+    arrive: h11's own check looks only at an incomplete head, so a complete one that came in a
+    large read is measured here (bytes in, minus what h11 still holds past the head)."""
     request: h11.Request | None = None
     body = 0
+    received = len(conn.trailing_data[0])  # bytes of this request already read (keep-alive)
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as e:
-            raise _BadRequest("bad_http") from e
+            raise _BadRequest("head_too_large" if e.error_status_hint == 431 else "bad_http") from e
         if event is h11.NEED_DATA:
             if conn.they_are_waiting_for_100_continue:
                 raise _BadRequest("expect_continue")
+            if request is None and received > MAX_HEAD:
+                raise _BadRequest("head_too_large")
             data = await stream.receive_some(_READ)
+            received += len(data)
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
+            if received - len(conn.trailing_data[0]) > MAX_HEAD:
+                raise _BadRequest("head_too_large")
+            if (why := request_framing_error(event)) is not None:
+                raise _BadRequest(why)
             request = event
         elif isinstance(event, h11.Data):
             body += len(event.data)
@@ -78,13 +103,20 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Re
             return None
 
 
-async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response: Response) -> None:
+async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response: Response,
+                         timeout: float = WRITE_TIMEOUT) -> None:
     head, body, end = response.to_h11()
     data = conn.send(head)
     if body is not None:
         data += conn.send(body)
     data += conn.send(end)
-    await stream.send_all(data)
+    await _write(stream, data, timeout)
+
+
+def https_authority(hostname: str, port: int) -> bytes:
+    """``--hostname`` (and the TLS port when it is not 443), for redirects to the relay."""
+    name = f"[{hostname}]" if ":" in hostname else hostname
+    return (name if port in (0, 443) else f"{name}:{port}").encode()
 
 
 def _is_loopback(ip: str) -> bool:
@@ -134,7 +166,7 @@ async def handle_connection(
                     return
                 case WebSocketUpgrade(accept_token=token, subprotocol_ok=ok):
                     initial, _ = conn.trailing_data
-                    await stream.send_all(websocket_switching_protocols(token))
+                    await _write(stream, websocket_switching_protocols(token), settings.http_write_timeout)
                     ws = WebSocketStream(stream, initial=initial)
                     if not ok:
                         stats.handshake_failures["websocket_subprotocol"] += 1
@@ -150,9 +182,9 @@ async def handle_connection(
                     else:
                         response = Response(403, ((b"Content-Type", b"text/plain; charset=utf-8"),),
                                             b"metrics are served to loopback clients only; use --metrics-addr\n")
-                    await _send_response(stream, conn, response)
+                    await _send_response(stream, conn, response, settings.http_write_timeout)
                 case Response() as response:
-                    await _send_response(stream, conn, response)
+                    await _send_response(stream, conn, response, settings.http_write_timeout)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
@@ -161,11 +193,13 @@ async def handle_connection(
         log.debug("bad request from %s: %s", remote[0], e.reason)
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             try:
-                with trio.move_on_after(1):
-                    await _send_response(stream, conn, Response(400, body=b"bad request\n",
-                                                                 headers=((b"Connection", b"close"),)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                await _send_response(stream, conn, Response(400, body=b"bad request\n",
+                                                            headers=((b"Connection", b"close"),)), 1.0)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, _WriteTimedOut):
                 pass
+    except _WriteTimedOut:
+        stats.handshake_failures["http_write_timeout"] += 1
+        log.debug("HTTP response to %s not read within %ss, closing", remote[0], settings.http_write_timeout)
     except trio.BrokenResourceError as e:
         cause = e.__cause__
         if isinstance(cause, ssl.SSLError):
@@ -182,10 +216,12 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
         with trio.move_on_after(server.settings.http_timeout):
             request = await _read_request(stream, conn)
             if request is not None:
-                response = redirect_to_https(request)
-                await _send_response(stream, conn, response)
+                response = redirect_to_https(request, https_authority(server.settings.hostname, server.port))
+                await _send_response(stream, conn, response, server.settings.http_write_timeout)
     except _BadRequest as e:
         server.stats.handshake_failures[e.reason] += 1
+    except _WriteTimedOut:
+        server.stats.handshake_failures["http_write_timeout"] += 1
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
 
@@ -209,5 +245,5 @@ async def handle_metrics_connection(render: Callable[[], bytes], stream: trio.ab
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
-    except (_BadRequest, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+    except (_BadRequest, _WriteTimedOut, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass

@@ -154,7 +154,7 @@ async def serve_relay(
     else:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
     internal = _listeners_from(internal_sockets or [])
-    bound_port = listeners[0].socket.getsockname()[1]
+    bound_port = server.port = listeners[0].socket.getsockname()[1]
     addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
     redirect_listeners: list[trio.SocketListener] = []
     http_port = None

@@ -75,6 +75,7 @@ class RelayServer:
         self.ssl_context: ssl.SSLContext | None = None
         self.cert: ServerCert | None = None
         self.connections_per_ip: dict[str, int] = {}
+        self.port = 0  # the relay port, once bound
         self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
         self.mesh_peers_configured = 0
         self.mesh_links: list = []  # derpd.mesh.MeshPeer, for metrics
