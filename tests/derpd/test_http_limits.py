@@ -7,14 +7,7 @@ import socket
 
 import trio
 
-from .conftest import assert_relay_still_serves, raw_connect, read_until_closed, start_relay
-
-
-async def _ask(relay, data: bytes) -> bytes:
-    with trio.fail_after(10):
-        stream = await raw_connect(relay)
-        await stream.send_all(data)
-        return await read_until_closed(stream)
+from .conftest import assert_relay_still_serves, http, raw_connect, read_until_closed, start_relay
 
 
 async def test_head_over_16k_refused_even_in_one_write(nursery):
@@ -22,7 +15,7 @@ async def test_head_over_16k_refused_even_in_one_write(nursery):
     stats = relay.server.stats
     # 20 KiB of headers arriving at once: a complete head that h11 alone would accept.
     big = b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n"
-    r = await _ask(relay, big)
+    r = await http(relay, big)
     assert r.startswith(b"HTTP/1.1 400 ")
     # ... and one that trickles in past the limit without ever ending.
     with trio.fail_after(10):
@@ -37,13 +30,13 @@ async def test_head_over_16k_refused_even_in_one_write(nursery):
     assert stats.handshake_failures["head_too_large"] == 2
     # A head just under the limit is fine.
     ok = b"GET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: " + b"c" * 15000 + b"\r\n\r\n"
-    assert (await _ask(relay, ok)).startswith(b"HTTP/1.1 200 ")
+    assert (await http(relay, ok)).startswith(b"HTTP/1.1 200 ")
     await assert_relay_still_serves(relay)
 
 
 async def test_content_length_with_transfer_encoding_refused(nursery):
     relay = await start_relay(nursery)
-    r = await _ask(relay, b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    r = await http(relay, b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert r.startswith(b"HTTP/1.1 400 ") and r.count(b"HTTP/1.1") == 1
     assert relay.server.stats.handshake_failures["ambiguous_length"] == 1
