@@ -21,16 +21,25 @@ Decisions are cached per (key, source IP) for ``cache_ttl`` seconds and concurre
 the same pair share one request, so a reconnect storm costs the controller one request per
 client per TTL; at most ``max_in_flight`` requests run at once.
 
+``FairShare`` sits in front of the remote checks: one source address (an IPv6 /64 counts as
+one) may have at most ``per_source`` logins waiting on admission at once, and one key at most
+``per_key``; a login over either cap is refused at once (``admission_busy_source``,
+``admission_busy_key``) instead of queueing, so a slow controller and one busy source cannot
+starve everyone else's logins.
+
 A refusal returns a reason label counted in ``derp_admission_refused_total{reason}``:
 ``not_allowed`` (allow-list), ``verify_denied`` (``Allow`` false or missing),
 ``verify_status`` (non-200), ``verify_bad_response`` (body not the expected JSON),
-``verify_unreachable`` (transport failure with fail-open off).
+``verify_unreachable`` (transport failure with fail-open off), ``admission_busy_source`` and
+``admission_busy_key`` (``FairShare``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+from collections.abc import Awaitable, Callable
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -51,10 +60,13 @@ MAX_RESPONSE_BODY = 4 << 10
 DEFAULT_CACHE_TTL = 5.0
 MAX_CACHE_ENTRIES = 100_000
 MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_PER_SOURCE = 8
+MAX_IN_FLIGHT_PER_KEY = 2
 ALLOW_FILE_CHECK_INTERVAL = 5.0
 _MAX_RESPONSE_HEAD = 16 << 10
 
 Decision = tuple[bool, str]
+Check = Callable[[NodePublic, object, str], Awaitable[Decision]]
 
 
 class AdmissionConfigError(SettingsError):
@@ -334,6 +346,71 @@ class VerifyClientURL:
         return (True, "") if self.fail_open else (False, "verify_unreachable")
 
 
+# ------------------------------------------------------------------------------ fair share
+
+
+def source_of(ip: str) -> str:
+    """The unit a per-source cap counts: the IPv4 address, or the IPv6 /64 (one host usually
+    owns a whole /64, so counting single IPv6 addresses would be no cap at all)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
+
+
+class FairShare:
+    """Caps on logins waiting on admission at once, per source address and per key.
+
+    ``wrap(check)`` returns a check that refuses at once, without asking, when the caller's
+    source or key is already at its cap; refusals are counted in ``refused`` by reason (the
+    server counts them again in ``derp_admission_refused_total``) and logged once per source
+    at debug level until that source's queue empties.
+    """
+
+    def __init__(self, per_source: int = MAX_IN_FLIGHT_PER_SOURCE, per_key: int = MAX_IN_FLIGHT_PER_KEY) -> None:
+        self.per_source = per_source
+        self.per_key = per_key
+        self._sources: dict[str, int] = {}
+        self._keys: dict[bytes, int] = {}
+        self._logged: set[str] = set()
+
+    def wrap(self, check: Check) -> Check:
+        async def fair_check(key: NodePublic, info: object, ip: str) -> Decision:
+            src = source_of(ip)
+            sources, keys = self._sources, self._keys
+            if sources.get(src, 0) >= self.per_source:
+                if src not in self._logged:
+                    self._logged.add(src)
+                    log.debug("admission: %s already has %d logins waiting, refusing more", src, self.per_source)
+                return False, "admission_busy_source"
+            if keys.get(key.raw, 0) >= self.per_key:
+                return False, "admission_busy_key"
+            sources[src] = sources.get(src, 0) + 1
+            keys[key.raw] = keys.get(key.raw, 0) + 1
+            try:
+                return await check(key, info, ip)
+            finally:
+                if (n := sources[src] - 1) > 0:
+                    sources[src] = n
+                else:
+                    del sources[src]
+                    self._logged.discard(src)
+                if (n := keys[key.raw] - 1) > 0:
+                    keys[key.raw] = n
+                else:
+                    del keys[key.raw]
+
+        return fair_check
+
+    def in_flight(self) -> int:
+        return sum(self._sources.values())
+
+
 # ------------------------------------------------------------------------------ CLI wiring
 
 
@@ -379,7 +456,7 @@ class Protection:
             nursery.start_soon(self.allow_list.watch)
             log.info("admission: %d keys allowed by %s", len(self.allow_list.keys), self.allow_list.path)
         if self.verify is not None:
-            server.admission_checks.append(self.verify.check)
+            server.admission_checks.append(FairShare().wrap(self.verify.check))
             log.info("admission: asking %s (fail-open %s)", self.verify.url, self.verify.fail_open)
         if self.rate_config_path is not None:
             limits = server.client_rate_limits

@@ -6,8 +6,9 @@
   ``NodePublic`` is a registered node key, else ``{"Allow":false}\\n``; ``Source`` is ignored.
 
 It records every request (method, headers, body) so tests can check what the relay sent.
-Extra modes let a test make it misbehave: ``hang`` (accept and never answer), ``status``
-(answer this status), ``body`` (answer these bytes with 200).
+Extra modes let a test make it misbehave: ``hang`` (accept and never answer), ``hang_sources``
+(never answer requests whose ``Source`` is in the set), ``status`` (answer this status),
+``body`` (answer these bytes with 200).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ import h11
 import trio
 
 MAX_BODY = 4 << 10
+
+
+def _source(body: bytes) -> str | None:
+    try:
+        req = json.loads(body)
+    except ValueError:
+        return None
+    return req.get("Source") if isinstance(req, dict) else None
 
 
 @dataclass
@@ -34,6 +43,7 @@ class FakeHeadscale:
     node_keys: set[str] = field(default_factory=set)
     seen: list[Seen] = field(default_factory=list)
     hang: bool = False
+    hang_sources: set[str] = field(default_factory=set)
     status: int | None = None
     body: bytes | None = None
     port: int = 0
@@ -86,7 +96,7 @@ class FakeHeadscale:
                 return
         assert request is not None
         self.seen.append(Seen(request.method, request.target, dict(request.headers), bytes(body)))
-        if self.hang:
+        if self.hang or (self.hang_sources and _source(bytes(body)) in self.hang_sources):
             await trio.sleep_forever()
         status, headers, payload = self._answer(request.method, bytes(body), too_big)
         headers = [*headers, (b"Content-Length", str(len(payload)).encode())]
