@@ -22,10 +22,10 @@ the same pair share one request, so a reconnect storm costs the controller one r
 client per TTL; at most ``max_in_flight`` requests run at once.
 
 ``FairShare`` sits in front of the remote checks: one source address (an IPv6 /64 counts as
-one) may have at most ``per_source`` logins waiting on admission at once, and one key at most
-``per_key``; a login over either cap is refused at once (``admission_busy_source``,
-``admission_busy_key``) instead of queueing, so a slow controller and one busy source cannot
-starve everyone else's logins.
+one) may have at most 8 checks in flight and 56 more logins waiting for them, one key at most
+2 checks; a login over a cap is refused at once (``admission_busy_source``,
+``admission_busy_key``), so a slow controller and one busy source cannot starve everyone
+else's logins.
 
 A refusal returns a reason label counted in ``derp_admission_refused_total{reason}``:
 ``not_allowed`` (allow-list), ``verify_denied`` (``Allow`` false or missing),
@@ -62,6 +62,7 @@ MAX_CACHE_ENTRIES = 100_000
 MAX_IN_FLIGHT = 64
 MAX_IN_FLIGHT_PER_SOURCE = 8
 MAX_IN_FLIGHT_PER_KEY = 2
+MAX_QUEUED_PER_SOURCE = 56  # logins from one source waiting for one of its slots
 ALLOW_FILE_CHECK_INTERVAL = 5.0
 _MAX_RESPONSE_HEAD = 16 << 10
 
@@ -363,42 +364,59 @@ def source_of(ip: str) -> str:
     return ip
 
 
-class FairShare:
-    """Caps on logins waiting on admission at once, per source address and per key.
+class _Share:
+    __slots__ = ("slots", "count")
 
-    ``wrap(check)`` returns a check that refuses at once, without asking, when the caller's
-    source or key is already at its cap; refusals are counted in ``refused`` by reason (the
-    server counts them again in ``derp_admission_refused_total``) and logged once per source
-    at debug level until that source's queue empties.
+    def __init__(self, slots: int) -> None:
+        self.slots = trio.Semaphore(slots)
+        self.count = 0  # asking now plus waiting for a slot
+
+
+class FairShare:
+    """Caps on admission checks per source address and per key.
+
+    ``wrap(check)`` returns a check that lets each source (``source_of``) run at most
+    ``per_source`` checks at once; up to ``queue`` more logins from that source wait their
+    turn, and any beyond are refused at once without asking.  A key may have at most
+    ``per_key`` checks in flight.  So one source can hold at most ``per_source`` of the
+    controller's ``MAX_IN_FLIGHT`` slots, however many logins it opens, and the rest of the
+    slots stay free for everyone else.  Refusals return ``admission_busy_source`` or
+    ``admission_busy_key`` (the server counts them in ``derp_admission_refused_total``); the
+    first one per source is logged at debug level until that source's queue empties.
     """
 
-    def __init__(self, per_source: int = MAX_IN_FLIGHT_PER_SOURCE, per_key: int = MAX_IN_FLIGHT_PER_KEY) -> None:
+    def __init__(self, per_source: int = MAX_IN_FLIGHT_PER_SOURCE, per_key: int = MAX_IN_FLIGHT_PER_KEY,
+                 queue: int = MAX_QUEUED_PER_SOURCE) -> None:
         self.per_source = per_source
         self.per_key = per_key
-        self._sources: dict[str, int] = {}
+        self.queue = queue
+        self._sources: dict[str, _Share] = {}
         self._keys: dict[bytes, int] = {}
         self._logged: set[str] = set()
 
     def wrap(self, check: Check) -> Check:
         async def fair_check(key: NodePublic, info: object, ip: str) -> Decision:
             src = source_of(ip)
-            sources, keys = self._sources, self._keys
-            if sources.get(src, 0) >= self.per_source:
+            share = self._sources.get(src)
+            if share is None:
+                share = self._sources[src] = _Share(self.per_source)
+            elif share.count >= self.per_source + self.queue:
                 if src not in self._logged:
                     self._logged.add(src)
-                    log.debug("admission: %s already has %d logins waiting, refusing more", src, self.per_source)
+                    log.debug("admission: %d logins from %s already waiting, refusing more", share.count, src)
                 return False, "admission_busy_source"
+            keys = self._keys
             if keys.get(key.raw, 0) >= self.per_key:
                 return False, "admission_busy_key"
-            sources[src] = sources.get(src, 0) + 1
+            share.count += 1
             keys[key.raw] = keys.get(key.raw, 0) + 1
             try:
-                return await check(key, info, ip)
+                async with share.slots:
+                    return await check(key, info, ip)
             finally:
-                if (n := sources[src] - 1) > 0:
-                    sources[src] = n
-                else:
-                    del sources[src]
+                share.count -= 1
+                if not share.count:
+                    del self._sources[src]
                     self._logged.discard(src)
                 if (n := keys[key.raw] - 1) > 0:
                     keys[key.raw] = n
@@ -406,9 +424,6 @@ class FairShare:
                     del keys[key.raw]
 
         return fair_check
-
-    def in_flight(self) -> int:
-        return sum(self._sources.values())
 
 
 # ------------------------------------------------------------------------------ CLI wiring
