@@ -1,5 +1,6 @@
 """Logins per second through ``--verify-client-url``: derpd runs as its own process and asks an
-admission controller in this process (keep-alive HTTP/1.1, answers ``{"Allow":true}``) about
+admission controller in this process (the tests' headscale stand-in, with keep-alive, answering
+``{"Allow":true}``) about
 every login; this process also logs fresh keys in, ``--concurrency`` at a time.
 
 Usage:  python bench/admission.py [--seconds 5] [--concurrency 16] [--json FILE]
@@ -18,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h11
 import trio
 
 import benchlib
@@ -28,56 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from derpd import client as derp_client  # noqa: E402
 from derpd.keys import NodePrivate  # noqa: E402
 from derpd.protocol.errors import RemoteProtocolError  # noqa: E402
-
-ALLOW = b'{"Allow":true}\n'
-
-
-class Controller:
-    def __init__(self) -> None:
-        self.connections = 0
-        self.requests = 0
-        self.port = 0
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        self.connections += 1
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                conn.receive_data(data)
-                if not data:
-                    return
-                continue
-            if isinstance(event, h11.EndOfMessage):
-                self.requests += 1
-                await stream.send_all(
-                    conn.send(h11.Response(status_code=200, headers=[
-                        (b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(ALLOW))]))
-                    + conn.send(h11.Data(data=ALLOW)) + conn.send(h11.EndOfMessage()))
-                if conn.our_state is h11.MUST_CLOSE:
-                    return
-                conn.start_next_cycle()
-            elif isinstance(event, h11.ConnectionClosed):
-                return
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-
-        async def handler(stream: trio.SocketStream) -> None:
-            try:
-                await self._handle(stream)
-            except (trio.BrokenResourceError, h11.RemoteProtocolError):
-                pass
-
-        async with trio.open_nursery() as n:
-            n.start_soon(trio.serve_listeners, handler, listeners)
-            task_status.started()
-
+from tests.admission.fake_headscale import FakeHeadscale  # noqa: E402  (answers like headscale's /verify)
 
 async def run(seconds: float, concurrency: int) -> dict:
-    controller = Controller()
+    controller = FakeHeadscale(allow_all=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(controller.serve)
         port = benchlib.free_port()
@@ -116,7 +70,7 @@ async def run(seconds: float, concurrency: int) -> dict:
         "logins": logins, "failures": failures, "seconds": round(elapsed, 2),
         "logins_per_s": round(logins / elapsed, 1),
         "relay_cpu_s_per_1000_logins": round(1000 * cpu / max(logins, 1), 3),
-        "controller_connections": controller.connections, "controller_requests": controller.requests,
+        "controller_connections": controller.connections, "controller_requests": len(controller.seen),
     }
 
 

@@ -44,6 +44,8 @@ class FakeHeadscale:
     seen: list[Seen] = field(default_factory=list)
     hang: bool = False
     hang_sources: set[str] = field(default_factory=set)
+    allow_all: bool = False
+    connections: int = 0
     status: int | None = None
     body: bytes | None = None
     port: int = 0
@@ -69,11 +71,17 @@ class FakeHeadscale:
             key = None
         if key is None:
             return 400, text, b"Bad Request\n"
-        allow = key in self.node_keys
+        allow = self.allow_all or key in self.node_keys
         return 200, [(b"Content-Type", b"application/json")], b'{"Allow":%s}\n' % (b"true" if allow else b"false")
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """Answer requests on one connection, with keep-alive as a Go server does."""
+        self.connections += 1
         conn = h11.Connection(h11.SERVER)
+        while await self._one_request(stream, conn):
+            conn.start_next_cycle()
+
+    async def _one_request(self, stream: trio.SocketStream, conn: h11.Connection) -> bool:
         request = None
         body = bytearray()
         too_big = False
@@ -83,7 +91,7 @@ class FakeHeadscale:
                 data = await stream.receive_some(65536)
                 conn.receive_data(data)
                 if not data and conn.their_state is not h11.DONE:
-                    return
+                    return False
                 continue
             if isinstance(event, h11.Request):
                 request = event
@@ -93,7 +101,7 @@ class FakeHeadscale:
             elif isinstance(event, h11.EndOfMessage):
                 break
             else:
-                return
+                return False
         assert request is not None
         self.seen.append(Seen(request.method, request.target, dict(request.headers), bytes(body)))
         if self.hang or (self.hang_sources and _source(bytes(body)) in self.hang_sources):
@@ -102,6 +110,7 @@ class FakeHeadscale:
         headers = [*headers, (b"Content-Length", str(len(payload)).encode())]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers))
                               + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def serve(self, *, task_status: trio.TaskStatus[FakeHeadscale] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
