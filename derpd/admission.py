@@ -13,6 +13,9 @@ peers skip them; the server's ``admit`` runs the installed checks in order, all 
 
   with no Content-Type and a 5 s timeout, reads at most 4 KiB of the answer, and admits only
   a 200 whose JSON has ``"Allow": true`` (field name matched case-insensitively, like Go).
+  Requests go through one pooled httpx client (keep-alive, so a login costs no TCP or TLS
+  handshake with the controller); redirects are followed only to the same scheme, host and
+  port (307/308, at most 3).
   ``fail_open`` (default true, as derper) admits when the request itself fails -- connect
   error, TLS error, a broken response head, or the 5 s timeout; a non-200 status or an
   unreadable body always refuses.
@@ -47,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
+import httpx
 import trio
 
 from .keys import KeyFormatError, NodePublic
@@ -64,7 +67,7 @@ MAX_IN_FLIGHT_PER_SOURCE = 8
 MAX_IN_FLIGHT_PER_KEY = 2
 MAX_QUEUED_PER_SOURCE = 56  # logins from one source waiting for one of its slots
 ALLOW_FILE_CHECK_INTERVAL = 5.0
-_MAX_RESPONSE_HEAD = 16 << 10
+MAX_REDIRECTS = 3
 
 Decision = tuple[bool, str]
 Check = Callable[[NodePublic, object, str], Awaitable[Decision]]
@@ -163,25 +166,22 @@ class _TransportError(Exception):
     """The request failed before a response head arrived (fail-open applies)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    tls: bool
-    host: str
-    port: int
-    target: bytes
-    host_header: bytes
+class _BadAnswer(Exception):
+    """A response head arrived but the answer broke off or cannot be used."""
 
 
-def _parse_url(url: str) -> _Target:
+def _parse_url(url: str) -> httpx.URL:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AdmissionConfigError(f"--verify-client-url must be an http:// or https:// URL, not {url!r}")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts.port
     except ValueError as e:
         raise AdmissionConfigError(f"--verify-client-url has a bad port: {url!r}") from e
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(parts.scheme == "https", parts.hostname, port, target.encode(), parts.netloc.encode())
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise AdmissionConfigError(f"--verify-client-url is not a usable URL: {url!r} ({e})") from e
 
 
 def request_body(key: NodePublic, ip: str) -> bytes:
@@ -215,55 +215,67 @@ def parse_verify_response(status: int, body: bytes) -> Decision:
     return (True, "") if allow else (False, "verify_denied")
 
 
+def http_client(*, timeout: float = VERIFY_TIMEOUT, max_connections: int = MAX_IN_FLIGHT,
+                ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncClient:
+    """The pooled HTTP/1.1 client for the admission controller: keep-alive connections (one
+    TCP and TLS handshake per connection, not per login), every phase under ``timeout``,
+    redirects not followed (``post_json`` follows same-origin 307/308 itself), no proxy from
+    the environment, and TLS verified with the system roots or ``ssl_context``."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                            keepalive_expiry=30.0),
+        follow_redirects=False,
+        trust_env=False,
+        verify=ssl_context if ssl_context is not None else True,
+        headers={"User-Agent": "derpd"},
+    )
+
+
 async def post_json(url: str, body: bytes, *, max_body: int = MAX_RESPONSE_BODY,
-                    ssl_context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+                    ssl_context: ssl.SSLContext | None = None,
+                    client: httpx.AsyncClient | None = None) -> tuple[int, bytes]:
     """POST ``body`` (no Content-Type, as Go's client does for derper) and return the status and
-    at most ``max_body`` bytes of the response body.  The caller bounds the time.
+    at most ``max_body`` bytes of the response body.  A 307 or 308 to the same scheme, host and
+    port is followed (at most ``MAX_REDIRECTS``); any other redirect is an answer like any
+    non-200.  The caller bounds the total time.
 
     Raises:
-        _TransportError: connect/TLS failure or a broken response head.
-        trio.BrokenResourceError, h11.RemoteProtocolError: the body broke off.
+        _TransportError: connect/TLS failure, or no response head.
+        _BadAnswer: the body broke off.
     """
-    t = _parse_url(url)
-    try:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(t.host, t.port)
-    except OSError as e:
-        raise _TransportError(f"connect to {t.host}:{t.port}: {e}") from e
-    try:
-        if t.tls:
-            ctx = ssl_context or ssl.create_default_context()
-            stream = trio.SSLStream(stream, ctx, server_hostname=t.host)
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
-        head = h11.Request(method="POST", target=t.target, headers=[
-            ("Host", t.host_header), ("User-Agent", "derpd"), ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ])
+    if client is None:
+        async with http_client(ssl_context=ssl_context, max_connections=1) as one:
+            return await post_json(url, body, max_body=max_body, client=one)
+    target = _parse_url(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        request = client.build_request("POST", target, content=body)
         try:
-            await stream.send_all(conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-            status = None
-            while status is None:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(16384))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise _TransportError("connection closed before a response")
-                # InformationalResponse (1xx): keep reading
-        except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+            response = await client.send(request, stream=True)
+        except httpx.TransportError as e:
             raise _TransportError(str(e) or type(e).__name__) from e
-        got = bytearray()
-        while len(got) < max_body:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(16384))
-            elif isinstance(event, h11.Data):
-                got += event.data
-            else:  # EndOfMessage or ConnectionClosed
-                break
-        return status, bytes(got[:max_body])
-    finally:
-        await trio.aclose_forcefully(stream)
+        try:
+            location = response.headers.get("location")
+            if response.status_code in (307, 308) and location is not None:
+                try:
+                    nxt = target.join(location)
+                except httpx.InvalidURL:
+                    nxt = None
+                if nxt is not None and (nxt.scheme, nxt.host, nxt.port) == (target.scheme, target.host, target.port):
+                    target = nxt
+                    continue
+            got = bytearray()
+            try:
+                async for chunk in response.aiter_raw():
+                    got += chunk
+                    if len(got) >= max_body:
+                        break
+            except httpx.TransportError as e:
+                raise _BadAnswer(str(e) or type(e).__name__) from e
+            return response.status_code, bytes(got[:max_body])
+        finally:
+            await response.aclose()
+    return 310, b""  # too many redirects: a non-200 answer
 
 
 class VerifyClientURL:
@@ -289,6 +301,8 @@ class VerifyClientURL:
         self._cache: OrderedDict[tuple[bytes, str], tuple[float, Decision]] = OrderedDict()
         self._pending: dict[tuple[bytes, str], trio.Event] = {}
         self._limit = trio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._client: httpx.AsyncClient | None = None  # made in the running event loop, on first use
         self._unreachable_logged = False
 
     async def check(self, key: NodePublic, info: object, ip: str) -> Decision:
@@ -326,11 +340,14 @@ class VerifyClientURL:
         async with self._limit:
             self.requests += 1
             try:
+                if self._client is None:
+                    self._client = http_client(timeout=self.timeout, max_connections=self._max_in_flight,
+                                               ssl_context=self.ssl_context)
                 with trio.fail_after(self.timeout):
-                    status, body = await post_json(self.url, request_body(key, ip), ssl_context=self.ssl_context)
+                    status, body = await post_json(self.url, request_body(key, ip), client=self._client)
             except (_TransportError, trio.TooSlowError) as e:
                 return self._unreachable(e)
-            except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError):
+            except _BadAnswer:
                 return False, "verify_bad_response"
         if self._unreachable_logged:
             self._unreachable_logged = False

@@ -7,7 +7,8 @@
 
 It records every request (method, headers, body) so tests can check what the relay sent.
 Extra modes let a test make it misbehave: ``hang`` (accept and never answer), ``hang_sources``
-(never answer requests whose ``Source`` is in the set), ``status`` (answer this status),
+(never answer requests whose ``Source`` is in the set), ``location`` (answer 307 to it),
+``status`` (answer this status),
 ``body`` (answer these bytes with 200).
 """
 
@@ -45,6 +46,7 @@ class FakeHeadscale:
     hang: bool = False
     hang_sources: set[str] = field(default_factory=set)
     allow_all: bool = False
+    location: str | None = None  # answer 307 to here
     connections: int = 0
     status: int | None = None
     body: bytes | None = None
@@ -56,6 +58,8 @@ class FakeHeadscale:
 
     def _answer(self, method: bytes, body: bytes, too_big: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         text = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"X-Content-Type-Options", b"nosniff")]
+        if self.location is not None:
+            return 307, [*text, (b"Location", self.location.encode())], b"moved\n"
         if self.status is not None:
             return self.status, text, b"forced status\n"
         if self.body is not None:

@@ -268,3 +268,24 @@ async def test_per_key_cap():
             await trio.testing.wait_all_tasks_blocked()
             gate.set()
     assert sorted(got) == [(False, "admission_busy_key")] * 3 + [(True, "")] * 2
+
+
+async def test_controller_connections_are_kept_alive(relay, headscale):
+    headscale.allow_all = True
+    relay.server.admission_checks.append(VerifyClientURL(headscale.url).check)
+    with trio.fail_after(10):
+        for _ in range(5):
+            assert await logs_in(relay, NodePrivate.generate())
+    assert len(headscale.seen) == 5 and headscale.connections == 1
+
+
+@pytest.mark.parametrize("where,requests", [("http://127.0.0.2:{port}/verify", 1), ("/elsewhere", 4)])
+async def test_redirects_only_to_the_same_origin(relay, headscale, where, requests):
+    """A 307 to another host is an answer (refused, verify_status), never followed; one to the
+    same origin is followed, at most 3 times."""
+    headscale.location = where.format(port=headscale.port)
+    relay.server.admission_checks.append(VerifyClientURL(headscale.url, fail_open=True).check)
+    with trio.fail_after(10):
+        assert not await logs_in(relay, NodePrivate.generate())
+    assert relay.server.stats.admission_refused["verify_status"] == 1
+    assert len(headscale.seen) == requests
