@@ -85,6 +85,12 @@ def main() -> None:
               help="Burst for --accept-connection-limit.")
 @click.option("--max-connections-per-ip", type=click.IntRange(0), default=0,
               help="Open connections allowed from one source IP; 0 = unlimited.")
+@click.option("--proxy-protocol", is_flag=True,
+              help="Expect a PROXY protocol v1/v2 header from --trusted-proxies on the relay port "
+                   "(an SNI router or load balancer in front); a header from anyone else closes the connection.")
+@click.option("--trusted-proxies", default="", metavar="CIDR,...",
+              help="Proxies whose PROXY headers (with --proxy-protocol) and X-Forwarded-For (plain HTTP) "
+                   "name the real client.")
 @click.option("--shutdown-grace", type=click.FloatRange(0), default=5.0, show_default=True,
               help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
@@ -181,6 +187,8 @@ def _serve_settings(opts: dict[str, object]) -> ServeOptions:
         accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+        proxy_protocol=bool(opts["proxy_protocol"]),
+        trusted_proxies=tuple(c.strip() for c in str(opts["trusted_proxies"]).split(",") if c.strip()),
     )
     if opts["mesh_with"] and mesh_key is None:
         raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")

@@ -31,6 +31,7 @@ from ..protocol.upgrade import (
     route_request,
     websocket_switching_protocols,
 )
+from .client_address import client_from_forwarded_for, is_trusted
 from .tls_stream import DrainingSSLStream
 from .websocket_stream import WebSocketStream
 
@@ -137,12 +138,35 @@ def _route_label(request: h11.Request) -> str:
     return known.get(path, "home")
 
 
+_PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+def _forwarded(server: RelayServer, request: h11.Request, remote: tuple[str, int],
+               behind_proxy: bool) -> tuple[tuple[str, int], bool]:
+    """The client of a plain-HTTP request, and whether a proxy relayed it.  From a trusted
+    proxy, ``X-Forwarded-For`` names the client; any request that carries a forwarding header,
+    or comes from a trusted proxy, was relayed (so it is never "local", whoever sent it)."""
+    if behind_proxy:
+        xff = [v for k, v in request.headers if k == b"x-forwarded-for"]
+        client = client_from_forwarded_for(xff, server.trusted_proxies) if xff else None
+        return ((client, 0) if client else remote), True
+    return remote, any(k in _PROXY_HEADERS for k, _ in request.headers)
+
+
 async def handle_connection(
-    server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int], *, tls: ssl.SSLContext | None
+    server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int], *, tls: ssl.SSLContext | None,
+    via_proxy: bool = False,
 ) -> None:
-    """Serve one accepted connection until it closes.  Never raises for peer misbehaviour."""
+    """Serve one accepted connection until it closes.  Never raises for peer misbehaviour.
+
+    ``remote`` is the client (as a PROXY header named it when ``via_proxy``).  On plain HTTP
+    from a ``--trusted-proxies`` address, ``X-Forwarded-For`` names the client instead, and
+    the per-IP limit is applied to that client when it upgrades to DERP."""
     settings = server.settings
     stats = server.stats
+    behind_http_proxy = (tls is None and not via_proxy and bool(server.trusted_proxies)
+                         and is_trusted(remote[0], server.trusted_proxies))
+    peer = remote
     if tls is not None:
         stream = DrainingSSLStream(stream, tls, server_side=True)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -158,25 +182,21 @@ async def handle_connection(
                 return
             route = route_request(request, home=settings.home, derp_enabled=settings.derp_enabled)
             stats.http_requests[_route_label(request)] += 1
+            remote, relayed = _forwarded(server, request, peer, behind_http_proxy)
+            relayed = relayed or via_proxy
             match route:
-                case DerpUpgrade(fast_start=fast, not_ideal=not_ideal):
-                    initial, _ = conn.trailing_data
-                    preamble = b"" if fast else derp_switching_protocols(server.public_key)
-                    await server.serve_derp(stream, remote, initial, preamble=preamble, not_ideal=not_ideal)
+                case DerpUpgrade() | WebSocketUpgrade() if behind_http_proxy:
+                    if server.enter_ip(remote[0]):
+                        try:
+                            await _upgrade(server, stream, conn, route, remote)
+                        finally:
+                            server.leave_ip(remote[0])
                     return
-                case WebSocketUpgrade(accept_token=token, subprotocol_ok=ok):
-                    initial, _ = conn.trailing_data
-                    await _write(stream, websocket_switching_protocols(token), settings.http_write_timeout)
-                    ws = WebSocketStream(stream, initial=initial)
-                    if not ok:
-                        stats.handshake_failures["websocket_subprotocol"] += 1
-                        await ws._close(1008, "client must speak the derp subprotocol")
-                        return
-                    stats.websocket_accepts += 1
-                    await server.serve_derp(ws, remote, b"")
+                case DerpUpgrade() | WebSocketUpgrade():
+                    await _upgrade(server, stream, conn, route, remote)
                     return
                 case Metrics():
-                    if settings.serve_metrics and _is_loopback(remote[0]):
+                    if settings.serve_metrics and not relayed and _is_loopback(remote[0]):
                         response = Response(200, ((b"Content-Type", CONTENT_TYPE_LATEST.encode()),),
                                             server.metrics_text())
                     else:
@@ -207,6 +227,24 @@ async def handle_connection(
             log.debug("TLS failure from %s: %s", remote[0], cause)
     except (trio.ClosedResourceError, h11.LocalProtocolError):
         pass
+
+
+async def _upgrade(server: RelayServer, stream: trio.abc.Stream, conn: h11.Connection,
+                   route: DerpUpgrade | WebSocketUpgrade, remote: tuple[str, int]) -> None:
+    """Answer an upgrade and serve DERP (binary or inside WebSocket) on ``stream``."""
+    initial, _ = conn.trailing_data
+    if isinstance(route, DerpUpgrade):
+        preamble = b"" if route.fast_start else derp_switching_protocols(server.public_key)
+        await server.serve_derp(stream, remote, initial, preamble=preamble, not_ideal=route.not_ideal)
+        return
+    await _write(stream, websocket_switching_protocols(route.accept_token), server.settings.http_write_timeout)
+    ws = WebSocketStream(stream, initial=initial)
+    if not route.subprotocol_ok:
+        server.stats.handshake_failures["websocket_subprotocol"] += 1
+        await ws._close(1008, "client must speak the derp subprotocol")
+        return
+    server.stats.websocket_accepts += 1
+    await server.serve_derp(ws, remote, b"")
 
 
 async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int]) -> None:

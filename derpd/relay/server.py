@@ -24,6 +24,7 @@ from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
 from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
+from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
 from .registry import Forwarder, Registry
 from .tls import ServerCert, load_manual_cert, server_context
@@ -75,6 +76,7 @@ class RelayServer:
         self.ssl_context: ssl.SSLContext | None = None
         self.cert: ServerCert | None = None
         self.connections_per_ip: dict[str, int] = {}
+        self.trusted_proxies = parse_cidrs(settings.trusted_proxies)
         self.port = 0  # the relay port, once bound
         self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
         self.mesh_peers_configured = 0
@@ -175,6 +177,29 @@ class RelayServer:
                     if now >= c.next_keepalive:
                         c.next_keepalive = max(c.next_keepalive + c.keepalive_interval, now)
                         c.send_control(KEEP_ALIVE_FRAME)
+
+    # ------------------------------------------------------------------ per-IP limit
+
+    def enter_ip(self, ip: str) -> bool:
+        """Count one more connection from ``ip``; False (and counted) if it is at
+        ``--max-connections-per-ip``.  Every True must be paired with ``leave_ip``."""
+        cap = self.settings.max_connections_per_ip
+        per_ip = self.connections_per_ip
+        n = per_ip.get(ip, 0)
+        if cap and n >= cap:
+            self.stats.accepts_rejected["per_ip_limit"] += 1
+            log.debug("closing a connection from %s: %d connections from that address already", ip, cap)
+            return False
+        per_ip[ip] = n + 1
+        return True
+
+    def leave_ip(self, ip: str) -> None:
+        per_ip = self.connections_per_ip
+        left = per_ip[ip] - 1
+        if left:
+            per_ip[ip] = left
+        else:
+            del per_ip[ip]
 
     # ------------------------------------------------------------------ shutdown
 
