@@ -72,7 +72,7 @@ class ClientConnection:
         "server", "stream", "public", "key", "info", "remote_ip", "remote_port", "can_mesh",
         "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
-        "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason", "_writing",
+        "_nothere_tokens", "_nothere_stamp", "_cancel", "saw_src", "rate_limiter", "close_reason", "_writing",
         "_parked", "keepalive_interval", "next_keepalive", "_congested",
     )
 
@@ -115,7 +115,7 @@ class ClientConnection:
         self._nothere_tokens = 3.0
         self._nothere_stamp = self.connected_at
         self._cancel: trio.CancelScope | None = None
-        self._sent_to = server.registry.sent_to.setdefault(self.key, set())
+        self.saw_src: set[bytes] = set()  # senders whose PeerGone this connection should hear
         self.rate_limiter = None
         self._writing = False
         self._parked = False
@@ -186,6 +186,7 @@ class ClientConnection:
                 stats.drop("gone_disconnected", disco, sum(len(f) for f in q) - _RECV_OVERHEAD * len(q), len(q))
                 q.clear()
         self._control.clear()
+        self.server.registry.forget_receiver(self)
         if self.preferred:
             stats.current_home_connections -= 1
         if self.not_ideal:
@@ -235,10 +236,9 @@ class ClientConnection:
         server = self.server
         active = server.registry.active
         src = self.key
-        sent_to = self._sent_to
+        registry = server.registry
         pack = _RECV_HEADER.pack
         npk = nbytes = ndisco = nfwd = nfwd_bytes = 0
-        sent_to_all = server.registry.sent_to
         i = start
         end = len(frames)
         try:
@@ -257,7 +257,8 @@ class ClientConnection:
                         ndisco += 1
                     conn = active.get(dst)
                     if conn is not None:
-                        sent_to.add(dst)
+                        if src not in conn.saw_src:
+                            registry.watch_peer_gone(conn, src)
                         if conn.enqueue(pack(5, n) + src + payload[KEY_LEN:], disco):
                             break
                     else:
@@ -276,10 +277,8 @@ class ClientConnection:
                     nfwd_bytes += n - 2 * KEY_LEN
                     if conn is not None:
                         disco = n >= 2 * KEY_LEN + DISCO_MIN_LEN and payload.startswith(DISCO_MAGIC, 2 * KEY_LEN)
-                        fwd_sent = sent_to_all.get(fsrc)
-                        if fwd_sent is None:
-                            fwd_sent = sent_to_all[fsrc] = set()
-                        fwd_sent.add(dst)
+                        if fsrc not in conn.saw_src:
+                            registry.watch_peer_gone(conn, fsrc)
                         if conn.enqueue(pack(5, n - KEY_LEN) + fsrc + payload[2 * KEY_LEN :], disco):
                             break
                     else:
