@@ -133,7 +133,7 @@ class FrameDecoder:
             the middle of a frame (``truncated_frame``).
     """
 
-    __slots__ = ("_buf", "_pos", "_limits", "_max_unknown", "_skip", "_eof", "skipped_frames")
+    __slots__ = ("_buf", "_pos", "_limits", "_max_unknown", "_skip", "_eof", "skipped_frames", "more")
 
     def __init__(self, limits: Mapping[int, int], max_unknown: int | None = None) -> None:
         self._buf = b""
@@ -143,6 +143,7 @@ class FrameDecoder:
         self._skip = 0  # bytes of an unknown frame still to discard
         self._eof = False
         self.skipped_frames = 0
+        self.more = False  # the last ``frames(most)`` stopped at ``most``: call it again before reading
 
     @property
     def eof(self) -> bool:
@@ -172,15 +173,22 @@ class FrameDecoder:
         return self._buf[self._pos:]
 
     def frames(self, most: int = -1) -> list[tuple[int, bytes]]:
-        """Returns every complete frame buffered so far (at most ``most`` if given), consuming them."""
+        """Returns every complete frame buffered so far, consuming them.
+
+        With ``most``, stops after that many frames, skipped unknown ones included (so one
+        call's work is bounded), and sets ``more`` if it stopped there with bytes left."""
         out: list[tuple[int, bytes]] = []
         buf = self._buf
         pos = self._pos
         end = len(buf)
         limits = self._limits
         unpack = _HEADER.unpack_from
+        self.more = False
         try:
-            while end - pos >= FRAME_HEADER_LEN and most != 0:
+            while end - pos >= FRAME_HEADER_LEN:
+                if most == 0:
+                    self.more = True
+                    break
                 ftype, n = unpack(buf, pos)
                 limit = limits.get(ftype)
                 if limit is None:
@@ -192,6 +200,7 @@ class FrameDecoder:
                     if avail >= n:
                         pos += FRAME_HEADER_LEN + n
                         self.skipped_frames += 1
+                        most -= 1
                         continue
                     self._skip = n - avail
                     pos = end
@@ -208,11 +217,13 @@ class FrameDecoder:
                 most -= 1
         finally:
             self._pos = pos
-        if not out and self._eof and (pos != end or self._skip):
+        if not out and not self.more and self._eof and (pos != end or self._skip):
             raise RemoteProtocolError("connection closed in the middle of a frame", "truncated_frame")
         return out
 
     def next_frame(self) -> tuple[int, bytes] | None:
         """Returns one complete frame, or ``None`` when more data is needed."""
-        got = self.frames(1)
-        return got[0] if got else None
+        while True:
+            got = self.frames(1)
+            if got or not self.more:  # (``more`` after skipping an unknown frame: look again)
+                return got[0] if got else None

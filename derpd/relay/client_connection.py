@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("derpd.relay")
 
 RECV_SIZE = 256 * 1024
+FRAMES_PER_TURN = 256  # frames one reader handles before it lets every other task run
+CONTROL_RATE = 50.0  # frames other than packets a client may send per second, after...
+CONTROL_BURST = 200.0  # ...a burst of this many; past it the reader slows down (mesh peers exempt)
 MESH_PUSHBACK_TIMEOUT = 5.0  # derper's mesh write timeout
 _RECV_HEADER = struct.Struct(">BI")
 _FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
@@ -73,7 +76,8 @@ class ClientConnection:
         "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
         "_nothere_tokens", "_nothere_stamp", "_cancel", "saw_src", "rate_limiter", "close_reason", "_writing",
-        "_parked", "keepalive_interval", "next_keepalive", "_congested",
+        "_parked", "keepalive_interval", "next_keepalive", "_congested", "_ctl_tokens", "_ctl_stamp",
+        "_ctl_logged",
     )
 
     def __init__(
@@ -120,6 +124,9 @@ class ClientConnection:
         self._writing = False
         self._parked = False
         self._congested = None
+        self._ctl_tokens = CONTROL_BURST  # taken per control frame; refilled when it runs out
+        self._ctl_stamp = self.connected_at
+        self._ctl_logged = False
         # KeepAlive every interval + a per-connection jitter, whatever the traffic (spec 5.6);
         # RelayServer's keepalive ticker queues them.
         self.keepalive_interval = s.keepalive_interval + random.uniform(0, s.keepalive_jitter)
@@ -196,10 +203,13 @@ class ClientConnection:
     # ------------------------------------------------------------------ reader
 
     async def _read_loop(self, decoder: FrameDecoder) -> None:
+        """Read, split and route.  A turn handles at most ``FRAMES_PER_TURN`` frames and then
+        checkpoints, so a client that sends a flood of tiny frames gets its share of the loop
+        and no more; frames other than packets also draw on a budget (``_slow_down``)."""
         stream = self.stream
         try:
             data = b"x"
-            frames = decoder.frames()
+            frames = decoder.frames(FRAMES_PER_TURN)
             while True:
                 done = 0
                 while done < len(frames):
@@ -215,14 +225,21 @@ class ClientConnection:
                         await trio.lowlevel.checkpoint()
                 if frames and self.rate_limiter is not None:
                     await self.rate_limiter.wait(sum(len(p) for _, p in frames))
+                if decoder.skipped_frames:  # unknown frame types, discarded by the decoder
+                    self.server.stats.unknown_frames += decoder.skipped_frames
+                    self._ctl_tokens -= decoder.skipped_frames
+                    decoder.skipped_frames = 0
+                if self._ctl_tokens < 0 and not self.can_mesh:
+                    await self._slow_down()
+                if decoder.more:  # the turn is over, not the buffer
+                    await trio.lowlevel.checkpoint()
+                    frames = decoder.frames(FRAMES_PER_TURN)
+                    continue
                 if not data:
                     return
                 data = await stream.receive_some(RECV_SIZE)
                 decoder.receive_data(data)
-                frames = decoder.frames()
-                if decoder.skipped_frames:  # unknown frame types, discarded by the decoder
-                    self.server.stats.unknown_frames += decoder.skipped_frames
-                    decoder.skipped_frames = 0
+                frames = decoder.frames(FRAMES_PER_TURN)
         except RemoteProtocolError as e:
             self.server.stats.connection_errors[e.reason] += 1
             self.close_reason = e.reason
@@ -298,7 +315,30 @@ class ClientConnection:
                 server.registry.note_activity(self)
         return i
 
+    async def _slow_down(self) -> None:
+        """The control-frame budget is spent: refill it for the time passed; if that is not
+        enough, stop reading until it is (TCP back-pressure, nothing dropped), and if the client
+        is more than a whole burst over, close it: that is a flood, and slowing it would only
+        keep its backlog (and its descriptor) around for hours."""
+        now = trio.current_time()
+        tokens = min(CONTROL_BURST, self._ctl_tokens + (now - self._ctl_stamp) * CONTROL_RATE)
+        self._ctl_stamp = now
+        if tokens < -CONTROL_BURST:
+            raise RemoteProtocolError(f"over {CONTROL_RATE:.0f} control frames/s (burst {CONTROL_BURST:.0f})",
+                                      "control_flood")
+        if tokens < 0:
+            self.server.stats.throttled["control_frames"] += 1
+            if not self._ctl_logged:
+                self._ctl_logged = True
+                log.debug("slowing %s from %s: over %d control frames/s", self.public.short(), self.remote_ip,
+                          CONTROL_RATE)
+            await trio.sleep(-tokens / CONTROL_RATE)
+            self._ctl_stamp = trio.current_time()
+            tokens = 0.0
+        self._ctl_tokens = tokens
+
     def _handle_other(self, ftype: int, payload: bytes) -> None:
+        self._ctl_tokens -= 1
         stats = self.server.stats
         stats.frames_received[_FRAME_NAMES.get(ftype, "unknown")] += 1
         match parse_client_frame(ftype, payload):

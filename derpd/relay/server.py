@@ -27,10 +27,15 @@ from ..settings import RelaySettings, SettingsError
 from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
 from .registry import Forwarder, Registry
+from .websocket_stream import WebSocketStream
 from .tls import ServerCert, load_manual_cert, server_context
 
 log = logging.getLogger("derpd.relay")
 
+
+# What a client may send before its login completes: a ClientInfo is at most 256 KiB, and
+# WebSocket framing around it costs some more (on top of the login deadline).
+LOGIN_BYTE_BUDGET = 512 * 1024
 
 # An admission check: (client key, ClientInfo, remote ip) -> (admitted, reason).
 AdmissionCheck = Callable[[NodePublic, object, str], Awaitable[tuple[bool, str]]]
@@ -239,6 +244,7 @@ class RelayServer:
         """
         s = self.settings
         self.stats.accepts += 1
+        ws = isinstance(stream, WebSocketStream)  # its framing counts against the budget too
         hs = ServerHandshake(s.private_key)
         if initial:
             hs.receive_data(initial)
@@ -246,8 +252,14 @@ class RelayServer:
             with trio.fail_after(s.login_timeout):
                 await stream.send_all(preamble + hs.server_key_frame())
                 event = hs.next_event()
+                received = len(initial)
                 while event is NEED_DATA:
-                    hs.receive_data(await stream.receive_some(RECV_SIZE))
+                    data = await stream.receive_some(RECV_SIZE)
+                    received = stream.wire_bytes_received if ws else received + len(data)
+                    if received > LOGIN_BYTE_BUDGET:
+                        raise RemoteProtocolError(f"over {LOGIN_BYTE_BUDGET} bytes before the login",
+                                                  "login_too_large")
+                    hs.receive_data(data)
                     event = hs.next_event()
                 assert isinstance(event, ClientAuthenticated)
                 can_mesh = mesh_keys_equal(event.info.mesh_key, s.mesh_key)

@@ -57,3 +57,32 @@ async def test_response_write_deadline(nursery):
             await trio.sleep(0.05)
     await trio.aclose_forcefully(stream)
     await assert_relay_still_serves(relay)
+
+
+async def test_login_byte_budget_counts_websocket_framing(nursery):
+    """Before its login a WebSocket client may send at most 512 KiB on the wire, however it
+    frames them: a ClientInfo dribbled one byte per message is cut off, counted."""
+    from wsproto import ConnectionType
+    from wsproto.connection import Connection
+    from wsproto.events import BytesMessage
+
+    from derpd.protocol.frames import FrameType, encode_header
+    from derpd.relay.server import LOGIN_BYTE_BUDGET
+
+    relay = await start_relay(nursery)
+    ws = Connection(ConnectionType.CLIENT)
+    one = ws.send(BytesMessage(data=b"x"))
+    flood = ws.send(BytesMessage(data=encode_header(FrameType.CLIENT_INFO, 200_000)))
+    flood += one * (LOGIN_BYTE_BUDGET // len(one) + 1000)
+    with trio.fail_after(30):
+        stream = await raw_connect(relay)
+        await stream.send_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                              b"Sec-WebSocket-Protocol: derp\r\n\r\n")
+        try:
+            await stream.send_all(flood)
+        except trio.BrokenResourceError:
+            pass
+        await read_until_closed(stream)
+    assert relay.server.stats.handshake_failures["login_too_large"] == 1
+    await assert_relay_still_serves(relay)
