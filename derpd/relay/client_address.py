@@ -23,6 +23,7 @@ import trio
 
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.proxy import looks_like_proxy_header, parse_proxy_header
+from ..transport.prefixed_stream import PrefixedStream
 
 _READ = 4096 + 16
 
@@ -76,31 +77,6 @@ def client_from_forwarded_for(values: list[bytes], trusted: tuple[IPNetwork, ...
     return None
 
 
-class PrefixedStream(trio.abc.Stream):
-    """A stream whose first bytes were already read: they are returned again first."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self.transport = stream
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            await trio.lowlevel.checkpoint()
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            out, self._prefix = self._prefix[:n], self._prefix[n:]
-            return out
-        return await self.transport.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-
-
 async def read_proxy_header(
     stream: trio.abc.Stream, remote: tuple[str, int], trusted: tuple[IPNetwork, ...]
 ) -> tuple[trio.abc.Stream, tuple[str, int], bool]:
@@ -137,7 +113,6 @@ async def read_proxy_header(
 
 
 __all__ = [
-    "PrefixedStream",
     "client_from_forwarded_for",
     "is_trusted",
     "parse_cidrs",

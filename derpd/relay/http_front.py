@@ -5,6 +5,9 @@ requests (probes, generate_204, robots.txt, the home page, /metrics) are answere
 keep-alive.  The request head and the TLS handshake must finish within ``http_timeout``
 (slowloris); a request body is capped.  Garbage gets a 400 where HTTP still makes sense, is
 counted in ``derp_handshake_failures_total{reason}``, and closes only this connection.
+
+Dependencies: imports ``server`` (whose ``RelayServer.serve_derp`` takes an upgraded stream)
+and ``derpd.transport``; imported only by ``listener``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from ..protocol.upgrade import (
     route_request,
     websocket_switching_protocols,
 )
+from ..transport.tls_stream import DrainingSSLStream
+from ..transport.websocket_stream import WebSocketStream
 from .client_address import client_from_forwarded_for, is_trusted
-from .tls_stream import DrainingSSLStream
-from .websocket_stream import WebSocketStream
 
 if TYPE_CHECKING:
     from .server import RelayServer
@@ -120,7 +123,7 @@ def https_authority(hostname: str, port: int) -> bytes:
     return (name if port in (0, 443) else f"{name}:{port}").encode()
 
 
-def _is_loopback(ip: str) -> bool:
+def is_loopback(ip: str) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -196,7 +199,7 @@ async def handle_connection(
                     await _upgrade(server, stream, conn, route, remote)
                     return
                 case Metrics():
-                    if settings.serve_metrics and not relayed and _is_loopback(remote[0]):
+                    if settings.serve_metrics and not relayed and is_loopback(remote[0]):
                         response = Response(200, ((b"Content-Type", CONTENT_TYPE_LATEST.encode()),),
                                             server.metrics_text())
                     else:
