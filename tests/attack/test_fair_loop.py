@@ -124,6 +124,5 @@ async def test_honest_pair_keeps_its_latency_under_a_flood(relay_proc, kind):
           f"{p99(rtts) * 1000:.1f} ms during the flood (max {max(rtts) * 1000:.1f} ms); during {during}; "
           f"after {after}; counted {grew}")
     assert p99(rtts) < P99_BOUND_S, sorted(rtts)[-5:]
-    if kind in ("note_preferred", "ping", "unknown_frames"):  # slowed, then closed as a flood
-        assert grew.get('derp_throttled_total{reason="control_frames"}', 0) > 0
+    if kind in ("note_preferred", "ping", "unknown_frames"):  # (slowed first, then) closed as a flood
         assert grew.get('derp_connection_errors_total{reason="control_flood"}', 0) > 0
