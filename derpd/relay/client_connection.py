@@ -142,7 +142,7 @@ class ClientConnection:
         self._lot = trio.lowlevel.ParkingLot()
         self._nothere_tokens = 3.0
         self._nothere_stamp = self.connected_at
-        self._cancel: trio.CancelScope | None = None
+        self._cancel = trio.CancelScope()  # close() may cancel it before run() enters it
         self.saw_src: set[bytes] = set()  # senders whose PeerGone this connection should hear
         self.rate_limiter = None
         self._writing = False
@@ -191,21 +191,22 @@ class ClientConnection:
         return bool(self._queue or self._disco_queue or self._control or self._writing)
 
     def close(self, reason: str) -> None:
-        """End this connection from outside (ClosePeer, shutdown)."""
+        """End this connection from outside (ClosePeer, shutdown).  Takes effect whenever it
+        comes after the registration: before ``run`` starts (while ServerInfo is being written)
+        the cancel scope is cancelled ahead, and ``run`` then ends at once."""
         self.close_reason = reason
-        if self._cancel is not None:
-            self._cancel.cancel()
+        self._cancel.cancel()
 
     # ------------------------------------------------------------------ lifetime
 
     async def run(self, decoder: FrameDecoder) -> None:
         """Serve until EOF, a protocol error, a write failure or ``close()``."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._cancel = nursery.cancel_scope
-                nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                await self._read_loop(decoder)
-                nursery.cancel_scope.cancel()
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                    await self._read_loop(decoder)
+                    nursery.cancel_scope.cancel()
         finally:
             self.teardown()
 

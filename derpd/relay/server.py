@@ -55,6 +55,7 @@ class RelayServer:
         self.cert: ServerCert | None = None
         self.connections_per_ip: dict[str, int] = {}
         self.trusted_proxies = parse_cidrs(settings.trusted_proxies)
+        self.restarting_frame: bytes | None = None  # set once shutdown has begun (drain)
         self.port = 0  # the relay port, once bound
         self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
         self.mesh_peers_configured = 0
@@ -189,7 +190,7 @@ class RelayServer:
     async def drain(self, grace: float, reconnect_in_ms: int = 1000, try_for_ms: int = 10000) -> int:
         """Tell every client we are restarting, then let their queues empty for at most
         ``grace`` seconds.  Returns how many connections still had packets queued."""
-        frame = encode_restarting(reconnect_in_ms, try_for_ms)
+        frame = self.restarting_frame = encode_restarting(reconnect_in_ms, try_for_ms)
         conns = self.all_connections()
         for c in conns:
             c.send_control(frame)
@@ -261,6 +262,8 @@ class RelayServer:
         # Register before ServerInfo (packets may queue from now on), but start the writer only
         # after ServerInfo is out, so it is the first frame after ServerKey (P-3).
         self.registry.register(conn)
+        if self.restarting_frame is not None:  # a login that finished while we shut down
+            conn.send_control(self.restarting_frame)
         if not_ideal:
             self.stats.current_notideal_connections += 1
         try:
