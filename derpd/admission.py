@@ -68,6 +68,7 @@ MAX_IN_FLIGHT_PER_KEY = 2
 MAX_QUEUED_PER_SOURCE = 56  # logins from one source waiting for one of its slots
 ALLOW_FILE_CHECK_INTERVAL = 5.0
 MAX_REDIRECTS = 3
+_HEADERS = {"User-Agent": "derpd"}
 
 Decision = tuple[bool, str]
 Check = Callable[[NodePublic, object, str], Awaitable[Decision]]
@@ -215,26 +216,24 @@ def parse_verify_response(status: int, body: bytes) -> Decision:
     return (True, "") if allow else (False, "verify_denied")
 
 
-def http_client(*, timeout: float = VERIFY_TIMEOUT, max_connections: int = MAX_IN_FLIGHT,
-                ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncClient:
-    """The pooled HTTP/1.1 client for the admission controller: keep-alive connections (one
-    TCP and TLS handshake per connection, not per login), every phase under ``timeout``,
-    redirects not followed (``post_json`` follows same-origin 307/308 itself), no proxy from
-    the environment, and TLS verified with the system roots or ``ssl_context``."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout),
+def http_client(*, max_connections: int = MAX_IN_FLIGHT,
+                ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncHTTPTransport:
+    """The pooled HTTP/1.1 transport for the admission controller: keep-alive connections (one
+    TCP and TLS handshake per connection, not per login), no proxy from the environment, TLS
+    verified with the system roots or ``ssl_context``.  ``post_json`` sends through the
+    transport itself (no cookie jar, no automatic redirects: it follows same-origin 307/308
+    only) with every phase under its timeout."""
+    return httpx.AsyncHTTPTransport(
+        verify=ssl_context if ssl_context is not None else True,
+        trust_env=False,
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                             keepalive_expiry=30.0),
-        follow_redirects=False,
-        trust_env=False,
-        verify=ssl_context if ssl_context is not None else True,
-        headers={"User-Agent": "derpd"},
     )
 
 
 async def post_json(url: str, body: bytes, *, max_body: int = MAX_RESPONSE_BODY,
-                    ssl_context: ssl.SSLContext | None = None,
-                    client: httpx.AsyncClient | None = None) -> tuple[int, bytes]:
+                    ssl_context: ssl.SSLContext | None = None, timeout: float = VERIFY_TIMEOUT,
+                    client: httpx.AsyncHTTPTransport | None = None) -> tuple[int, bytes]:
     """POST ``body`` (no Content-Type, as Go's client does for derper) and return the status and
     at most ``max_body`` bytes of the response body.  A 307 or 308 to the same scheme, host and
     port is followed (at most ``MAX_REDIRECTS``); any other redirect is an answer like any
@@ -246,12 +245,13 @@ async def post_json(url: str, body: bytes, *, max_body: int = MAX_RESPONSE_BODY,
     """
     if client is None:
         async with http_client(ssl_context=ssl_context, max_connections=1) as one:
-            return await post_json(url, body, max_body=max_body, client=one)
+            return await post_json(url, body, max_body=max_body, timeout=timeout, client=one)
     target = _parse_url(url)
+    extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
     for _ in range(MAX_REDIRECTS + 1):
-        request = client.build_request("POST", target, content=body)
+        request = httpx.Request("POST", target, content=body, headers=_HEADERS, extensions=extensions)
         try:
-            response = await client.send(request, stream=True)
+            response = await client.handle_async_request(request)
         except httpx.TransportError as e:
             raise _TransportError(str(e) or type(e).__name__) from e
         try:
@@ -302,7 +302,7 @@ class VerifyClientURL:
         self._pending: dict[tuple[bytes, str], trio.Event] = {}
         self._limit = trio.Semaphore(max_in_flight)
         self._max_in_flight = max_in_flight
-        self._client: httpx.AsyncClient | None = None  # made in the running event loop, on first use
+        self._client: httpx.AsyncHTTPTransport | None = None  # made in the running event loop, on first use
         self._unreachable_logged = False
 
     async def check(self, key: NodePublic, info: object, ip: str) -> Decision:
@@ -341,10 +341,10 @@ class VerifyClientURL:
             self.requests += 1
             try:
                 if self._client is None:
-                    self._client = http_client(timeout=self.timeout, max_connections=self._max_in_flight,
-                                               ssl_context=self.ssl_context)
+                    self._client = http_client(max_connections=self._max_in_flight, ssl_context=self.ssl_context)
                 with trio.fail_after(self.timeout):
-                    status, body = await post_json(self.url, request_body(key, ip), client=self._client)
+                    status, body = await post_json(self.url, request_body(key, ip), timeout=self.timeout,
+                                                   client=self._client)
             except (_TransportError, trio.TooSlowError) as e:
                 return self._unreachable(e)
             except _BadAnswer:
