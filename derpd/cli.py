@@ -15,13 +15,15 @@ from pathlib import Path
 
 import click
 import trio
+from stund.oneline import OneLineGroup, run_trio
 
 from . import __version__
 from .coordinator.cli import coordinator_command
 from .devregion import dev_command
 from .keyfile import KeyFileError, key_file_json
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
-from .serve import options_from_flags, run_serve, setup_logging
+from .relay.listener import BindError
+from .serve import bind_error_message, options_from_flags, run_serve, setup_logging
 from .settings import SettingsError
 from .admission import Protection, serve_options as admission_options
 
@@ -31,7 +33,8 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="derpd", cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="derpd")
 def main() -> None:
     """derpd: a Tailscale-compatible DERP relay with STUN and a DERP-map coordinator.
@@ -111,13 +114,15 @@ def serve(**opts: object) -> None:
             from .workers import run_workers
 
             sys.exit(run_workers(options, options.workers))
-        trio.run(run_serve, options)
-    except KeyboardInterrupt:
-        pass
+        run_trio(run_serve, options)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
+        click.echo("derpd: stopped (interrupted)", err=True)
+    except BindError as e:
+        _fail(bind_error_message(e))
     except SettingsError as e:  # includes CertError
         _fail(str(e))
     except OSError as e:
-        _fail(f"cannot listen: {e.strerror or e}; is another process using the port? Pick another with -a", 1)
+        _fail(f"cannot start: {e}")
 
 
 # ---------------------------------------------------------------------------- genkey

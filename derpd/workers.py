@@ -28,8 +28,8 @@ from typing import Any
 import trio
 
 from .keys import NodePrivate
-from .relay.listener import serve_metrics, serve_relay
-from .serve import ServeOptions, handle_signals, setup_logging
+from .relay.listener import BindError, serve_metrics, serve_relay
+from .serve import ServeOptions, handle_signals, open_signals, setup_logging
 from .settings import SettingsError
 
 log = logging.getLogger("derpd.workers")
@@ -93,23 +93,24 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
     from .mesh import MeshTarget, run_mesh
 
     settings = dataclasses.replace(options.settings, mesh_key=options.settings.mesh_key or mesh_key)
-    async with trio.open_nursery() as nursery:
+    with open_signals() as signals:
+        async with trio.open_nursery() as nursery:
 
-        async def relay_then_stop(task_status: trio.TaskStatus) -> None:
-            await serve_relay(settings, sockets=[main_sock], internal_sockets=[mesh_sock], task_status=task_status)
-            nursery.cancel_scope.cancel()
+            async def relay_then_stop(task_status: trio.TaskStatus) -> None:
+                await serve_relay(settings, sockets=[main_sock], internal_sockets=[mesh_sock], task_status=task_status)
+                nursery.cancel_scope.cancel()
 
-        running = await nursery.start(relay_then_stop)
-        if options.protection is not None:
-            options.protection.install(running.server, nursery)
-        await nursery.start(partial(
-            run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
-            client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))
-        if index == 0 and options.stun_port >= 0:
-            from stund.server import serve_stun
+            running = await nursery.start(relay_then_stop)
+            if options.protection is not None:
+                options.protection.install(running.server, nursery)
+            await nursery.start(partial(
+                run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
+                client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))
+            if index == 0 and options.stun_port >= 0:
+                from stund.server import serve_stun
 
-            await nursery.start(serve_stun, [(settings.listen[0] or "::", options.stun_port)])
-        await handle_signals(running, settings, nursery.cancel_scope)
+                await nursery.start(serve_stun, [(settings.listen[0] or "::", options.stun_port)])
+            await handle_signals(signals, running, settings, nursery.cancel_scope)
 
 
 def run_workers(options: ServeOptions, count: int) -> int:
@@ -117,15 +118,18 @@ def run_workers(options: ServeOptions, count: int) -> int:
 
     Raises:
         SettingsError: the options do not combine with workers.
-        OSError: the port cannot be bound.
+        BindError: the port cannot be bound.
     """
     if options.mesh_with:
         raise SettingsError("--workers cannot be combined with --mesh-with yet: run one process per mesh node")
     settings = options.settings
     host, port = settings.listen
-    first = _bind(host, port, reuse_port=True)
-    port = first.getsockname()[1]
-    main_socks = [first] + [_bind(host, port, reuse_port=True) for _ in range(count - 1)]
+    try:
+        first = _bind(host, port, reuse_port=True)
+        port = first.getsockname()[1]
+        main_socks = [first] + [_bind(host, port, reuse_port=True) for _ in range(count - 1)]
+    except OSError as e:
+        raise BindError(e, host, port, "relay") from e
     mesh_socks = [_bind("127.0.0.1", 0, reuse_port=False) for _ in range(count)]
     mesh_ports = [s.getsockname()[1] for s in mesh_socks]
     mesh_key = os.urandom(32)
