@@ -87,8 +87,9 @@ def main() -> None:
               help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
-@click.option("--coordinator", default=None, metavar="URL",
-              help="Register this node with a derpd coordinator at URL and keep heartbeating.")
+@click.option("--coordinator", default=None, metavar="URL[,URL...]",
+              help="Register this node with the derpd coordinator(s) at URL (several, comma-separated, "
+                   "for replicas) and keep heartbeating; a certificate reload is announced at once.")
 @click.option("--coordinator-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="File holding the coordinator's shared registration token.")
 @click.option("--region-id", type=click.IntRange(1), default=900, show_default=True, help="Region to register in.")

@@ -10,6 +10,7 @@ below (``derpd.relay``, ``derpd.mesh``, ``derpd.admission``, ``derpd.coordinator
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -142,14 +143,6 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
     url = opts["coordinator"]
     if not url:
         return None
-    parts = urlsplit(str(url))
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(f"--coordinator {url!r}: give the coordinator's http:// or https:// URL, "
-                            "e.g. https://derpmap.example.com")
-    try:
-        parts.port
-    except ValueError:
-        raise SettingsError(f"--coordinator {url!r}: the port must be a number from 0 to 65535") from None
     token_file = opts["coordinator_token_file"]
     if token_file is None:
         raise SettingsError("--coordinator needs --coordinator-token-file (the coordinator's shared token)")
@@ -160,7 +153,23 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
         raise SettingsError(f"cannot read {token_file}: {e.strerror}") from e
     if not token:
         raise SettingsError(f"{token_file} is empty; it must hold the coordinator's registration token")
-    return {"url": url, "token": token, "region_id": opts["region_id"], "region_code": opts["region_code"],
+    from .coordinator.announce import split_coordinator_urls
+
+    try:
+        urls = split_coordinator_urls(str(url))
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    if not urls:
+        raise SettingsError("--coordinator needs at least one URL, e.g. http://coordinator:8080")
+    for one in urls:
+        try:
+            host = urlsplit(one).hostname
+            urlsplit(one).port
+        except ValueError:
+            raise SettingsError(f"--coordinator {one!r}: the port must be a number from 1 to 65535") from None
+        if not host:
+            raise SettingsError(f"--coordinator {one!r} has no host; give http(s)://HOST[:PORT]")
+    return {"url": urls, "token": token, "region_id": opts["region_id"], "region_code": opts["region_code"],
             "region_name": opts["region_name"], "node_name": opts["node_name"],
             "ipv4": opts["advertise_ipv4"], "ipv6": opts["advertise_ipv6"]}
 
@@ -181,7 +190,7 @@ def node_registration(reg: dict[str, object], running: RunningRelay, settings: R
     elif stun_port not in (0, 3478):
         node["STUNPort"] = stun_port
     server = running.server
-    if server.cert is not None and (server.cert.self_signed_generated or is_ip(settings.hostname)):
+    if server.cert is not None and needs_pin(server.cert, settings.hostname):
         node["CertName"] = server.cert.pin
     for field, key in (("IPv4", "ipv4"), ("IPv6", "ipv6")):
         if reg[key]:
@@ -193,6 +202,24 @@ def node_registration(reg: dict[str, object], running: RunningRelay, settings: R
         if reg[key]:
             node[field] = reg[key]
     return node
+
+
+def needs_pin(cert: object, hostname: str) -> bool:
+    """A certificate we generated, or one that does not chain to a trusted root for the
+    hostname, is published with its ``sha256-raw:`` pin; a CA-signed one (for a DNS name or
+    an IP) is checked by clients as usual and gets no pin."""
+    if getattr(cert, "self_signed_generated", False):
+        return True
+    return not _chain_trusted(str(cert.cert_path), str(cert.key_path), cert.pin,  # type: ignore[attr-defined]
+                              hostname)
+
+
+@functools.lru_cache(maxsize=8)
+def _chain_trusted(cert_path: str, key_path: str, pin: str, hostname: str) -> bool:
+    """Cached per certificate (its pin), so heartbeats do not read the CA bundle each time."""
+    from .coordinator.announce import certificate_is_trusted
+
+    return certificate_is_trusted(Path(cert_path), Path(key_path), hostname)
 
 
 async def run_serve(options: ServeOptions) -> None:
@@ -252,11 +279,13 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
                                                 ssl_context=ctx))
             startup.info("meshing with %s", ", ".join(p.target.host for p in peers) or "nobody")
         if options.registration is not None:
-            from .coordinator.announce import announce_forever
+            from .coordinator.announce import Announcer
 
             reg = options.registration
-            node = node_registration(reg, running, settings, stun_port)
-            await nursery.start(partial(announce_forever, str(reg["url"]), str(reg["token"]), node))
+            announcer = Announcer(reg["url"], str(reg["token"]),  # type: ignore[arg-type]
+                                  partial(node_registration, reg, running, settings, stun_port))
+            server.cert_hooks.append(announcer.notify)  # a new pin goes out at once, not at the next heartbeat
+            nursery.start_soon(announcer.run)  # never holds up the relay's start
         await handle_signals(signals, running, settings, nursery.cancel_scope)
 
 
@@ -271,14 +300,16 @@ def announce_node(options: ServeOptions, running: RunningRelay, stun_port: int) 
     if server.ssl_context is None:
         startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
                         "clients need TLS otherwise (use --certmode manual)")
-    if server.cert is not None and server.cert.self_signed_generated or (
-        server.cert is not None and settings.certmode == "manual" and is_ip(settings.hostname)
-    ):
+    if server.cert is not None and (server.cert.self_signed_generated or (
+        settings.certmode == "manual" and is_ip(settings.hostname)
+    )) and needs_pin(server.cert, settings.hostname):
         from .relay.tls import node_json_for_pinned_cert
 
         node = node_json_for_pinned_cert(settings.hostname, server.cert.pin, running.port, stun_port,
                                          name=options.node_name or "custom", region_id=options.region_id)
-        startup.info("self-signed certificate; DERP map node: %s", json.dumps(node, separators=(",", ":")))
+        kind = "self-signed" if server.cert.self_signed_generated else "not trusted by the system roots"
+        startup.info("%s certificate, clients need its pin; DERP map node: %s", kind,
+                     json.dumps(node, separators=(",", ":")))
         print(json.dumps(node), flush=True)
 
 

@@ -15,6 +15,7 @@ from stund.oneline import StartupError, format_addr, listen_error, run_trio
 
 from ..settings import SettingsError, split_host_port
 from .config import ConfigError, CoordinatorConfig, load_config, read_token_file
+from .persist import StateDirError, StateStore, default_state_dir
 from .server import RunningCoordinator, serve_coordinator
 from .state import CoordinatorState
 
@@ -43,11 +44,15 @@ Send SIGHUP to reload the config; a bad file is reported and the last good map s
               help="Listen address (plain HTTP). Overrides coordinator.listen; default 127.0.0.1:8080.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File with the shared registration token. Overrides coordinator.token_file.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where registrations and the last published map are kept across restarts. "
+                   "Default: $STATE_DIRECTORY (systemd's StateDirectory=), else ~/.local/state/derpd.")
 @click.option("--check", is_flag=True,
-              help="Only validate the config and the listen address, print the map JSON it would serve, and exit.")
+              help="Only validate the config, the listen address and the state directory, print the map JSON "
+                   "it would serve at start, and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def coordinator_command(config_path: Path | None, listen: str | None, token_file: Path | None,
-                        check: bool, verbose: int) -> None:
+                        state_dir: Path | None, check: bool, verbose: int) -> None:
     """Publish a DERP map (tailcfg.DERPMap) that follows the health of its nodes.
 
     Nodes come from the config file and from self-registration; every node is probed
@@ -64,14 +69,22 @@ def coordinator_command(config_path: Path | None, listen: str | None, token_file
         address = check_listen(listen or config.listen, where)
     except (ConfigError, SettingsError) as exc:
         raise StartupError(str(exc)) from None
+    state_dir = state_dir or default_state_dir()
+    store = StateStore(state_dir)
+    try:
+        store.check()
+    except StateDirError as exc:
+        raise StartupError(str(exc)) from None
     if check:  # exactly the bytes GET /derpmap/default answers right after start
-        sys.stdout.buffer.write(CoordinatorState(config).published.json)
+        sys.stdout.buffer.write(CoordinatorState(config, store=store).published.json)
         sys.stdout.flush()
         return
     try:
-        stopped_by = run_trio(_run, config, config_path, address)
+        stopped_by = run_trio(_run, config, config_path, address, state_dir)
     except KeyboardInterrupt:  # Ctrl-C before the signal handler is in place
         stopped_by = "interrupted"
+    except StateDirError as exc:
+        raise StartupError(str(exc)) from None
     except OSError as exc:
         host, port = split_host_port(address, default_port=8080)
         raise StartupError(listen_error(exc, format_addr(host, port), "-a HOST:PORT")) from None
@@ -97,12 +110,12 @@ def check_listen(listen: str, where: str) -> str:
     return listen
 
 
-async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str) -> str:
+async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str, state_dir: Path) -> str:
     """Serve until SIGINT or SIGTERM; SIGHUP reloads the config.  Returns the signal's name."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningCoordinator = await nursery.start(lambda task_status: serve_coordinator(
-                config, listen=listen, task_status=task_status))
+                config, listen=listen, state_dir=state_dir, task_status=task_status))
             click.echo(f"derpd coordinator: map at {running.url}/derpmap/default, status at {running.url}/status")
             async for signum in signals:
                 if signum != signal.SIGHUP:

@@ -53,6 +53,7 @@ class RelayServer:
         self.mesh_links: list = []  # derpd.mesh.MeshPeer, for metrics
         self._cert_stamp: tuple[float, float] | None = None
         self.reload_hooks: list[Callable[[], None]] = []
+        self.cert_hooks: list[Callable[[], None]] = []  # after a new certificate is in use
         self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
@@ -104,6 +105,8 @@ class RelayServer:
         self.stats.tls_reloads["ok"] += 1
         log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
                     cert.not_after.isoformat(), cert.pin)
+        for hook in self.cert_hooks:
+            hook()
         return True
 
     def reload(self) -> None:

@@ -19,8 +19,8 @@ def test_help() -> None:
         assert word in result.output
 
 
-def test_check_prints_map() -> None:
-    result = CliRunner().invoke(coordinator_command, ["--config", str(EXAMPLE), "--check"])
+def test_check_prints_map(tmp_path: Path) -> None:
+    result = CliRunner().invoke(coordinator_command, ["--config", str(EXAMPLE), "--check", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     # Region 901 waits for self-registered nodes: the map served at start leaves it out, so --check does.
     assert list(json.loads(result.output)["Regions"]) == ["900"]
@@ -30,13 +30,14 @@ def test_bad_config_names_file_line_field(tmp_path: Path) -> None:
     bad = tmp_path / "c.toml"
     bad.write_text('[[regions]]\nid = 900\ncode = "x"\n\n[[regions.nodes]]\nname = "a"\nhostname = "h"\n'
                    'stun_port = 99999\n')
-    result = CliRunner().invoke(coordinator_command, ["--config", str(bad), "--check"])
+    result = CliRunner().invoke(coordinator_command, ["--config", str(bad), "--check", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert f"Error: {bad}:8: regions[0].nodes[0].stun_port: must be in -1..65535" in result.output
 
 
 def test_bad_token_file(tmp_path: Path) -> None:
-    result = CliRunner().invoke(coordinator_command, ["--token-file", str(tmp_path / "missing"), "--check"])
+    result = CliRunner().invoke(coordinator_command, ["--token-file", str(tmp_path / "missing"), "--check",
+                                                      "--state-dir", str(tmp_path)])
     assert result.exit_code == 2 and "cannot read the token file" in result.output
 
 
@@ -52,7 +53,8 @@ async def test_check_prints_exactly_the_bytes_served(tmp_path: Path, nursery) ->
 
     config = tmp_path / "c.toml"
     config.write_text(EXAMPLE.read_text() + '\n[[regions]]\nid = 950\ncode = "empty"\nname = "No nodes"\n')
-    result = CliRunner().invoke(coordinator_command, ["--config", str(config), "--check"])
+    result = CliRunner().invoke(coordinator_command, ["--config", str(config), "--check", "--state-dir",
+                                                      str(tmp_path / "state")])
     assert result.exit_code == 0, result.output
     with trio.fail_after(20):
         running = await nursery.start(lambda task_status: serve_coordinator(
@@ -65,7 +67,8 @@ async def test_check_prints_exactly_the_bytes_served(tmp_path: Path, nursery) ->
 def test_check_fails_on_a_listen_address_that_cannot_work(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(EXAMPLE.read_text().replace('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1:80800"'))
-    result = CliRunner().invoke(coordinator_command, ["--config", str(config), "--check"])
+    result = CliRunner().invoke(coordinator_command, ["--config", str(config), "--check", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2 and "coordinator.listen" in result.output and "65535" in result.output
-    result = CliRunner().invoke(coordinator_command, ["--check", "-a", "no-such-host.invalid:8080"])
+    result = CliRunner().invoke(coordinator_command, ["--check", "-a", "no-such-host.invalid:8080", "--state-dir",
+                                                      str(tmp_path)])
     assert result.exit_code == 2 and "does not resolve" in result.output

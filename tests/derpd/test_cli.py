@@ -211,8 +211,8 @@ async def start_coordinator(nursery: trio.Nursery, tmp_path: Path) -> tuple[obje
     registered = trio.Event()
     real_register = coordinator.state.register
 
-    def spy(reg, now):  # noqa: ANN001, ANN202
-        accepted = real_register(reg, now)
+    def spy(reg, now, *args):  # noqa: ANN001, ANN002, ANN202
+        accepted = real_register(reg, now, *args)
         registered.set()
         return accepted
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +67,7 @@ PORT_IN_USE = {
                                  "--map-port", "0"], "--stun-port"),
     "dev --map-port": (DERPD + ["dev", "--dir", "{tmp}", "--derp-port", "0", "--stun-port", "0",
                                 "--map-port", "{tcp}"], "--map-port"),
-    "coordinator -a": (DERPD + ["coordinator", "-a", "127.0.0.1:{tcp}"], " -a"),
+    "coordinator -a": (DERPD + ["coordinator", "-a", "127.0.0.1:{tcp}", "--state-dir", "{tmp}/state"], " -a"),
     "stund serve -a": (STUND + ["serve", "-a", "127.0.0.1:{udp}"], " -a"),
     "stund serve --metrics-addr": (STUND + ["serve", "-a", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:{tcp}"],
                                    "--metrics-addr"),
@@ -85,21 +86,26 @@ async def test_port_in_use_is_one_line_naming_the_port_and_the_flag(case, busy, 
 
 LOW_PORT = {
     "serve": DERPD + ["serve", "--dev", "-a", "127.0.0.1:1", "--stun-port", "-1"],
-    "coordinator": DERPD + ["coordinator", "-a", "127.0.0.1:1"],
+    "coordinator": DERPD + ["coordinator", "-a", "127.0.0.1:1", "--state-dir", "{tmp}"],
     "stund serve": STUND + ["serve", "-a", "127.0.0.1:1"],
 }
 
 
 @pytest.mark.parametrize("case", sorted(LOW_PORT))
 async def test_permission_denied_on_a_low_port_is_one_line(case):
-    argv = LOW_PORT[case]
+    shared = Path(tempfile.mkdtemp(prefix="derpd-test-"))  # writable by the unprivileged user too
+    shared.chmod(0o777)
+    argv = [a.format(tmp=shared) for a in LOW_PORT[case]]
     if os.geteuid() == 0:  # root may bind anything: run it as nobody
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv (util-linux) to drop to an unprivileged user")
         argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
     elif int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 1:
         pytest.skip("this machine lets every user bind port 1 (net.ipv4.ip_unprivileged_port_start)")
-    assert_one_line(await run(argv), "127.0.0.1:1", "permission denied", "CAP_NET_BIND_SERVICE", " -a")
+    try:
+        assert_one_line(await run(argv), "127.0.0.1:1", "permission denied", "CAP_NET_BIND_SERVICE", " -a")
+    finally:
+        shutil.rmtree(shared)
 
 
 # ---------------------------------------------------------------------------- certificates
@@ -157,7 +163,7 @@ BAD_FLAGS = {
     "duration": (["--tcp-write-timeout", "10x"], "--tcp-write-timeout"),
     "advertised address": (["--advertise-ipv4", "::1"], "not an IPv4 address"),
     "coordinator URL": (["--coordinator", "derpmap.example.com", "--coordinator-token-file", "{mesh}"],
-                        "http:// or https:// URL"),
+                        "is not a URL"),
 }
 
 
@@ -172,14 +178,14 @@ async def test_bad_serve_flag_is_one_line(case, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (DERPD + ["coordinator", "-a", "127.0.0.1:x"], "0 to 65535"),
-    (DERPD + ["coordinator", "-a", "8080", "--check"], "HOST:PORT"),
+    (DERPD + ["coordinator", "-a", "127.0.0.1:x", "--state-dir", "{tmp}"], "0 to 65535"),
+    (DERPD + ["coordinator", "-a", "8080", "--check", "--state-dir", "{tmp}"], "HOST:PORT"),
     (DERPD + ["dev", "--derp-port", "x"], "--derp-port"),
     (STUND + ["serve", "-a", "127.0.0.1:99999"], "-a"),
     (STUND + ["serve", "--workers", "0"], "--workers"),
 ], ids=["coordinator -a", "coordinator -a --check", "dev --derp-port", "stund -a", "stund --workers"])
-async def test_bad_flag_on_other_commands_is_one_line(argv, needle):
-    assert_one_line(await run(argv), needle)
+async def test_bad_flag_on_other_commands_is_one_line(argv, needle, tmp_path):
+    assert_one_line(await run([a.format(tmp=tmp_path) for a in argv]), needle)
 
 
 # ---------------------------------------------------------------------------- Ctrl-C and SIGTERM
@@ -190,7 +196,8 @@ LONG_RUNNING = {
               b"serving plain HTTP without TLS", "received SIG"),
     "dev": (DERPD + ["dev", "--dir", "{tmp}", "--derp-port", "0", "--stun-port", "0", "--map-port", "0"],
             b"update_frequency: 1m\n\n", "derpd dev: stopped (SIG"),
-    "coordinator": (DERPD + ["coordinator", "-a", "127.0.0.1:0"], b"/status\n", "derpd coordinator: stopped (SIG"),
+    "coordinator": (DERPD + ["coordinator", "-a", "127.0.0.1:0", "--state-dir", "{tmp}"], b"/status\n",
+                    "derpd coordinator: stopped (SIG"),
     "stund serve": (STUND + ["serve", "-a", "127.0.0.1:0"], b"stund listening on", "stund: stopped (SIG"),
     "stund serve --workers 2": (STUND + ["serve", "-a", "127.0.0.1:0", "--workers", "2"], b"stund listening on",
                                 "stund: stopped (SIG"),
