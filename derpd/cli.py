@@ -167,8 +167,9 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
 
     URL is the relay's DERP URL, e.g. https://derp.example.com/derp or http://127.0.0.1:3340/derp.
     """
-    from .check import run_check
+    from .check import explain_failure, run_check
     from .client import DerpClientError, make_ssl_context
+    from .protocol.errors import RemoteProtocolError
 
     options: dict[str, object] = {"server_name": server_name, "cert_pin": cert_pin, "insecure": insecure}
     if ca_file:
@@ -176,9 +177,9 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
     if "://" not in url:
         url = f"https://{url}/derp"
     try:
-        result = trio.run(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-        _fail(f"cannot log in to {url}: {e or type(e).__name__}", 1)
+        result = run_trio(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        _fail(f"cannot log in to {url}: {explain_failure(e, url, server_name=server_name)}", 1)
     p50, p99 = result.percentile(50), result.percentile(99)
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.2f}ms"  # noqa: E731
     click.echo(f"{url}: delivered {result.delivered}/{result.sent}, lost {result.lost}, "
@@ -204,9 +205,11 @@ main.add_command(dev_command, "dev")
 def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str | None, cert_pin: str | None) -> None:
     """Ask the relay at URL to close every connection of NODEKEY (nodekey:<hex>), e.g. to move a
     client back to its ideal node.  Uses the mesh key, as a mesh peer would."""
+    from .check import explain_failure
     from .client import DerpClientError, make_ssl_context
     from .keys import NodePublic
     from .mesh import close_peer
+    from .protocol.errors import RemoteProtocolError
 
     try:
         target = NodePublic.parse(nodekey)
@@ -217,7 +220,7 @@ def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str
     if ca_file:
         options["ssl_context"] = make_ssl_context(ca_file=ca_file)
     try:
-        trio.run(partial(close_peer, url, target, mesh_key, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-        _fail(f"cannot reach {url}: {e}", 1)
+        run_trio(partial(close_peer, url, target, mesh_key, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        _fail(f"cannot ask {url} to close {target.short()}: {explain_failure(e, url, mesh=True)}", 1)
     click.echo(f"asked {url} to close {target}")

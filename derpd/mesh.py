@@ -280,8 +280,37 @@ async def run_mesh(
         task_status.started(peers)
 
 
+class MeshKeyRefused(derp_client.DerpClientError):
+    """The relay closed the connection at our ClosePeer: it does not take our mesh key."""
+
+
 async def close_peer(url: str, target: NodePublic, mesh_key: bytes, **connect_options: object) -> None:
-    """Ask the relay at ``url`` (as a mesh peer) to close every connection of ``target``."""
+    """Ask the relay at ``url`` (as a mesh peer) to close every connection of ``target``.
+
+    Raises:
+        MeshKeyRefused: the relay logged us in as an ordinary client (a wrong mesh key) and
+            closed the connection at the ClosePeer.
+        derpd.client.LoginRefused: the relay refused the login (a wrong mesh key, and its
+            admission does not admit the key either).
+    """
+    refused = False
     async with derp_client.connect(url, NodePrivate.generate(), mesh_key=mesh_key, **connect_options) as c:  # type: ignore[arg-type]
         await c.close_peer(target)
-        await c.ping()  # the ClosePeer was read before the Pong was written
+        async with trio.open_nursery() as nursery:
+
+            async def watch_for_close() -> None:
+                nonlocal refused
+                try:
+                    async for _event in c:
+                        pass
+                except (RemoteProtocolError, trio.BrokenResourceError):
+                    pass
+                refused = True  # closed before the Pong: the ClosePeer was refused
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_for_close)
+            await c.ping()  # the ClosePeer was read before the Pong was written
+            nursery.cancel_scope.cancel()
+    if refused:
+        raise MeshKeyRefused("the relay closed the connection at our ClosePeer: it does not take this mesh key "
+                             "(use the region's --mesh-psk-file)")
