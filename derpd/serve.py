@@ -35,6 +35,7 @@ from .settings import RelaySettings, SettingsError, is_ip, split_host_port
 
 if TYPE_CHECKING:
     from .admission import Protection
+    from .relay.tls import ServerCert
 
 
 # The flag that moves each listener of ``derpd serve`` (``BindError.which``).
@@ -204,14 +205,13 @@ def node_registration(reg: dict[str, object], running: RunningRelay, settings: R
     return node
 
 
-def needs_pin(cert: object, hostname: str) -> bool:
+def needs_pin(cert: ServerCert, hostname: str) -> bool:
     """A certificate we generated, or one that does not chain to a trusted root for the
     hostname, is published with its ``sha256-raw:`` pin; a CA-signed one (for a DNS name or
     an IP) is checked by clients as usual and gets no pin."""
-    if getattr(cert, "self_signed_generated", False):
+    if cert.self_signed_generated:
         return True
-    return not _chain_trusted(str(cert.cert_path), str(cert.key_path), cert.pin,  # type: ignore[attr-defined]
-                              hostname)
+    return not _chain_trusted(str(cert.cert_path), str(cert.key_path), cert.pin, hostname)
 
 
 @functools.lru_cache(maxsize=8)
@@ -346,5 +346,6 @@ async def handle_signals(signals: AsyncIterator[int], running: RunningRelay, set
             return
 
 
-__all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals", "open_signals", "node_registration", "options_from_flags",
+__all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals", "needs_pin",
+           "node_registration", "open_signals", "options_from_flags",
            "registration_from_flags", "run_serve", "setup_logging"]
