@@ -46,6 +46,27 @@ def main() -> None:
 # ---------------------------------------------------------------------------- serve
 
 
+class WorkerCount(click.ParamType):
+    """``--workers``: a number from 1 to 64, or ``auto`` (one per available CPU)."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            from .workers import available_cpus
+
+            return min(64, available_cpus())
+        try:
+            count = int(str(value))
+        except ValueError:
+            count = 0
+        if not 1 <= count <= 64:
+            self.fail(f"{value!r} is neither a number from 1 to 64 nor 'auto'", param, ctx)
+        return count
+
+
 @main.command()
 @click.option("-a", "--addr", default=":443", show_default=True,
               help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode.")
@@ -98,8 +119,9 @@ def main() -> None:
 @click.option("--node-name", default=None, help="Unique node name in the map; default: the hostname.")
 @click.option("--advertise-ipv4", default=None, metavar="IP", help="IPv4 to publish for this node (IPv4 field).")
 @click.option("--advertise-ipv6", default=None, metavar="IP", help="IPv6 to publish for this node (IPv6 field).")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback.")
+@click.option("--workers", type=WorkerCount(), default="1", show_default=True,
+              help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback; "
+                   "'auto': one per available CPU.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
 @admission_options
 def serve(**opts: object) -> None:
@@ -112,9 +134,13 @@ def serve(**opts: object) -> None:
         _fail(str(e))
     try:
         if options.workers > 1:
-            from .workers import run_workers
+            from .workers import WorkersFailed, run_workers
 
-            sys.exit(run_workers(options, options.workers))
+            try:
+                # Each worker builds its own admission checks from the flags (they hold trio objects).
+                sys.exit(run_workers(dataclasses.replace(options, protection=None), options.workers, opts))
+            except WorkersFailed as e:
+                _fail(str(e), e.code)
         run_trio(run_serve, options)
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
         click.echo("derpd: stopped (interrupted)", err=True)

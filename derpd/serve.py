@@ -247,15 +247,8 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
 
         running = await nursery.start(relay_then_stop)
         server = running.server
-        stun_bound: list[tuple[str, int]] = []
-        if stun_port >= 0:
-            from stund.server import serve_stun
-
-            host = settings.listen[0] or "::"
-            try:
-                stun_bound = await nursery.start(serve_stun, [(host, stun_port)])
-            except OSError as e:
-                raise BindError(e, host, stun_port, "stun") from e
+        stun_bound = await start_stun(nursery, settings, stun_port)
+        if stun_bound:
             stun_port = stun_bound[0][1]  # the port bound, also for --stun-port 0
         bound_metrics = None
         if metrics_addr is not None:
@@ -287,6 +280,24 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
             server.cert_hooks.append(announcer.notify)  # a new pin goes out at once, not at the next heartbeat
             nursery.start_soon(announcer.run)  # never holds up the relay's start
         await handle_signals(signals, running, settings, nursery.cancel_scope)
+
+
+async def start_stun(nursery: trio.Nursery, settings: RelaySettings, port: int) -> list[tuple[str, int]]:
+    """Start STUN on ``port`` (``--stun-port``; -1: none) of the relay's IP.  Returns the bound
+    addresses (empty without STUN).
+
+    Raises:
+        BindError: the port cannot be bound (``which`` is "stun").
+    """
+    if port < 0:
+        return []
+    from stund.server import serve_stun
+
+    host = settings.listen[0] or "::"
+    try:
+        return await nursery.start(serve_stun, [(host, port)])  # type: ignore[no-any-return]
+    except OSError as e:
+        raise BindError(e, host, port, "stun") from e
 
 
 def announce_node(options: ServeOptions, running: RunningRelay, stun_port: int) -> None:
@@ -347,5 +358,5 @@ async def handle_signals(signals: AsyncIterator[int], running: RunningRelay, set
 
 
 __all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals", "needs_pin",
-           "node_registration", "open_signals", "options_from_flags",
+           "node_registration", "open_signals", "options_from_flags", "start_stun",
            "registration_from_flags", "run_serve", "setup_logging"]

@@ -21,9 +21,8 @@ from derpd.cli import main
 from derpd.keyfile import KeyFileError, load_or_create
 from derpd.keys import NodePrivate
 from derpd.protocol.errors import RemoteProtocolError
-from derpd.protocol.messages import RecvPacket
 
-from .conftest import recv_skipping_keepalives, start_relay
+from .conftest import held_clients, relay_in_a_ring, start_relay
 
 DERPD = [sys.executable, "-m", "derpd"]
 
@@ -143,33 +142,9 @@ async def test_workers_share_the_port_and_reach_each_other(nursery):
                                        nursery=nursery)
         url = f"http://127.0.0.1:{port}/derp"
         keys = [NodePrivate.generate() for _ in range(16)]
-        async with trio.open_nursery() as inner:
-            clients = []
-            done = trio.Event()
-            all_in = trio.Event()
-
-            async def hold(k: NodePrivate) -> None:
-                async with derp_client.connect(url, k) as c:
-                    clients.append(c)
-                    if len(clients) == len(keys):
-                        all_in.set()
-                    await done.wait()
-
-            for k in keys:
-                inner.start_soon(hold, k)
-            await all_in.wait()
-            by_key = {c.public_key: c for c in clients}
-            # With 16 clients spread by the kernel over 2 workers, some pairs cross workers; each
-            # sender retries until its packet arrives (the mesh learns new keys asynchronously).
-            for i, k in enumerate(keys):
-                dst = keys[(i + 1) % len(keys)]
-                got = None
-                while got is None:
-                    await by_key[k.public].send(dst.public, b"%d" % i)
-                    with trio.move_on_after(0.5):
-                        got = await recv_skipping_keepalives(by_key[dst.public])
-                assert got == RecvPacket(k.public, b"%d" % i)
-            done.set()
+        # With 16 clients spread by the kernel over 2 workers, some pairs cross workers.
+        async with held_clients(url, keys) as clients:
+            await relay_in_a_ring(keys, clients)
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
 

@@ -194,6 +194,8 @@ async def test_bad_flag_on_other_commands_is_one_line(argv, needle, tmp_path):
 LONG_RUNNING = {
     "serve": (DERPD + ["serve", "--dev", "-a", "127.0.0.1:0", "--stun-port", "-1"],
               b"serving plain HTTP without TLS", "received SIG"),
+    "serve --workers 2": (DERPD + ["serve", "--dev", "-a", "127.0.0.1:0", "--stun-port", "-1", "--workers", "2"],
+                          b"workers on port", "received SIG"),
     "dev": (DERPD + ["dev", "--dir", "{tmp}", "--derp-port", "0", "--stun-port", "0", "--map-port", "0"],
             b"update_frequency: 1m\n\n", "derpd dev: stopped (SIG"),
     "coordinator": (DERPD + ["coordinator", "-a", "127.0.0.1:0", "--state-dir", "{tmp}"], b"/status\n",
