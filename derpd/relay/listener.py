@@ -35,6 +35,26 @@ CERT_WATCH_INTERVAL = 30.0
 Handler = Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]]
 
 
+class BindError(OSError):
+    """A listen address of the relay cannot be bound.  ``which`` names the listener: "relay"
+    (the main address), "http" (the plain-HTTP port beside TLS) or "metrics"; ``cause`` is
+    the OSError from bind."""
+
+    def __init__(self, cause: OSError, host: str, port: int, which: str) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.cause = cause
+        self.host = host
+        self.port = port
+        self.which = which
+
+
+async def _open_listeners(host: str, port: int, which: str) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host or None)
+    except OSError as e:
+        raise BindError(e, host, port, which) from e
+
+
 @dataclass
 class RunningRelay:
     """What ``serve_relay`` reports once it listens."""
@@ -181,7 +201,7 @@ async def serve_relay(
 
     Raises:
         CertError: the TLS certificate cannot be loaded.
-        OSError: a listen address cannot be bound.
+        BindError: a listen address cannot be bound.
     """
     server = RelayServer(settings)
     server.load_tls()
@@ -189,14 +209,14 @@ async def serve_relay(
     if sockets is not None:
         listeners = _listeners_from(sockets)
     else:
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        listeners = await _open_listeners(host, port, "relay")
     internal = _listeners_from(internal_sockets or [])
     bound_port = server.port = listeners[0].socket.getsockname()[1]
     addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
     redirect_listeners: list[trio.SocketListener] = []
     http_port = None
     if server.ssl_context is not None and settings.http_port >= 0:
-        redirect_listeners = await trio.open_tcp_listeners(settings.http_port, host=host or None)
+        redirect_listeners = await _open_listeners(host, settings.http_port, "http")
         http_port = redirect_listeners[0].socket.getsockname()[1]
     if server.ssl_context is not None:
         url = f"https://{_url_host(settings.hostname)}:{bound_port}"
@@ -266,7 +286,7 @@ async def serve_relay(
             acceptors.cancel_scope.cancel()
         for ls in listeners + redirect_listeners + internal:
             await ls.aclose()
-        log.warning("shutting down: %d clients told to reconnect, draining for up to %.1fs",
+        log.info("shutting down: %d clients told to reconnect, draining for up to %.1fs",
                     len(server.all_connections()), grace)
         left = await server.drain(grace)
         if left:
@@ -279,7 +299,7 @@ async def serve_metrics(
 ) -> None:
     """A dedicated Prometheus listener on ``HOST:PORT`` (``--metrics-addr``)."""
     host, port = split_host_port(addr, default_port=9090)
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    listeners = await _open_listeners(host, port, "metrics")
     bound = listeners[0].socket.getsockname()[:2]
     settings = RelaySettings(addr="127.0.0.1:0")
 
