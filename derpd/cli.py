@@ -104,6 +104,12 @@ class WorkerCount(click.ParamType):
               help="Burst for --accept-connection-limit.")
 @click.option("--max-connections-per-ip", type=click.IntRange(0), default=0,
               help="Open connections allowed from one source IP; 0 = unlimited.")
+@click.option("--proxy-protocol", is_flag=True,
+              help="Expect a PROXY protocol v1/v2 header from --trusted-proxies on the relay port "
+                   "(an SNI router or load balancer in front); a header from anyone else closes the connection.")
+@click.option("--trusted-proxies", default="", metavar="CIDR,...",
+              help="Proxies whose PROXY headers (with --proxy-protocol) and X-Forwarded-For (plain HTTP) "
+                   "name the real client.")
 @click.option("--shutdown-grace", type=click.FloatRange(0), default=5.0, show_default=True,
               help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,

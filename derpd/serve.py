@@ -120,6 +120,8 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
         accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+        proxy_protocol=bool(opts.get("proxy_protocol", False)),
+        trusted_proxies=tuple(c.strip() for c in str(opts.get("trusted_proxies") or "").split(",") if c.strip()),
     )
     if opts["mesh_with"]:
         parse_mesh_with(str(opts["mesh_with"]))  # a bad entry fails here, before anything listens

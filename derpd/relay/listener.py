@@ -22,6 +22,8 @@ import trio
 
 from ..keys import NodePublic
 from ..settings import RelaySettings, split_host_port
+from ..protocol.errors import RemoteProtocolError
+from .client_address import is_trusted, read_proxy_header
 from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
 from .server import RelayServer
 
@@ -209,7 +211,7 @@ async def serve_relay(
     else:
         listeners = await _open_listeners(host, port, "relay")
     internal = _listeners_from(internal_sockets or [])
-    bound_port = listeners[0].socket.getsockname()[1]
+    bound_port = server.port = listeners[0].socket.getsockname()[1]
     addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
     redirect_listeners: list[trio.SocketListener] = []
     http_port = None
@@ -223,24 +225,36 @@ async def serve_relay(
     else:
         url = f"http://{_url_host(host)}:{bound_port}"
 
-    per_ip = server.connections_per_ip
-    cap = settings.max_connections_per_ip
+    proxy_protocol = settings.proxy_protocol
+    trusted = server.trusted_proxies
+    stats = server.stats
 
     async def relay_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        ip = remote[0]
-        if cap and per_ip.get(ip, 0) >= cap:
-            server.stats.accepts_rejected["per_ip_limit"] += 1
-            log.debug("closing a connection from %s: %d connections from that address already", ip, cap)
-            return
-        per_ip[ip] = per_ip.get(ip, 0) + 1
-        try:
+        via_proxy = False
+        conn_stream: trio.abc.Stream = stream
+        if proxy_protocol:
+            try:
+                with trio.fail_after(settings.http_timeout):
+                    conn_stream, remote, via_proxy = await read_proxy_header(stream, remote, trusted)
+            except RemoteProtocolError as e:
+                stats.handshake_failures[e.reason] += 1
+                log.debug("closing a connection from %s: %s", remote[0], e)
+                return
+            except trio.TooSlowError:
+                stats.handshake_failures["http_timeout"] += 1
+                log.debug("no PROXY header from %s within %ss, closing", remote[0], settings.http_timeout)
+                return
+        elif trusted and is_trusted(remote[0], trusted):
+            # A proxy without the PROXY protocol: counted per client once X-Forwarded-For is read.
             await handle_connection(server, stream, remote, tls=server.ssl_context)
+            return
+        ip = remote[0]
+        if not server.enter_ip(ip):
+            return
+        try:
+            await handle_connection(server, conn_stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
         finally:
-            left = per_ip[ip] - 1
-            if left:
-                per_ip[ip] = left
-            else:
-                del per_ip[ip]
+            server.leave_ip(ip)
 
     async def internal_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
         await handle_connection(server, stream, remote, tls=None)

@@ -51,6 +51,14 @@ async def read_until_closed(stream: trio.abc.Stream, limit: int = 1 << 20) -> by
     return bytes(got)
 
 
+async def http(relay: RunningRelay, request: bytes) -> bytes:
+    """Send raw request bytes to the relay port; returns everything until it closes."""
+    with trio.fail_after(10):
+        stream = await raw_connect(relay)
+        await stream.send_all(request)
+        return await read_until_closed(stream)
+
+
 async def assert_relay_still_serves(relay: RunningRelay) -> None:
     """Two fresh clients can still exchange a packet."""
     a, b = NodePrivate.generate(), NodePrivate.generate()
