@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import dataclasses
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from .keys import KeyFormatError, NodePrivate, parse_mesh_key
 from .relay.server import RunningRelay
 from .settings import RelaySettings, SettingsError, split_host_port
 from .admission import Protection, serve_options as admission_options
+from .derperflags import (DerperCommand, GoDuration, GoFloat, GoInt, cert_settings, default_key_file,
+                          default_mesh_psk_file)
 
 log = logging.getLogger("derpd")
 
@@ -47,46 +50,67 @@ def main() -> None:
 
 # ---------------------------------------------------------------------------- serve
 
+SERVE_EPILOG = """Flags are read as derper reads them (Go's flag syntax): -name or --name, -name=value or
+-name value, booleans as -name or -name=false; durations as 500ms, 2s, 10m or 1h30m. The same
+command line as derper works; docs/derper-compat.md lists every derper flag."""
 
-@main.command()
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"derpd {__version__}")
+        ctx.exit()
+
+
+@main.command(cls=DerperCommand, epilog=SERVE_EPILOG)
 @click.option("-a", "--addr", default=":443", show_default=True,
-              help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode.")
-@click.option("--http-port", type=int, default=80, show_default=True,
+              help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode manual.")
+@click.option("--http-port", type=GoInt(), default=80, show_default=True,
               help="Plain-HTTP port beside TLS (generate_204, redirects to https); -1 disables.")
-@click.option("--stun-port", type=int, default=3478, show_default=True,
+@click.option("--stun-port", type=GoInt(), default=3478, show_default=True,
               help="UDP STUN port on the same IP as -a; -1 disables.")
+@click.option("--stun/--no-stun", "stun", default=True, help="Run the STUN server (--stun=false: off).")
 @click.option("-c", "config", type=click.Path(dir_okay=False, path_type=Path),
-              help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing.")
-@click.option("--certmode", type=click.Choice(["manual"]), default=None,
-              help="'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP hostname).")
+              help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing. "
+                   "Default when run as root: /var/lib/derper/derper.key.")
+@click.option("--certmode", type=click.Choice(["letsencrypt", "manual", "gcp"]), default="letsencrypt",
+              show_default=True,
+              help="'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP hostname). "
+                   "letsencrypt/gcp matter only with TLS (port 443).")
 @click.option("--certdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the TLS certificate and key for --certmode manual.")
-@click.option("--hostname", default="localhost", show_default=True,
+              help="Directory of the TLS certificate and key. Default: $XDG_CACHE_HOME (else ~/.cache) "
+                   "/tailscale/derper-certs, as derper.")
+@click.option("--hostname", default="derp.tailscale.com", show_default=True,
               help="TLS hostname (names the cert files); may be an IP for a self-signed certificate.")
 @click.option("--dev", is_flag=True, help="Development: plain HTTP on :3340, a fresh key each start.")
 @click.option("--home", default="", help="Home page: '' built-in, 'blank', or an http(s):// URL to redirect to.")
 @click.option("--derp/--no-derp", "derp_enabled", default=True, help="Serve the relay (off: /derp answers 404).")
+@click.option("--bootstrap-dns-names", default="", metavar="NAME,...",
+              help="Hostnames to resolve (now and every 10 minutes) and publish at /bootstrap-dns.")
+@click.option("--unpublished-bootstrap-dns-names", default="", metavar="NAME,...",
+              help="Hostnames /bootstrap-dns answers only when asked for by name (?q=NAME).")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics on a dedicated listener (on the relay port it answers loopback only).")
 @click.option("--mesh-psk-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers.")
+              help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers. "
+                   "Default, as derper: /home/derp/keys/derp-mesh.key or ~/keys/derp-mesh.key if present.")
 @click.option("--mesh-with", default="", metavar="HOST[:PORT][/DIALHOST],...",
               help="Mesh peers of this region (may include this relay's own hostname, which is skipped).")
 @click.option("--mesh-ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trust this CA bundle (PEM) for mesh peers' TLS certificates, instead of the system roots.")
-@click.option("--tcp-write-timeout", type=float, default=2.0, show_default=True,
-              help="Seconds a write to a client may take before it is dropped; 0 = none.")
-@click.option("--tcp-keepalive-time", type=float, default=600.0, show_default=True, help="TCP keepalive period, seconds.")
-@click.option("--tcp-user-timeout", type=float, default=15.0, show_default=True,
-              help="TCP_USER_TIMEOUT, seconds (Linux); 0 = kernel default.")
-@click.option("--accept-connection-limit", type=float, default=float("inf"),
+@click.option("--tcp-write-timeout", type=GoDuration(), default="2s", show_default=True,
+              help="How long a write to a client may take before it is dropped; 0 = none.")
+@click.option("--tcp-keepalive-time", type=GoDuration(), default="10m", show_default=True,
+              help="TCP keepalive period.")
+@click.option("--tcp-user-timeout", type=GoDuration(), default="15s", show_default=True,
+              help="TCP_USER_TIMEOUT (Linux); 0 = kernel default.")
+@click.option("--accept-connection-limit", type=GoFloat(), default=float("inf"),
               help="New connections accepted per second (token bucket); the surplus is closed at once.")
-@click.option("--accept-connection-burst", type=click.IntRange(1), default=1 << 30,
+@click.option("--accept-connection-burst", type=GoInt(minimum=1), default=1 << 30,
               help="Burst for --accept-connection-limit.")
 @click.option("--max-connections-per-ip", type=click.IntRange(0), default=0,
               help="Open connections allowed from one source IP; 0 = unlimited.")
-@click.option("--shutdown-grace", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
+@click.option("--shutdown-grace", type=GoDuration(), default="5s", show_default=True,
+              help="On SIGTERM: how long to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
 @click.option("--coordinator", default=None, metavar="URL",
@@ -102,6 +126,8 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
 @admission_options
 def serve(**opts: object) -> None:
     """Run a DERP relay (drop-in for Tailscale's derper)."""
@@ -142,20 +168,35 @@ def _serve_settings(opts: dict[str, object]) -> ServeOptions:
     dev = bool(opts["dev"])
     addr = str(opts["addr"])
     config = opts["config"]
+    hostname = str(opts["hostname"])
+    startup = logging.getLogger("derpd.startup")
     if dev:
         if addr == ":443":
             addr = ":3340"
+        if hostname == "derp.tailscale.com":  # derper's default names Tailscale's own relays
+            hostname = "localhost"
         key = NodePrivate.generate()
-    elif config is None:
-        raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
     else:
+        if config is None:
+            config = default_key_file()
+            if config is None:
+                raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
+            startup.info("no -c given; using %s (as derper does when run as root)", config)
         assert isinstance(config, Path)
         key, created = load_or_create(config)
         if created:
-            logging.getLogger("derpd.startup").info("created key file %s", config)
+            startup.info("created key file %s", config)
+    certmode, certdir = cert_settings(str(opts["certmode"]), opts["certdir"], split_host_port(addr)[1])  # type: ignore[arg-type]
     mesh_key = None
-    if opts["mesh_psk_file"] is not None:
-        path = opts["mesh_psk_file"]
+    mesh_file = opts["mesh_psk_file"] if opts["mesh_psk_file"] is not None or dev else default_mesh_psk_file()
+    if dev and os.environ.get("TAILSCALE_DERPER_MESH_KEY"):  # derper's dev-mode mesh key
+        mesh_file = None
+        try:
+            mesh_key = parse_mesh_key(os.environ["TAILSCALE_DERPER_MESH_KEY"])
+        except KeyFormatError as e:
+            raise SettingsError(f"TAILSCALE_DERPER_MESH_KEY must be 64 hex digits ({e})") from e
+    if mesh_file is not None:
+        path = mesh_file
         assert isinstance(path, Path)
         try:
             mesh_key = parse_mesh_key(path.read_text())
@@ -166,9 +207,9 @@ def _serve_settings(opts: dict[str, object]) -> ServeOptions:
     settings = RelaySettings(
         private_key=key,
         addr=addr,
-        certmode=opts["certmode"],  # type: ignore[arg-type]
-        certdir=opts["certdir"],  # type: ignore[arg-type]
-        hostname=str(opts["hostname"]),
+        certmode=certmode,
+        certdir=certdir,
+        hostname=hostname,
         http_port=int(opts["http_port"]),  # type: ignore[call-overload]
         home=str(opts["home"]),
         derp_enabled=bool(opts["derp_enabled"]),
@@ -187,7 +228,8 @@ def _serve_settings(opts: dict[str, object]) -> ServeOptions:
     metrics_addr = opts["metrics_addr"]
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
-    return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
+    stun_port = int(opts["stun_port"]) if opts["stun"] else -1  # type: ignore[call-overload]
+    return ServeOptions(settings, stun_port, metrics_addr,  # type: ignore[arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
                         _registration(opts))
