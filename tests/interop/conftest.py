@@ -99,7 +99,7 @@ def start_relay(nursery: trio.Nursery, tmp_path: Path, test_ca: CertAuthority) -
 
     async def start(tls: str | None = None, mesh_key: bytes | None = None) -> Any:
         from derpd.keys import NodePrivate
-        from derpd.relay.server import serve_relay
+        from derpd.relay.listener import serve_relay
         from derpd.settings import RelaySettings
 
         if tls is None:
