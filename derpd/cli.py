@@ -81,6 +81,9 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
               help="Hostnames to resolve (now and every 10 minutes) and publish at /bootstrap-dns.")
 @click.option("--unpublished-bootstrap-dns-names", default="", metavar="NAME,...",
               help="Hostnames /bootstrap-dns answers only when asked for by name (?q=NAME).")
+@click.option("--debug-allow", default="", metavar="CIDR,...",
+              help="Serve /debug/ (index, varz) to these networks too, not only loopback (derper also "
+                   "admits Tailscale's 100.64.0.0/10,fd7a:115c:a1e0::/48).")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics on a dedicated listener (on the relay port it answers loopback only).")
 @click.option("--mesh-psk-file", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -28,7 +28,8 @@ from .derperflags import cert_settings, default_key_file, default_mesh_psk_file
 from .keyfile import load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
 from .relay.listener import RunningRelay, serve_metrics, serve_relay
-from .settings import RelaySettings, SettingsError, is_ip, split_host_port
+from .relay.server import RelayServer
+from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port
 
 if TYPE_CHECKING:
     from .admission import Protection
@@ -52,6 +53,19 @@ class ServeOptions:
     verbose: int = 0
     registration: dict[str, object] | None = None  # --coordinator and friends
     protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
+    bootstrap_dns: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # published, unpublished names
+
+
+def install_bootstrap_dns(options: ServeOptions, server: RelayServer, nursery: trio.Nursery) -> None:
+    """``--bootstrap-dns-names`` / ``--unpublished-bootstrap-dns-names``: resolve in the
+    background (now and every 10 minutes) and answer ``/bootstrap-dns`` from memory."""
+    published, unpublished = options.bootstrap_dns
+    if published or unpublished:
+        from .bootstrapdns import BootstrapDNS
+
+        names = BootstrapDNS(published, unpublished)
+        server.bootstrap_dns = names.answer
+        nursery.start_soon(names.run)
 
 
 def options_from_flags(opts: dict[str, object]) -> ServeOptions:
@@ -121,6 +135,7 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
         accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+        debug_allow=parse_networks("--debug-allow", str(opts.get("debug_allow") or "")),
     )
     if opts["mesh_with"] and mesh_key is None:
         raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
@@ -131,7 +146,14 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     return ServeOptions(settings, stun_port, metrics_addr,  # type: ignore[arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
-                        registration_from_flags(opts))
+                        registration_from_flags(opts), None, bootstrap_dns_from_flags(opts))
+
+
+def bootstrap_dns_from_flags(opts: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .bootstrapdns import parse_names
+
+    return (parse_names("--bootstrap-dns-names", str(opts.get("bootstrap_dns_names") or "")),
+            parse_names("--unpublished-bootstrap-dns-names", str(opts.get("unpublished_bootstrap_dns_names") or "")))
 
 
 def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None:
@@ -225,6 +247,7 @@ async def run_serve(options: ServeOptions) -> None:
         server = running.server
         if options.protection is not None:
             options.protection.install(server, nursery)
+        install_bootstrap_dns(options, server, nursery)
         scheme = "TLS" if server.ssl_context else "plain HTTP"
         startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
                      ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)

@@ -29,7 +29,7 @@ import trio
 
 from .keys import NodePrivate
 from .relay.listener import serve_metrics, serve_relay
-from .serve import ServeOptions, handle_signals, setup_logging
+from .serve import ServeOptions, handle_signals, install_bootstrap_dns, setup_logging
 from .settings import SettingsError
 
 log = logging.getLogger("derpd.workers")
@@ -102,6 +102,7 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
         running = await nursery.start(relay_then_stop)
         if options.protection is not None:
             options.protection.install(running.server, nursery)
+        install_bootstrap_dns(options, running.server, nursery)
         await nursery.start(partial(
             run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
             client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,9 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..protocol.upgrade import (
+    BROWSER_HEADERS,
+    BootstrapDNS,
+    Debug,
     DerpUpgrade,
     Metrics,
     Response,
@@ -33,7 +37,10 @@ from ..protocol.upgrade import (
     websocket_switching_protocols,
 )
 from ..transport.tls_stream import DrainingSSLStream
+from .debug import debug_response
 from ..transport.websocket_stream import WebSocketStream
+
+from .. import __version__
 
 if TYPE_CHECKING:
     from .server import RelayServer
@@ -100,8 +107,32 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
+def debug_allowed(server: RelayServer, ip: str) -> bool:
+    """derper's debug rule: loopback peers, plus derpd's ``--debug-allow`` networks."""
+    if is_loopback(ip):
+        return True
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in server.settings.debug_allow if net.version == addr.version)
+
+
+def _answer_debug_or_dns(server: RelayServer, route: Debug | BootstrapDNS, ip: str) -> Response:
+    if isinstance(route, Debug):
+        info = (("Version", __version__), ("Uptime", f"{time.monotonic() - server.started:.0f}s"),
+                ("TLS hostname", server.settings.hostname), ("Mesh key", str(server.settings.mesh_key is not None)))
+        return debug_response(route, allowed=server.settings.serve_metrics and debug_allowed(server, ip),
+                              metrics=server.metrics_text, info=info)
+    # derper: JSON, browser headers, and no keep-alive (these requests are one-off and cross-region)
+    return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"application/json"), (b"Connection", b"close")),
+                    server.bootstrap_dns(route.query, ip), head_only=route.head_only)
+
+
 def _route_label(request: h11.Request) -> str:
     path = request.target.split(b"?", 1)[0]
+    if path.startswith(b"/debug"):
+        return "debug"
     known = {b"/derp": "derp", b"/derp/probe": "probe", b"/derp/latency-check": "probe",
              b"/generate_204": "generate_204", b"/robots.txt": "robots", b"/metrics": "metrics",
              b"/bootstrap-dns": "bootstrap_dns"}
@@ -154,6 +185,8 @@ async def handle_connection(
                         response = Response(403, ((b"Content-Type", b"text/plain; charset=utf-8"),),
                                             b"metrics are served to loopback clients only; use --metrics-addr\n")
                     await _send_response(stream, conn, response)
+                case Debug() | BootstrapDNS():
+                    await _send_response(stream, conn, _answer_debug_or_dns(server, route, remote[0]))
                 case Response() as response:
                     await _send_response(stream, conn, response)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -185,7 +218,11 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
         with trio.move_on_after(server.settings.http_timeout):
             request = await _read_request(stream, conn)
             if request is not None:
-                response = redirect_to_https(request)
+                route = route_request(request) if request.target.startswith(b"/debug") else None
+                if isinstance(route, Debug):  # derper serves /debug on port 80 too (tsweb.Port80Handler)
+                    response = _answer_debug_or_dns(server, route, remote[0])
+                else:
+                    response = redirect_to_https(request)
                 await _send_response(stream, conn, response)
     except _BadRequest as e:
         server.stats.handshake_failures[e.reason] += 1
