@@ -287,3 +287,12 @@ def test_click_flag_defaults_are_derper_s():
     assert (p["addr"], p["certmode"], p["hostname"], p["http_port"], p["stun_port"]) == \
         (":443", "letsencrypt", "derp.tailscale.com", 80, 3478)
     assert isinstance(serve, click.Command)
+
+
+def test_the_compat_doc_lists_every_flag_with_its_status():
+    doc = (Path(__file__).resolve().parents[2] / "docs/derper-compat.md").read_text()
+    word = {"same": "accepted", "later": "**not supported yet**", "refused": "**refused**"}
+    for flag in DERPER_FLAGS:
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `-{flag.name}` |")), None)
+        assert row is not None, flag.name
+        assert f"| {word[flag.status]} |" in row, row
