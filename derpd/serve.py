@@ -33,6 +33,7 @@ from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split
 
 if TYPE_CHECKING:
     from .admission import Protection
+    from .relay.tls import ServerCert
 
 
 def setup_logging(verbose: int) -> None:
@@ -214,14 +215,13 @@ def node_registration(reg: dict[str, object], running: RunningRelay, settings: R
     return node
 
 
-def needs_pin(cert: object, hostname: str) -> bool:
+def needs_pin(cert: ServerCert, hostname: str) -> bool:
     """A certificate we generated, or one that does not chain to a trusted root for the
     hostname, is published with its ``sha256-raw:`` pin; a CA-signed one (for a DNS name or
     an IP) is checked by clients as usual and gets no pin."""
-    if getattr(cert, "self_signed_generated", False):
+    if cert.self_signed_generated:
         return True
-    return not _chain_trusted(str(cert.cert_path), str(cert.key_path), cert.pin,  # type: ignore[attr-defined]
-                              hostname)
+    return not _chain_trusted(str(cert.cert_path), str(cert.key_path), cert.pin, hostname)
 
 
 @functools.lru_cache(maxsize=8)
@@ -322,5 +322,5 @@ async def handle_signals(running: RunningRelay, settings: RelaySettings, scope: 
                 return
 
 
-__all__ = ["ServeOptions", "handle_signals", "node_registration", "options_from_flags",
+__all__ = ["ServeOptions", "handle_signals", "needs_pin", "node_registration", "options_from_flags",
            "registration_from_flags", "run_serve", "setup_logging"]

@@ -40,8 +40,9 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from derpd import client as derp_client
-from derpd.keys import NodePrivate
+from derpd.keys import NodePrivate, NodePublic
 from derpd.protocol import messages
+from derpd.protocol.errors import RemoteProtocolError
 from stund import client as stun_client
 
 from .httpclient import HTTPClient, HTTPError, PinMismatch, client_ssl_context
@@ -155,9 +156,13 @@ class NodeProber:
                                      "ssl_context": ctx, "cert_pin": pin, "mesh_key": target.mesh_key}
         a_key, b_key = NodePrivate.generate(), NodePrivate.generate()
         payload = os.urandom(8)
+        # With the registered key, a logs in with fast start too, and a relay with another key
+        # fails the login at its ServerKey frame.
+        expected = NodePublic.parse(target.public_key) if target.public_key else None
         start = trio.current_time()
         try:
-            async with derp_client.connect(url, a_key, **kwargs) as a:  # type: ignore[arg-type]
+            async with derp_client.connect(url, a_key, server_key=expected,
+                                           **kwargs) as a:  # type: ignore[arg-type]
                 _check_server_key(target, str(a.server_key))
                 # b knows the key now: fast start (ClientInfo right behind the request, spec 9.3)
                 async with derp_client.connect(url, b_key, server_key=a.server_key,
@@ -170,9 +175,14 @@ class NodeProber:
                                 raise ProbeFailure("protocol", "relayed packet arrived with the wrong source "
                                                                "or payload")
                             return trio.current_time() - start
+        except derp_client.LoginRefused:
+            raise
+        except RemoteProtocolError as exc:
+            if exc.reason == "server_key_mismatch":
+                raise ProbeFailure("key_mismatch", f"the relay at {target.dial} is not the registered "
+                                                   f"{target.public_key[:20]}...", fatal=True) from None
+            raise ProbeFailure("protocol", str(exc)) from None
         except derp_client.DerpClientError as exc:
-            if isinstance(exc, derp_client.LoginRefused):
-                raise
             text = str(exc)
             raise ProbeFailure("pin_mismatch" if "pin" in text else "protocol", text) from None
 

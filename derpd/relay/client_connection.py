@@ -37,6 +37,7 @@ from typing import Protocol
 
 import trio
 
+from ..accel import speedups
 from ..keys import KEY_LEN, NodePublic
 from ..metrics import RelayStats
 from ..protocol.errors import RemoteProtocolError
@@ -65,6 +66,8 @@ MESH_PUSHBACK_TIMEOUT = 5.0  # derper's mesh write timeout
 _RECV_HEADER = struct.Struct(">BI")
 _FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
 _RECV_OVERHEAD = 5 + KEY_LEN  # header + source key in front of each queued packet
+# The compiled SendPacket loop (derpd/_speedups.c), or None: the Python loop below does the same.
+_route_packets = speedups.route_packets if speedups is not None else None
 
 
 class ConnectionHost(Protocol):
@@ -263,8 +266,17 @@ class ClientConnection:
         sent_to_all = server.registry.sent_to
         i = start
         end = len(frames)
+        route = _route_packets
         try:
             while i < end:
+                if route is not None:
+                    # Every SendPacket to a local client, in C; it stops at anything else.
+                    i, n, nb, nd, full = route(frames, i, active, src, sent_to, DISCO_MAGIC, DISCO_MIN_LEN)
+                    npk += n
+                    nbytes += nb
+                    ndisco += nd
+                    if full or i >= end:
+                        break
                 ftype, payload = frames[i]
                 i += 1
                 if ftype == 4:  # SendPacket: dst(32) || packet

@@ -170,3 +170,38 @@ async def test_prober_goes_only_where_it_is_allowed(nursery: trio.Nursery, tmp_p
         assert {t.node.name: t.dial for t in coord.state.probe_targets()}["900t"] == "127.0.0.1"
         metrics = (await http(coord.url + "/metrics")).body.decode()
     assert 'derpd_coordinator_registrations_total{result="forbidden"} 5.0' in metrics
+
+
+async def test_probe_latency_measures_the_relay(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """What the prober reports is the relay's answer time, not the prober's own set-up (loading
+    CA bundles, resending, sleeping): compared with a bare TLS connection and request to the same
+    relay, measured alternately with the probes so both see the same machine load."""
+    from derpd.coordinator.httpclient import client_ssl_context
+    from derpd.coordinator.prober import NodeProber
+    from derpd.coordinator.state import ProbeTarget
+
+    with trio.fail_after(60):
+        relay = await start_relay(nursery, tmp_path / "certs")
+        coord = await start_coordinator(nursery, '[[regions]]\nid = 900\ncode = "dev"\n' + node_toml(relay),
+                                        tmp_path)
+        node = next(iter(coord.state.published.dmap.nodes()))
+        target = ProbeTarget(node, "127.0.0.1", "127.0.0.1", str(relay.public_key))
+        prober = NodeProber(timeout=5.0)
+        ctx = client_ssl_context(insecure=True)
+        best: dict[str, float] = {}
+        for _ in range(6):
+            start = trio.current_time()
+            tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", relay.port), ctx,
+                                 server_hostname="127.0.0.1", https_compatible=True)
+            await tls.send_all(b"GET /derp/probe HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert (await tls.receive_some(4096)).startswith(b"HTTP/1.1 200")
+            best["bare"] = min(best.get("bare", 1e9), trio.current_time() - start)
+            await trio.aclose_forcefully(tls)
+            result = await prober(target)
+            assert result.ok, result.failed
+            for kind, secs in result.latency.items():
+                best[kind] = min(best.get(kind, 1e9), secs)
+        await prober.aclose()
+    # One TLS request for https; two TLS connections and two logins for DERP.
+    assert best["https"] < 3 * best["bare"] + 0.005, best
+    assert best["derp"] < 6 * best["bare"] + 0.010, best

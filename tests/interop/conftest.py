@@ -9,32 +9,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import trio
 
-from .interop_harness import SCENARIO_TIMEOUT, GoTools, ScenarioResult, build_go_tools, parse_scenario, run_go
-
-
-def _missing(message: str) -> NoReturn:
-    if os.environ.get("DERPD_REQUIRE_INTEROP") == "1":
-        pytest.fail(message + " (DERPD_REQUIRE_INTEROP=1 makes this a failure)", pytrace=False)
-    pytest.skip(message)
-
-
-def _fail(message: str) -> NoReturn:
-    pytest.fail(message, pytrace=False)
+from .interop_harness import (SCENARIO_TIMEOUT, CertAuthority, GoTools, ScenarioResult, build_failed, build_go_tools,
+                              make_test_ca, missing_tool, parse_scenario, run_go)
 
 
 @pytest.fixture(scope="session")
 def go_tools() -> GoTools:
     """Builds derpinterop, derpprobe and derper once; later runs reuse the cached binaries."""
-    return build_go_tools(_missing, _fail)
+    return build_go_tools(missing_tool, build_failed)
 
 
 RunScenario = Callable[..., Awaitable[ScenarioResult]]
@@ -63,25 +52,9 @@ def scenario(go_tools: GoTools) -> RunScenario:
 # Our servers, in-process on loopback port 0.
 
 
-@dataclass(frozen=True)
-class CertAuthority:
-    ca_file: Path  # PEM of the CA, for SSL_CERT_FILE / --ca
-    certdir: Path  # holds localhost.crt and localhost.key (derper's manual-mode names)
-
-
 @pytest.fixture(scope="session")
 def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    import trustme
-
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
-    root = tmp_path_factory.mktemp("interop-ca")
-    certdir = root / "certs"
-    certdir.mkdir()
-    ca.cert_pem.write_to_path(str(root / "ca.pem"))
-    (certdir / "localhost.crt").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(certdir / "localhost.key"))
-    return CertAuthority(root / "ca.pem", certdir)
+    return make_test_ca(tmp_path_factory.mktemp("interop-ca"))
 
 
 StartRelay = Callable[..., Awaitable[Any]]
