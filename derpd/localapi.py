@@ -118,5 +118,8 @@ def tailscaled_verifier(socket_path: str | None = None) -> VerifyClientURL:
     """``--verify-clients [--socket PATH]``: admission's cached, capped check asking tailscaled,
     failing closed as derper does."""
     api = LocalAPI(socket_path or default_socket())
+    if not os.path.exists(api.socket_path):
+        log.warning("--verify-clients: no tailscaled socket at %s yet; every client is refused until tailscaled "
+                    "runs there (or pass --socket PATH)", api.socket_path)
     return VerifyClientURL(f"tailscaled at {api.socket_path}", fail_open=False, timeout=api.timeout,
                            query=api.query)

@@ -296,3 +296,26 @@ def test_the_compat_doc_lists_every_flag_with_its_status():
         row = next((line for line in doc.splitlines() if line.startswith(f"| `-{flag.name}` |")), None)
         assert row is not None, flag.name
         assert f"| {word[flag.status]} |" in row, row
+
+
+async def test_a_community_image_command_line_serves_as_a_real_process(nursery, tmp_path):
+    """The DERP_* image's entrypoint with manual mode on an IP: TLS with a self-signed certificate,
+    its pin printed, and two clients relaying through it (derpd check with the pin)."""
+    import hashlib
+    import ssl
+
+    import trio
+
+    from .test_cli import DERPD, start_serve
+
+    line = (f"--hostname=127.0.0.1 --certmode=manual --certdir={tmp_path}/certs --a=127.0.0.1:0 --stun=false "
+            f"--stun-port=3478 --http-port=-1 --verify-clients=false --verify-client-url= -c {tmp_path}/derper.key")
+    with trio.fail_after(60):
+        proc, port = await start_serve(*shlex.split(line), nursery=nursery)
+        der = ssl.PEM_cert_to_DER_cert((tmp_path / "certs/127.0.0.1.crt").read_text())
+        pin = "sha256-raw:" + hashlib.sha256(der).hexdigest()
+        result = await trio.run_process([*DERPD, "check", f"https://127.0.0.1:{port}/derp", "-n", "50",
+                                         "--cert-pin", pin], capture_stdout=True, check=False)
+        assert result.returncode == 0 and b"delivered 50/50" in result.stdout, result.stdout
+        proc.terminate()
+        assert await proc.wait() == 0
