@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -42,12 +43,12 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use true or false)")
 
 
-_GO_INT = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+|0[0-7_]*|[1-9][0-9]*)")
+_GO_INT = re.compile(r"[+-]?(0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+|0[0-7_]*|[1-9][0-9_]*)")
 
 
 def parse_int(text: str) -> int:
     """``strconv.ParseInt(text, 0, 64)``: decimal, ``0x``/``0o``/``0b`` and a leading ``0`` for
-    octal (so ``010`` is 8, as derper reads it); underscores only after a base prefix."""
+    octal (so ``010`` is 8, as derper reads it); single underscores between digits."""
     if not _GO_INT.fullmatch(text) or text.endswith("_") or "__" in text:
         raise ValueError(f"{text!r} is not an integer")
     sign = -1 if text.startswith("-") else 1
@@ -64,7 +65,7 @@ def parse_float(text: str) -> float:
     """``strconv.ParseFloat(text, 64)``: decimal or hex floats, ``inf``/``infinity`` in any case
     (NaN refused: no flag means anything by it)."""
     hexa = text.lstrip("+-")[:2].lower() == "0x"
-    if not text or not text.isascii() or text.strip() != text or ("_" in text and not hexa):
+    if not text or not text.isascii() or text.strip() != text:
         raise ValueError(f"{text!r} is not a number")
     try:
         value = float.fromhex(text.replace("_", "")) if hexa else float(text)
@@ -75,30 +76,35 @@ def parse_float(text: str) -> float:
     return value
 
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9,
+             "h": 3600 * 10**9}
 _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
 def parse_duration(text: str) -> float:
     """Go's ``time.ParseDuration`` (``500ms``, ``2s``, ``10m``, ``1h30m``, ``-1.5h``; ``0``), in
-    seconds; a plain number is taken as seconds (derpd's own older syntax)."""
+    seconds as Go's ``Duration.Seconds()`` gives them (whole nanoseconds); a plain number is taken
+    as seconds (derpd's own older syntax)."""
     t = text
-    sign = 1.0
+    sign = 1
     if t[:1] in ("+", "-"):
-        sign = -1.0 if t[0] == "-" else 1.0
+        sign = -1 if t[0] == "-" else 1
         t = t[1:]
     if re.fullmatch(r"\d+\.?\d*|\.\d+", t):
         return sign * float(t)
-    total, pos = 0.0, 0
+    total_ns, pos = 0, 0
     while pos < len(t):
         m = _DURATION_PART.match(t, pos)
         if m is None:
             break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
+        total_ns += int(Fraction(m.group(1)) * _UNITS_NS[m.group(2)])
         pos = m.end()
     if not t or pos != len(t):
         raise ValueError(f"{text!r} is not a duration (write it like 2s, 500ms, 10m or 1h30m)")
-    return sign * total
+    if total_ns >= 1 << 63:
+        raise ValueError(f"{text!r} is out of range")
+    whole, ns = divmod(total_ns, 10**9)
+    return sign * (whole + ns / 1e9)
 
 
 def format_duration(seconds: float) -> str:
