@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import re
-from fractions import Fraction
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 class GoFlagError(ValueError):
@@ -105,22 +105,6 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"{text!r} is out of range")
     whole, ns = divmod(total_ns, 10**9)
     return sign * (whole + ns / 1e9)
-
-
-def format_duration(seconds: float) -> str:
-    """Go's way of writing a round duration (``10m0s``), for help texts and docs."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    whole = int(seconds)
-    h, rest = divmod(whole, 3600)
-    m, s = divmod(rest, 60)
-    frac = seconds - whole
-    out = f"{h}h" if h else ""
-    if h or m:
-        out += f"{m}m"
-    return out + f"{s + frac:g}s"
 
 
 # ----------------------------------------------------------------------------- argv
