@@ -23,6 +23,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .. import __version__
 from ..protocol.upgrade import (
     BROWSER_HEADERS,
     BootstrapDNS,
@@ -37,10 +38,8 @@ from ..protocol.upgrade import (
     websocket_switching_protocols,
 )
 from ..transport.tls_stream import DrainingSSLStream
-from .debug import debug_response
 from ..transport.websocket_stream import WebSocketStream
-
-from .. import __version__
+from .debug import debug_response
 
 if TYPE_CHECKING:
     from .server import RelayServer
@@ -115,6 +114,8 @@ def debug_allowed(server: RelayServer, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
     return any(addr in net for net in server.settings.debug_allow if net.version == addr.version)
 
 

@@ -71,7 +71,7 @@ async def test_debug_refuses_requests_relayed_by_a_proxy(nursery):
 def test_debug_peers_loopback_and_allowed_networks():
     server = SimpleNamespace(settings=SimpleNamespace(debug_allow=(ipaddress.ip_network("10.0.0.0/8"),
                                                                    ipaddress.ip_network("fd7a:115c:a1e0::/48"))))
-    allowed = ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "10.1.2.3", "fd7a:115c:a1e0::5"]
+    allowed = ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "10.1.2.3", "::ffff:10.0.0.9", "fd7a:115c:a1e0::5"]
     refused = ["192.0.2.1", "100.64.0.1", "2001:db8::1", "11.0.0.1", "not-an-ip"]
     assert all(debug_allowed(server, ip) for ip in allowed)  # type: ignore[arg-type]
     assert not any(debug_allowed(server, ip) for ip in refused)  # type: ignore[arg-type]
