@@ -162,6 +162,8 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
     url = opts["coordinator"]
     if not url:
         return None
+    if opts.get("hostname") == "derp.tailscale.com" and not opts.get("dev"):  # derper's default, not a choice
+        raise SettingsError("--coordinator needs --hostname: the name (or IP) clients reach this relay at")
     token_file = opts["coordinator_token_file"]
     if token_file is None:
         raise SettingsError("--coordinator needs --coordinator-token-file (the coordinator's shared token)")

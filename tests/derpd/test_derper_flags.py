@@ -319,3 +319,13 @@ async def test_a_community_image_command_line_serves_as_a_real_process(nursery, 
         assert result.returncode == 0 and b"delivered 50/50" in result.stdout, result.stdout
         proc.terminate()
         assert await proc.wait() == 0
+
+
+def test_registering_needs_a_real_hostname(tmp_path):
+    from click.testing import CliRunner
+
+    from derpd.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0",
+                                       "--coordinator", "http://127.0.0.1:1"])
+    assert result.exit_code == 2 and "--coordinator needs --hostname" in result.output
