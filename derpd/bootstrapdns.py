@@ -14,7 +14,9 @@ need (the control server, usually).  As derper (cmd/derper/bootstrap_dns.go):
   does not look up TXT records.
 
 Lookups go through ``trio.socket.getaddrinfo`` one name at a time; the answer body is built
-once per round, so a request costs a dictionary look-up.
+once per round, so a request costs a dictionary look-up.  ``collect`` exports
+``derp_bootstrap_dns_requests_total{answer}``, ``derp_bootstrap_dns_lookup_failures_total`` and
+``derp_bootstrap_dns_names{list}`` (names resolved in the last round).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import json
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .settings import SettingsError
 
@@ -80,8 +83,11 @@ class BootstrapDNS:
         self.interval = interval
         self.timeout = timeout
         self.published_body = b""  # derper's dnsCacheBytes: empty until the first round
+        self.published_count = 0
         self.unpublished_ips: dict[str, list[str]] = {}
         self.requests = 0
+        self.unpublished_answers = 0
+        self.lookup_failures = 0
         self.rounds = 0
 
     def answer(self, query: str, ip: str) -> bytes:
@@ -89,6 +95,7 @@ class BootstrapDNS:
         self.requests += 1
         ips = self.unpublished_ips.get(query) if query else None
         if ips:
+            self.unpublished_answers += 1
             return go_json({query: ips})
         return self.published_body
 
@@ -97,6 +104,7 @@ class BootstrapDNS:
             try:
                 ips = await self.resolve(name)
             except OSError as e:
+                self.lookup_failures += 1
                 log.warning("bootstrap DNS lookup %r: %s", name, e.strerror or e)
                 continue
             if ips:
@@ -116,9 +124,25 @@ class BootstrapDNS:
             for ips in published.values():
                 random.shuffle(ips)  # derper: so clients do not all prefer the same address
             self.published_body = go_json(published) if published else b"null"  # Go: a nil map
+            self.published_count = len(published)
         if self.unpublished:
             self.unpublished_ips = unpublished
         self.rounds += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """prometheus-client collector (registered on the relay's metrics registry)."""
+        requests = CounterMetricFamily("derp_bootstrap_dns_requests", "/bootstrap-dns requests, by answer.",
+                                       labels=["answer"])
+        requests.add_metric(["published"], self.requests - self.unpublished_answers)
+        requests.add_metric(["unpublished"], self.unpublished_answers)
+        yield requests
+        yield CounterMetricFamily("derp_bootstrap_dns_lookup_failures", "Bootstrap DNS names that did not resolve.",
+                                  value=self.lookup_failures)
+        names = GaugeMetricFamily("derp_bootstrap_dns_names", "Bootstrap DNS names resolved in the last round.",
+                                  labels=["list"])
+        names.add_metric(["published"], self.published_count)
+        names.add_metric(["unpublished"], len(self.unpublished_ips))
+        yield names
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Refresh now and every ``interval``, forever; ``task_status`` after the first round."""

@@ -66,6 +66,7 @@ def install_bootstrap_dns(options: ServeOptions, server: RelayServer, nursery: t
 
         names = BootstrapDNS(published, unpublished)
         server.bootstrap_dns = names.answer
+        server.metrics_registry.register(names)  # type: ignore[arg-type]
         nursery.start_soon(names.run)
 
 

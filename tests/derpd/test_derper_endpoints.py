@@ -124,6 +124,12 @@ async def test_bootstrap_dns_serves_derper_s_json(nursery):
         _, _, other = await get(relay.port, "/bootstrap-dns?q=unknown.example.com")
         assert json.loads(other).keys() == doc.keys()
     assert names.requests == 4 and names.rounds == 1
+    relay.server.metrics_registry.register(names)
+    text = relay.server.metrics_text().decode()
+    assert 'derp_bootstrap_dns_requests_total{answer="unpublished"} 1.0' in text
+    assert 'derp_bootstrap_dns_requests_total{answer="published"} 3.0' in text
+    assert "derp_bootstrap_dns_lookup_failures_total 1.0" in text
+    assert 'derp_bootstrap_dns_names{list="published"} 2.0' in text
 
 
 def test_go_json_matches_marshal_indent():
@@ -170,3 +176,18 @@ def test_bad_endpoint_flags_are_one_line(args, words):
     result = subprocess.run([sys.executable, "-m", "derpd", "serve", "--dev", "-a", "127.0.0.1:0", *args],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and words in result.stderr and result.stderr.count("\n") == 1
+
+
+async def test_serve_with_bootstrap_dns_names_as_a_real_process(nursery):
+    from .test_cli import start_serve
+
+    with trio.fail_after(60):
+        proc, port = await start_serve("--dev", "-a=127.0.0.1:0", "-stun=false", "-bootstrap-dns-names=localhost",
+                                       "-unpublished-bootstrap-dns-names=localhost", nursery=nursery)
+        while not (body := (await get(port, "/bootstrap-dns"))[2]):  # the first round runs in the background
+            await trio.sleep(0.05)
+        assert "127.0.0.1" in json.loads(body)["localhost"] or "::1" in json.loads(body)["localhost"]
+        _, _, metrics = await get(port, "/debug/varz")
+        assert b'derp_bootstrap_dns_names{list="published"} 1.0' in metrics
+        proc.terminate()
+        assert await proc.wait() == 0
