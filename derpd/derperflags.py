@@ -15,7 +15,8 @@ status here to ``same``: an option of the command always wins over a refusal row
 
 ``DerperCommand`` is the click command class of ``derpd serve``: it rewrites the argv with
 ``goflags.normalise`` (every option of the command, derpd's own included, in Go's syntax), and
-reports any flag error as one line with exit status 2.
+raises every flag error as a ``FlagError`` (a usage error: one line from the ``derpd`` group,
+exit status 2).
 """
 
 from __future__ import annotations
@@ -134,13 +135,8 @@ def go_flags(command: click.Command) -> dict[str, Flag]:
     return table
 
 
-class FlagError(click.ClickException):
-    """A command-line error of ``derpd serve``: one line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"derpd serve: {self.format_message()}", err=True)
+class FlagError(click.UsageError):
+    """A command-line error of ``derpd serve`` (exit status 2; the group prints it as one line)."""
 
 
 class DerperCommand(click.Command):
@@ -150,14 +146,14 @@ class DerperCommand(click.Command):
         try:
             canonical, rest = normalise(args, go_flags(self))
         except GoFlagError as e:
-            raise FlagError(f"{e}; see derpd serve --help") from None
+            raise FlagError(str(e), ctx) from None
         if rest:
             raise FlagError(f"unexpected argument {rest[0]!r}: serve takes only flags (derper would "
-                            "stop reading flags there and ignore the rest)")
+                            "stop reading flags there and ignore the rest)", ctx)
         try:
             return super().parse_args(ctx, canonical)
         except click.UsageError as e:
-            raise FlagError(e.format_message()) from None
+            raise FlagError(e.format_message(), ctx) from None
 
 
 # ----------------------------------------------------------------------------- value types
