@@ -299,14 +299,14 @@ class Supervisor:
                     startup.info("worker %d is back (pid %d)", index, proc.pid)
             elif first and self.stopping:  # stopped while starting
                 task_status.started()
-                await self._reap(proc)
+                await self.reap(proc)
                 return
             elif first:
-                await self._reap(proc)
+                await self.reap(proc)
                 why = info if kind == "error" else f"worker {index} {_exit_status(proc.exitcode)} while starting"
                 raise WorkersFailed(why, 2)
             await trio.lowlevel.wait_readable(proc.sentinel)
-            await self._reap(proc)
+            await self.reap(proc)
             if self.stopping:
                 return
             now = trio.current_time()
@@ -325,7 +325,7 @@ class Supervisor:
             if self.stopping:
                 return
 
-    async def _reap(self, proc: Any) -> None:
+    async def reap(self, proc: Any) -> None:
         await trio.to_thread.run_sync(proc.join, 5.0)
 
     def signal_all(self, signum: int) -> None:
@@ -459,7 +459,7 @@ async def _parent(sup: Supervisor, server: RelayServer) -> int:
             sup.stop_all()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 for proc in sup.procs.values():
-                    await sup._reap(proc)
+                    await sup.reap(proc)
             raise
     return 0
 

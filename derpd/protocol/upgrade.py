@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 from wsproto.utilities import generate_accept_token
@@ -75,10 +76,21 @@ class Response:
     head_only: bool = field(default=False)
 
     def to_h11(self) -> tuple[h11.Response, h11.Data | None, h11.EndOfMessage]:
+        """The response as h11 events, with its reason phrase ("200 OK") and a Content-Length,
+        except on 204 and 304, which must not carry one (RFC 9110 §8.6)."""
         headers = list(self.headers)
-        headers.append((b"Content-Length", str(len(self.body)).encode()))
+        if self.status not in (204, 304):
+            headers.append((b"Content-Length", str(len(self.body)).encode()))
         body = None if self.head_only or not self.body else h11.Data(data=self.body)
-        return h11.Response(status_code=self.status, headers=headers), body, h11.EndOfMessage()
+        return (h11.Response(status_code=self.status, headers=headers, reason=_reason(self.status)), body,
+                h11.EndOfMessage())
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,16 +192,17 @@ def _forwarded(server: RelayServer, request: h11.Request, remote: tuple[str, int
 
 async def handle_connection(
     server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int], *, tls: ssl.SSLContext | None,
-    via_proxy: bool = False,
+    via_proxy: bool = False, internal: bool = False,
 ) -> None:
     """Serve one accepted connection until it closes.  Never raises for peer misbehaviour.
 
     ``remote`` is the client (as a PROXY header named it when ``via_proxy``).  On plain HTTP
     from a ``--trusted-proxies`` address, ``X-Forwarded-For`` names the client instead, and
-    the per-IP limit is applied to that client when it upgrades to DERP."""
+    the per-IP limit is applied to that client when it upgrades to DERP; ``internal`` (the
+    loopback links between ``--workers``) never goes through a proxy."""
     settings = server.settings
     stats = server.stats
-    behind_http_proxy = (tls is None and not via_proxy and bool(server.trusted_proxies)
+    behind_http_proxy = (tls is None and not via_proxy and not internal and bool(server.trusted_proxies)
                          and is_trusted(remote[0], server.trusted_proxies))
     peer = remote
     if tls is not None:
