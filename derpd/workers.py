@@ -41,7 +41,8 @@ from stund.oneline import run_trio
 from .keys import NodePrivate
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
-from .serve import (ServeOptions, announce_node, bind_error_message, handle_signals, node_registration,
+from .serve import (ServeOptions, announce_node, bind_error_message, handle_signals, install_bootstrap_dns,
+                    node_registration,
                     open_signals, setup_logging, start_stun)
 from .settings import SettingsError
 
@@ -206,6 +207,7 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
             running = await nursery.start(relay_then_stop)
             if options.protection is not None:
                 options.protection.install(running.server, nursery)
+            install_bootstrap_dns(options, running.server, nursery)
             await nursery.start(partial(
                 run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
                 client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))
