@@ -69,6 +69,7 @@ PORT_IN_USE = {
                                 "--map-port", "{tcp}"], "--map-port"),
     "coordinator -a": (DERPD + ["coordinator", "-a", "127.0.0.1:{tcp}", "--state-dir", "{tmp}/state"], " -a"),
     "stund serve -a": (STUND + ["serve", "-a", "127.0.0.1:{udp}"], " -a"),
+    "stund serve --workers 2 -a": (STUND + ["serve", "-a", "127.0.0.1:{udp}", "--workers", "2"], " -a"),
     "stund serve --metrics-addr": (STUND + ["serve", "-a", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:{tcp}"],
                                    "--metrics-addr"),
 }
