@@ -13,7 +13,7 @@ import trio
 
 from .client import StunErrorResponse, nat_discovery, stun_query
 from .message import StunError
-from .oneline import OneLineGroup, StartupError, format_addr, listen_error, run_trio
+from .oneline import OneLineGroup, StartupError, format_addr, listen_error, run_trio, unwrapping
 from .server import StunConfigError, parse_hostport, run_workers, serve_stun
 
 log = logging.getLogger("stund")
@@ -91,8 +91,10 @@ def serve(addrs: list[tuple[str, int]], alternate_addr: tuple[str, int] | None,
     try:
         if workers > 1:
             _start_metrics(metrics_addr)
-            stopped_by = run_workers(list(addrs), workers, alternate_ip=alt_ip, alternate_port=alt_port,
-                                     tailscale_only=tailscale_only, on_started=announce)
+            # A worker's bind error arrives as it was raised there: inside trio's exception group.
+            stopped_by = unwrapping(partial(run_workers, list(addrs), workers, alternate_ip=alt_ip,
+                                            alternate_port=alt_port, tailscale_only=tailscale_only,
+                                            on_started=announce))
         else:
             stopped_by = run_trio(partial(_serve_until_signal, list(addrs), alt_ip, alt_port, tailscale_only,
                                           metrics_addr, announce))

@@ -40,16 +40,21 @@ def single_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_trio(fn: Callable[..., Any], *args: object) -> Any:
-    """``trio.run(fn, *args)``, except that an exception group holding one error raises that
-    error, so the caller's ``except OSError`` (or ``KeyboardInterrupt``) sees it."""
+def unwrapping(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)``, except that an exception group holding one error raises that error, so
+    the caller's ``except OSError`` (or ``KeyboardInterrupt``) sees it."""
     try:
-        return trio.run(fn, *args)
+        return fn(*args)
     except BaseExceptionGroup as group:
         leaf = single_error(group)
         if leaf is group:
             raise
         raise leaf from None
+
+
+def run_trio(fn: Callable[..., Any], *args: object) -> Any:
+    """``trio.run(fn, *args)`` through ``unwrapping``."""
+    return unwrapping(trio.run, fn, *args)
 
 
 def format_addr(host: str, port: int) -> str:
@@ -103,4 +108,4 @@ class OneLineGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-__all__ = ["OneLineGroup", "StartupError", "format_addr", "listen_error", "run_trio", "single_error"]
+__all__ = ["OneLineGroup", "StartupError", "format_addr", "listen_error", "run_trio", "single_error", "unwrapping"]

@@ -140,8 +140,12 @@ def load_manual_cert(certdir: Path, hostname: str) -> ServerCert:
                 f"no certificate for {hostname!r}: put {cert_path} and {key_path} in place "
                 "(PEM; the .crt may hold the chain), or use an IP --hostname for a self-signed certificate"
             )
-        certdir.mkdir(parents=True, exist_ok=True)
-        generate_self_signed_ip_cert(hostname, cert_path, key_path)
+        try:
+            certdir.mkdir(parents=True, exist_ok=True)
+            generate_self_signed_ip_cert(hostname, cert_path, key_path)
+        except OSError as e:
+            raise CertError(f"cannot write a self-signed certificate for {hostname} into {certdir}: "
+                            f"{e.strerror or e}; fix --certdir or its permissions") from e
         generated = True
     try:
         pem = cert_path.read_bytes()

@@ -69,6 +69,7 @@ PORT_IN_USE = {
                                 "--map-port", "{tcp}"], "--map-port"),
     "coordinator -a": (DERPD + ["coordinator", "-a", "127.0.0.1:{tcp}", "--state-dir", "{tmp}/state"], " -a"),
     "stund serve -a": (STUND + ["serve", "-a", "127.0.0.1:{udp}"], " -a"),
+    "stund serve --workers 2 -a": (STUND + ["serve", "-a", "127.0.0.1:{udp}", "--workers", "2"], " -a"),
     "stund serve --metrics-addr": (STUND + ["serve", "-a", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:{tcp}"],
                                    "--metrics-addr"),
 }
@@ -140,6 +141,15 @@ async def test_unreadable_key_is_one_line(tmp_path):
     (tmp_path / "derp.example.com.crt").write_bytes(crt.read_bytes())
     (tmp_path / "derp.example.com.key").mkdir()
     assert_one_line(await run(_serve_tls(tmp_path, "derp.example.com")), "cannot read the key")
+
+
+async def test_certdir_that_cannot_be_written_is_one_line(tmp_path):
+    load_or_create(tmp_path / "k")
+    (tmp_path / "file").write_text("a file, not a directory\n")
+    argv = DERPD + ["serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "--certmode", "manual", "--certdir",
+                    str(tmp_path / "file" / "certs"), "--hostname", "127.0.0.1", "--http-port", "-1",
+                    "--stun-port", "-1"]
+    assert_one_line(await run(argv), "cannot write a self-signed certificate", "--certdir")
 
 
 async def test_key_of_another_certificate_is_one_line(tmp_path):
