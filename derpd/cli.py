@@ -57,10 +57,20 @@ def main() -> None:
               help="UDP STUN port on the same IP as -a; -1 disables.")
 @click.option("-c", "config", type=click.Path(dir_okay=False, path_type=Path),
               help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing.")
-@click.option("--certmode", type=click.Choice(["manual"]), default=None,
-              help="'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP hostname).")
+@click.option("--certmode", type=click.Choice(["letsencrypt", "gcp", "manual"]), default=None,
+              help="'letsencrypt' (default on port 443) or 'gcp': obtain and renew the certificate over ACME "
+                   "(docs/acme.md); 'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP).")
 @click.option("--certdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the TLS certificate and key for --certmode manual.")
+              help="Directory of the TLS certificate and key (and, with ACME, the account key).")
+@click.option("--acme-email", default="", help="ACME account contact email (required for --certmode gcp).")
+@click.option("--acme-eab-kid", default="", help="ACME External Account Binding key ID (--certmode gcp).")
+@click.option("--acme-eab-key", default="", help="ACME External Account Binding HMAC key, base64 (--certmode gcp).")
+@click.option("--acme-directory", default=None, metavar="URL",
+              help="ACME directory URL (default: Let's Encrypt production; for staging or a private CA). "
+                   "Its TLS is verified with the system roots or SSL_CERT_FILE.")
+@click.option("--acme-ip-certs", is_flag=True,
+              help="With an IP --hostname: a short-lived publicly trusted IP certificate (profile "
+                   "'shortlived', HTTP-01 on --http-port).")
 @click.option("--hostname", default="localhost", show_default=True,
               help="TLS hostname (names the cert files); may be an IP for a self-signed certificate.")
 @click.option("--dev", is_flag=True, help="Development: plain HTTP on :3340, a fresh key each start.")
@@ -135,6 +145,7 @@ class ServeOptions:
     workers: int = 1
     verbose: int = 0
     registration: dict[str, object] | None = None  # --coordinator and friends
+    acme: object | None = None  # derpd.acme.AcmeConfig for --certmode letsencrypt/gcp
     protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
 
 
@@ -190,7 +201,27 @@ def _serve_settings(opts: dict[str, object]) -> ServeOptions:
     return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
-                        _registration(opts))
+                        _registration(opts), _acme_config(opts, settings))
+
+
+def _acme_config(opts: dict[str, object], settings: RelaySettings) -> object | None:
+    """The ACME client's configuration for --certmode letsencrypt/gcp (derpd.acme), else None."""
+    if not settings.acme:
+        for flag in ("acme_ip_certs", "acme_eab_kid", "acme_eab_key", "acme_directory"):
+            if opts.get(flag):
+                raise SettingsError(f"--{flag.replace('_', '-')} is for --certmode letsencrypt or gcp")
+        return None
+    if int(opts["workers"]) > 1:  # type: ignore[call-overload]
+        raise SettingsError("ACME with --workers > 1 is not supported yet: run one worker, or get the "
+                            "certificate with an external ACME client and use --certmode manual")
+    from .acme import AcmeConfig
+
+    assert settings.certdir is not None and settings.effective_certmode is not None
+    return AcmeConfig.from_options(
+        certmode=settings.effective_certmode, hostname=settings.hostname, certdir=settings.certdir,
+        http_port=settings.http_port, directory=opts["acme_directory"] or None,  # type: ignore[arg-type]
+        email=str(opts["acme_email"] or ""), eab_kid=str(opts["acme_eab_kid"] or ""),
+        eab_key=str(opts["acme_eab_key"] or ""), ip_certs=bool(opts["acme_ip_certs"]))
 
 
 def _registration(opts: dict[str, object]) -> dict[str, object] | None:
@@ -228,8 +259,9 @@ def node_registration(reg: dict[str, object], running: RunningRelay, settings: R
     elif stun_port not in (0, 3478):
         node["STUNPort"] = stun_port
     server = running.server
-    if server.cert is not None and (server.cert.self_signed_generated or _is_ip(settings.hostname)):
-        node["CertName"] = server.cert.pin
+    if server.cert is not None and (server.cert.self_signed_generated or (
+            settings.certmode == "manual" and _is_ip(settings.hostname))):
+        node["CertName"] = server.cert.pin  # a publicly trusted (ACME) certificate gets no pin
     for field, key in (("IPv4", "ipv4"), ("IPv6", "ipv6")):
         if reg[key]:
             node[field] = reg[key]
@@ -258,12 +290,16 @@ async def _run_serve(options: ServeOptions) -> None:
         server = running.server
         if options.protection is not None:
             options.protection.install(server, nursery)
-        scheme = "TLS" if server.ssl_context else "plain HTTP"
+        scheme = "TLS" if settings.tls else "plain HTTP"
         startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
                      ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
-        if server.ssl_context is None:
+        if options.acme is not None:
+            from .acme import start_acme
+
+            await start_acme(server, options.acme, nursery)  # type: ignore[arg-type]
+        if not settings.tls:
             startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
-                            "clients need TLS otherwise (use --certmode manual)")
+                            "clients need TLS otherwise (port 443 gets Let's Encrypt, or see --certmode)")
         if server.cert is not None and server.cert.self_signed_generated or (
             server.cert is not None and settings.certmode == "manual" and _is_ip(settings.hostname)
         ):

@@ -182,12 +182,33 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
         with trio.move_on_after(server.settings.http_timeout):
             request = await _read_request(stream, conn)
             if request is not None:
-                response = redirect_to_https(request)
+                path = request.target.split(b"?", 1)[0]
+                if path.startswith(ACME_CHALLENGE_PREFIX):
+                    response = _acme_http01(server, path[len(ACME_CHALLENGE_PREFIX):], remote)
+                else:
+                    response = redirect_to_https(request)
                 await _send_response(stream, conn, response)
     except _BadRequest as e:
         server.stats.handshake_failures[e.reason] += 1
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
+
+
+ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+
+
+def _acme_http01(server: RelayServer, token: bytes, remote: tuple[str, int]) -> Response:
+    """RFC 8555 8.3: the key authorization of a pending HTTP-01 token, else 404 (never a redirect)."""
+    text = b"text/plain"
+    challenges = server.challenges
+    answer = None
+    if challenges is not None and token and len(token) <= 256:
+        answer = challenges.http01_response(token.decode("ascii", "replace"))
+    if answer is None:
+        log.debug("HTTP-01 request from %s for an unknown token", remote[0])
+        return Response(404, ((b"Content-Type", text),), b"no such ACME challenge\n")
+    log.info("answered an HTTP-01 validation from %s", remote[0])
+    return Response(200, ((b"Content-Type", text),), answer)
 
 
 async def handle_metrics_connection(render: Callable[[], bytes], stream: trio.abc.Stream, timeout: float) -> None:

@@ -16,9 +16,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..settings import RelaySettings, split_host_port
+from ..settings import RelaySettings, SettingsError, split_host_port
 from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
 from .server import RelayServer, RunningRelay
+from .tls_select import select_tls
 
 log = logging.getLogger("derpd.relay")
 
@@ -158,10 +159,18 @@ async def serve_relay(
     addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
     redirect_listeners: list[trio.SocketListener] = []
     http_port = None
-    if server.ssl_context is not None and settings.http_port >= 0:
-        redirect_listeners = await trio.open_tcp_listeners(settings.http_port, host=host or None)
+    if settings.tls and settings.http_port >= 0:
+        try:
+            redirect_listeners = await trio.open_tcp_listeners(settings.http_port, host=host or None)
+        except OSError as e:
+            for ls in listeners:
+                await ls.aclose()
+            use = "ACME HTTP-01 challenges, generate_204 and redirects" if settings.acme else \
+                "generate_204 and redirects to https"
+            raise SettingsError(f"cannot listen on --http-port {settings.http_port} ({use}): "
+                                f"{e.strerror or e}; stop what holds it, or pass --http-port -1 to go without") from e
         http_port = redirect_listeners[0].socket.getsockname()[1]
-    if server.ssl_context is not None:
+    if settings.tls:
         url = f"https://{_url_host(settings.hostname)}:{bound_port}"
     elif host in ("", "0.0.0.0", "::"):
         url = f"http://127.0.0.1:{bound_port}"
@@ -179,7 +188,10 @@ async def serve_relay(
             return
         per_ip[ip] = per_ip.get(ip, 0) + 1
         try:
-            await handle_connection(server, stream, remote, tls=server.ssl_context)
+            if not settings.acme:
+                await handle_connection(server, stream, remote, tls=server.ssl_context)
+            elif (chosen := await select_tls(server, stream, remote)) is not None:
+                await handle_connection(server, chosen[0], remote, tls=chosen[1])
         finally:
             left = per_ip[ip] - 1
             if left:

@@ -70,7 +70,7 @@ def test_serve_needs_a_key_file_or_dev():
 
 def test_port_443_without_certmode_explains(tmp_path):
     result = CliRunner().invoke(main, ["serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:443"])
-    assert result.exit_code == 2 and "--certmode manual" in result.output
+    assert result.exit_code == 2 and "--certdir" in result.output and "letsencrypt" in result.output
 
 
 def test_genkey_prints_a_key_file_and_refuses_to_overwrite(tmp_path):

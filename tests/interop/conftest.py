@@ -9,32 +9,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import trio
 
-from .interop_harness import SCENARIO_TIMEOUT, GoTools, ScenarioResult, build_go_tools, parse_scenario, run_go
-
-
-def _missing(message: str) -> NoReturn:
-    if os.environ.get("DERPD_REQUIRE_INTEROP") == "1":
-        pytest.fail(message + " (DERPD_REQUIRE_INTEROP=1 makes this a failure)", pytrace=False)
-    pytest.skip(message)
-
-
-def _fail(message: str) -> NoReturn:
-    pytest.fail(message, pytrace=False)
+from .interop_harness import (SCENARIO_TIMEOUT, GoTools, ScenarioResult, build_go_tools, parse_scenario, run_go,
+                               tool_failed, tool_missing)
 
 
 @pytest.fixture(scope="session")
 def go_tools() -> GoTools:
     """Builds derpinterop, derpprobe and derper once; later runs reuse the cached binaries."""
-    return build_go_tools(_missing, _fail)
+    return build_go_tools(tool_missing, tool_failed)
 
 
 RunScenario = Callable[..., Awaitable[ScenarioResult]]

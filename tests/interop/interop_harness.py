@@ -37,6 +37,21 @@ TAILSCALE_VERSION = _go_mod_fact(r"^\s*(?:require\s+)?tailscale\.com\s+(v\S+)")
 GO_MIN = _go_mod_fact(r"^go\s+(\S+)")
 
 
+def tool_missing(message: str) -> NoReturn:
+    """A Go tool the tests need is missing: skip, or fail under DERPD_REQUIRE_INTEROP=1 (CI)."""
+    import pytest
+
+    if os.environ.get("DERPD_REQUIRE_INTEROP") == "1":
+        pytest.fail(message + " (DERPD_REQUIRE_INTEROP=1 makes this a failure)", pytrace=False)
+    pytest.skip(message)
+
+
+def tool_failed(message: str) -> NoReturn:
+    import pytest
+
+    pytest.fail(message, pytrace=False)
+
+
 def find_go() -> str | None:
     found = shutil.which("go")
     if found:
