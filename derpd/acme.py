@@ -313,6 +313,20 @@ class AcmeManager:
             self.answered[TLS_ALPN_01] += 1
         return ctx
 
+    def offer(self, kind: str, name: str, token: str, key_authorization: str) -> tuple[str, str]:
+        """Answer validations of ``kind`` for ``name``/``token`` from now on; returns the
+        handle ``withdraw`` takes."""
+        with self._pending.lock:
+            if kind == HTTP_01:
+                self._pending.http01[token] = key_authorization.encode()
+                return kind, token
+            self._pending.tls_alpn01[name] = tls_alpn01_context(name, key_authorization)
+            return kind, name
+
+    def withdraw(self, kind: str, key: str) -> None:
+        with self._pending.lock:
+            (self._pending.http01 if kind == HTTP_01 else self._pending.tls_alpn01).pop(key, None)
+
     # ------------------------------------------------------------ trio side
 
     async def wait_changed(self) -> None:
@@ -460,7 +474,7 @@ class AcmeManager:
     def _one_order(self, ca: client.ClientV2, csr: bytes, profile: str | None, kind: str, thumbprint: str) -> str:
         cfg = self.config
         orderr = ca.new_order(csr, profile=profile)
-        registered: list[tuple[str, str]] = []
+        registered: list[tuple[str, str]] = []  # offer() handles, withdrawn whatever happens
         try:
             for authzr in orderr.authorizations:
                 if authzr.body.status == messages.STATUS_VALID:
@@ -474,13 +488,7 @@ class AcmeManager:
                 if not token or not all(ch.isalnum() or ch in "-_" for ch in token):
                     raise AcmeFailure(f"the CA sent a malformed {kind} token")
                 key_authorization = f"{token}.{thumbprint}"
-                with self._pending.lock:
-                    if kind == HTTP_01:
-                        self._pending.http01[token] = key_authorization.encode()
-                        registered.append((kind, token))
-                    else:
-                        self._pending.tls_alpn01[ident] = tls_alpn01_context(ident, key_authorization)
-                        registered.append((kind, ident))
+                registered.append(self.offer(kind, ident, token, key_authorization))
                 response: challenges.ChallengeResponse = (
                     challenges.HTTP01Response(key_authorization=key_authorization) if kind == HTTP_01
                     else TLSALPN01Response())
@@ -490,9 +498,8 @@ class AcmeManager:
             deadline = dt.datetime.now() + dt.timedelta(seconds=cfg.order_timeout)
             orderr = ca.poll_and_finalize(orderr, deadline)
         finally:
-            with self._pending.lock:
-                for k, v in registered:
-                    (self._pending.http01 if k == HTTP_01 else self._pending.tls_alpn01).pop(v, None)
+            for offered in registered:
+                self.withdraw(*offered)
         return str(orderr.fullchain_pem)
 
     def _store(self, fullchain: str, cert_key: ec.EllipticCurvePrivateKey, key_pem: bytes) -> None:

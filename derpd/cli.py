@@ -133,6 +133,13 @@ def serve(**opts: object) -> None:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot listen: {e.strerror or e}; is another process using the port? Pick another with -a", 1)
+    except BaseExceptionGroup as group:  # a start-up error raised inside the serve nursery
+        while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
+            group = group.exceptions[0]
+        first = group.exceptions[0] if len(group.exceptions) == 1 else None
+        if isinstance(first, SettingsError):
+            _fail(str(first))
+        raise
 
 
 @dataclass(frozen=True)

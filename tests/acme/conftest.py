@@ -78,7 +78,7 @@ def start_acme_relay(nursery: trio.Nursery, tmp_path: Path, pebble_build: Pebble
     stopped (the CA is down); ``pebble.start(nursery)`` starts it later on the same port."""
 
     async def start(hostname: str = "derp.test", *, start_pebble: bool = True, http_port: int = 0,
-                    certdir: Path | None = None, **acme: Any) -> AcmeRelay:
+                    certdir: Path | None = None, eab_required: bool = False, **acme: Any) -> AcmeRelay:
         with trio.fail_after(30):
             dns_port = await nursery.start(serve_dns)
             certdir = certdir or tmp_path / "certs"
@@ -86,7 +86,7 @@ def start_acme_relay(nursery: trio.Nursery, tmp_path: Path, pebble_build: Pebble
                                      certdir=certdir, hostname=hostname, http_port=http_port)
             running = await nursery.start(serve_relay, settings)
             pebble = Pebble(pebble_build, tmp_path, dns_port, http_port=running.http_port or 1,
-                            tls_port=running.port, eab=bool(acme.get("eab_kid")))
+                            tls_port=running.port, eab=eab_required)
             if start_pebble:
                 await pebble.start(nursery)
             defaults = AcmeConfig.from_options(

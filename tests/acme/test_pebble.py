@@ -65,3 +65,106 @@ async def test_dns_name_certificate(start_acme_relay, challenge, tmp_path):
         assert stat.S_IMODE((tmp_path / "certs" / name).stat().st_mode) == 0o600
     assert r.manager.failures == 0 and r.server.stats.tls_reloads["ok"] == 1
     assert r.manager.answered[challenge] >= 1 and sum(r.manager.answered.values()) == r.manager.answered[challenge]
+
+
+async def test_ip_certificate_short_lived_profile(start_acme_relay, tmp_path):
+    with trio.fail_after(60):
+        r = await start_acme_relay("127.0.0.1", ip_cert=True)
+        assert r.manager.config.challenges == ("http-01",)
+        await r.wait_issued()
+        ctx = await r.client_context()
+        await relay_roundtrip(f"https://127.0.0.1:{r.running.port}/derp", ctx)
+    leaf = x509.load_pem_x509_certificate((tmp_path / "certs" / "127.0.0.1.crt").read_bytes())
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert abs(lifetime - dt.timedelta(seconds=518400)) < dt.timedelta(seconds=2)  # Pebble's shortlived profile
+    assert r.manager.answered["http-01"] >= 1
+    # Publicly trusted: no sha256-raw: pin in the DERP map entry registered for it.
+    reg = {"node_name": None, "region_id": 900, "ipv4": None, "ipv6": None, "region_code": None, "region_name": None}
+    node = node_registration(reg, r.running, r.server.settings, 3478)
+    assert "CertName" not in node and node["HostName"] == "127.0.0.1"
+
+
+async def test_renewal_while_a_client_stays_connected(start_acme_relay):
+    """Pebble's 12-second profile: renewal is due 8 s after issuance.  Two clients stay
+    logged in across it and keep relaying; a new connection sees the new certificate."""
+    with trio.fail_after(90):
+        r = await start_acme_relay("derp.test", profile="tiny")
+        await r.wait_issued()
+        ctx = await r.client_context()
+        first = await served_leaf(r.running.port, "derp.test")
+        url = f"https://derp.test:{r.running.port}/derp"
+        a, b = NodePrivate.generate(), NodePrivate.generate()
+        async with (
+            derp_client.connect(url, a, ssl_context=ctx, connect_host="127.0.0.1") as ca,
+            derp_client.connect(url, b, ssl_context=ctx, connect_host="127.0.0.1") as cb,
+        ):
+            await ca.send(b.public, b"before")
+            assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"before")
+            await r.wait_issued(2)
+            second = await served_leaf(r.running.port, "derp.test")
+            assert second.serial_number != first.serial_number
+            assert second.not_valid_after_utc > first.not_valid_after_utc
+            await ca.send(b.public, b"after")
+            assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"after")
+            await cb.send(a.public, b"and back")
+            assert await recv_skipping_keepalives(ca) == RecvPacket(b.public, b"and back")
+        await relay_roundtrip(url, ctx)  # new connections verify the renewed certificate
+    assert r.server.stats.tls_reloads == {"ok": 2, "error": 0}
+    assert r.server.stats.handshake_failures["no_certificate"] == 0
+
+
+async def test_ca_down_at_start_then_up(start_acme_relay, nursery, caplog):
+    """No CA: the relay runs, refuses TLS clients (it has no certificate), says why, and keeps
+    retrying; once the CA is up, the certificate arrives."""
+    with trio.fail_after(60):
+        r = await start_acme_relay("derp.test", start_pebble=False)
+        await r.wait(lambda: r.manager.failures >= 2)
+        assert "cannot connect to the CA" in r.manager.last_error
+        lines = [m for m in caplog.messages if "ACME order for derp.test failed" in m]
+        assert lines and "the relay has no certificate yet" in lines[0] and "\n" not in lines[0]
+        stream = await trio.open_tcp_stream("127.0.0.1", r.running.port)
+        with pytest.raises(trio.BrokenResourceError):
+            s = trio.SSLStream(stream, ssl.create_default_context(), server_hostname="derp.test")
+            await s.do_handshake()
+        assert r.server.stats.handshake_failures["no_certificate"] >= 1
+        await r.pebble.start(nursery)
+        await r.wait(lambda: r.manager.issued >= 1)
+        await relay_roundtrip(f"https://derp.test:{r.running.port}/derp", await r.client_context())
+
+
+async def test_ca_down_during_renewal_keeps_the_certificate(start_acme_relay, nursery, tmp_path):
+    """The CA goes away before renewal: the relay keeps serving the certificate it has and
+    its files stay as they were; when a CA is back, renewal succeeds."""
+    with trio.fail_after(90):
+        r = await start_acme_relay("derp.test", profile="tiny")
+        await r.wait_issued()
+        first = await served_leaf(r.running.port, "derp.test")
+        files = {p.name: p.read_bytes() for p in (tmp_path / "certs").iterdir()}
+        await r.pebble.stopped()
+        await r.wait(lambda: r.manager.failures >= 2)
+        assert "cannot connect to the CA" in r.manager.last_error
+        assert (await served_leaf(r.running.port, "derp.test")).serial_number == first.serial_number
+        assert {p.name: p.read_bytes() for p in (tmp_path / "certs").iterdir()} == files
+        await r.pebble.start(nursery)  # a new Pebble: new roots, the account is registered again
+        await r.wait(lambda: r.manager.issued >= 2)
+        assert (await served_leaf(r.running.port, "derp.test")).serial_number != first.serial_number
+
+
+async def test_external_account_binding(start_acme_relay):
+    """--certmode gcp's external account binding against a Pebble that requires it: without
+    the binding the CA's refusal is the logged reason; with it the certificate is issued."""
+    from derpd.acme import decode_eab_key
+
+    from .pebble_harness import EAB_KEYS
+
+    with trio.fail_after(60):
+        refused = await start_acme_relay("derp.test", eab_required=True)
+        await refused.wait(lambda: refused.manager.failures >= 1)
+        assert "externalAccountRequired" in refused.manager.last_error, refused.manager.last_error
+        refused.pebble.stop()
+        r = await start_acme_relay("derp.test", eab_required=True, email="ops@derp.test", eab_kid="kid-1",
+                                   eab_key=decode_eab_key(EAB_KEYS["kid-1"]), certdir=refused.manager.config.certdir.parent / "eab")
+        await r.wait_issued()
+        await relay_roundtrip(f"https://derp.test:{r.running.port}/derp", await r.client_context())
