@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import josepy as jose
 import requests
 import trio
+from trio.lowlevel import RunVar
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,16 +54,20 @@ IP_PROFILE = "shortlived"
 TLS_ALPN_01 = "tls-alpn-01"
 HTTP_01 = "http-01"
 
-# One ACME conversation at a time in this process (each is a worker thread doing blocking I/O).
-_LIMITER: trio.CapacityLimiter | None = None
-_IN_FLIGHT: set[str] = set()  # names with an order in flight (touched only from the trio thread)
+# One ACME conversation at a time per trio run (each is a worker thread doing blocking I/O),
+# and the names with an order in flight.  Per run, not per process: a thread abandoned by a
+# cancelled run must not hold up the next run (tests run many).
+_LIMITER: RunVar[trio.CapacityLimiter] = RunVar("derpd_acme_limiter")
+_IN_FLIGHT: RunVar[set[str]] = RunVar("derpd_acme_in_flight")
 
 
-def _limiter() -> trio.CapacityLimiter:
-    global _LIMITER
-    if _LIMITER is None:
-        _LIMITER = trio.CapacityLimiter(1)
-    return _LIMITER
+def _run_state() -> tuple[trio.CapacityLimiter, set[str]]:
+    try:
+        return _LIMITER.get(), _IN_FLIGHT.get()
+    except LookupError:
+        _LIMITER.set(trio.CapacityLimiter(1))
+        _IN_FLIGHT.set(set())
+        return _LIMITER.get(), _IN_FLIGHT.get()
 
 
 def decode_eab_key(text: str) -> bytes:
@@ -390,13 +395,14 @@ class AcmeManager:
             Exception: whatever stopped the attempt (see describe_failure).
         """
         name = self.config.hostname
-        if name in _IN_FLIGHT:
+        limiter, in_flight = _run_state()
+        if name in in_flight:
             raise AcmeFailure(f"an order for {name} is already in flight in this process")
-        _IN_FLIGHT.add(name)
+        in_flight.add(name)
         try:
-            await trio.to_thread.run_sync(self._obtain_blocking, abandon_on_cancel=True, limiter=_limiter())
+            await trio.to_thread.run_sync(self._obtain_blocking, abandon_on_cancel=True, limiter=limiter)
         finally:
-            _IN_FLIGHT.discard(name)
+            in_flight.discard(name)
         if not self._install():
             raise AcmeFailure(f"the new certificate in {self.cert_path} could not be loaded (see the TLS log line)")
         self.issued += 1
