@@ -75,8 +75,10 @@ def scenarios(idle_ks: list[int]) -> list[Scenario]:
     out += [
         Scenario("churn 16 workers", "churn", {"workers": 16},
                  metrics=(("logins_per_s", True), ("errors", False), ("cpu_s_per_klogin", False))),
-        Scenario("stun 1 worker", "stun", {"workers": 1}, metrics=(("answered_per_s", True), ("p99_ms", False))),
-        Scenario("stun 8 workers", "stun", {"workers": 8}, metrics=(("answered_per_s", True), ("p99_ms", False))),
+        Scenario("stun 1 worker", "stun", {"workers": 1},
+                 metrics=(("answered_per_s", True), ("p99_ms", False), ("cpu_us_per_answer", False))),
+        Scenario("stun 8 workers", "stun", {"workers": 8},
+                 metrics=(("answered_per_s", True), ("p99_ms", False), ("cpu_us_per_answer", False))),
     ]
     return out
 
@@ -160,6 +162,7 @@ class Runner:
                 r = benchlib.run_json(lg + ["-addr", f"127.0.0.1:{stun_port}", "-workers", str(sc.args["workers"]),
                                             "-duration", f"{secs}s"], timeout=secs + 90, env=self.env)
                 cpu = benchlib.cpu_seconds(srv.pid) - cpu0
+                r["cpu_us_per_answer"] = cpu / max(r.get("answered", 0), 1) * 1e6
             r["server_cpu_s"] = cpu
             r["rss_start_mb"] = rss0 / 1e6
             r["peak_rss_mb"] = benchlib.peak_rss_bytes(srv.pid) / 1e6

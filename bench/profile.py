@@ -1,6 +1,6 @@
 """Where derpd's time goes: py-spy samples a derpd process while the Go load generator drives it.
 
-Usage:  python bench/profile.py [--scenario plain50|tls50|paced50|churn|stun8] [--seconds 6] [--top 25]
+Usage:  python bench/profile.py [--scenario plain50|tls50|paced50|churn|stun1|stun8] [--seconds 6] [--top 25]
 
 py-spy (installed into the running venv on first use; bench-only) samples the server at 250 Hz
 without pausing it.  The script prints the functions with the most samples on the CPU ("self")
@@ -25,6 +25,7 @@ SCENARIOS = {
     "tls50": (True, ["throughput", "-pairs", "50", "-size", "1200"]),
     "paced50": (False, ["throughput", "-pairs", "50", "-size", "1200", "-rate", "100000"]),
     "churn": (False, ["churn", "-workers", "16"]),
+    "stun1": (False, ["stun", "-workers", "1"]),
     "stun8": (False, ["stun", "-workers", "8"]),  # derpd's in-process STUN server
 }
 

@@ -45,14 +45,23 @@ from .protocol.messages import (
     encode_send_packet,
     parse_server_frame,
 )
-from .relay.tls_stream import DrainingSSLStream
-from .relay.websocket_stream import WebSocketStream
+from .transport.tls_stream import DrainingSSLStream
+from .transport.websocket_stream import WebSocketStream
 
 RECV_SIZE = 256 * 1024
 
 
 class DerpClientError(Exception):
     """Connecting or logging in failed; the message says where."""
+
+
+class LoginRefused(DerpClientError, RemoteProtocolError):
+    """The relay read our ClientInfo and closed the connection without a ServerInfo: its
+    admission (``--verify-client-url``, ``--allow-keys``) or a wrong mesh key refused us.
+    It is also a ``RemoteProtocolError`` (reason ``eof``), as a login cut short always was."""
+
+    def __init__(self, message: str) -> None:
+        RemoteProtocolError.__init__(self, message, "eof")
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,15 +340,22 @@ async def connect(
                     initial = await _http_upgrade(stream, target, headers)
             if initial:
                 hs.receive_data(initial)
-            while True:
-                event = hs.next_event()
-                if event is NEED_DATA:
-                    hs.receive_data(await stream.receive_some(RECV_SIZE))
-                elif isinstance(event, ServerKeyReceived):
-                    await stream.send_all(hs.client_info_frame(event.key))
-                else:
-                    assert isinstance(event, LoginComplete)
-                    break
+            try:
+                while True:
+                    event = hs.next_event()
+                    if event is NEED_DATA:
+                        hs.receive_data(await stream.receive_some(RECV_SIZE))
+                    elif isinstance(event, ServerKeyReceived):
+                        await stream.send_all(hs.client_info_frame(event.key))
+                    else:
+                        assert isinstance(event, LoginComplete)
+                        break
+            except (RemoteProtocolError, trio.BrokenResourceError) as exc:
+                closed = not isinstance(exc, RemoteProtocolError) or exc.reason == "eof"
+                if closed and hs.server_key is not None:
+                    raise LoginRefused("connection closed during login, after our ClientInfo and before "
+                                       "ServerInfo: the relay refused the login (admission or mesh key)") from None
+                raise
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -361,4 +377,4 @@ async def connect(
         await client.aclose()
 
 
-__all__ = ["DerpClient", "DerpClientError", "connect", "make_ssl_context"]
+__all__ = ["DerpClient", "DerpClientError", "LoginRefused", "connect", "make_ssl_context"]

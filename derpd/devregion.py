@@ -181,7 +181,7 @@ async def serve_dev_region(
     """Runs relay, STUN and coordinator on 127.0.0.1 until cancelled (ports 0 = any free port)."""
     from stund.server import serve_stun
 
-    from .relay.server import RunningRelay, serve_relay
+    from .relay.listener import RunningRelay, serve_relay
     from .settings import RelaySettings
 
     certs = ensure_dev_certs(directory)

@@ -8,6 +8,9 @@ worker 2 through one ForwardPacket hop.  STUN runs in worker 0.
 
 The parent forwards SIGTERM/SIGINT/SIGHUP to the workers and, with ``--metrics-addr``, serves
 the sum of every worker's metrics.
+
+Dependencies: ``derpd.cli`` imports this module; it builds each worker from ``derpd.serve``
+(options, signals, logging) and ``derpd.relay``, and never imports ``derpd.cli``.
 """
 
 from __future__ import annotations
@@ -20,15 +23,14 @@ import signal
 import socket
 from collections import defaultdict
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from .keys import NodePrivate
+from .relay.listener import serve_metrics, serve_relay
+from .serve import ServeOptions, handle_signals, setup_logging
 from .settings import SettingsError
-
-if TYPE_CHECKING:
-    from .cli import ServeOptions
 
 log = logging.getLogger("derpd.workers")
 
@@ -79,9 +81,7 @@ def aggregate_metrics(texts: list[str]) -> bytes:
 
 def _worker_main(index: int, options: ServeOptions, main_sock: socket.socket, mesh_sock: socket.socket,
                  peer_ports: list[int], mesh_key: bytes) -> None:
-    from .cli import _setup_logging
-
-    _setup_logging(options.verbose)
+    setup_logging(options.verbose)
     try:
         trio.run(_worker, index, options, main_sock, mesh_sock, peer_ports, mesh_key)
     except KeyboardInterrupt:
@@ -90,9 +90,7 @@ def _worker_main(index: int, options: ServeOptions, main_sock: socket.socket, me
 
 async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, mesh_sock: socket.socket,
                   peer_ports: list[int], mesh_key: bytes) -> None:
-    from .cli import _handle_signals
     from .mesh import MeshTarget, run_mesh
-    from .relay.server import serve_relay
 
     settings = dataclasses.replace(options.settings, mesh_key=options.settings.mesh_key or mesh_key)
     async with trio.open_nursery() as nursery:
@@ -111,7 +109,7 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
             from stund.server import serve_stun
 
             await nursery.start(serve_stun, [(settings.listen[0] or "::", options.stun_port)])
-        await _handle_signals(running, settings, nursery.cancel_scope)
+        await handle_signals(running, settings, nursery.cancel_scope)
 
 
 def run_workers(options: ServeOptions, count: int) -> int:
@@ -147,8 +145,6 @@ def run_workers(options: ServeOptions, count: int) -> int:
 
 
 async def _parent(procs: list[multiprocessing.Process], mesh_ports: list[int], metrics_addr: str | None) -> int:
-    from .relay.server import serve_metrics
-
     async def scrape_all() -> bytes:
         texts: list[str] = []
         for p in mesh_ports:

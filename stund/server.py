@@ -1,10 +1,15 @@
 """Trio UDP loop for the STUN server; it only moves bytes (decisions are in stund.binding).
 
-Each listening socket gets one task that waits until the socket is readable, then drains up
-to :data:`BATCH` datagrams with non-blocking ``recvfrom`` and answers each with a
-non-blocking ``sendto`` before waiting again.  Per datagram the work is: one address lookup
+Each listening socket gets one task that waits until the socket is readable, then answers
+every datagram the socket holds (non-blocking ``recvfrom`` until EAGAIN, one non-blocking
+``sendto`` per reply) before it goes back to epoll; after :data:`BATCH` datagrams it lets the
+other tasks run and carries on without waiting.  Per datagram the work is: one address lookup
 in a small cache, :func:`stund.binding.answer`, one counter increment and one send.  A full
 send buffer drops the reply (counted as a write error): UDP callers retransmit.
+
+With the optional compiled helper ``stund._mmsg`` (built by setup.py; ``DERPD_PURE=1``
+disables it) one ``recvmmsg`` takes up to 64 datagrams and one ``sendmmsg`` sends their
+replies, and the sender's address arrives packed (no text round trip).
 
 Dual-stack: ``"::"`` binds one IPv6 socket with IPV6_V6ONLY off.  IPv4 clients then appear as
 ``::ffff:a.b.c.d``; we un-map them so they get a family-1 (IPv4) XOR-MAPPED-ADDRESS (P-26).
@@ -22,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -38,6 +44,16 @@ from .metrics import PROCESS_STATS, StunStats, add_source, slot_count
 __all__ = ["BATCH", "RCVBUF", "StunConfigError", "serve_stun", "run_workers", "parse_hostport"]
 
 log = logging.getLogger("stund")
+
+# Optional compiled helper (setup.py builds it when a C compiler is there): recvmmsg/sendmmsg.
+# DERPD_PURE=1 forces the pure-Python path, which behaves the same.
+_mmsg: Any
+try:
+    if os.environ.get("DERPD_PURE", "") not in ("", "0"):
+        raise ImportError("DERPD_PURE is set")
+    from . import _mmsg  # type: ignore[attr-defined,no-redef]
+except ImportError:
+    _mmsg = None
 
 #: Datagrams handled per wakeup before yielding to other tasks.
 BATCH = 256
@@ -145,38 +161,71 @@ async def _serve_socket(
     decide: Callable[..., Any],
     grid_socks: dict[tuple[int, int], socket.socket] | None,
 ) -> None:
-    counts = stats.counts
-    request_slots = {
-        (v6, kind): StunStats.request_slot(v6, kind) for v6 in (False, True) for kind in ("tailscale", "rfc5389", "rfc3489")
-    }
-    ok_slot, err_slot = StunStats.response_slot(False), StunStats.response_slot(True)
-    ignored_slots: dict[str, int] = {}
-    recvfrom, sendto = sock.recvfrom, sock.sendto
-    packed = _Peer().packed
+    answerer = _Answerer(sock, stats, decide, grid_socks)
+    batched = _mmsg is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+    drain = answerer.drain_batched if batched else answerer.drain
     wait_readable = trio.lowlevel.wait_readable
+    checkpoint = trio.lowlevel.checkpoint
+    drained = True
     while True:
-        await wait_readable(sock)
-        debug = log.isEnabledFor(logging.DEBUG)
+        # Back to epoll only once the socket is empty; after a full batch, just let the
+        # other tasks run and carry on reading.
+        if drained:
+            await wait_readable(sock)
+        else:
+            await checkpoint()
+        drained = drain(log.isEnabledFor(logging.DEBUG))
+
+
+class _Answerer:
+    """Answers what one socket holds; ``drain*`` return True once the socket is empty."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        stats: StunStats,
+        decide: Callable[..., Any],
+        grid_socks: dict[tuple[int, int], socket.socket] | None,
+    ) -> None:
+        self.sock, self.decide, self.grid_socks = sock, decide, grid_socks
+        self.counts = stats.counts
+        self.request_slots = {
+            (v6, kind): StunStats.request_slot(v6, kind)
+            for v6 in (False, True)
+            for kind in ("tailscale", "rfc5389", "rfc3489")
+        }
+        self.ok_slot, self.err_slot = StunStats.response_slot(False), StunStats.response_slot(True)
+        self.ignored_slots: dict[str, int] = {}
+        self.packed = _Peer().packed
+
+    def _ignored(self, result: Ignore, ip: bytes, size: int, who: str, debug: bool) -> None:
+        slot = self.ignored_slots.get(result.reason)
+        if slot is None:
+            slot = self.ignored_slots[result.reason] = StunStats.ignored_slot(result.reason)
+        self.counts[slot] += 1
+        if result.kind is not None:
+            self.counts[self.request_slots[(len(ip) == 16, result.kind)]] += 1
+        if debug:
+            log.debug("stun: ignored %d bytes from %s: %s", size, who, result.reason)
+
+    def drain(self, debug: bool) -> bool:
+        """recvfrom/sendto, one datagram at a time, at most BATCH."""
+        sock, decide, grid_socks, counts = self.sock, self.decide, self.grid_socks, self.counts
+        request_slots, ok_slot, err_slot, packed = self.request_slots, self.ok_slot, self.err_slot, self.packed
+        recvfrom, sendto = sock.recvfrom, sock.sendto
         for _ in range(BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                break
+                return True
             except OSError as exc:
                 counts[StunStats.READ_ERROR] += 1
                 log.debug("stun: receive error on %s: %s", sock.getsockname(), exc)
-                break
+                return True
             ip = packed(addr[0])
             result = decide(data, ip, addr[1])
             if type(result) is Ignore:
-                slot = ignored_slots.get(result.reason)
-                if slot is None:
-                    slot = ignored_slots[result.reason] = StunStats.ignored_slot(result.reason)
-                counts[slot] += 1
-                if result.kind is not None:
-                    counts[request_slots[(len(ip) == 16, result.kind)]] += 1
-                if debug:
-                    log.debug("stun: ignored %d bytes from %s: %s", len(data), addr[0], result.reason)
+                self._ignored(result, ip, len(data), addr[0], debug)
                 continue
             counts[request_slots[(len(ip) == 16, result.kind)]] += 1
             dest = addr if result.port == addr[1] else (addr[0], result.port, *addr[2:])
@@ -192,6 +241,72 @@ async def _serve_socket(
                     log.debug("stun: send to %s failed: %s", addr[0], exc)
                 continue
             counts[err_slot if result.error else ok_slot] += 1
+        return False
+
+    def drain_batched(self, debug: bool) -> bool:
+        """``drain`` with one recvmmsg per batch of requests and one sendmmsg per batch of
+        replies (stund._mmsg).  Replies to another port or from another grid socket take
+        ``sendto``."""
+        sock, decide, grid_socks, counts = self.sock, self.decide, self.grid_socks, self.counts
+        request_slots, ok_slot, err_slot = self.request_slots, self.ok_slot, self.err_slot
+        fd = sock.fileno()
+        recv_batch, send_batch, most = _mmsg.recv_batch, _mmsg.send_batch, _mmsg.MAX_BATCH
+        handled = 0
+        while handled < BATCH:
+            try:
+                got = recv_batch(fd, most)
+            except OSError as exc:
+                counts[StunStats.READ_ERROR] += 1
+                log.debug("stun: receive error on %s: %s", sock.getsockname(), exc)
+                return True
+            if not got:
+                # Empty only now, after answering the last batch: requests that arrived
+                # meanwhile were taken without a trip through epoll.
+                return True
+            handled += len(got)
+            replies = []
+            nok = nerr = 0
+            for data, ip, port, name in got:
+                result = decide(data, ip, port)
+                if type(result) is Ignore:
+                    self._ignored(result, ip, len(data), ip.hex(), debug)
+                    continue
+                counts[request_slots[(len(ip) == 16, result.kind)]] += 1
+                out = sock if result.via is None or grid_socks is None else grid_socks[result.via]
+                if result.port == port and out is sock:
+                    replies.append((result.data, name))
+                    if result.error:
+                        nerr += 1
+                    else:
+                        nok += 1
+                    continue
+                try:
+                    out.sendto(result.data, _text_address(out, ip, result.port, name))
+                except OSError as exc:
+                    counts[StunStats.WRITE_ERROR] += 1
+                    if debug:
+                        log.debug("stun: send to %s failed: %s", ip.hex(), exc)
+                    continue
+                counts[err_slot if result.error else ok_slot] += 1
+            if replies:
+                failed = send_batch(fd, replies)
+                if failed:
+                    # Which ones failed is not known; count them against the answers.
+                    counts[StunStats.WRITE_ERROR] += failed
+                    nok -= min(failed, nok)
+                counts[ok_slot] += nok
+                counts[err_slot] += nerr
+        return False
+
+
+def _text_address(sock: socket.socket, ip: bytes, port: int, name: bytes) -> tuple[Any, ...]:
+    """The ``sendto`` address for a packed sender IP on ``sock`` (the batched path's slow lane)."""
+    if sock.family == socket.AF_INET:
+        return (socket.inet_ntop(socket.AF_INET, ip), port)
+    if len(ip) == 4:
+        return ("::ffff:" + socket.inet_ntop(socket.AF_INET, ip), port)
+    scope = int.from_bytes(name[24:28], sys.byteorder) if len(name) >= 28 else 0
+    return (socket.inet_ntop(socket.AF_INET6, ip), port, 0, scope)
 
 
 async def serve_stun(

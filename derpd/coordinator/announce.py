@@ -1,11 +1,20 @@
-"""The node side of self-registration: ``derpd serve --coordinator URL ...``.
+"""The node side of self-registration: ``derpd serve --coordinator URL1,URL2,...``.
 
 The node POSTs its DERPNode entry (see :mod:`derpd.coordinator.registration`) to
-``<coordinator>/v1/nodes`` with ``Authorization: Bearer <token>``, then repeats it every
-``interval`` seconds as a heartbeat.  A 4xx other than 429 is a configuration mistake:
-it is logged once, with the coordinator's explanation, and retried at the normal pace
-(the operator may fix the coordinator side).  Transport errors are retried with
-exponential backoff capped at ``interval``.
+``<coordinator>/v1/nodes`` of every coordinator listed, with ``Authorization: Bearer
+<token>``, then repeats it every ``interval`` seconds as a heartbeat.  The entry is built
+by a callable at each send, so it always carries what the relay serves now (the
+``CertName`` pin of the current certificate); :meth:`Announcer.notify` sends it at once
+to every coordinator (the relay calls it after a certificate reload), not at the next
+heartbeat.
+
+A 4xx other than 429 is a configuration mistake: it is logged once, with the
+coordinator's explanation, and retried at the normal pace (the operator may fix the
+coordinator side).  Transport errors are retried with exponential backoff capped at
+``interval``.  Connections to each coordinator are pooled and kept alive.
+
+The hook the relay needs is small: ``Announcer(urls, token, node_info)``, a task running
+:meth:`Announcer.run`, and ``notify`` in its reload path.
 """
 
 from __future__ import annotations
@@ -13,13 +22,17 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from .httpclient import HTTPError, request
+from .httpclient import HTTPClient, HTTPError
 
 log = logging.getLogger("derpd.coordinator.announce")
+
+NodeInfo = Callable[[], dict[str, Any]]
 
 
 def registration_url(coordinator_url: str) -> str:
@@ -31,7 +44,35 @@ def registration_url(coordinator_url: str) -> str:
     return base + "/v1/nodes"
 
 
-async def announce_once(coordinator_url: str, token: str, node_info: dict[str, Any]) -> dict[str, Any]:
+def split_coordinator_urls(text: str) -> list[str]:
+    """Returns the URLs of ``--coordinator URL1,URL2,...`` (empty entries dropped, order kept).
+
+    Raises:
+        ValueError: an entry is not an http:// or https:// URL.
+    """
+    urls = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.startswith(("http://", "https://")):
+            raise ValueError(f"--coordinator: {part!r} is not a URL; give http(s)://HOST[:PORT], "
+                             "several separated by commas")
+        if part not in urls:
+            urls.append(part)
+    return urls
+
+
+class AnnounceRefused(HTTPError):
+    """The coordinator answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+async def announce_once(coordinator_url: str, token: str, node_info: dict[str, Any], *,
+                        client: HTTPClient | None = None) -> dict[str, Any]:
     """Sends one registration.
 
     Returns:
@@ -39,11 +80,14 @@ async def announce_once(coordinator_url: str, token: str, node_info: dict[str, A
     Raises:
         HTTPError: transport failure, or a non-200 answer (message = the coordinator's error).
     """
-    body = json.dumps(node_info).encode()
-    resp = await request(registration_url(coordinator_url), "POST", body=body, headers={
-        "Authorization": f"Bearer {token}",
-        "Content-Type": "application/json",
-    })
+    own = client is None
+    http = client or HTTPClient(keepalive=False, max_response_bytes=64 * 1024)
+    try:
+        resp = await http.request(registration_url(coordinator_url), "POST", body=json.dumps(node_info).encode(),
+                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    finally:
+        if own:
+            await http.aclose()
     try:
         doc = json.loads(resp.body) if resp.body else {}
     except ValueError:
@@ -58,12 +102,70 @@ async def announce_once(coordinator_url: str, token: str, node_info: dict[str, A
     return doc if isinstance(doc, dict) else {}
 
 
-class AnnounceRefused(HTTPError):
-    """The coordinator answered with an error status."""
+class Announcer:
+    """Registers one node with every coordinator listed and keeps it registered."""
 
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
+    def __init__(self, urls: Sequence[str], token: str, node_info: NodeInfo, *, interval: float = 15.0) -> None:
+        self.urls = list(urls)
+        self.token = token
+        self.node_info = node_info
+        self.interval = interval
+        self.sent = 0  # successful registrations, all coordinators together
+        self._wake = [trio.Event() for _ in self.urls]
+
+    def notify(self) -> None:
+        """The node's entry changed (a new certificate): send it to every coordinator now."""
+        for event in self._wake:
+            event.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Announces until cancelled.  ``started`` comes after the first attempt with each
+        coordinator, successful or not, so a coordinator that is down does not block the relay."""
+        client = HTTPClient(timeout=max(5.0, min(self.interval, 10.0)), max_response_bytes=64 * 1024)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, url in enumerate(self.urls):
+                    await nursery.start(self._announce_to, i, url, client)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+
+    async def _announce_to(self, index: int, url: str, client: HTTPClient,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        backoff = min(1.0, self.interval)
+        last_error = ""
+        while True:
+            self._wake[index] = trio.Event()
+            delay = self.interval
+            info = self.node_info()
+            try:
+                with trio.fail_after(max(5.0, min(self.interval, 10.0))):
+                    await announce_once(url, self.token, info, client=client)
+                self.sent += 1
+                if last_error:
+                    log.info("registered with coordinator %s again", url)
+                elif not started:
+                    log.info("registered %s with coordinator %s", info.get("Name"), url)
+                last_error = ""
+                backoff = min(1.0, self.interval)
+            except (HTTPError, trio.TooSlowError) as exc:
+                msg = str(exc) or "timed out"
+                if isinstance(exc, AnnounceRefused):
+                    delay = 1.0 if exc.status == 429 else self.interval  # up; it told us what is wrong
+                else:
+                    delay = backoff
+                    backoff = min(backoff * 2, self.interval)
+                if msg != last_error:
+                    log.warning("registration with coordinator %s failed: %s; retrying every %.0f s at most",
+                                url, msg, self.interval)
+                last_error = msg
+            if not started:
+                started = True
+                task_status.started()
+            with trio.move_on_after(delay * random.uniform(0.9, 1.0)):
+                await self._wake[index].wait()
 
 
 async def announce_forever(
@@ -74,37 +176,40 @@ async def announce_forever(
     interval: float = 15.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Registers the node and heartbeats every ``interval`` seconds until cancelled.
+    """Registers a fixed entry with one coordinator and heartbeats every ``interval`` seconds."""
+    await Announcer([coordinator_url], token, lambda: node_info, interval=interval).run(task_status=task_status)
 
-    ``task_status.started()`` is called after the first attempt, successful or not, so a
-    coordinator that is down does not block the relay from starting.
+
+def certificate_is_trusted(cert_path: Path, key_path: Path, hostname: str, *, cafile: str | None = None) -> bool:
+    """True if the certificate chain in ``cert_path`` verifies for ``hostname`` (a DNS name or
+    an IP literal) against the system's roots (or ``cafile``), as a client checks it: such a
+    certificate needs no ``sha256-raw:`` pin in the map, and it is not self-signed.
+
+    The check is a TLS handshake in memory between a server holding the chain and a client
+    with the roots, so it follows the same rules as any OpenSSL client.
     """
-    started = False
-    backoff = min(1.0, interval)
-    last_error = ""
-    while True:
-        delay = interval
-        try:
-            with trio.fail_after(max(5.0, interval)):
-                await announce_once(coordinator_url, token, node_info)
-            if last_error:
-                log.info("registered with coordinator %s again", coordinator_url)
-            elif not started:
-                log.info("registered %s with coordinator %s", node_info.get("Name"), coordinator_url)
-            last_error = ""
-            backoff = min(1.0, interval)
-        except (HTTPError, trio.TooSlowError) as exc:
-            msg = str(exc) or "timed out"
-            if isinstance(exc, AnnounceRefused):
-                delay = interval  # the coordinator is up; it told us what is wrong
-            else:
-                delay = backoff
-                backoff = min(backoff * 2, interval)
-            if msg != last_error:
-                log.warning("registration with coordinator %s failed: %s; retrying every %.0f s at most",
-                            coordinator_url, msg, interval)
-            last_error = msg
-        if not started:
-            started = True
-            task_status.started()
-        await trio.sleep(delay * random.uniform(0.9, 1.0))
+    import ssl
+
+    try:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert_path, key_path)
+        client_ctx = ssl.create_default_context(cafile=cafile) if cafile else ssl.create_default_context()
+    except (OSError, ssl.SSLError, ValueError):
+        return False
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+        done = 0
+        for side, out, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, ValueError):
+                return False
+            peer_in.write(out.read())
+        if done == 2:
+            return True
+    return False

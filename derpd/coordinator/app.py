@@ -9,9 +9,13 @@ Routes:
     GET  /status.json            the data behind it
     GET  /metrics                Prometheus text
     GET  /healthz                ``ok``
+    GET  /readyz                 ``ok``, or 503 while a fresh replica waits for first heartbeats
 
 Bad requests get a 4xx with a JSON ``{"error": ..., "field": ...}`` body, one debug log
-line and a metric; they never change state.
+line and a count in ``derpd_coordinator_registrations_total{result}``; they never change
+state.  A body must arrive within ``body_timeout`` (408) and within ``max_body_bytes``
+(413).  ``/status`` and ``/status.json`` show probe failures as short classes unless the
+request carries the registration token.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ _SECURITY_HEADERS = [
 
 class _TooLarge(Exception):
     pass
+
+
+class _Truncated(Exception):
+    """The client went away before the whole body arrived."""
 
 
 class CoordinatorApp:
@@ -114,53 +122,69 @@ class CoordinatorApp:
     async def register(self, scope: Scope, receive: Receive, send: Send) -> None:
         m = self.state.metrics.registrations
         cfg = self.state.config
+        peer = str((scope.get("client") or ("", 0))[0] or "")
         try:
             if cfg.token is None:
                 m.labels("disabled").inc()
                 raise RegistrationError(403, "registration is disabled on this coordinator: "
                                              "set coordinator.token_file in its config")
-            auth = _header(scope, b"authorization") or b""
-            scheme, _, given = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), cfg.token.encode()):
+            if not self._authorized(scope):
                 m.labels("unauthorized").inc()
                 raise RegistrationError(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                                              "with the content of the coordinator's token file")
             try:
-                body = await _read_body(scope, receive, cfg.max_body_bytes)
+                with trio.fail_after(cfg.body_timeout):
+                    body = await _read_body(scope, receive, cfg.max_body_bytes)
             except _TooLarge:
                 m.labels("too_large").inc()
                 raise RegistrationError(413, f"the body is larger than {cfg.max_body_bytes} bytes") from None
+            except trio.TooSlowError:
+                m.labels("slow_body").inc()
+                raise RegistrationError(408, f"the body did not arrive within {cfg.body_timeout:g} s") from None
+            except _Truncated:
+                m.labels("truncated").inc()
+                log.debug("registration from %s: the connection closed before the whole body arrived", peer)
+                return
             try:
                 reg = parse_registration(body)
-                created = self.state.register(reg, self.clock())
+                created = self.state.register(reg, self.clock(), peer)
             except RegistrationError as exc:
-                result = {400: "bad_request", 409: "conflict"}.get(exc.status)
+                result = {400: "bad_request", 403: "forbidden", 409: "conflict"}.get(exc.status)
                 if result is None:
                     result = "full" if "max_registered_nodes" in exc.message else "rate_limited"
                 m.labels(result).inc()
                 raise
         except RegistrationError as exc:
-            peer = (scope.get("client") or ("?", 0))[0]
             log.debug("registration from %s refused (%d): %s", peer, exc.status, exc)
             extra = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
             if exc.status == 429:
                 extra.append((b"retry-after", str(max(1, round(cfg.min_heartbeat_interval))).encode()))
             await _send(send, exc.status, _json(exc.to_json()), b"application/json", extra,
-                        close=exc.status == 413)
+                        close=exc.status in (408, 413))
             return
         m.labels("created" if created else "refreshed").inc()
         await _send(send, 200, _json({
             "ok": True,
             "changed": created,
             "node_ttl": cfg.node_ttl,
-            "heartbeat_interval": max(cfg.min_heartbeat_interval, cfg.node_ttl / 3),
+            "heartbeat_interval": self.state.heartbeat_interval(),
         }), b"application/json")
+
+    def _authorized(self, scope: Scope) -> bool:
+        """True when the request carries the registration token (``Authorization: Bearer``)."""
+        token = self.state.config.token
+        if token is None:
+            return False
+        auth = _header(scope, b"authorization") or b""
+        scheme, _, given = auth.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token.encode())
 
     # ---- people and machines -------------------------------------------------------
 
     async def status_html(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.state.expire(self.clock())
-        body = render_status(self.state.status(self.clock()), refresh=self.state.config.status_refresh).encode()
+        doc = self.state.status(self.clock(), detailed=self._authorized(scope))
+        body = render_status(doc, refresh=self.state.config.status_refresh).encode()
         await _send(send, 200, body, b"text/html; charset=utf-8", [
             (b"cache-control", b"no-store"),
             (b"content-security-policy",
@@ -169,7 +193,8 @@ class CoordinatorApp:
 
     async def status_json(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.state.expire(self.clock())
-        await _send(send, 200, _json(self.state.status(self.clock())), b"application/json",
+        doc = self.state.status(self.clock(), detailed=self._authorized(scope))
+        await _send(send, 200, _json(doc), b"application/json",
                     [(b"cache-control", b"no-store")])
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -178,6 +203,14 @@ class CoordinatorApp:
 
     async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send(send, 200, b"ok\n", b"text/plain; charset=utf-8")
+
+    async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """503 while a replica that started without a state file waits for the relays'
+        first heartbeats, so a load balancer does not hand out its incomplete map."""
+        if self.state.ready(self.clock()):
+            await _send(send, 200, b"ok\n", b"text/plain; charset=utf-8")
+        else:
+            await _send(send, 503, b"waiting for the relays' first heartbeats\n", b"text/plain; charset=utf-8")
 
 
 _Handler = Callable[[CoordinatorApp, Scope, Receive, Send], Awaitable[None]]
@@ -189,6 +222,7 @@ _ROUTES: dict[str, tuple[_Handler, tuple[str, ...]]] = {
     "/status.json": (CoordinatorApp.status_json, ("GET", "HEAD")),
     "/metrics": (CoordinatorApp.metrics, ("GET", "HEAD")),
     "/healthz": (CoordinatorApp.healthz, ("GET", "HEAD")),
+    "/readyz": (CoordinatorApp.readyz, ("GET", "HEAD")),
 }
 
 
@@ -218,6 +252,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
     Raises:
         _TooLarge: Content-Length or the bytes received exceed ``limit``.
+        _Truncated: the client disconnected before the end of the body.
     """
     length = _header(scope, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -227,7 +262,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            raise _Truncated
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -11,6 +11,7 @@ import click
 import trio
 
 from .config import ConfigError, CoordinatorConfig, load_config, read_token_file
+from .persist import StateDirError, StateStore, default_state_dir
 from .server import RunningCoordinator, serve_coordinator
 
 
@@ -38,10 +39,13 @@ Send SIGHUP to reload the config; a bad file is reported and the last good map s
               help="Listen address (plain HTTP). Overrides coordinator.listen; default 127.0.0.1:8080.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File with the shared registration token. Overrides coordinator.token_file.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where registrations and the last published map are kept across restarts. "
+                   "Default: $STATE_DIRECTORY (systemd's StateDirectory=), else ~/.local/state/derpd.")
 @click.option("--check", is_flag=True, help="Only validate the config, print the map JSON and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def coordinator_command(config_path: Path | None, listen: str | None, token_file: Path | None,
-                        check: bool, verbose: int) -> None:
+                        state_dir: Path | None, check: bool, verbose: int) -> None:
     """Publish a DERP map (tailcfg.DERPMap) that follows the health of its nodes.
 
     Nodes come from the config file and from self-registration; every node is probed
@@ -59,8 +63,14 @@ def coordinator_command(config_path: Path | None, listen: str | None, token_file
     if check:
         click.echo(config.static_map.to_json_bytes().decode(), nl=False)
         return
+    state_dir = state_dir or default_state_dir()
     try:
-        trio.run(_run, config, config_path, listen)
+        StateStore(state_dir).check()
+    except StateDirError as exc:
+        click.echo(f"derpd coordinator: {exc}", err=True)
+        raise SystemExit(2) from None
+    try:
+        trio.run(_run, config, config_path, listen, state_dir)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -68,10 +78,11 @@ def coordinator_command(config_path: Path | None, listen: str | None, token_file
             f"cannot listen on {listen or config.listen}: {exc.strerror or exc}; pick another -a HOST:PORT") from None
 
 
-async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str | None) -> None:
+async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str | None,
+               state_dir: Path) -> None:
     async with trio.open_nursery() as nursery:
         running: RunningCoordinator = await nursery.start(lambda task_status: serve_coordinator(
-            config, listen=listen, task_status=task_status))
+            config, listen=listen, state_dir=state_dir, task_status=task_status))
         click.echo(f"derpd coordinator: map at {running.url}/derpmap/default, status at {running.url}/status")
         if config_path is not None:
             nursery.start_soon(_reload_on_sighup, running, config_path)

@@ -12,6 +12,7 @@ See ``deploy/coordinator.example.toml`` for a complete example.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import tomllib
@@ -19,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from derpd.keys import KeyFormatError, parse_mesh_key
 
 from .model import DerpMap, DerpNode, DerpRegion, map_problems
 
@@ -54,7 +57,20 @@ class CoordinatorConfig:
     min_heartbeat_interval: float = 1.0
     history: int = 30
     status_refresh: int = 5
+    #: the DERP probe logs in as a mesh peer with this key (derpprobe -mesh-psk-file), which
+    #: admission (--verify-client-url, --allow-keys) lets through; per region it may differ.
+    mesh_key: bytes | None = field(default=None, repr=False)
+    region_mesh_keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
+    #: networks a registered node may advertise besides public addresses (and loopback when
+    #: the registration itself comes from loopback, as with ``derpd dev``).
+    probe_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    body_timeout: float = 10.0
+    max_parallel_probes: int = 32
     source: str = "<defaults>"
+
+    def mesh_key_for(self, region_id: int) -> bytes | None:
+        """Returns the mesh key the DERP probe uses in a region (its own, else the global one)."""
+        return self.region_mesh_keys.get(region_id, self.mesh_key)
 
 
 # TOML key -> (model attribute, expected python types) for [[regions.nodes]].
@@ -97,9 +113,14 @@ _COORD_KEYS: dict[str, tuple[type, ...]] = {
     "min_heartbeat_interval": (int, float),
     "history": (int,),
     "status_refresh": (int,),
+    "mesh_key_file": (str,),
+    "probe_allow": (list,),
+    "body_timeout": (int, float),
+    "max_parallel_probes": (int,),
 }
 
-_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list"}
 
 _HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\s\"-]+?)\s*\]\]?\s*(#.*)?$")
 _KEY_RE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
@@ -213,7 +234,7 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
     kw: dict[str, Any] = {"source": file}
     if "listen" in opts:
         kw["listen"] = opts["listen"]
-    for key in ("probe_interval", "probe_timeout", "node_ttl", "min_heartbeat_interval"):
+    for key in ("probe_interval", "probe_timeout", "node_ttl", "min_heartbeat_interval", "body_timeout"):
         if key in opts:
             value = float(opts[key])
             if not math.isfinite(value) or value <= 0 or value > 86400:
@@ -227,7 +248,7 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
     if "node_ttl" in kw and kw["node_ttl"] < kw.get("min_heartbeat_interval", 1.0):
         raise ld.error(("coordinator", "node_ttl"), "must be at least min_heartbeat_interval")
     for key, lo, hi in (("max_body_bytes", 1024, 1 << 20), ("max_registered_nodes", 0, 100_000),
-                        ("history", 1, 1000), ("status_refresh", 1, 3600)):
+                        ("history", 1, 1000), ("status_refresh", 1, 3600), ("max_parallel_probes", 1, 1024)):
         if key in opts:
             if not lo <= opts[key] <= hi:
                 raise ld.error(("coordinator", key), f"must be in {lo}..{hi} (got {opts[key]})")
@@ -236,6 +257,20 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
         kw["keep_region_when_down"] = opts["keep_region_when_down"]
     if "token_file" in opts:
         kw["token"] = read_token_file(base / opts["token_file"], lambda msg: ld.error(("coordinator", "token_file"), msg))
+    if "mesh_key_file" in opts:
+        kw["mesh_key"] = read_mesh_key_file(base / opts["mesh_key_file"],
+                                            lambda msg: ld.error(("coordinator", "mesh_key_file"), msg))
+    if "probe_allow" in opts:
+        nets = []
+        for i, text in enumerate(opts["probe_allow"]):
+            try:
+                if not isinstance(text, str):
+                    raise TypeError(text)
+                nets.append(ipaddress.ip_network(text, strict=False))
+            except (ValueError, TypeError):
+                raise ld.error(("coordinator", "probe_allow"),
+                               f"entry {i} must be a CIDR such as \"10.0.0.0/8\" (got {text!r})") from None
+        kw["probe_allow"] = tuple(nets)
     if "ca_file" in opts:
         ca = base / opts["ca_file"]
         if not ca.is_file():
@@ -246,15 +281,20 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
     if not isinstance(regions_raw, list):
         raise ld.error(("regions",), "must be an array of tables: write [[regions]]")
     regions: list[DerpRegion] = []
+    region_mesh_keys: dict[int, bytes] = {}
     for ri, raw in enumerate(regions_raw):
         rpath: tuple[Any, ...] = ("regions", ri)
-        rt = ld.table(rpath, raw, {**_REGION_KEYS, "nodes": 1})
+        rt = ld.table(rpath, raw, {**_REGION_KEYS, "nodes": 1, "mesh_key_file": 1})
         for key in ("id", "code"):
             if key not in rt:
                 raise ld.error((*rpath, key), "is required")
         rargs = {attr: ld.typed((*rpath, key), rt[key], types)
                  for key, (attr, types) in _REGION_KEYS.items() if key in rt}
         rargs.setdefault("region_name", rt["code"])
+        if "mesh_key_file" in rt:
+            file_name = ld.typed((*rpath, "mesh_key_file"), rt["mesh_key_file"], (str,))
+            region_mesh_keys[rargs["region_id"]] = read_mesh_key_file(
+                base / file_name, lambda msg: ld.error((*rpath, "mesh_key_file"), msg))
         nodes_raw = rt.get("nodes", [])
         if not isinstance(nodes_raw, list):
             raise ld.error((*rpath, "nodes"), "must be an array of tables: write [[regions.nodes]]")
@@ -279,7 +319,21 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
             path = ("regions", p.region, _REGION_ATTR_TO_KEY.get(p.attr, p.attr))
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ld.error(path, p.message + more)
-    return CoordinatorConfig(static_map=dmap, **kw)
+    return CoordinatorConfig(static_map=dmap, region_mesh_keys=region_mesh_keys, **kw)
+
+
+def read_mesh_key_file(path: Path, error: Any) -> bytes:
+    """Returns the mesh key in ``path`` (64 hex digits, as ``derper -mesh-psk-file``).
+
+    Raises:
+        what ``error(message)`` returns: missing, unreadable or not a key.
+    """
+    try:
+        return parse_mesh_key(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read the mesh key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except KeyFormatError as exc:
+        raise error(f"{path}: the mesh key must be 64 hex digits, as in the relays' --mesh-psk-file ({exc})") from None
 
 
 def read_token_file(path: Path, error: Any = None) -> str:

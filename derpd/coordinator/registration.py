@@ -9,7 +9,8 @@ A registration is a JSON object whose keys are Tailscale's DERPNode field names,
      "CertName": "sha256-raw:<64 hex>", "PublicKey": "nodekey:<64 hex>"}
 
 Keys are case-sensitive and unknown keys are refused, so typos fail loudly instead of
-publishing a half-configured node.  Every failure is a :class:`RegistrationError` with an
+publishing a half-configured node.  ``InsecureForTests: true`` is refused: a registration
+must never turn certificate checks off for every client of the map.  Every failure is a :class:`RegistrationError` with an
 HTTP status and a message naming the field.
 """
 
@@ -83,6 +84,10 @@ def parse_registration(body: bytes) -> Registration:
         types = _TYPES[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise RegistrationError(400, f"must be {_WORD[types[0]]}", key)
+    if doc.get("InsecureForTests"):
+        raise RegistrationError(400, "is never accepted from a registration (it turns off certificate checks "
+                                     "for every client); give the relay a certificate, or a CertName pin",
+                                "InsecureForTests")
     if len(doc["RegionCode"] if "RegionCode" in doc else "") > 64 or len(doc.get("RegionName", "")) > 128:
         raise RegistrationError(400, "RegionCode/RegionName too long (64/128 characters at most)")
     if "RegionCode" in doc and not doc["RegionCode"]:

@@ -19,6 +19,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .app import CoordinatorApp
 from .config import ConfigError, CoordinatorConfig, load_config
+from .persist import StateStore
 from .prober import NodeProber, ProbeFn, Prober
 from .state import CoordinatorState
 
@@ -75,18 +76,41 @@ async def serve_coordinator(
     listen: str | None = None,
     probe: ProbeFn | None = None,
     probing: bool = True,
+    state_dir: Path | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[RunningCoordinator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves the coordinator until cancelled (or until ``shutdown_trigger`` returns).
 
     ``probe`` replaces the real node probe (tests); ``probing=False`` starts no prober
-    loop (call ``running.prober.run_round()`` yourself).
+    loop (call ``running.prober.run_round()`` yourself).  With ``state_dir`` the
+    registrations and the map are kept there across restarts (see :mod:`.persist`).
+
+    Raises:
+        StateDirError: ``state_dir`` cannot be created or written.
     """
-    state = CoordinatorState(config)
+    store = None
+    if state_dir is not None:
+        store = StateStore(state_dir)
+        store.check()
+    state = CoordinatorState(config, store=store, now=trio.current_time())
     app = CoordinatorApp(state)
     cafile = str(config.ca_file) if config.ca_file else None
-    prober = Prober(state, probe or NodeProber(cafile=cafile, timeout=config.probe_timeout))
+    node_prober = None
+    if probe is None:
+        probe = node_prober = NodeProber(cafile=cafile, timeout=config.probe_timeout)
+    prober = Prober(state, probe)
+    try:
+        await _serve(config, state, app, prober, listen, probing, shutdown_trigger, task_status)
+    finally:
+        if node_prober is not None:
+            with trio.CancelScope(shield=True):
+                await node_prober.aclose()
+
+
+async def _serve(config: CoordinatorConfig, state: CoordinatorState, app: CoordinatorApp, prober: Prober,
+                 listen: str | None, probing: bool, shutdown_trigger: Callable[[], Awaitable[None]] | None,
+                 task_status: trio.TaskStatus[RunningCoordinator]) -> None:
     async with trio.open_nursery() as nursery:
 
         async def run_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

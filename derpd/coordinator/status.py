@@ -74,6 +74,7 @@ def render_status(doc: dict[str, Any], *, refresh: int = 5) -> str:
             status = n["status"]
             kept = ('<div class="kept">kept in map: every node of the region is down</div>'
                     if status == "down" and n["published"] else "")
+            note = f'<div class="kept">{escape(n["note"])}</div>' if n.get("note") else ""
             unpublished = (' <span class="meta">(not in map)</span>'
                            if not n["published"] and status != "down" else "")
             expires = (f'<div class="meta">registered; expires in {n["expires_in"]:.0f} s</div>'
@@ -85,7 +86,7 @@ def render_status(doc: dict[str, Any], *, refresh: int = 5) -> str:
             rows.append(
                 f'<tr class="node" data-node="{escape(n["name"])}" data-status="{status}">'
                 f'<td><b>{escape(n["name"])}</b>{expires}</td>'
-                f'<td><span class="badge {status}">{status.upper()}</span>{unpublished}{kept}</td>'
+                f'<td><span class="badge {status}">{status.upper()}</span>{unpublished}{kept}{note}</td>'
                 f'<td class="mono">{escape(n["host"])}:{n["derp_port"]}<br>stun {n["stun_port"]}</td>'
                 f'<td>{_latency(n["latency_ms"])}</td>'
                 f'<td>{_sparkline(n["history"])}</td>'

@@ -36,6 +36,7 @@ import enum
 import struct
 from collections.abc import Mapping
 
+from ..accel import speedups
 from .errors import RemoteProtocolError
 
 FRAME_HEADER_LEN = 5
@@ -50,6 +51,7 @@ MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑", first 8 bytes of the ServerKey pa
 
 _HEADER = struct.Struct(">BI")
 _U32 = struct.Struct(">I")
+_split_frames = speedups.split_frames if speedups is not None else None
 
 
 class FrameType(enum.IntEnum):
@@ -133,7 +135,7 @@ class FrameDecoder:
             the middle of a frame (``truncated_frame``).
     """
 
-    __slots__ = ("_buf", "_pos", "_limits", "_max_unknown", "_skip", "_eof", "skipped_frames")
+    __slots__ = ("_buf", "_pos", "_limits", "_max_unknown", "_skip", "_eof", "skipped_frames", "_table")
 
     def __init__(self, limits: Mapping[int, int], max_unknown: int | None = None) -> None:
         self._buf = b""
@@ -143,6 +145,8 @@ class FrameDecoder:
         self._skip = 0  # bytes of an unknown frame still to discard
         self._eof = False
         self.skipped_frames = 0
+        # For the compiled splitter: the limit of every frame type, None = skipped.
+        self._table = tuple(self._limits.get(t) for t in range(256))
 
     @property
     def eof(self) -> bool:
@@ -173,6 +177,31 @@ class FrameDecoder:
 
     def frames(self, most: int = -1) -> list[tuple[int, bytes]]:
         """Returns every complete frame buffered so far (at most ``most`` if given), consuming them."""
+        if _split_frames is not None:
+            out, pos, skipped, skip, bad_type, bad_len = _split_frames(
+                self._buf, self._pos, self._table, -1 if self._max_unknown is None else self._max_unknown, most
+            )
+            self._pos = pos
+            if skipped:
+                self.skipped_frames += skipped
+            if skip:
+                self._skip = skip
+            if bad_type >= 0:
+                raise self._too_large(bad_type, bad_len)
+        else:
+            out, pos = self._split(most)
+        if not out and self._eof and (pos != len(self._buf) or self._skip):
+            raise RemoteProtocolError("connection closed in the middle of a frame", "truncated_frame")
+        return out
+
+    def _too_large(self, ftype: int, n: int) -> RemoteProtocolError:
+        limit = self._limits.get(ftype)
+        if limit is None:
+            return RemoteProtocolError(f"frame type {ftype:#x} length {n} over {self._max_unknown}", "frame_too_large")
+        return RemoteProtocolError(f"frame type {ftype:#x} length {n} over the limit {limit}", "frame_too_large")
+
+    def _split(self, most: int) -> tuple[list[tuple[int, bytes]], int]:
+        """The pure-Python splitter (derpd/_speedups.c has the same loop in C)."""
         out: list[tuple[int, bytes]] = []
         buf = self._buf
         pos = self._pos
@@ -185,9 +214,7 @@ class FrameDecoder:
                 limit = limits.get(ftype)
                 if limit is None:
                     if self._max_unknown is not None and n > self._max_unknown:
-                        raise RemoteProtocolError(
-                            f"frame type {ftype:#x} length {n} over {self._max_unknown}", "frame_too_large"
-                        )
+                        raise self._too_large(ftype, n)
                     avail = end - pos - FRAME_HEADER_LEN
                     if avail >= n:
                         pos += FRAME_HEADER_LEN + n
@@ -197,9 +224,7 @@ class FrameDecoder:
                     pos = end
                     break
                 if n > limit:
-                    raise RemoteProtocolError(
-                        f"frame type {ftype:#x} length {n} over the limit {limit}", "frame_too_large"
-                    )
+                    raise self._too_large(ftype, n)
                 start = pos + FRAME_HEADER_LEN
                 if end - start < n:
                     break
@@ -208,9 +233,7 @@ class FrameDecoder:
                 most -= 1
         finally:
             self._pos = pos
-        if not out and self._eof and (pos != end or self._skip):
-            raise RemoteProtocolError("connection closed in the middle of a frame", "truncated_frame")
-        return out
+        return out, pos
 
     def next_frame(self) -> tuple[int, bytes] | None:
         """Returns one complete frame, or ``None`` when more data is needed."""

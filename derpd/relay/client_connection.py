@@ -21,6 +21,10 @@ jitter, whatever the traffic (spec 5.6).
 
 Whichever task ends first (EOF, protocol error, write timeout) cancels the other; the
 connection then unregisters, counts what was still queued as dropped, and closes.
+
+Dependencies: this module imports ``registry`` (below it) and never ``server``: the relay that
+owns a connection is reached through the ``ConnectionHost`` interface, which
+``server.RelayServer`` implements.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import logging
 import random
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
+from ..accel import speedups
 from ..keys import KEY_LEN, NodePublic
+from ..metrics import RelayStats
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.frames import FrameDecoder, FrameType, PeerGoneReason
 from ..protocol.messages import (
@@ -50,9 +56,8 @@ from ..protocol.messages import (
     looks_like_disco,
     parse_client_frame,
 )
-
-if TYPE_CHECKING:
-    from .server import RelayServer
+from ..settings import RelaySettings
+from .registry import Forwarder, Registry, present_flags
 
 log = logging.getLogger("derpd.relay")
 
@@ -61,6 +66,27 @@ MESH_PUSHBACK_TIMEOUT = 5.0  # derper's mesh write timeout
 _RECV_HEADER = struct.Struct(">BI")
 _FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
 _RECV_OVERHEAD = 5 + KEY_LEN  # header + source key in front of each queued packet
+# The compiled SendPacket loop (derpd/_speedups.c), or None: the Python loop below does the same.
+_route_packets = speedups.route_packets if speedups is not None else None
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs from the relay that owns it (``server.RelayServer``)."""
+
+    settings: RelaySettings
+    stats: RelayStats
+    registry: Registry
+
+    def route_elsewhere(
+        self, sender: ClientConnection, src: bytes, dst: bytes, packet: bytes, disco: bool, *, forwarded: bool
+    ) -> Forwarder | None:
+        """A packet for a key with no local connection: forward it or drop it; returns a
+        congested forwarder the sender should wait for, else None."""
+        ...
+
+    def close_peer(self, target: NodePublic) -> None:
+        """Close every local connection of ``target`` (a mesh peer's ClosePeer)."""
+        ...
 
 
 class ConnectionClosed(Exception):
@@ -78,7 +104,7 @@ class ClientConnection:
 
     def __init__(
         self,
-        server: RelayServer,
+        server: ConnectionHost,
         stream: trio.abc.Stream,
         public: NodePublic,
         info: object,
@@ -88,8 +114,6 @@ class ClientConnection:
         is_prober: bool,
         not_ideal: bool,
     ) -> None:
-        from .registry import present_flags
-
         self.server = server
         self.stream = stream
         self.public = public
@@ -176,9 +200,10 @@ class ClientConnection:
                 await self._read_loop(decoder)
                 nursery.cancel_scope.cancel()
         finally:
-            self._teardown()
+            self.teardown()
 
-    def _teardown(self) -> None:
+    def teardown(self) -> None:
+        """Unregister, count what was still queued as dropped, and mark the connection closing."""
         self.closing = True
         stats = self.server.stats
         for q, disco in ((self._queue, False), (self._disco_queue, True)):
@@ -241,8 +266,17 @@ class ClientConnection:
         sent_to_all = server.registry.sent_to
         i = start
         end = len(frames)
+        route = _route_packets
         try:
             while i < end:
+                if route is not None:
+                    # Every SendPacket to a local client, in C; it stops at anything else.
+                    i, n, nb, nd, full = route(frames, i, active, src, sent_to, DISCO_MAGIC, DISCO_MIN_LEN)
+                    npk += n
+                    nbytes += nb
+                    ndisco += nd
+                    if full or i >= end:
+                        break
                 ftype, payload = frames[i]
                 i += 1
                 if ftype == 4:  # SendPacket: dst(32) || packet

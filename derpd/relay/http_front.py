@@ -5,6 +5,9 @@ requests (probes, generate_204, robots.txt, the home page, /metrics) are answere
 keep-alive.  The request head and the TLS handshake must finish within ``http_timeout``
 (slowloris); a request body is capped.  Garbage gets a 400 where HTTP still makes sense, is
 counted in ``derp_handshake_failures_total{reason}``, and closes only this connection.
+
+Dependencies: imports ``server`` (whose ``RelayServer.serve_derp`` takes an upgraded stream)
+and ``derpd.transport``; imported only by ``listener``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from ..protocol.upgrade import (
     route_request,
     websocket_switching_protocols,
 )
-from .tls_stream import DrainingSSLStream
-from .websocket_stream import WebSocketStream
+from ..transport.tls_stream import DrainingSSLStream
+from ..transport.websocket_stream import WebSocketStream
 
 if TYPE_CHECKING:
     from .server import RelayServer
@@ -87,7 +90,7 @@ async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response
     await stream.send_all(data)
 
 
-def _is_loopback(ip: str) -> bool:
+def is_loopback(ip: str) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -144,7 +147,7 @@ async def handle_connection(
                     await server.serve_derp(ws, remote, b"")
                     return
                 case Metrics():
-                    if settings.serve_metrics and _is_loopback(remote[0]):
+                    if settings.serve_metrics and is_loopback(remote[0]):
                         response = Response(200, ((b"Content-Type", CONTENT_TYPE_LATEST.encode()),),
                                             server.metrics_text())
                     else:

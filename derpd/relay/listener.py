@@ -5,6 +5,9 @@ with their limits, and the relay's lifetime (start, TLS reloads, graceful shutdo
 ``RunningRelay``.  It serves until cancelled, or until ``RunningRelay.shutdown(grace)``: then
 it stops accepting, sends every client a Restarting frame, lets their queues drain for at most
 ``grace`` seconds, closes what is left, and returns.
+
+Dependencies: the top of ``derpd.relay``; imports ``http_front`` and ``server``, and nothing
+in ``derpd.relay`` imports it.  ``derpd.serve`` and the tests start relays from here.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import trio
 
+from ..keys import NodePublic
 from ..settings import RelaySettings, SettingsError, split_host_port
 from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
-from .server import RelayServer, RunningRelay
+from .server import RelayServer
 from .tls_select import select_tls
 
 log = logging.getLogger("derpd.relay")
@@ -27,6 +32,36 @@ _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 CERT_WATCH_INTERVAL = 30.0
 
 Handler = Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]]
+
+
+@dataclass
+class RunningRelay:
+    """What ``serve_relay`` reports once it listens."""
+
+    server: RelayServer
+    url: str  # base URL; DERP is at url + "/derp"
+    host: str
+    port: int
+    public_key: NodePublic
+    cert_pin: str | None = None
+    http_port: int | None = None
+    addresses: list[tuple[str, int]] = field(default_factory=list)
+    _shutdown: trio.Event = field(default_factory=trio.Event, repr=False)
+    _grace: float = 0.0
+
+    @property
+    def derp_url(self) -> str:
+        return self.url + "/derp"
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Ask ``serve_relay`` to stop accepting, send Restarting to every client, drain for
+        at most ``grace`` seconds, and return."""
+        self._grace = grace
+        self._shutdown.set()
+
+    async def wait_shutdown(self) -> float:
+        await self._shutdown.wait()
+        return self._grace
 
 
 class TokenBucket:

@@ -7,12 +7,16 @@ between, so the registry needs no lock (design rule 6).
 ``_members`` holds every connection of a key, oldest first and the active one last; a key
 with two or more connections is a *duplicate set*, and whichever member last sent a frame is
 active ("last writer is active", spec 5.8).
+
+Dependencies: the registry is the lowest layer of ``derpd.relay``.  It knows connections only
+through the ``Member`` interface below and mesh links through ``Forwarder``; it imports nothing
+from ``client_connection``, ``server``, ``http_front`` or ``listener`` (they import it).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -21,10 +25,26 @@ from ..metrics import GaugeSource, RelayStats
 from ..protocol.frames import PeerGoneReason, PeerPresentFlags
 from ..protocol.messages import encode_peer_gone, encode_peer_present
 
-if TYPE_CHECKING:
-    from .client_connection import ClientConnection
-
 log = logging.getLogger("derpd.relay")
+
+
+class Member(Protocol):
+    """A local connection as the registry sees it (``client_connection.ClientConnection``)."""
+
+    key: bytes  # the client's public key, raw
+    public: NodePublic
+    remote_ip: str
+    remote_port: int
+    present_flags: int
+    is_dup: bool  # set by the registry: the key has two or more connections
+
+    def enqueue(self, frame: bytes, disco: bool) -> bool:
+        """Queue a ready RecvPacket frame, dropping the oldest when full; True when now full."""
+        ...
+
+    def send_control(self, frame: bytes) -> None:
+        """Queue a frame that must not be dropped (PeerGone, PeerPresent)."""
+        ...
 
 
 class Forwarder(Protocol):
@@ -45,9 +65,9 @@ class Registry(GaugeSource):
     def __init__(self, stats: RelayStats, server_key: bytes) -> None:
         self.stats = stats
         self.server_key = server_key
-        self.active: dict[bytes, ClientConnection] = {}
-        self._members: dict[bytes, list[ClientConnection]] = {}
-        self.watchers: set[ClientConnection] = set()
+        self.active: dict[bytes, Member] = {}
+        self._members: dict[bytes, list[Member]] = {}
+        self.watchers: set[Member] = set()
         self.forwarders: dict[bytes, list[Forwarder]] = {}
         # src key -> destination keys it sent packets to; drives PeerGone(Disconnected) (5.4/5.5).
         self.sent_to: dict[bytes, set[bytes]] = {}
@@ -63,7 +83,7 @@ class Registry(GaugeSource):
 
     # ------------------------------------------------------------------ local clients
 
-    def register(self, conn: ClientConnection) -> None:
+    def register(self, conn: Member) -> None:
         members = self._members.setdefault(conn.key, [])
         members.append(conn)
         if len(members) > 1:
@@ -81,7 +101,7 @@ class Registry(GaugeSource):
                 if w is not conn:
                     w.send_control(frame)
 
-    def unregister(self, conn: ClientConnection) -> None:
+    def unregister(self, conn: Member) -> None:
         members = self._members.get(conn.key)
         if members is None or conn not in members:
             return
@@ -104,7 +124,7 @@ class Registry(GaugeSource):
         if conn.key not in self.forwarders:
             self.gone_from_region(conn.key)
 
-    def note_activity(self, conn: ClientConnection) -> None:
+    def note_activity(self, conn: Member) -> None:
         """A member of a duplicate set sent a frame: it becomes the active one."""
         if self.active.get(conn.key) is not conn:
             members = self._members[conn.key]
@@ -112,8 +132,12 @@ class Registry(GaugeSource):
             members.append(conn)
             self.active[conn.key] = conn
 
-    def connections(self, key: bytes) -> list[ClientConnection]:
+    def connections(self, key: bytes) -> list[Member]:
         return list(self._members.get(key, ()))
+
+    def all_connections(self) -> list[Member]:
+        """Every local connection, duplicates included."""
+        return [c for conns in self._members.values() for c in conns]
 
     def gone_from_region(self, key: bytes) -> None:
         """``key`` left the region: tell every local client that received from it (5.5)."""
@@ -129,7 +153,7 @@ class Registry(GaugeSource):
 
     # ------------------------------------------------------------------ mesh
 
-    def add_watcher(self, conn: ClientConnection) -> None:
+    def add_watcher(self, conn: Member) -> None:
         """Flood PeerPresent for every local key, then stream changes (spec 6.2)."""
         if conn.key == self.server_key:
             return
@@ -182,4 +206,4 @@ def present_flags(can_mesh: bool, is_prober: bool, not_ideal: bool) -> int:
     return flags or PeerPresentFlags.IS_REGULAR
 
 
-__all__ = ["Forwarder", "NodePublic", "Registry", "present_flags"]
+__all__ = ["Forwarder", "Member", "NodePublic", "Registry", "present_flags"]

@@ -1,8 +1,11 @@
 """The relay: ``RelayServer`` holds the registry and statistics, logs clients in, and routes
-packets that have no local destination; ``serve_relay`` runs its listeners.
+packets that have no local destination; ``listener.serve_relay`` runs its listeners and
+reports a ``listener.RunningRelay``.
 
-Lifetime: ``serve_relay(settings, task_status=...)`` binds every listener, reports a
-``RunningRelay`` through ``task_status.started`` and serves until cancelled.
+Dependencies inside ``derpd.relay`` run one way:
+``listener`` -> ``http_front`` -> ``server`` -> ``client_connection`` -> ``registry``.
+This module never imports ``listener`` or ``http_front``; it implements
+``client_connection.ConnectionHost``, the interface through which a connection calls back up.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from typing import cast
 
 import trio
 
@@ -35,36 +38,6 @@ log = logging.getLogger("derpd.relay")
 AdmissionCheck = Callable[[NodePublic, object, str], Awaitable[tuple[bool, str]]]
 
 
-@dataclass
-class RunningRelay:
-    """What ``serve_relay`` reports once it listens."""
-
-    server: RelayServer
-    url: str  # base URL; DERP is at url + "/derp"
-    host: str
-    port: int
-    public_key: NodePublic
-    cert_pin: str | None = None
-    http_port: int | None = None
-    addresses: list[tuple[str, int]] = field(default_factory=list)
-    _shutdown: trio.Event = field(default_factory=trio.Event, repr=False)
-    _grace: float = 0.0
-
-    @property
-    def derp_url(self) -> str:
-        return self.url + "/derp"
-
-    def shutdown(self, grace: float = 5.0) -> None:
-        """Ask ``serve_relay`` to stop accepting, send Restarting to every client, drain for
-        at most ``grace`` seconds, and return."""
-        self._grace = grace
-        self._shutdown.set()
-
-    async def wait_shutdown(self) -> float:
-        await self._shutdown.wait()
-        return self._grace
-
-
 class RelayServer:
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
@@ -81,6 +54,7 @@ class RelayServer:
         self.mesh_links: list = []  # derpd.mesh.MeshPeer, for metrics
         self._cert_stamp: tuple[float, float] | None = None
         self.reload_hooks: list[Callable[[], None]] = []
+        self.cert_hooks: list[Callable[[], None]] = []  # after a new certificate is in use
         self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
@@ -146,6 +120,8 @@ class RelayServer:
         else:
             log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
                         cert.not_after.isoformat(), cert.pin)
+        for hook in self.cert_hooks:
+            hook()
         return True
 
     def reload(self) -> None:
@@ -180,15 +156,14 @@ class RelayServer:
     async def run_keepalives(self, tick: float = 1.0) -> None:
         """Queue a KeepAlive on every connection whose period has come (spec 5.6).  One ticker
         for the whole relay is far cheaper than a timer per connection."""
-        members = self.registry._members
+        registry = self.registry
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
-            for conns in list(members.values()):
-                for c in conns:
-                    if now >= c.next_keepalive:
-                        c.next_keepalive = max(c.next_keepalive + c.keepalive_interval, now)
-                        c.send_control(KEEP_ALIVE_FRAME)
+            for c in cast("list[ClientConnection]", registry.all_connections()):
+                if now >= c.next_keepalive:
+                    c.next_keepalive = max(c.next_keepalive + c.keepalive_interval, now)
+                    c.send_control(KEEP_ALIVE_FRAME)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -271,10 +246,10 @@ class RelayServer:
         except trio.TooSlowError:
             self.stats.handshake_failures["login_timeout"] += 1
             conn.closing = True
-            conn._teardown()
+            conn.teardown()
             return
         except BaseException:
-            conn._teardown()
+            conn.teardown()
             raise
         log.debug("client %s connected from %s", event.key.short(), remote[0])
         await conn.run(hs.decoder)
@@ -325,6 +300,4 @@ class RelayServer:
         return generate_latest(self.metrics_registry) + generate_latest(REGISTRY)
 
 
-from .listener import serve_metrics, serve_relay  # noqa: E402  (listener imports this module)
-
-__all__ = ["RelayServer", "RunningRelay", "serve_metrics", "serve_relay"]
+__all__ = ["AdmissionCheck", "RelayServer"]

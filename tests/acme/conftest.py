@@ -18,22 +18,22 @@ import trio
 
 from derpd.acme import AcmeConfig, AcmeManager, start_acme
 from derpd.keys import NodePrivate
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 
-from tests.interop.interop_harness import build_go_tools, tool_failed, tool_missing
+from tests.interop.interop_harness import build_go_tools, build_failed, missing_tool
 
 from .pebble_harness import Pebble, PebbleBuild, build_pebble, serve_dns
 
 
 @pytest.fixture(scope="session")
 def pebble_build() -> PebbleBuild:
-    return build_pebble(tool_missing, tool_failed)
+    return build_pebble(missing_tool, build_failed)
 
 
 @pytest.fixture(scope="session")
 def go_tools() -> Any:
-    return build_go_tools(tool_missing, tool_failed)
+    return build_go_tools(missing_tool, build_failed)
 
 
 @dataclass

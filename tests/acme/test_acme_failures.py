@@ -21,7 +21,7 @@ from derpd.acme import AcmeConfig, AcmeManager, decode_eab_key, start_acme
 from derpd.cli import main
 from derpd.keyfile import load_or_create
 from derpd.keys import NodePrivate
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings, SettingsError
 
 from ..derpd.conftest import read_until_closed

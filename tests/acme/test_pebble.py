@@ -18,7 +18,7 @@ import trio
 from cryptography import x509
 
 from derpd import client as derp_client
-from derpd.cli import node_registration
+from derpd.serve import node_registration
 from derpd.keys import NodePrivate
 from derpd.protocol.messages import RecvPacket
 

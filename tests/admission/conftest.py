@@ -9,7 +9,7 @@ from derpd import client as derp_client
 from derpd.keys import NodePrivate
 from derpd.protocol.errors import RemoteProtocolError
 from derpd.protocol.messages import KeepAlive
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 
 from .fake_headscale import FakeHeadscale

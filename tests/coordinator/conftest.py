@@ -13,9 +13,8 @@ import trio
 
 from derpd.coordinator.config import CoordinatorConfig, parse_config
 from derpd.coordinator.httpclient import Response, request
-from derpd.coordinator.model import DerpNode
 from derpd.coordinator.server import RunningCoordinator, serve_coordinator
-from derpd.coordinator.state import ProbeResult
+from derpd.coordinator.state import ProbeResult, ProbeTarget
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -58,10 +57,12 @@ class FakeProbe:
         self.down: dict[str, str] = {}
         self.calls: list[str] = []
 
-    async def __call__(self, node: DerpNode) -> ProbeResult:
+    async def __call__(self, target: ProbeTarget) -> ProbeResult:
+        node = target.node
         self.calls.append(node.name)
         if node.name in self.down:
-            return ProbeResult(time.time(), {"stun": 0.001}, {"derp": self.down[node.name]})
+            return ProbeResult(time.time(), {"stun": 0.001}, {"derp": self.down[node.name]},
+                               classes={"derp": "refused"})
         return ProbeResult(time.time(), {"https": 0.002, "derp": 0.003, "stun": 0.001})
 
 

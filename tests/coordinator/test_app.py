@@ -137,23 +137,32 @@ async def test_unhealthy_node_leaves_and_comes_back(coordinator: RunningCoordina
     url = coordinator.url + "/derpmap/default"
     with trio.fail_after(10):
         fake_probe.down["900b"] = "connection refused"
-        await coordinator.prober.run_round()
+        await coordinator.prober.run_round()  # one failed probe: no flapping, still published
+        assert node_names(json.loads((await http(url)).body)) == ["900a", "900b"]
+        await coordinator.prober.run_round()  # two that agree: down
         assert node_names(json.loads((await http(url)).body)) == ["900a"]
         status = json.loads((await http(coordinator.url + "/status.json")).body)
         b = status["regions"][0]["nodes"][1]
         assert (b["name"], b["status"], b["published"]) == ("900b", "down", False)
-        assert b["last_error"] == "derp: connection refused"
+        assert b["last_error"] == "derp: refused"  # anonymous viewers see the class only
+        detailed = json.loads((await http(coordinator.url + "/status.json", Authorization=f"Bearer {TOKEN}")).body)
+        assert detailed["regions"][0]["nodes"][1]["last_error"] == "derp: connection refused"
         # every node of the region down: the region keeps its nodes instead of vanishing
         fake_probe.down["900a"] = "timeout"
         await coordinator.prober.run_round()
+        await coordinator.prober.run_round()
+        assert coordinator.state.entries["900a"].status == "down"
         assert node_names(json.loads((await http(url)).body)) == ["900a", "900b"]
         fake_probe.down.clear()
         await coordinator.prober.run_round()
+        assert coordinator.state.entries["900a"].status == "down"  # one good probe is not enough
+        await coordinator.prober.run_round()
+        assert coordinator.state.entries["900a"].status == "up"
         assert node_names(json.loads((await http(url)).body)) == ["900a", "900b"]
         metrics = (await http(coordinator.url + "/metrics")).body.decode()
     assert 'derpd_coordinator_node_up{node="900b",region="900"} 1.0' in metrics
     assert 'derpd_coordinator_probe_success{node="900a",probe="derp",region="900"} 1.0' in metrics
-    assert 'derpd_coordinator_probe_latency_seconds_count{node="900a",probe="https"} 2.0' in metrics
+    assert 'derpd_coordinator_probe_latency_seconds_count{node="900a",probe="https"} 4.0' in metrics
     assert 'derpd_coordinator_probe_last_success_timestamp_seconds{node="900a"}' in metrics
 
 
@@ -162,6 +171,7 @@ async def test_region_vanishes_when_keep_is_off(coordinator: RunningCoordinator,
     coordinator.state.reload(replace(coordinator.state.config, keep_region_when_down=False))
     fake_probe.down.update({"900a": "x", "900b": "y"})
     with trio.fail_after(10):
+        await coordinator.prober.run_round()
         await coordinator.prober.run_round()
         doc = json.loads((await http(coordinator.url + "/derpmap/default")).body)
     assert doc == {"Regions": {}, "omitDefaultRegions": True}
@@ -181,7 +191,8 @@ async def test_status_page_shows_down_node(coordinator: RunningCoordinator, fake
     fake_probe.down["900b"] = "TLS handshake failed <script>"
     with trio.fail_after(10):
         await coordinator.prober.run_round()
-        resp = await http(coordinator.url + "/status")
+        await coordinator.prober.run_round()
+        resp = await http(coordinator.url + "/status", Authorization=f"Bearer {TOKEN}")
     page = resp.body.decode()
     assert resp.headers["content-type"] == "text/html; charset=utf-8"
     assert "default-src 'none'" in resp.headers["content-security-policy"]

@@ -113,3 +113,23 @@ def test_typed_garbage_in_a_region_raises_only_config_error(region: dict[str, ob
         parse_config("\n".join(lines), "fuzz.toml")
     except ConfigError:
         pass
+
+
+def test_mesh_keys_and_probe_allow(tmp_path: Path) -> None:
+    (tmp_path / "all.key").write_text("11" * 32 + "\n")
+    (tmp_path / "r901.key").write_text("22" * 32)
+    text = ('[coordinator]\nmesh_key_file = "all.key"\nprobe_allow = ["10.0.0.0/8", "fd00::/8"]\n'
+            '[[regions]]\nid = 900\ncode = "a"\n[[regions]]\nid = 901\ncode = "b"\nmesh_key_file = "r901.key"\n')
+    config = parse_config(text, "c.toml", base_dir=tmp_path)
+    assert config.mesh_key_for(900) == bytes([0x11] * 32) and config.mesh_key_for(901) == bytes([0x22] * 32)
+    assert [str(n) for n in config.probe_allow] == ["10.0.0.0/8", "fd00::/8"]
+    (tmp_path / "bad.key").write_text("not a key")
+    for bad, where in (('[coordinator]\nmesh_key_file = "bad.key"\n', "c.toml:2: coordinator.mesh_key_file"),
+                       ('[coordinator]\nmesh_key_file = "missing.key"\n', "cannot read the mesh key file"),
+                       ('[coordinator]\nprobe_allow = ["10.0.0.0/33"]\n', "c.toml:2: coordinator.probe_allow"),
+                       ('[coordinator]\nprobe_allow = [10]\n', "must be a CIDR"),
+                       ('[[regions]]\nid = 9\ncode = "x"\nmesh_key_file = "bad.key"\n',
+                        "c.toml:4: regions[0].mesh_key_file")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(bad, "c.toml", base_dir=tmp_path)
+        assert where in str(info.value), str(info.value)

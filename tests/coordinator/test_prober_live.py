@@ -13,7 +13,7 @@ import trio
 from derpd.coordinator.config import parse_config
 from derpd.coordinator.server import RunningCoordinator, serve_coordinator
 from derpd.keys import NodePrivate
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 from stund.server import serve_stun
 
@@ -89,9 +89,10 @@ insecure_for_tests = true
             assert nodes[name]["status"] == "up", nodes[name]["last_error"]
             assert set(nodes[name]["latency_ms"]) == {"https", "derp", "stun"}
 
-        # Kill the relay: the next round marks both nodes down; the region keeps them.
+        # Kill the relay: the next two rounds mark both nodes down; the region keeps them.
         relay_scope.cancel()
         await trio.testing.wait_all_tasks_blocked()
+        await coord.prober.run_round()
         await coord.prober.run_round()
         status = json.loads((await http(coord.url + "/status.json")).body)
         assert [n["status"] for n in status["regions"][0]["nodes"]] == ["down", "down"]
@@ -103,11 +104,13 @@ insecure_for_tests = true
         # With keep_region_when_down off the region leaves the map.
         coord.state.reload(replace(config, keep_region_when_down=False))
         await coord.prober.run_round()
+        await coord.prober.run_round()
         assert json.loads((await http(coord.url + "/derpmap/default")).body)["Regions"] == {}
 
-        # Restart on the same port with the same cert: back after one round.
+        # Restart on the same port with the same cert: back after two rounds.
         relay_scope, relay2 = await _start_relay(nursery, tmp_path, key, relay.port)
         assert relay2.cert_pin == relay.cert_pin
+        await coord.prober.run_round()
         await coord.prober.run_round()
         doc = json.loads((await http(coord.url + "/derpmap/default")).body)
         assert node_names(doc) == ["900a", "900b"]
@@ -132,7 +135,8 @@ cert_name = "sha256-raw:{'0' * 64}"
             lambda task_status: serve_coordinator(parse_config(text, "pin.toml"), listen="127.0.0.1:0",
                                                   probing=False, task_status=task_status))
         await coord.prober.run_round()
+        await coord.prober.run_round()
         node = json.loads((await http(coord.url + "/status.json")).body)["regions"][0]["nodes"][0]
     assert node["status"] == "down"
-    assert "pin" in node["last_error"]
+    assert "pin_mismatch" in node["last_error"]
     assert node["latency_ms"] == {}

@@ -61,11 +61,12 @@ async def test_status_page_in_chromium_shows_node_down(coordinator: RunningCoord
 
         fake_probe.down["900b"] = "connection refused"
         await coordinator.prober.run_round()
+        await coordinator.prober.run_round()  # two probes that agree
         dom = await _dump_dom(chromium, coordinator.url + "/status", tmp_path / "profile2")
     assert _node_status(dom, "900b") == ("down", "DOWN")
     assert _node_status(dom, "900a") == ("up", "UP")
     assert "1 up · 1 down" in dom
-    assert "derp: connection refused" in dom
+    assert "derp: refused" in dom  # the failure class; the socket error is for token holders
 
 
 @pytest.mark.slow

@@ -160,8 +160,17 @@ def test_coordinator_config_and_map(tmp_path: Path) -> None:
     assert hosts == sorted(env["DERPD_HOSTNAME"].replace("$(POD_NAME)", f"derpd-{i}")
                            for i in range(sts["spec"]["replicas"]))
 
-    deploy = objs["Deployment", "derpd-coordinator"]["spec"]["template"]
+    coordinators = objs["StatefulSet", "derpd-coordinator"]["spec"]
+    deploy = coordinators["template"]
     c = deploy["spec"]["containers"][0]
+    # Replicas: each keeps its state on its own volume, and relays can name each one.
+    assert coordinators["replicas"] >= 2
+    state = next(m for m in c["volumeMounts"] if m["name"] == "state")
+    assert c["args"][c["args"].index("--state-dir") + 1] == state["mountPath"]
+    assert [t["metadata"]["name"] for t in coordinators["volumeClaimTemplates"]] == ["state"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    peers = objs["Service", coordinators["serviceName"]]["spec"]
+    assert peers["clusterIP"] == "None" and peers["selector"].items() <= deploy["metadata"]["labels"].items()
     svc = objs["Service", "derpd-coordinator"]
     sm = objs["ServiceMonitor", "derpd-coordinator"]["spec"]
     assert svc["spec"]["selector"].items() <= deploy["metadata"]["labels"].items()

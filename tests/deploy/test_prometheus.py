@@ -154,7 +154,7 @@ stun_port = {stun_port}
 cert_name = "{node["CertName"]}"
 """)
     coordinator = processes([derpd_bin(), "coordinator", "--config", str(tmp_path / "coordinator.toml"),
-                             "-a", "127.0.0.1:0"], name="coordinator")
+                             "-a", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")], name="coordinator")
     map_url = coordinator.expect(r"map at (http://127\.0\.0\.1:\d+)/derpmap/default").group(1)
     return {"relay": relay, "coordinator": coordinator, "derp_url": f"https://127.0.0.1:{node['DERPPort']}/derp",
             "pin": node["CertName"], "stun": f"127.0.0.1:{stun_port}", "metrics": f"127.0.0.1:{metrics_port}",

@@ -10,7 +10,7 @@ import trio
 from derpd import client as derp_client
 from derpd.keys import NodePrivate
 from derpd.protocol.messages import KeepAlive
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 
 

@@ -209,8 +209,8 @@ async def test_serve_registers_with_the_coordinator(nursery, tmp_path):
     registered = trio.Event()
     real_register = coordinator.state.register
 
-    def spy(reg, now):  # noqa: ANN001, ANN202
-        accepted = real_register(reg, now)
+    def spy(reg, now, *args):  # noqa: ANN001, ANN002, ANN202
+        accepted = real_register(reg, now, *args)
         registered.set()
         return accepted
 

@@ -12,7 +12,7 @@ from derpd.keys import NodePrivate
 from derpd.mesh import MeshTarget, close_peer, parse_mesh_with, run_mesh
 from derpd.protocol.frames import PeerGoneReason
 from derpd.protocol.messages import PeerGone, RecvPacket
-from derpd.relay.server import RunningRelay, serve_relay
+from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 
 from .conftest import recv_skipping_keepalives

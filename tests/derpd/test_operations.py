@@ -21,7 +21,7 @@ async def test_graceful_shutdown_sends_restarting_and_drains_queues(nursery):
     done = trio.Event()
 
     async def serve_until_shutdown(task_status: trio.TaskStatus) -> None:
-        from derpd.relay.server import serve_relay
+        from derpd.relay.listener import serve_relay
         from derpd.settings import RelaySettings
 
         await serve_relay(RelaySettings(addr="127.0.0.1:0"), task_status=task_status)

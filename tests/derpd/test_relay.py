@@ -311,10 +311,10 @@ async def test_plain_endpoints(relay):
 
 
 async def test_metrics_refused_to_non_loopback():
-    from derpd.relay.http_front import _is_loopback
+    from derpd.relay.http_front import is_loopback
 
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
-    assert not _is_loopback("192.0.2.1") and not _is_loopback("2001:db8::1")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("192.0.2.1") and not is_loopback("2001:db8::1")
 
 
 async def test_home_redirect_and_blank(nursery):

@@ -17,7 +17,7 @@ from derpd import client as derp_client
 from derpd.keys import NodePrivate
 from derpd.protocol.messages import RecvPacket
 from derpd.relay.tls import CertError, cert_file_base, load_manual_cert, make_meta_cert
-from derpd.relay.websocket_stream import WebSocketStream
+from derpd.transport.websocket_stream import WebSocketStream
 
 from .conftest import read_until_closed, recv_skipping_keepalives, start_relay
 

@@ -10,21 +10,20 @@ import dataclasses
 import functools
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from .interop_harness import (SCENARIO_TIMEOUT, GoTools, ScenarioResult, build_go_tools, parse_scenario, run_go,
-                               tool_failed, tool_missing)
+from .interop_harness import (SCENARIO_TIMEOUT, CertAuthority, GoTools, ScenarioResult, build_failed, build_go_tools,
+                              make_test_ca, missing_tool, parse_scenario, run_go)
 
 
 @pytest.fixture(scope="session")
 def go_tools() -> GoTools:
     """Builds derpinterop, derpprobe and derper once; later runs reuse the cached binaries."""
-    return build_go_tools(tool_missing, tool_failed)
+    return build_go_tools(missing_tool, build_failed)
 
 
 RunScenario = Callable[..., Awaitable[ScenarioResult]]
@@ -53,25 +52,9 @@ def scenario(go_tools: GoTools) -> RunScenario:
 # Our servers, in-process on loopback port 0.
 
 
-@dataclass(frozen=True)
-class CertAuthority:
-    ca_file: Path  # PEM of the CA, for SSL_CERT_FILE / --ca
-    certdir: Path  # holds localhost.crt and localhost.key (derper's manual-mode names)
-
-
 @pytest.fixture(scope="session")
 def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    import trustme
-
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
-    root = tmp_path_factory.mktemp("interop-ca")
-    certdir = root / "certs"
-    certdir.mkdir()
-    ca.cert_pem.write_to_path(str(root / "ca.pem"))
-    (certdir / "localhost.crt").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(certdir / "localhost.key"))
-    return CertAuthority(root / "ca.pem", certdir)
+    return make_test_ca(tmp_path_factory.mktemp("interop-ca"))
 
 
 StartRelay = Callable[..., Awaitable[Any]]
@@ -89,7 +72,7 @@ def start_relay(nursery: trio.Nursery, tmp_path: Path, test_ca: CertAuthority) -
 
     async def start(tls: str | None = None, mesh_key: bytes | None = None) -> Any:
         from derpd.keys import NodePrivate
-        from derpd.relay.server import serve_relay
+        from derpd.relay.listener import serve_relay
         from derpd.settings import RelaySettings
 
         if tls is None:

@@ -2,7 +2,10 @@ module derpd.test/interop
 
 go 1.26.5
 
-require tailscale.com v1.98.10
+require (
+	gopkg.in/yaml.v3 v3.0.1
+	tailscale.com v1.98.10
+)
 
 require (
 	filippo.io/edwards25519 v1.2.0 // indirect

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import trio
-
 HERE = Path(__file__).resolve().parent
 BUILD_TAGS = "ts_debug_websockets"  # compiles derphttp's WebSocket dialer in (spec 9.5)
 PROGRAMS = ("./cmd/derpinterop", "tailscale.com/cmd/derpprobe", "tailscale.com/cmd/derper")
@@ -37,8 +35,8 @@ TAILSCALE_VERSION = _go_mod_fact(r"^\s*(?:require\s+)?tailscale\.com\s+(v\S+)")
 GO_MIN = _go_mod_fact(r"^go\s+(\S+)")
 
 
-def tool_missing(message: str) -> NoReturn:
-    """A Go tool the tests need is missing: skip, or fail under DERPD_REQUIRE_INTEROP=1 (CI)."""
+def missing_tool(message: str) -> NoReturn:
+    """A tool a suite needs is not installed: skip, or fail under DERPD_REQUIRE_INTEROP=1 (CI)."""
     import pytest
 
     if os.environ.get("DERPD_REQUIRE_INTEROP") == "1":
@@ -46,7 +44,7 @@ def tool_missing(message: str) -> NoReturn:
     pytest.skip(message)
 
 
-def tool_failed(message: str) -> NoReturn:
+def build_failed(message: str) -> NoReturn:
     import pytest
 
     pytest.fail(message, pytrace=False)
@@ -60,11 +58,13 @@ def find_go() -> str | None:
     return str(default_install) if default_install.exists() else None
 
 
-def cache_root() -> Path:
-    if env := os.environ.get("DERPD_INTEROP_CACHE"):
+def cache_root(name: str = "derpd-interop", env_var: str = "DERPD_INTEROP_CACHE") -> Path:
+    """Where a suite keeps its built binaries: ``$env_var``, else ``$XDG_CACHE_HOME/name``,
+    else ``~/.cache/name``.  Each suite has its own root (a build deletes stale folders in it)."""
+    if env := os.environ.get(env_var):
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "derpd-interop"
+    return Path(base) / name
 
 
 def source_key(go: str) -> str:
@@ -88,6 +88,27 @@ def clean_env() -> dict[str, str]:
            if not k.lower().endswith("_proxy") and not k.startswith("TS_")}
     env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
     return env
+
+
+@dataclass(frozen=True)
+class CertAuthority:
+    ca_file: Path  # PEM of the CA, for SSL_CERT_FILE / --ca
+    certdir: Path  # holds localhost.crt and localhost.key (derper's manual-mode names)
+
+
+def make_test_ca(root: Path) -> CertAuthority:
+    """A fresh test CA in ``root`` (ca.pem) and a certificate from it for localhost,
+    127.0.0.1 and ::1 in ``root/certs`` (localhost.crt, localhost.key)."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    certdir = root / "certs"
+    certdir.mkdir(parents=True, exist_ok=True)
+    ca.cert_pem.write_to_path(str(root / "ca.pem"))
+    (certdir / "localhost.crt").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(certdir / "localhost.key"))
+    return CertAuthority(root / "ca.pem", certdir)
 
 
 @dataclass(frozen=True)
@@ -172,6 +193,8 @@ class ScenarioResult:
 async def run_go(argv: list[str], *, env: dict[str, str] | None = None,
                  timeout: float = SCENARIO_TIMEOUT) -> tuple[int, str, str]:
     """Runs a Go program to completion; returns (returncode, stdout, stderr)."""
+    import trio  # here, so that the build helpers above import without the venv (CI setup)
+
     full_env = clean_env()
     full_env.update(env or {})
     with trio.fail_after(timeout):
@@ -205,6 +228,8 @@ def write_mesh_key(path: Path, mesh_key: bytes = MESH_KEY) -> Path:
 async def wait_for_registries(registries: list[Any], condition: Callable[[], bool]) -> None:
     """Wait until ``condition()`` holds, re-checking it after every change of any of the
     relay registries (registration, unregistration, forwarder change); no polling."""
+    import trio
+
     while not condition():
         async with trio.open_nursery() as nursery:
             for registry in registries:

@@ -17,6 +17,7 @@
 //	derpinterop stun       --addr HOST:PORT [--addr HOST:PORT ...]
 //	derpinterop netcheck   --derpmap URL|FILE
 //	derpinterop meshpair   --url-a U1 --url-b U2 [--pairs N] [--packets M] [--ca FILE]
+//	derpinterop derpmap    --url COORDINATOR
 package main
 
 import (
@@ -74,6 +75,7 @@ var scenarios = map[string]scenario{
 	"stun":       {runSTUN, "tailscale.com/net/stun request and response"},
 	"netcheck":   {runNetcheck, "tailscale.com/net/netcheck report against a DERP map"},
 	"meshpair":   {runMeshPair, "clients on two meshed relays exchange packets both ways; PeerGone crosses the mesh"},
+	"derpmap":    {runDERPMap, "a coordinator's JSON and YAML map, decoded as headscale does (encoding/json, yaml.v3)"},
 }
 
 var verbose bool

@@ -1,0 +1,221 @@
+/* derpd._speedups: the relay's per-packet work in C (optional).
+ *
+ * Two functions that do exactly what their pure-Python twins do, only faster; callers pick
+ * this module when it was built and DERPD_PURE is not set (derpd/accel.py), and
+ * tests/derpd/test_speedups.py checks that both give identical results.
+ *
+ *   split_frames(buf, pos, limits, max_unknown, most)
+ *       -> (frames, pos, skipped, skip, bad_type, bad_len)
+ *     The loop of FrameDecoder.frames (derpd/protocol/frames.py): every complete frame of
+ *     buf[pos:] as (type, payload) tuples, at most ``most`` (-1: all).  ``limits`` is a
+ *     256-tuple: the payload limit of each frame type, or None for a type that is skipped.
+ *     ``max_unknown`` is -1 for "skip any length".  Returns the position after the last
+ *     consumed byte, the number of whole unknown frames skipped, and the bytes of a partly
+ *     received unknown frame still to skip.  A frame longer than allowed stops the loop
+ *     with pos at its header and bad_type >= 0 (the caller raises; nothing else raises).
+ *
+ *   route_packets(frames, start, active, src, sent_to, disco_magic, disco_min_len)
+ *       -> (index, packets, bytes, disco, full)
+ *     The SendPacket case of ClientConnection._handle_frames (derpd/relay/
+ *     client_connection.py): from frames[start] on, every SendPacket whose destination is in
+ *     ``active`` becomes one RecvPacket frame (header, src, packet; one allocation) handed to
+ *     ``active[dst].enqueue(frame, disco)``, and dst goes into ``sent_to``.  Stops at the
+ *     first frame it does not handle (another type, a payload shorter than a key, an unknown
+ *     destination) or after an enqueue that returns True (full = 1); ``index`` is the frame
+ *     to resume at.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define HEADER_LEN 5
+#define KEY_LEN 32
+
+static PyObject *str_enqueue;
+
+static PyObject *
+split_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 256) {
+        PyErr_SetString(PyExc_TypeError, "split_frames(bytes, int, 256-tuple, int, int)");
+        return NULL;
+    }
+    PyObject *bufobj = args[0], *limits = args[2];
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    long long max_unknown = PyLong_AsLongLong(args[3]);
+    Py_ssize_t most = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(bufobj);
+    Py_ssize_t end = PyBytes_GET_SIZE(bufobj);
+    long long skipped = 0, skip = 0;
+    int bad_type = -1;
+    long long bad_len = 0;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    if (pos < 0 || pos > end)
+        pos = end;
+    while (end - pos >= HEADER_LEN && most != 0) {
+        int ftype = buf[pos];
+        unsigned long long n = ((unsigned long long)buf[pos + 1] << 24) | ((unsigned long long)buf[pos + 2] << 16)
+                               | ((unsigned long long)buf[pos + 3] << 8) | (unsigned long long)buf[pos + 4];
+        PyObject *limit = PyTuple_GET_ITEM(limits, ftype);
+        if (limit == Py_None) {
+            if (max_unknown >= 0 && n > (unsigned long long)max_unknown) {
+                bad_type = ftype;
+                bad_len = (long long)n;
+                break;
+            }
+            unsigned long long avail = (unsigned long long)(end - pos - HEADER_LEN);
+            if (avail >= n) {
+                pos += HEADER_LEN + (Py_ssize_t)n;
+                skipped++;
+                continue;
+            }
+            skip = (long long)(n - avail);
+            pos = end;
+            break;
+        }
+        long long lim = PyLong_AsLongLong(limit);
+        if (lim == -1 && PyErr_Occurred()) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if ((long long)n > lim) {
+            bad_type = ftype;
+            bad_len = (long long)n;
+            break;
+        }
+        Py_ssize_t start = pos + HEADER_LEN;
+        if ((unsigned long long)(end - start) < n)
+            break;
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)buf + start, (Py_ssize_t)n);
+        if (payload == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyObject *item = PyTuple_New(2);
+        PyObject *t = PyLong_FromLong(ftype);
+        if (item == NULL || t == NULL) {
+            Py_XDECREF(item);
+            Py_XDECREF(t);
+            Py_DECREF(payload);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(item, 0, t);
+        PyTuple_SET_ITEM(item, 1, payload);
+        if (PyList_Append(out, item) < 0) {
+            Py_DECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+        pos = start + (Py_ssize_t)n;
+        most--;
+    }
+    return Py_BuildValue("(NnLLiL)", out, pos, skipped, skip, bad_type, bad_len);
+}
+
+static PyObject *
+route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyList_Check(args[0]) || !PyDict_Check(args[2]) || !PyBytes_Check(args[3])
+        || PyBytes_GET_SIZE(args[3]) != KEY_LEN || !PyBytes_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "route_packets(list, int, dict, 32 bytes, set, bytes, int)");
+        return NULL;
+    }
+    PyObject *frames = args[0], *active = args[2], *sent_to = args[4], *magic = args[5];
+    const char *src = PyBytes_AS_STRING(args[3]);
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t disco_min = PyLong_AsSsize_t(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    const char *mag = PyBytes_AS_STRING(magic);
+    Py_ssize_t maglen = PyBytes_GET_SIZE(magic);
+    Py_ssize_t npk = 0, nbytes = 0, ndisco = 0;
+    int full = 0;
+    Py_ssize_t nframes = PyList_GET_SIZE(frames);
+    while (i < nframes) {
+        PyObject *item = PyList_GET_ITEM(frames, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+            break;
+        PyObject *t = PyTuple_GET_ITEM(item, 0), *payload = PyTuple_GET_ITEM(item, 1);
+        if (!PyLong_Check(t) || PyLong_AsLong(t) != 4 || !PyBytes_Check(payload))
+            break;
+        Py_ssize_t n = PyBytes_GET_SIZE(payload);
+        if (n < KEY_LEN)
+            break;
+        const char *p = PyBytes_AS_STRING(payload);
+        PyObject *dst = PyBytes_FromStringAndSize(p, KEY_LEN);
+        if (dst == NULL)
+            return NULL;
+        PyObject *conn = PyDict_GetItemWithError(active, dst);
+        if (conn == NULL) {
+            Py_DECREF(dst);
+            if (PyErr_Occurred())
+                return NULL;
+            break;
+        }
+        Py_INCREF(conn);
+        int disco = n >= KEY_LEN + disco_min && n - KEY_LEN >= maglen && memcmp(p + KEY_LEN, mag, (size_t)maglen) == 0;
+        int added = PySet_Add(sent_to, dst);
+        Py_DECREF(dst);
+        if (added < 0) {
+            Py_DECREF(conn);
+            return NULL;
+        }
+        PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_LEN + n);
+        if (frame == NULL) {
+            Py_DECREF(conn);
+            return NULL;
+        }
+        unsigned char *f = (unsigned char *)PyBytes_AS_STRING(frame);
+        f[0] = 5;
+        f[1] = (unsigned char)((size_t)n >> 24);
+        f[2] = (unsigned char)((size_t)n >> 16);
+        f[3] = (unsigned char)((size_t)n >> 8);
+        f[4] = (unsigned char)n;
+        memcpy(f + HEADER_LEN, src, KEY_LEN);
+        memcpy(f + HEADER_LEN + KEY_LEN, p + KEY_LEN, (size_t)(n - KEY_LEN));
+        npk++;
+        nbytes += n - KEY_LEN;
+        ndisco += disco;
+        i++;
+        PyObject *callargs[3] = {conn, frame, disco ? Py_True : Py_False};
+        PyObject *r = PyObject_VectorcallMethod(str_enqueue, callargs, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(frame);
+        Py_DECREF(conn);
+        if (r == NULL)
+            return NULL;
+        int now_full = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (now_full < 0)
+            return NULL;
+        if (now_full) {
+            full = 1;
+            break;
+        }
+    }
+    return Py_BuildValue("(nnnni)", i, npk, nbytes, ndisco, full);
+}
+
+static PyMethodDef methods[] = {
+    {"split_frames", (PyCFunction)(void (*)(void))split_frames, METH_FASTCALL,
+     "split_frames(buf, pos, limits, max_unknown, most) -> (frames, pos, skipped, skip, bad_type, bad_len)"},
+    {"route_packets", (PyCFunction)(void (*)(void))route_packets, METH_FASTCALL,
+     "route_packets(frames, start, active, src, sent_to, magic, min_len) -> (index, packets, bytes, disco, full)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "derpd._speedups", NULL, -1, methods};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    str_enqueue = PyUnicode_InternFromString("enqueue");
+    if (str_enqueue == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

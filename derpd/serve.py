@@ -1,0 +1,309 @@
+"""A running node: ``ServeOptions`` (built once from ``derpd serve``'s flags) turned into a relay
+with STUN, mesh links, admission checks, coordinator registration and signal handling.
+
+``run_serve(options)`` runs one process; ``derpd.workers`` runs the same pieces in each worker.
+
+Dependencies: ``derpd.cli`` and ``derpd.workers`` import this module; it imports the layers
+below (``derpd.relay``, ``derpd.mesh``, ``derpd.admission``, ``derpd.coordinator.announce``,
+``stund.server``) and never ``derpd.cli`` or ``derpd.workers``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import __version__
+from .keyfile import load_or_create
+from .keys import KeyFormatError, NodePrivate, parse_mesh_key
+from .relay.listener import RunningRelay, serve_metrics, serve_relay
+from .settings import RelaySettings, SettingsError, is_ip, split_host_port
+
+if TYPE_CHECKING:
+    from .acme import AcmeConfig
+    from .admission import Protection
+    from .relay.tls import ServerCert
+
+
+def setup_logging(verbose: int) -> None:
+    """Quiet by default (warnings and the start-up lines); -v adds events, -vv debug lines."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("derpd.startup").setLevel(logging.INFO)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    settings: RelaySettings
+    stun_port: int
+    metrics_addr: str | None
+    mesh_with: str = ""
+    mesh_ca_file: str | None = None
+    workers: int = 1
+    verbose: int = 0
+    registration: dict[str, object] | None = None  # --coordinator and friends
+    protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
+    acme: AcmeConfig | None = None  # --certmode letsencrypt/gcp (derpd.acme)
+
+
+def options_from_flags(opts: dict[str, object]) -> ServeOptions:
+    """Build ``ServeOptions`` from the parsed ``derpd serve`` flags (click's keyword names),
+    reading the key file, the mesh key and the coordinator token.
+
+    Raises:
+        SettingsError: a value is invalid or a file cannot be read (the message says what to do).
+        KeyFileError, KeyFormatError: the key file is unusable.
+    """
+    dev = bool(opts["dev"])
+    addr = str(opts["addr"])
+    config = opts["config"]
+    if dev:
+        if addr == ":443":
+            addr = ":3340"
+        key = NodePrivate.generate()
+    elif config is None:
+        raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
+    else:
+        assert isinstance(config, Path)
+        key, created = load_or_create(config)
+        if created:
+            logging.getLogger("derpd.startup").info("created key file %s", config)
+    mesh_key = None
+    if opts["mesh_psk_file"] is not None:
+        path = opts["mesh_psk_file"]
+        assert isinstance(path, Path)
+        try:
+            mesh_key = parse_mesh_key(path.read_text())
+        except OSError as e:
+            raise SettingsError(f"cannot read the mesh key file {path}: {e.strerror}") from e
+        except KeyFormatError as e:
+            raise SettingsError(f"{path}: the mesh key must be 64 hex digits ({e})") from e
+    settings = RelaySettings(
+        private_key=key,
+        addr=addr,
+        certmode=opts["certmode"],  # type: ignore[arg-type]
+        certdir=opts["certdir"],  # type: ignore[arg-type]
+        hostname=str(opts["hostname"]),
+        http_port=int(opts["http_port"]),  # type: ignore[call-overload]
+        home=str(opts["home"]),
+        derp_enabled=bool(opts["derp_enabled"]),
+        mesh_key=mesh_key,
+        write_timeout=float(opts["tcp_write_timeout"]),  # type: ignore[arg-type]
+        tcp_keepalive=float(opts["tcp_keepalive_time"]),  # type: ignore[arg-type]
+        tcp_user_timeout=float(opts["tcp_user_timeout"]),  # type: ignore[arg-type]
+        queue_depth=int(opts["queue_depth"]),  # type: ignore[call-overload]
+        accept_connection_limit=float(opts["accept_connection_limit"]),  # type: ignore[arg-type]
+        accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
+        max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
+        shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+    )
+    if opts["mesh_with"] and mesh_key is None:
+        raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
+    metrics_addr = opts["metrics_addr"]
+    if metrics_addr is not None:
+        split_host_port(str(metrics_addr), default_port=9090)
+    return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
+                        str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
+                        int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
+                        registration_from_flags(opts), acme=acme_from_flags(opts, settings))
+
+
+def acme_from_flags(opts: dict[str, object], settings: RelaySettings) -> AcmeConfig | None:
+    """The ACME client's configuration for --certmode letsencrypt/gcp (derpd.acme), else None."""
+    if not settings.acme:
+        for flag in ("acme_ip_certs", "acme_eab_kid", "acme_eab_key", "acme_directory"):
+            if opts.get(flag):
+                raise SettingsError(f"--{flag.replace('_', '-')} is for --certmode letsencrypt or gcp")
+        return None
+    if int(opts["workers"]) > 1:  # type: ignore[call-overload]
+        raise SettingsError("ACME with --workers > 1 is not supported yet: run one worker, or get the "
+                            "certificate with an external ACME client and use --certmode manual")
+    from .acme import AcmeConfig
+
+    assert settings.certdir is not None and settings.effective_certmode is not None
+    return AcmeConfig.from_options(
+        certmode=settings.effective_certmode, hostname=settings.hostname, certdir=settings.certdir,
+        http_port=settings.http_port, directory=opts.get("acme_directory") or None,  # type: ignore[arg-type]
+        email=str(opts.get("acme_email") or ""), eab_kid=str(opts.get("acme_eab_kid") or ""),
+        eab_key=str(opts.get("acme_eab_key") or ""), ip_certs=bool(opts.get("acme_ip_certs")))
+
+
+def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None:
+    """The ``--coordinator`` settings, or None without ``--coordinator``."""
+    url = opts["coordinator"]
+    if not url:
+        return None
+    token_file = opts["coordinator_token_file"]
+    if token_file is None:
+        raise SettingsError("--coordinator needs --coordinator-token-file (the coordinator's shared token)")
+    assert isinstance(token_file, Path)
+    try:
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise SettingsError(f"cannot read {token_file}: {e.strerror}") from e
+    if not token:
+        raise SettingsError(f"{token_file} is empty; it must hold the coordinator's registration token")
+    from .coordinator.announce import split_coordinator_urls
+
+    try:
+        urls = split_coordinator_urls(str(url))
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    if not urls:
+        raise SettingsError("--coordinator needs at least one URL, e.g. http://coordinator:8080")
+    return {"url": urls, "token": token, "region_id": opts["region_id"], "region_code": opts["region_code"],
+            "region_name": opts["region_name"], "node_name": opts["node_name"],
+            "ipv4": opts["advertise_ipv4"], "ipv6": opts["advertise_ipv6"]}
+
+
+def node_registration(reg: dict[str, object], running: RunningRelay, settings: RelaySettings,
+                      stun_port: int) -> dict[str, object]:
+    """This node's DERPNode entry for the coordinator (tailcfg field names)."""
+    node: dict[str, object] = {
+        "Name": reg["node_name"] or settings.hostname,
+        "RegionID": reg["region_id"],
+        "HostName": settings.hostname,
+        "PublicKey": str(running.public_key),
+    }
+    if running.port != 443:
+        node["DERPPort"] = running.port
+    if stun_port < 0:
+        node["STUNPort"] = -1
+    elif stun_port not in (0, 3478):
+        node["STUNPort"] = stun_port
+    server = running.server
+    if server.cert is not None and not settings.acme and needs_pin(server.cert, settings.hostname):
+        node["CertName"] = server.cert.pin  # an ACME certificate is publicly trusted: no pin
+    for field, key in (("IPv4", "ipv4"), ("IPv6", "ipv6")):
+        if reg[key]:
+            node[field] = reg[key]
+    host = settings.listen[0]
+    if host and is_ip(host) and host not in ("0.0.0.0", "::"):
+        node.setdefault("IPv6" if ":" in host else "IPv4", host)
+    for field, key in (("RegionCode", "region_code"), ("RegionName", "region_name")):
+        if reg[key]:
+            node[field] = reg[key]
+    return node
+
+
+def needs_pin(cert: ServerCert, hostname: str) -> bool:
+    """A certificate we generated, or one that does not chain to a trusted root for the
+    hostname, is published with its ``sha256-raw:`` pin; a CA-signed one (for a DNS name or
+    an IP) is checked by clients as usual and gets no pin."""
+    if cert.self_signed_generated:
+        return True
+    return not _chain_trusted(str(cert.cert_path), str(cert.key_path), cert.pin, hostname)
+
+
+@functools.lru_cache(maxsize=8)
+def _chain_trusted(cert_path: str, key_path: str, pin: str, hostname: str) -> bool:
+    """Cached per certificate (its pin), so heartbeats do not read the CA bundle each time."""
+    from .coordinator.announce import certificate_is_trusted
+
+    return certificate_is_trusted(Path(cert_path), Path(key_path), hostname)
+
+
+async def run_serve(options: ServeOptions) -> None:
+    """Run one relay process until a signal stops it (see ``handle_signals``)."""
+    settings, stun_port, metrics_addr = options.settings, options.stun_port, options.metrics_addr
+
+    startup = logging.getLogger("derpd.startup")
+    async with trio.open_nursery() as nursery:
+
+        async def relay_then_stop(task_status: trio.TaskStatus[RunningRelay]) -> None:
+            await serve_relay(settings, task_status=task_status)
+            nursery.cancel_scope.cancel()  # after a graceful shutdown, stop STUN and the rest too
+
+        running = await nursery.start(relay_then_stop)
+        server = running.server
+        if options.protection is not None:
+            options.protection.install(server, nursery)
+        scheme = "TLS" if settings.tls else "plain HTTP"
+        startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
+                     ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
+        if options.acme is not None:
+            from .acme import start_acme
+
+            await start_acme(server, options.acme, nursery)
+        if not settings.tls:
+            startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
+                            "clients need TLS otherwise (port 443 gets Let's Encrypt, or see --certmode)")
+        if server.cert is not None and not settings.acme and (server.cert.self_signed_generated or (
+            settings.certmode == "manual" and is_ip(settings.hostname)
+        )) and needs_pin(server.cert, settings.hostname):
+            from .relay.tls import node_json_for_pinned_cert
+
+            node = node_json_for_pinned_cert(settings.hostname, server.cert.pin, running.port, stun_port)
+            kind = "self-signed" if server.cert.self_signed_generated else "not trusted by the system roots"
+            startup.info("%s certificate, clients need its pin; DERP map node: %s", kind,
+                         json.dumps(node, separators=(",", ":")))
+            print(json.dumps(node), flush=True)
+        if stun_port >= 0:
+            from stund.server import serve_stun
+
+            host = settings.listen[0] or "::"
+            bound = await nursery.start(serve_stun, [(host, stun_port)])
+            startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        if running.http_port is not None:
+            startup.info("plain HTTP (generate_204, redirects) on port %d", running.http_port)
+        if options.mesh_with:
+            from .client import make_ssl_context
+            from .mesh import parse_mesh_with, run_mesh
+
+            assert settings.mesh_key is not None
+            ctx = make_ssl_context(ca_file=options.mesh_ca_file) if options.mesh_ca_file else None
+            peers = await nursery.start(partial(run_mesh, server, parse_mesh_with(options.mesh_with),
+                                                settings.mesh_key, own_hostname=settings.hostname,
+                                                ssl_context=ctx))
+            startup.info("meshing with %s", ", ".join(p.target.host for p in peers) or "nobody")
+        if options.registration is not None:
+            from .coordinator.announce import Announcer
+
+            reg = options.registration
+            announcer = Announcer(reg["url"], str(reg["token"]),  # type: ignore[arg-type]
+                                  partial(node_registration, reg, running, settings, stun_port))
+            server.cert_hooks.append(announcer.notify)  # a new pin goes out at once, not at the next heartbeat
+            nursery.start_soon(announcer.run)  # never holds up the relay's start
+        if metrics_addr is not None:
+            bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
+            startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
+        await handle_signals(running, settings, nursery.cancel_scope)
+
+
+async def handle_signals(running: RunningRelay, settings: RelaySettings, scope: trio.CancelScope) -> None:
+    """SIGHUP reloads (certificates, allow-lists, rate limits); SIGTERM/SIGINT shut down
+    gracefully (Restarting to every client, then drain); a second one stops at once."""
+    startup = logging.getLogger("derpd.startup")
+    stopping_since: float | None = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                startup.info("received SIGHUP, reloading")
+                running.server.reload()
+            elif stopping_since is None or trio.current_time() - stopping_since < 1.0:
+                # A repeat within a second is the same stop reaching us twice (a process group
+                # signal plus the --workers parent forwarding it), not an operator's second one.
+                if stopping_since is not None:
+                    continue
+                stopping_since = trio.current_time()
+                startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
+                             "(send it again to stop at once)", name, settings.shutdown_grace)
+                running.shutdown(settings.shutdown_grace)
+            else:
+                startup.info("received %s again, stopping now", name)
+                scope.cancel()
+                return
+
+
+__all__ = ["ServeOptions", "handle_signals", "needs_pin", "node_registration", "options_from_flags",
+           "registration_from_flags", "run_serve", "setup_logging"]
