@@ -99,6 +99,12 @@ class AcmeConfig:
     order_timeout: float = 90.0  # validation and issuance of one order
     network_timeout: float = 30.0  # one HTTP request to the CA
 
+    @property
+    def name(self) -> str:
+        """The identifier to certify (a DNS name in lower case, or the IP); ``hostname`` as
+        given names the files, as the relay's TLS loader does."""
+        return self.hostname.lower()
+
     @classmethod
     def from_options(cls, *, certmode: str, hostname: str, certdir: Path, http_port: int, directory: str | None,
                      email: str, eab_kid: str, eab_key: str, ip_certs: bool) -> AcmeConfig:
@@ -119,7 +125,7 @@ class AcmeConfig:
         url = directory or (GCP_DIRECTORY if certmode == "gcp" else LETSENCRYPT_DIRECTORY)
         if not url.startswith(("https://", "http://")):
             raise SettingsError(f"--acme-directory {url!r} must be the https:// URL of the CA's ACME directory")
-        host = hostname.strip().lower()
+        host = hostname.strip()
         if is_ip(host):
             if not ip_certs:
                 raise SettingsError(
@@ -352,7 +358,7 @@ class AcmeManager:
             leaf = x509.load_pem_x509_certificate(path.read_bytes())
         except (OSError, ValueError):
             return None
-        if not covers(leaf, self.config.hostname):
+        if not covers(leaf, self.config.name):
             return None
         due = renewal_due(leaf.not_valid_before_utc, leaf.not_valid_after_utc)
         return (due - dt.datetime.now(dt.timezone.utc)).total_seconds()
@@ -462,7 +468,7 @@ class AcmeManager:
         if cfg.ip_cert:
             csr = crypto_util.make_csr(key_pem, ipaddrs=[ipaddress.ip_address(cfg.hostname)])
         else:
-            csr = crypto_util.make_csr(key_pem, domains=[cfg.hostname])
+            csr = crypto_util.make_csr(key_pem, domains=[cfg.name])
         thumbprint = jose.b64encode(jwk.public_key().thumbprint(hash_function=hashes.SHA256)).decode()
         last: Exception | None = None
         for kind in cfg.challenges:
@@ -515,8 +521,8 @@ class AcmeManager:
         except ValueError as e:
             raise AcmeFailure(f"the CA's certificate is not PEM ({e})") from e
         leaf = chain[0]
-        if not covers(leaf, self.config.hostname):
-            raise AcmeFailure(f"the CA's certificate does not name {self.config.hostname}")
+        if not covers(leaf, self.config.name):
+            raise AcmeFailure(f"the CA's certificate does not name {self.config.name}")
         ours = cert_key.public_key().public_bytes(serialization.Encoding.DER,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
         theirs = leaf.public_key().public_bytes(serialization.Encoding.DER,

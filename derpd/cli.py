@@ -47,7 +47,7 @@ def main() -> None:
 @click.option("-a", "--addr", default=":443", show_default=True,
               help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode.")
 @click.option("--http-port", type=int, default=80, show_default=True,
-              help="Plain-HTTP port beside TLS (generate_204, redirects to https); -1 disables.")
+              help="Plain-HTTP port beside TLS (ACME HTTP-01, generate_204, redirects to https); -1 disables.")
 @click.option("--stun-port", type=int, default=3478, show_default=True,
               help="UDP STUN port on the same IP as -a; -1 disables.")
 @click.option("-c", "config", type=click.Path(dir_okay=False, path_type=Path),

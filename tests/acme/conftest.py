@@ -93,8 +93,9 @@ def start_acme_relay(nursery: trio.Nursery, tmp_path: Path, pebble_build: Pebble
                 certmode="letsencrypt", hostname=hostname, certdir=certdir, http_port=http_port,
                 directory=pebble.directory, email="", eab_kid="", eab_key="", ip_certs=":" in hostname
                 or hostname.replace(".", "").isdigit())
-            config = replace(defaults, ca_file=str(pebble_build.minica), backoff_min=0.2, backoff_max=1.0,
-                             order_timeout=10.0, **acme)
+            overrides = {"ca_file": str(pebble_build.minica), "backoff_min": 0.2, "backoff_max": 1.0,
+                         "order_timeout": 20.0, **acme}
+            config = replace(defaults, **overrides)
             manager = await start_acme(running.server, config, nursery)
             nursery.start_soon(_stop_at_exit, pebble)
             return AcmeRelay(running, manager, pebble)

@@ -244,7 +244,7 @@ def test_eab_key_accepts_base64url_and_standard():
 def test_acme_config_defaults(tmp_path):
     cfg = AcmeConfig.from_options(certmode="gcp", hostname="Derp.Example.com", certdir=tmp_path, http_port=80,
                                   directory=None, email="a@b.c", eab_kid="k", eab_key="a2V5", ip_certs=False)
-    assert cfg.directory.startswith("https://dv.acme-v02.api.pki.goog/") and cfg.hostname == "derp.example.com"
+    assert cfg.directory.startswith("https://dv.acme-v02.api.pki.goog/") and cfg.name == "derp.example.com" and cfg.hostname == "Derp.Example.com"
     assert cfg.challenges == ("tls-alpn-01", "http-01") and cfg.eab_key == b"key"
     cfg = dataclasses.replace(cfg, ip_cert=False)
     le = AcmeConfig.from_options(certmode="letsencrypt", hostname="derp.example.com", certdir=tmp_path,

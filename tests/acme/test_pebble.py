@@ -168,3 +168,16 @@ async def test_external_account_binding(start_acme_relay):
                                    eab_key=decode_eab_key(EAB_KEYS["kid-1"]), certdir=refused.manager.config.certdir.parent / "eab")
         await r.wait_issued()
         await relay_roundtrip(f"https://derp.test:{r.running.port}/derp", await r.client_context())
+
+
+async def test_directory_tls_is_verified_with_ssl_cert_file(start_acme_relay, monkeypatch, pebble_build):
+    """No CA file given: the directory's certificate is checked against the system roots (which
+    do not know Pebble's test CA, so the attempt fails and says so), or SSL_CERT_FILE."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    with trio.fail_after(60):
+        r = await start_acme_relay("derp.test", ca_file=None)
+        await r.wait(lambda: r.manager.failures >= 1)
+        assert "TLS verification of the CA failed" in r.manager.last_error and "SSL_CERT_FILE" in r.manager.last_error
+        monkeypatch.setenv("SSL_CERT_FILE", str(pebble_build.minica))
+        await r.wait(lambda: r.manager.issued >= 1)
