@@ -25,7 +25,7 @@ import ssl
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +38,8 @@ from acme import challenges, client, crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .relay.tls import cert_file_base, tls_alpn01_context
 from .settings import SettingsError, is_ip
@@ -299,6 +301,7 @@ class AcmeManager:
         self.account_key_path = config.certdir / ACCOUNT_KEY_FILE
         self.issued = 0  # certificates obtained and installed
         self.failures = 0  # attempts that failed
+        self.consecutive_failures = 0  # since the last success
         self.last_error: str | None = None
         self.answered: Counter[str] = Counter()  # validation requests answered, by challenge type
         self._changed = trio.Event()
@@ -383,6 +386,7 @@ class AcmeManager:
                 await self.obtain()
             except Exception as e:  # noqa: BLE001 - a CA failure must never stop the relay
                 self.failures += 1
+                self.consecutive_failures += 1
                 self.last_error = describe_failure(e)
                 still = "keeps serving the current certificate" if self._current() else "has no certificate yet"
                 log.warning("ACME order for %s failed: %s; the relay %s; retrying in %gs",
@@ -392,6 +396,7 @@ class AcmeManager:
                 backoff = min(backoff * 2, cfg.backoff_max)
                 continue
             backoff = cfg.backoff_min
+            self.consecutive_failures = 0
             self._notify()
 
     async def obtain(self) -> None:
@@ -536,11 +541,36 @@ class AcmeManager:
                  self.key_path)
 
 
+class AcmeCollector(Collector):
+    """The ACME client's Prometheus metrics (the certificate's expiry is the relay's
+    ``derp_tls_cert_not_after_seconds``)."""
+
+    def __init__(self, manager: AcmeManager) -> None:
+        self._m = manager
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        m = self._m
+        orders = CounterMetricFamily("derp_acme_attempts", "ACME attempts to obtain a certificate, by result.",
+                                     labels=["result"])
+        orders.add_metric(["ok"], m.issued)
+        orders.add_metric(["error"], m.failures)
+        yield orders
+        yield GaugeMetricFamily("derp_acme_consecutive_failures",
+                                "Failed ACME attempts since the last success (0: fine).",
+                                value=m.consecutive_failures)
+        answered = CounterMetricFamily("derp_acme_validations_answered",
+                                       "CA validation requests answered, by challenge type.", labels=["challenge"])
+        for kind in (TLS_ALPN_01, HTTP_01):
+            answered.add_metric([kind], m.answered[kind])
+        yield answered
+
+
 async def start_acme(server: RelayServer, config: AcmeConfig, nursery: trio.Nursery) -> AcmeManager:
-    """Attach an ACME client to a running relay: it answers the relay's challenge requests and
-    installs certificates through the relay's TLS reload."""
+    """Attach an ACME client to a running relay: it answers the relay's challenge requests,
+    installs certificates through the relay's TLS reload and adds its metrics."""
     manager = AcmeManager(config, server.reload_tls,
                           lambda: server.cert.cert_path if server.cert is not None else None)
     server.challenges = manager
+    server.metrics_registry.register(AcmeCollector(manager))
     await nursery.start(manager.run)
     return manager

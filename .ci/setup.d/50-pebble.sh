@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Warms the Go caches for Pebble, Let's Encrypt's ACME test server, which tests/acme builds
-# (tests/acme/pebble_harness.py: PEBBLE_VERSION, cached binary beside the interop ones):
+# (tests/acme/pebble_harness.py: PEBBLE_VERSION; binary cached in a folder beside the interop one):
 #   1. `go mod download` of github.com/letsencrypt/pebble/v2 at that version and its
 #      dependencies, from the Go module proxy;
 #   2. compiles cmd/pebble once (output discarded) so the pytest run only links it.

@@ -1,10 +1,11 @@
 """Pebble, Let's Encrypt's ACME test server, for the ACME tests.
 
 ``build_pebble`` fetches ``github.com/letsencrypt/pebble/v2`` at ``PEBBLE_VERSION`` from the Go
-module proxy (``go mod download``), builds ``cmd/pebble`` once and caches the binary beside the
-interop suite's, in a folder keyed by the version and the Go toolchain.  ``Pebble`` runs it on
-loopback with its challenge ports pointed at a derpd relay and its resolver at ``DnsResponder``,
-which answers every A query with 127.0.0.1 (so any test name resolves to the relay).
+module proxy (``go mod download``), builds ``cmd/pebble`` once and caches the binary in
+``pebble_cache()`` (beside the interop binaries' folder), keyed by the version and the Go
+toolchain.  ``Pebble`` runs it on loopback with its challenge ports pointed at a derpd relay and
+its resolver (``-dnsserver``, which Pebble asks over TCP) at ``serve_dns``, which answers every
+A query with 127.0.0.1 (so any test name resolves to the relay).
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ class PebbleBuild:
         return self.module_dir / "test" / "certs" / "pebble.minica.pem"
 
 
+def pebble_cache() -> Path:
+    """Beside the interop binaries' folder, not in it: the interop build deletes what it does
+    not know there."""
+    root = cache_root()
+    return root.parent / f"{root.name}-pebble"
+
+
 def build_pebble(missing: Callable[[str], NoReturn], fail: Callable[[str], NoReturn]) -> PebbleBuild:
     go = find_go()
     if go is None:
@@ -57,7 +65,7 @@ def build_pebble(missing: Callable[[str], NoReturn], fail: Callable[[str], NoRet
                 "Go from https://go.dev/dl/ (.ci/setup.d/50-pebble.sh builds Pebble once)")
     env = dict(os.environ)
     env["GOFLAGS"] = "-mod=mod"
-    work = cache_root()
+    work = pebble_cache()
     work.mkdir(parents=True, exist_ok=True)
     try:
         out = subprocess.run([go, "mod", "download", "-json", f"{PEBBLE_MODULE}@{PEBBLE_VERSION}"], cwd=work,

@@ -79,6 +79,9 @@ async def test_broken_ca_is_retried_with_one_clear_line(nursery, tmp_path, caplo
     assert len(lines) >= 3 and all("\n" not in m and "retrying in" in m for m in lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acme-account.key"]  # no certificate written
     assert running.server.ssl_context is None and manager.issued == 0
+    text = running.server.metrics_text().decode()
+    assert f"derp_acme_consecutive_failures {float(manager.consecutive_failures)}" in text
+    assert manager.consecutive_failures >= 3
 
 
 async def test_failed_renewal_never_touches_the_files_in_use(nursery, tmp_path):

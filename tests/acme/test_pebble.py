@@ -65,6 +65,9 @@ async def test_dns_name_certificate(start_acme_relay, challenge, tmp_path):
         assert stat.S_IMODE((tmp_path / "certs" / name).stat().st_mode) == 0o600
     assert r.manager.failures == 0 and r.server.stats.tls_reloads["ok"] == 1
     assert r.manager.answered[challenge] >= 1 and sum(r.manager.answered.values()) == r.manager.answered[challenge]
+    text = r.server.metrics_text().decode()
+    assert 'derp_acme_attempts_total{result="ok"} 1.0' in text and "derp_acme_consecutive_failures 0.0" in text
+    assert f'derp_acme_validations_answered_total{{challenge="{challenge}"}}' in text
 
 
 async def test_ip_certificate_short_lived_profile(start_acme_relay, tmp_path):
