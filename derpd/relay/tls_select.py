@@ -62,6 +62,8 @@ async def _read_hello(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, b
             if not chunk:
                 return data, False, None
             data += chunk
+            if len(data) >= 5 and len(data) < 5 + int.from_bytes(data[3:5], "big") and len(data) < MAX_HELLO_BYTES:
+                continue  # the first record is not complete yet: no need to parse (a drip-feeding peer)
             try:
                 hello = parse_client_hello(data)
             except HelloError:
