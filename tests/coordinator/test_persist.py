@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +112,6 @@ async def test_restart_under_heartbeating_relays_never_shrinks_the_map(nursery: 
             assert set(json.loads(coord.state.published.json)["Regions"]) == want
             refreshed = trio.Event()
             state = coord.state
-            state.listeners.append(lambda: None)
             real = state.register
 
             def spy(reg: Any, now: float, *args: Any, real: Any = real, state: Any = state,
@@ -189,7 +187,6 @@ async def test_state_file_is_replaced_atomically(nursery: trio.Nursery, tmp_path
     assert [n["node"]["Name"] for n in saved["nodes"]] == ["940a"]
     assert saved["map"] == json.loads(coord.state.published.json)
     assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]  # no temporary file left
-    _ = replace  # noqa: F841
 
 
 async def test_readyz_waits_for_heartbeats_unless_state_was_restored(nursery: trio.Nursery,

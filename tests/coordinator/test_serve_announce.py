@@ -4,10 +4,10 @@ certificate is not pinned."""
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
+import pytest
 import trio
 import trustme
 
@@ -105,3 +105,46 @@ def test_ca_signed_certificate_needs_no_pin(tmp_path: Path) -> None:
     generate_self_signed_ip_cert("127.0.0.1", self_signed, key)
     assert not certificate_is_trusted(self_signed, key, "127.0.0.1", cafile=str(roots))
     assert not certificate_is_trusted(tmp_path / "missing.crt", key, "127.0.0.1")
+
+
+async def test_certificate_file_change_is_announced_at_once(nursery: trio.Nursery, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay notices new certificate files by itself (no SIGHUP): the same hook announces
+    the new pin at once, not at the next heartbeat."""
+    import derpd.relay.listener as listener
+    from derpd.coordinator.announce import Announcer
+    from derpd.keys import NodePrivate
+    from derpd.settings import RelaySettings
+
+    monkeypatch.setattr(listener, "CERT_WATCH_INTERVAL", 0.2)
+    certdir = tmp_path / "certs"
+    coord = await nursery.start(lambda task_status: serve_coordinator(
+        make_config(), listen="127.0.0.1:0", probe=FakeProbe(), probing=False, task_status=task_status))
+    relay = await nursery.start(listener.serve_relay, RelaySettings(
+        addr="127.0.0.1:0", private_key=NodePrivate.generate(), certmode="manual", certdir=certdir,
+        hostname="127.0.0.1"))
+
+    def entry() -> dict[str, object]:
+        assert relay.server.cert is not None
+        return {"Name": "901f", "RegionID": 901, "HostName": "127.0.0.1", "IPv4": "127.0.0.1",
+                "DERPPort": relay.port, "STUNPort": -1, "CertName": relay.server.cert.pin,
+                "PublicKey": str(relay.public_key)}
+
+    announcer = Announcer([coord.url], TOKEN, entry, interval=60)
+    relay.server.cert_hooks.append(announcer.notify)
+    with trio.fail_after(20):
+        nursery.start_soon(announcer.run)
+        old_pin = await wait_for_pin([coord], "901f")
+        base = cert_file_base("127.0.0.1")
+        generate_self_signed_ip_cert("127.0.0.1", certdir / f"{base}.crt", certdir / f"{base}.key")
+        with trio.fail_after(0.2 + 1.0):  # one watch interval, then at once (the heartbeat is 60 s)
+            changed = trio.Event()
+
+            def check() -> None:
+                if pin_in_map(coord, "901f") not in (None, old_pin):
+                    changed.set()
+
+            coord.state.listeners.append(check)
+            await changed.wait()
+    assert pin_in_map(coord, "901f") == relay.server.cert.pin
+    nursery.cancel_scope.cancel()
