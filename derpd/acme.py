@@ -377,9 +377,10 @@ class AcmeManager:
                 log.info("certificate for %s valid; renewing in %.0fs", cfg.hostname, wait)
                 await trio.sleep(min(wait, 3600.0))  # re-check hourly: the files may change under us
                 continue
-            if wait is None:
-                log.warning("no certificate for %s yet: asking the ACME CA at %s (TLS clients are refused "
-                            "until one is issued)", cfg.hostname, cfg.directory)
+            if wait is None:  # said once at warning level; the failure lines say the rest
+                log.log(logging.WARNING if self.failures == 0 else logging.INFO,
+                        "no certificate for %s yet: asking the ACME CA at %s (TLS clients are refused "
+                        "until one is issued)", cfg.hostname, cfg.directory)
             else:
                 log.info("renewing the certificate for %s (a third of its lifetime left)", cfg.hostname)
             try:
