@@ -366,9 +366,49 @@ class AcmeManager:
         due = renewal_due(leaf.not_valid_before_utc, leaf.not_valid_after_utc)
         return (due - dt.datetime.now(dt.timezone.utc)).total_seconds()
 
+    def adopt_derper_cache(self) -> bool:
+        """Take over what derper's ACME client (Go's autocert) left in ``certdir``, so switching
+        from derper neither orders a new certificate nor makes a new account: its account key
+        ``acme_account+key`` and its ``<hostname>`` file (key and chain in one PEM).  derper's
+        files are only read.  Returns True if a certificate was adopted."""
+        certdir = self.config.certdir
+        if not self.account_key_path.exists():
+            for name in ("acme_account+key", "acme_account.key"):
+                try:
+                    key = serialization.load_pem_private_key((certdir / name).read_bytes(), password=None)
+                except (OSError, ValueError):
+                    continue
+                if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
+                    _write_atomic(self.account_key_path, key.private_bytes(
+                        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption()), 0o600)
+                    log.warning("using derper's ACME account key %s", certdir / name)
+                    break
+        if self.cert_path.exists() or self.key_path.exists():
+            return False
+        try:
+            pem = (certdir / self.config.name).read_bytes()
+            key = serialization.load_pem_private_key(pem, password=None)
+            chain = x509.load_pem_x509_certificates(pem)
+        except (OSError, ValueError):
+            return False
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            return False
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        try:
+            self._store("".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain), key, key_pem)
+        except AcmeFailure as e:
+            log.info("not using derper's certificate %s: %s", certdir / self.config.name, e)
+            return False
+        log.warning("using derper's cached certificate %s", certdir / self.config.name)
+        return True
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a valid certificate in place forever."""
         cfg = self.config
+        if self.adopt_derper_cache():
+            self._install()
         task_status.started()
         backoff = cfg.backoff_min
         while True:

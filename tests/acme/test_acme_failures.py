@@ -253,3 +253,36 @@ def test_acme_config_defaults(tmp_path):
     le = AcmeConfig.from_options(certmode="letsencrypt", hostname="derp.example.com", certdir=tmp_path,
                                  http_port=-1, directory=None, email="", eab_kid="", eab_key="", ip_certs=False)
     assert le.directory == "https://acme-v02.api.letsencrypt.org/directory" and le.challenges == ("tls-alpn-01",)
+
+
+async def test_derper_autocert_cache_is_adopted(nursery, tmp_path):
+    """A --certdir that derper (Go's autocert) filled: its account key and its <hostname> file
+    (EC key and chain in one PEM) are taken over; derper's files are left as they were."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    leaf = ca.issue_cert("derp.test", key_type=trustme.KeyType.ECDSA)
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    ec_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                               serialization.NoEncryption())
+    assert ec_pem.startswith(b"-----BEGIN EC PRIVATE KEY-----")  # as autocert writes it
+    (tmp_path / "derp.test").write_bytes(ec_pem + b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    account = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "acme_account+key").write_bytes(account.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    derper_files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with trio.fail_after(20):
+        port = await nursery.start(serve_fake_ca, 500, b"no", b"text/plain")
+        running, manager = await acme_relay(nursery, tmp_path, f"http://127.0.0.1:{port}/dir")
+        assert running.server.ssl_context is not None and manager.next_due() > 0  # no order needed
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+        tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", running.port), client_ctx,
+                             server_hostname="derp.test")
+        await tls.do_handshake()
+        await tls.aclose()
+    ours = serialization.load_pem_private_key((tmp_path / "acme-account.key").read_bytes(), password=None)
+    assert ours.private_numbers() == account.private_numbers()
+    assert {n: (tmp_path / n).read_bytes() for n in derper_files} == derper_files
+    assert manager.failures == 0 and (tmp_path / "derp.test.crt").exists()
