@@ -13,6 +13,9 @@ peers skip them; the server's ``admit`` runs the installed checks in order, all 
 
   with no Content-Type and a 5 s timeout, reads at most 4 KiB of the answer, and admits only
   a 200 whose JSON has ``"Allow": true`` (field name matched case-insensitively, like Go).
+  Requests go through one pooled httpx client (keep-alive, so a login costs no TCP or TLS
+  handshake with the controller); redirects are followed only to the same scheme, host and
+  port (307/308, at most 3).
   ``fail_open`` (default true, as derper) admits when the request itself fails -- connect
   error, TLS error, a broken response head, or the 5 s timeout; a non-200 status or an
   unreadable body always refuses.
@@ -21,16 +24,25 @@ Decisions are cached per (key, source IP) for ``cache_ttl`` seconds and concurre
 the same pair share one request, so a reconnect storm costs the controller one request per
 client per TTL; at most ``max_in_flight`` requests run at once.
 
+``FairShare`` sits in front of the remote checks: one source address (an IPv6 /64 counts as
+one) may have at most 8 checks in flight and 56 more logins waiting for them, one key at most
+2 checks; a login over a cap is refused at once (``admission_busy_source``,
+``admission_busy_key``), so a slow controller and one busy source cannot starve everyone
+else's logins.
+
 A refusal returns a reason label counted in ``derp_admission_refused_total{reason}``:
 ``not_allowed`` (allow-list), ``verify_denied`` (``Allow`` false or missing),
 ``verify_status`` (non-200), ``verify_bad_response`` (body not the expected JSON),
-``verify_unreachable`` (transport failure with fail-open off).
+``verify_unreachable`` (transport failure with fail-open off), ``admission_busy_source`` and
+``admission_busy_key`` (``FairShare``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+from collections.abc import Awaitable, Callable
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
+import httpx
 import trio
 
 from .keys import KeyFormatError, NodePublic
@@ -51,10 +63,15 @@ MAX_RESPONSE_BODY = 4 << 10
 DEFAULT_CACHE_TTL = 5.0
 MAX_CACHE_ENTRIES = 100_000
 MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_PER_SOURCE = 8
+MAX_IN_FLIGHT_PER_KEY = 2
+MAX_QUEUED_PER_SOURCE = 56  # logins from one source waiting for one of its slots
 ALLOW_FILE_CHECK_INTERVAL = 5.0
-_MAX_RESPONSE_HEAD = 16 << 10
+MAX_REDIRECTS = 3
+_HEADERS = {"User-Agent": "derpd"}
 
 Decision = tuple[bool, str]
+Check = Callable[[NodePublic, object, str], Awaitable[Decision]]
 
 
 class AdmissionConfigError(SettingsError):
@@ -150,25 +167,22 @@ class _TransportError(Exception):
     """The request failed before a response head arrived (fail-open applies)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    tls: bool
-    host: str
-    port: int
-    target: bytes
-    host_header: bytes
+class _BadAnswer(Exception):
+    """A response head arrived but the answer broke off or cannot be used."""
 
 
-def _parse_url(url: str) -> _Target:
+def _parse_url(url: str) -> httpx.URL:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AdmissionConfigError(f"--verify-client-url must be an http:// or https:// URL, not {url!r}")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts.port
     except ValueError as e:
         raise AdmissionConfigError(f"--verify-client-url has a bad port: {url!r}") from e
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(parts.scheme == "https", parts.hostname, port, target.encode(), parts.netloc.encode())
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise AdmissionConfigError(f"--verify-client-url is not a usable URL: {url!r} ({e})") from e
 
 
 def request_body(key: NodePublic, ip: str) -> bytes:
@@ -202,55 +216,66 @@ def parse_verify_response(status: int, body: bytes) -> Decision:
     return (True, "") if allow else (False, "verify_denied")
 
 
+def http_client(*, max_connections: int = MAX_IN_FLIGHT,
+                ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncHTTPTransport:
+    """The pooled HTTP/1.1 transport for the admission controller: keep-alive connections (one
+    TCP and TLS handshake per connection, not per login), no proxy from the environment, TLS
+    verified with the system roots or ``ssl_context``.  ``post_json`` sends through the
+    transport itself (no cookie jar, no automatic redirects: it follows same-origin 307/308
+    only) with every phase under its timeout."""
+    return httpx.AsyncHTTPTransport(
+        verify=ssl_context if ssl_context is not None else True,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                            keepalive_expiry=30.0),
+    )
+
+
 async def post_json(url: str, body: bytes, *, max_body: int = MAX_RESPONSE_BODY,
-                    ssl_context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+                    ssl_context: ssl.SSLContext | None = None, timeout: float = VERIFY_TIMEOUT,
+                    client: httpx.AsyncHTTPTransport | None = None) -> tuple[int, bytes]:
     """POST ``body`` (no Content-Type, as Go's client does for derper) and return the status and
-    at most ``max_body`` bytes of the response body.  The caller bounds the time.
+    at most ``max_body`` bytes of the response body.  A 307 or 308 to the same scheme, host and
+    port is followed (at most ``MAX_REDIRECTS``); any other redirect is an answer like any
+    non-200.  The caller bounds the total time.
 
     Raises:
-        _TransportError: connect/TLS failure or a broken response head.
-        trio.BrokenResourceError, h11.RemoteProtocolError: the body broke off.
+        _TransportError: connect/TLS failure, or no response head.
+        _BadAnswer: the body broke off.
     """
-    t = _parse_url(url)
-    try:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(t.host, t.port)
-    except OSError as e:
-        raise _TransportError(f"connect to {t.host}:{t.port}: {e}") from e
-    try:
-        if t.tls:
-            ctx = ssl_context or ssl.create_default_context()
-            stream = trio.SSLStream(stream, ctx, server_hostname=t.host)
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
-        head = h11.Request(method="POST", target=t.target, headers=[
-            ("Host", t.host_header), ("User-Agent", "derpd"), ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ])
+    if client is None:
+        async with http_client(ssl_context=ssl_context, max_connections=1) as one:
+            return await post_json(url, body, max_body=max_body, timeout=timeout, client=one)
+    target = _parse_url(url)
+    extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
+    for _ in range(MAX_REDIRECTS + 1):
+        request = httpx.Request("POST", target, content=body, headers=_HEADERS, extensions=extensions)
         try:
-            await stream.send_all(conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-            status = None
-            while status is None:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(16384))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise _TransportError("connection closed before a response")
-                # InformationalResponse (1xx): keep reading
-        except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+            response = await client.handle_async_request(request)
+        except httpx.TransportError as e:
             raise _TransportError(str(e) or type(e).__name__) from e
-        got = bytearray()
-        while len(got) < max_body:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(16384))
-            elif isinstance(event, h11.Data):
-                got += event.data
-            else:  # EndOfMessage or ConnectionClosed
-                break
-        return status, bytes(got[:max_body])
-    finally:
-        await trio.aclose_forcefully(stream)
+        try:
+            location = response.headers.get("location")
+            if response.status_code in (307, 308) and location is not None:
+                try:
+                    nxt = target.join(location)
+                except httpx.InvalidURL:
+                    nxt = None
+                if nxt is not None and (nxt.scheme, nxt.host, nxt.port) == (target.scheme, target.host, target.port):
+                    target = nxt
+                    continue
+            got = bytearray()
+            try:
+                async for chunk in response.aiter_raw():
+                    got += chunk
+                    if len(got) >= max_body:
+                        break
+            except httpx.TransportError as e:
+                raise _BadAnswer(str(e) or type(e).__name__) from e
+            return response.status_code, bytes(got[:max_body])
+        finally:
+            await response.aclose()
+    return 310, b""  # too many redirects: a non-200 answer
 
 
 class VerifyClientURL:
@@ -276,6 +301,8 @@ class VerifyClientURL:
         self._cache: OrderedDict[tuple[bytes, str], tuple[float, Decision]] = OrderedDict()
         self._pending: dict[tuple[bytes, str], trio.Event] = {}
         self._limit = trio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._client: httpx.AsyncHTTPTransport | None = None  # made in the running event loop, on first use
         self._unreachable_logged = False
 
     async def check(self, key: NodePublic, info: object, ip: str) -> Decision:
@@ -313,11 +340,14 @@ class VerifyClientURL:
         async with self._limit:
             self.requests += 1
             try:
+                if self._client is None:
+                    self._client = http_client(max_connections=self._max_in_flight, ssl_context=self.ssl_context)
                 with trio.fail_after(self.timeout):
-                    status, body = await post_json(self.url, request_body(key, ip), ssl_context=self.ssl_context)
+                    status, body = await post_json(self.url, request_body(key, ip), timeout=self.timeout,
+                                                   client=self._client)
             except (_TransportError, trio.TooSlowError) as e:
                 return self._unreachable(e)
-            except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError):
+            except _BadAnswer:
                 return False, "verify_bad_response"
         if self._unreachable_logged:
             self._unreachable_logged = False
@@ -332,6 +362,85 @@ class VerifyClientURL:
                       else "refusing clients (pass --verify-client-url-fail-open to admit them instead)")
             log.error("admission controller %s unreachable (%s): %s", self.url, why, action)
         return (True, "") if self.fail_open else (False, "verify_unreachable")
+
+
+# ------------------------------------------------------------------------------ fair share
+
+
+def source_of(ip: str) -> str:
+    """The unit a per-source cap counts: the IPv4 address, or the IPv6 /64 (one host usually
+    owns a whole /64, so counting single IPv6 addresses would be no cap at all)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
+
+
+class _Share:
+    __slots__ = ("slots", "count")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = trio.Semaphore(slots)
+        self.count = 0  # asking now plus waiting for a slot
+
+
+class FairShare:
+    """Caps on admission checks per source address and per key.
+
+    ``wrap(check)`` returns a check that lets each source (``source_of``) run at most
+    ``per_source`` checks at once; up to ``queue`` more logins from that source wait their
+    turn, and any beyond are refused at once without asking.  A key may have at most
+    ``per_key`` checks in flight.  So one source can hold at most ``per_source`` of the
+    controller's ``MAX_IN_FLIGHT`` slots, however many logins it opens, and the rest of the
+    slots stay free for everyone else.  Refusals return ``admission_busy_source`` or
+    ``admission_busy_key`` (the server counts them in ``derp_admission_refused_total``); the
+    first one per source is logged at debug level until that source's queue empties.
+    """
+
+    def __init__(self, per_source: int = MAX_IN_FLIGHT_PER_SOURCE, per_key: int = MAX_IN_FLIGHT_PER_KEY,
+                 queue: int = MAX_QUEUED_PER_SOURCE) -> None:
+        self.per_source = per_source
+        self.per_key = per_key
+        self.queue = queue
+        self._sources: dict[str, _Share] = {}
+        self._keys: dict[bytes, int] = {}
+        self._logged: set[str] = set()
+
+    def wrap(self, check: Check) -> Check:
+        async def fair_check(key: NodePublic, info: object, ip: str) -> Decision:
+            src = source_of(ip)
+            share = self._sources.get(src)
+            if share is None:
+                share = self._sources[src] = _Share(self.per_source)
+            elif share.count >= self.per_source + self.queue:
+                if src not in self._logged:
+                    self._logged.add(src)
+                    log.debug("admission: %d logins from %s already waiting, refusing more", share.count, src)
+                return False, "admission_busy_source"
+            keys = self._keys
+            if keys.get(key.raw, 0) >= self.per_key:
+                return False, "admission_busy_key"
+            share.count += 1
+            keys[key.raw] = keys.get(key.raw, 0) + 1
+            try:
+                async with share.slots:
+                    return await check(key, info, ip)
+            finally:
+                share.count -= 1
+                if not share.count:
+                    del self._sources[src]
+                    self._logged.discard(src)
+                if (n := keys[key.raw] - 1) > 0:
+                    keys[key.raw] = n
+                else:
+                    del keys[key.raw]
+
+        return fair_check
 
 
 # ------------------------------------------------------------------------------ CLI wiring
@@ -379,7 +488,7 @@ class Protection:
             nursery.start_soon(self.allow_list.watch)
             log.info("admission: %d keys allowed by %s", len(self.allow_list.keys), self.allow_list.path)
         if self.verify is not None:
-            server.admission_checks.append(self.verify.check)
+            server.admission_checks.append(FairShare().wrap(self.verify.check))
             log.info("admission: asking %s (fail-open %s)", self.verify.url, self.verify.fail_open)
         if self.rate_config_path is not None:
             limits = server.client_rate_limits

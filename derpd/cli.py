@@ -15,13 +15,15 @@ from pathlib import Path
 
 import click
 import trio
+from stund.oneline import OneLineGroup, run_trio
 
 from . import __version__
 from .coordinator.cli import coordinator_command
 from .devregion import dev_command
 from .keyfile import KeyFileError, key_file_json
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
-from .serve import options_from_flags, run_serve, setup_logging
+from .relay.listener import BindError
+from .serve import bind_error_message, options_from_flags, run_serve, setup_logging
 from .settings import SettingsError
 from .admission import Protection, serve_options as admission_options
 
@@ -31,7 +33,8 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="derpd", cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="derpd")
 def main() -> None:
     """derpd: a Tailscale-compatible DERP relay with STUN and a DERP-map coordinator.
@@ -41,6 +44,27 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------- serve
+
+
+class WorkerCount(click.ParamType):
+    """``--workers``: a number from 1 to 64, or ``auto`` (one per available CPU)."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            from .workers import available_cpus
+
+            return min(64, available_cpus())
+        try:
+            count = int(str(value))
+        except ValueError:
+            count = 0
+        if not 1 <= count <= 64:
+            self.fail(f"{value!r} is neither a number from 1 to 64 nor 'auto'", param, ctx)
+        return count
 
 
 @main.command()
@@ -90,6 +114,12 @@ def main() -> None:
               help="Burst for --accept-connection-limit.")
 @click.option("--max-connections-per-ip", type=click.IntRange(0), default=0,
               help="Open connections allowed from one source IP; 0 = unlimited.")
+@click.option("--proxy-protocol", is_flag=True,
+              help="Expect a PROXY protocol v1/v2 header from --trusted-proxies on the relay port "
+                   "(an SNI router or load balancer in front); a header from anyone else closes the connection.")
+@click.option("--trusted-proxies", default="", metavar="CIDR,...",
+              help="Proxies whose PROXY headers (with --proxy-protocol) and X-Forwarded-For (plain HTTP) "
+                   "name the real client.")
 @click.option("--shutdown-grace", type=click.FloatRange(0), default=5.0, show_default=True,
               help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
@@ -105,8 +135,9 @@ def main() -> None:
 @click.option("--node-name", default=None, help="Unique node name in the map; default: the hostname.")
 @click.option("--advertise-ipv4", default=None, metavar="IP", help="IPv4 to publish for this node (IPv4 field).")
 @click.option("--advertise-ipv6", default=None, metavar="IP", help="IPv6 to publish for this node (IPv6 field).")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback.")
+@click.option("--workers", type=WorkerCount(), default="1", show_default=True,
+              help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback; "
+                   "'auto': one per available CPU.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
 @admission_options
 def serve(**opts: object) -> None:
@@ -119,23 +150,22 @@ def serve(**opts: object) -> None:
         _fail(str(e))
     try:
         if options.workers > 1:
-            from .workers import run_workers
+            from .workers import WorkersFailed, run_workers
 
-            sys.exit(run_workers(options, options.workers))
-        trio.run(run_serve, options)
-    except KeyboardInterrupt:
-        pass
+            try:
+                # Each worker builds its own admission checks from the flags (they hold trio objects).
+                sys.exit(run_workers(dataclasses.replace(options, protection=None), options.workers, opts))
+            except WorkersFailed as e:
+                _fail(str(e), e.code)
+        run_trio(run_serve, options)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
+        click.echo("derpd: stopped (interrupted)", err=True)
+    except BindError as e:
+        _fail(bind_error_message(e))
     except SettingsError as e:  # includes CertError
         _fail(str(e))
     except OSError as e:
-        _fail(f"cannot listen: {e.strerror or e}; is another process using the port? Pick another with -a", 1)
-    except BaseExceptionGroup as group:  # a start-up error raised inside the serve nursery
-        while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
-            group = group.exceptions[0]
-        first = group.exceptions[0] if len(group.exceptions) == 1 else None
-        if isinstance(first, SettingsError):
-            _fail(str(first))
-        raise
+        _fail(f"cannot start: {e}")
 
 
 # ---------------------------------------------------------------------------- genkey
@@ -179,8 +209,9 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
 
     URL is the relay's DERP URL, e.g. https://derp.example.com/derp or http://127.0.0.1:3340/derp.
     """
-    from .check import run_check
+    from .check import explain_failure, run_check
     from .client import DerpClientError, make_ssl_context
+    from .protocol.errors import RemoteProtocolError
 
     options: dict[str, object] = {"server_name": server_name, "cert_pin": cert_pin, "insecure": insecure}
     if ca_file:
@@ -188,9 +219,9 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
     if "://" not in url:
         url = f"https://{url}/derp"
     try:
-        result = trio.run(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-        _fail(f"cannot log in to {url}: {e or type(e).__name__}", 1)
+        result = run_trio(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        _fail(f"cannot log in to {url}: {explain_failure(e, url, server_name=server_name)}", 1)
     p50, p99 = result.percentile(50), result.percentile(99)
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.2f}ms"  # noqa: E731
     click.echo(f"{url}: delivered {result.delivered}/{result.sent}, lost {result.lost}, "
@@ -216,9 +247,11 @@ main.add_command(dev_command, "dev")
 def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str | None, cert_pin: str | None) -> None:
     """Ask the relay at URL to close every connection of NODEKEY (nodekey:<hex>), e.g. to move a
     client back to its ideal node.  Uses the mesh key, as a mesh peer would."""
+    from .check import explain_failure
     from .client import DerpClientError, make_ssl_context
     from .keys import NodePublic
     from .mesh import close_peer
+    from .protocol.errors import RemoteProtocolError
 
     try:
         target = NodePublic.parse(nodekey)
@@ -229,7 +262,7 @@ def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str
     if ca_file:
         options["ssl_context"] = make_ssl_context(ca_file=ca_file)
     try:
-        trio.run(partial(close_peer, url, target, mesh_key, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-        _fail(f"cannot reach {url}: {e}", 1)
+        run_trio(partial(close_peer, url, target, mesh_key, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        _fail(f"cannot ask {url} to close {target.short()}: {explain_failure(e, url, mesh=True)}", 1)
     click.echo(f"asked {url} to close {target}")

@@ -11,6 +11,7 @@ below (``derpd.relay``, ``derpd.mesh``, ``derpd.admission``, ``derpd.coordinator
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import signal
@@ -18,20 +19,34 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, ContextManager
+from urllib.parse import urlsplit
 
 import trio
+from stund.oneline import format_addr, listen_error
 
 from . import __version__
 from .keyfile import load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
-from .relay.listener import RunningRelay, serve_metrics, serve_relay
+from .mesh import parse_mesh_with, run_mesh
+from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .settings import RelaySettings, SettingsError, is_ip, split_host_port
 
 if TYPE_CHECKING:
     from .acme import AcmeConfig
     from .admission import Protection
     from .relay.tls import ServerCert
+
+
+# The flag that moves each listener of ``derpd serve`` (``BindError.which``).
+LISTEN_FLAGS = {"relay": "-a", "http": "--http-port (-1 turns it off)", "stun": "--stun-port (-1 turns it off)",
+                "metrics": "--metrics-addr"}
+
+
+def bind_error_message(e: BindError, flags: dict[str, str] = LISTEN_FLAGS) -> str:
+    """One line for a listener of ``derpd serve`` that cannot bind, naming the flag to change."""
+    return listen_error(e.cause, format_addr(e.host, e.port), flags[e.which])
 
 
 def setup_logging(verbose: int) -> None:
@@ -50,6 +65,8 @@ class ServeOptions:
     mesh_ca_file: str | None = None
     workers: int = 1
     verbose: int = 0
+    region_id: int = 900  # --region-id and --node-name: the printed node, and the registration
+    node_name: str | None = None
     registration: dict[str, object] | None = None  # --coordinator and friends
     protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
     acme: AcmeConfig | None = None  # --certmode letsencrypt/gcp (derpd.acme)
@@ -105,15 +122,20 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
         accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+        proxy_protocol=bool(opts.get("proxy_protocol", False)),
+        trusted_proxies=tuple(c.strip() for c in str(opts.get("trusted_proxies") or "").split(",") if c.strip()),
     )
-    if opts["mesh_with"] and mesh_key is None:
-        raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
+    if opts["mesh_with"]:
+        parse_mesh_with(str(opts["mesh_with"]))  # a bad entry fails here, before anything listens
+        if mesh_key is None:
+            raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
     metrics_addr = opts["metrics_addr"]
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
     return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
+                        int(opts["region_id"]), opts["node_name"],  # type: ignore[call-overload,arg-type]
                         registration_from_flags(opts), acme=acme_from_flags(opts, settings))
 
 
@@ -139,6 +161,10 @@ def acme_from_flags(opts: dict[str, object], settings: RelaySettings) -> AcmeCon
 
 def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None:
     """The ``--coordinator`` settings, or None without ``--coordinator``."""
+    for flag, key, version in (("--advertise-ipv4", "advertise_ipv4", 4), ("--advertise-ipv6", "advertise_ipv6", 6)):
+        value = opts[key]
+        if value is not None and not (is_ip(str(value)) and ipaddress.ip_address(str(value)).version == version):
+            raise SettingsError(f"{flag} {value!r} is not an IPv{version} address")
     url = opts["coordinator"]
     if not url:
         return None
@@ -160,6 +186,14 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
         raise SettingsError(str(e)) from None
     if not urls:
         raise SettingsError("--coordinator needs at least one URL, e.g. http://coordinator:8080")
+    for one in urls:
+        try:
+            host = urlsplit(one).hostname
+            urlsplit(one).port
+        except ValueError:
+            raise SettingsError(f"--coordinator {one!r}: the port must be a number from 1 to 65535") from None
+        if not host:
+            raise SettingsError(f"--coordinator {one!r} has no host; give http(s)://HOST[:PORT]")
     return {"url": urls, "token": token, "region_id": opts["region_id"], "region_code": opts["region_code"],
             "region_name": opts["region_name"], "node_name": opts["node_name"],
             "ipv4": opts["advertise_ipv4"], "ipv6": opts["advertise_ipv6"]}
@@ -213,9 +247,21 @@ def _chain_trusted(cert_path: str, key_path: str, pin: str, hostname: str) -> bo
 
 
 async def run_serve(options: ServeOptions) -> None:
-    """Run one relay process until a signal stops it (see ``handle_signals``)."""
-    settings, stun_port, metrics_addr = options.settings, options.stun_port, options.metrics_addr
+    """Run one relay process until a signal stops it (see ``handle_signals``).
 
+    Every listener (relay, plain HTTP, STUN, metrics) is bound before anything is printed, so
+    a port in use ends start-up with that one error line and nothing else.
+
+    Raises:
+        BindError: a listener cannot bind (``which`` names it).
+        SettingsError: the certificate cannot be used (CertError).
+    """
+    with open_signals() as signals:
+        await _serve_node(options, signals)
+
+
+async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> None:
+    settings, stun_port, metrics_addr = options.settings, options.stun_port, options.metrics_addr
     startup = logging.getLogger("derpd.startup")
     async with trio.open_nursery() as nursery:
 
@@ -225,39 +271,27 @@ async def run_serve(options: ServeOptions) -> None:
 
         running = await nursery.start(relay_then_stop)
         server = running.server
+        stun_bound = await start_stun(nursery, settings, stun_port)
+        if stun_bound:
+            stun_port = stun_bound[0][1]  # the port bound, also for --stun-port 0
+        bound_metrics = None
+        if metrics_addr is not None:
+            bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
         if options.protection is not None:
             options.protection.install(server, nursery)
-        scheme = "TLS" if settings.tls else "plain HTTP"
-        startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
-                     ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
+        announce_node(options, running, stun_port)
         if options.acme is not None:
             from .acme import start_acme
 
             await start_acme(server, options.acme, nursery)
-        if not settings.tls:
-            startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
-                            "clients need TLS otherwise (port 443 gets Let's Encrypt, or see --certmode)")
-        if server.cert is not None and not settings.acme and (server.cert.self_signed_generated or (
-            settings.certmode == "manual" and is_ip(settings.hostname)
-        )) and needs_pin(server.cert, settings.hostname):
-            from .relay.tls import node_json_for_pinned_cert
-
-            node = node_json_for_pinned_cert(settings.hostname, server.cert.pin, running.port, stun_port)
-            kind = "self-signed" if server.cert.self_signed_generated else "not trusted by the system roots"
-            startup.info("%s certificate, clients need its pin; DERP map node: %s", kind,
-                         json.dumps(node, separators=(",", ":")))
-            print(json.dumps(node), flush=True)
-        if stun_port >= 0:
-            from stund.server import serve_stun
-
-            host = settings.listen[0] or "::"
-            bound = await nursery.start(serve_stun, [(host, stun_port)])
-            startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        if stun_bound:
+            startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in stun_bound))
         if running.http_port is not None:
             startup.info("plain HTTP (generate_204, redirects) on port %d", running.http_port)
+        if bound_metrics is not None:
+            startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
         if options.mesh_with:
             from .client import make_ssl_context
-            from .mesh import parse_mesh_with, run_mesh
 
             assert settings.mesh_key is not None
             ctx = make_ssl_context(ca_file=options.mesh_ca_file) if options.mesh_ca_file else None
@@ -273,37 +307,84 @@ async def run_serve(options: ServeOptions) -> None:
                                   partial(node_registration, reg, running, settings, stun_port))
             server.cert_hooks.append(announcer.notify)  # a new pin goes out at once, not at the next heartbeat
             nursery.start_soon(announcer.run)  # never holds up the relay's start
-        if metrics_addr is not None:
-            bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
-            startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
-        await handle_signals(running, settings, nursery.cancel_scope)
+        await handle_signals(signals, running, settings, nursery.cancel_scope)
 
 
-async def handle_signals(running: RunningRelay, settings: RelaySettings, scope: trio.CancelScope) -> None:
+async def start_stun(nursery: trio.Nursery, settings: RelaySettings, port: int) -> list[tuple[str, int]]:
+    """Start STUN on ``port`` (``--stun-port``; -1: none) of the relay's IP.  Returns the bound
+    addresses (empty without STUN).
+
+    Raises:
+        BindError: the port cannot be bound (``which`` is "stun").
+    """
+    if port < 0:
+        return []
+    from stund.server import serve_stun
+
+    host = settings.listen[0] or "::"
+    try:
+        return await nursery.start(serve_stun, [(host, port)])  # type: ignore[no-any-return]
+    except OSError as e:
+        raise BindError(e, host, port, "stun") from e
+
+
+def announce_node(options: ServeOptions, running: RunningRelay, stun_port: int) -> None:
+    """The start-up lines: what listens where; with a self-signed or IP certificate, also the
+    DERP-map node to paste (one JSON line on stdout).  ``stun_port`` is the bound port."""
+    settings, server = options.settings, running.server
+    startup = logging.getLogger("derpd.startup")
+    scheme = "TLS" if settings.tls else "plain HTTP"
+    startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
+                 ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
+    if not settings.tls:
+        startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
+                        "clients need TLS otherwise (port 443 gets Let's Encrypt, or see --certmode)")
+    if server.cert is not None and not settings.acme and (server.cert.self_signed_generated or (
+        settings.certmode == "manual" and is_ip(settings.hostname)
+    )) and needs_pin(server.cert, settings.hostname):
+        from .relay.tls import node_json_for_pinned_cert
+
+        node = node_json_for_pinned_cert(settings.hostname, server.cert.pin, running.port, stun_port,
+                                         name=options.node_name or "custom", region_id=options.region_id)
+        kind = "self-signed" if server.cert.self_signed_generated else "not trusted by the system roots"
+        startup.info("%s certificate, clients need its pin; DERP map node: %s", kind,
+                     json.dumps(node, separators=(",", ":")))
+        print(json.dumps(node), flush=True)
+
+
+def open_signals() -> ContextManager[AsyncIterator[int]]:
+    """The signals a relay process handles (SIGTERM, SIGINT, SIGHUP), caught from here on: open
+    it before binding, so a signal that arrives during start-up is handled, not fatal."""
+    return trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def handle_signals(signals: AsyncIterator[int], running: RunningRelay, settings: RelaySettings,
+                         scope: trio.CancelScope) -> None:
     """SIGHUP reloads (certificates, allow-lists, rate limits); SIGTERM/SIGINT shut down
-    gracefully (Restarting to every client, then drain); a second one stops at once."""
+    gracefully (Restarting to every client, then drain); a second one stops at once.
+    ``signals`` comes from ``open_signals``."""
     startup = logging.getLogger("derpd.startup")
     stopping_since: float | None = None
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                startup.info("received SIGHUP, reloading")
-                running.server.reload()
-            elif stopping_since is None or trio.current_time() - stopping_since < 1.0:
-                # A repeat within a second is the same stop reaching us twice (a process group
-                # signal plus the --workers parent forwarding it), not an operator's second one.
-                if stopping_since is not None:
-                    continue
-                stopping_since = trio.current_time()
-                startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
-                             "(send it again to stop at once)", name, settings.shutdown_grace)
-                running.shutdown(settings.shutdown_grace)
-            else:
-                startup.info("received %s again, stopping now", name)
-                scope.cancel()
-                return
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            startup.info("received SIGHUP, reloading")
+            running.server.reload()
+        elif stopping_since is None or trio.current_time() - stopping_since < 1.0:
+            # A repeat within a second is the same stop reaching us twice (a process group
+            # signal plus the --workers parent forwarding it), not an operator's second one.
+            if stopping_since is not None:
+                continue
+            stopping_since = trio.current_time()
+            startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
+                         "(send it again to stop at once)", name, settings.shutdown_grace)
+            running.shutdown(settings.shutdown_grace)
+        else:
+            startup.info("received %s again, stopping now", name)
+            scope.cancel()
+            return
 
 
-__all__ = ["ServeOptions", "handle_signals", "needs_pin", "node_registration", "options_from_flags",
+__all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals", "needs_pin",
+           "node_registration", "open_signals", "options_from_flags", "start_stun",
            "registration_from_flags", "run_serve", "setup_logging"]

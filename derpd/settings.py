@@ -79,6 +79,7 @@ class RelaySettings:
     keepalive_jitter: float = 5.0
     login_timeout: float = 10.0
     http_timeout: float = 30.0
+    http_write_timeout: float = 30.0  # every HTTP response (derper's WriteTimeout)
     tcp_keepalive: float = 600.0
     tcp_user_timeout: float = 15.0
     max_connections_per_ip: int = 0  # 0 = unlimited
@@ -86,6 +87,8 @@ class RelaySettings:
     accept_connection_burst: int = 1 << 30
     shutdown_grace: float = 5.0
     serve_metrics: bool = True  # /metrics on the relay port, loopback peers only
+    proxy_protocol: bool = False  # PROXY protocol v1/v2 on the relay listener, from trusted_proxies only
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose PROXY headers and X-Forwarded-For are believed
 
     def __post_init__(self) -> None:
         host, port = split_host_port(self.addr)
@@ -103,6 +106,16 @@ class RelaySettings:
         if not -1 <= self.http_port <= 65535:
             raise SettingsError("--http-port must be -1 (off) or a port number")
         del host, port
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"--trusted-proxies: {cidr!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8,::1)"
+                ) from None
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise SettingsError("--proxy-protocol needs --trusted-proxies CIDR,... (the addresses of the proxies "
+                                "that send PROXY headers)")
 
     @property
     def listen(self) -> tuple[str, int]:

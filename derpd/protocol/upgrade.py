@@ -81,6 +81,22 @@ class Response:
 
 Route = DerpUpgrade | WebSocketUpgrade | Metrics | Response
 
+# The request head (request line and headers) the relay reads; docs/security.md.
+MAX_HEAD = 16 * 1024
+
+
+def request_framing_error(request: h11.Request) -> str | None:
+    """A reason to refuse a request whose body framing is ambiguous, else None.
+
+    Content-Length together with Transfer-Encoding is the request-smuggling shape: a proxy in
+    front and this server could disagree about where the body ends (RFC 9112 6.1), so it is
+    refused (400) rather than resolved.
+    """
+    names = {k for k, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return "ambiguous_length"
+    return None
+
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
     for k, v in request.headers:
@@ -146,9 +162,13 @@ def route_request(request: h11.Request, *, home: str = "", derp_enabled: bool = 
     return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"text/html; charset=utf-8")), body, head_only=head)
 
 
-def redirect_to_https(request: h11.Request) -> Response:
+def redirect_to_https(request: h11.Request, authority: bytes) -> Response:
     """The port-80 listener: ``/generate_204`` is served, GET/HEAD redirect to https, the
-    rest get 400 (spec 10.2)."""
+    rest get 400 (spec 10.2).
+
+    ``authority`` is the relay's own name (``--hostname``, plus the port when not 443): the
+    target is never built from the client's Host header, so nobody can make this relay
+    redirect to a host of their choosing."""
     path = request.target.split(b"?", 1)[0]
     if path == b"/generate_204":
         route = route_request(request)
@@ -156,8 +176,8 @@ def redirect_to_https(request: h11.Request) -> Response:
         return route
     if request.method not in (b"GET", b"HEAD"):
         return _text(400, b"Use HTTPS\n")
-    host = _header(request, b"host") or b""
-    return Response(302, ((b"Location", b"https://" + host + request.target),), head_only=request.method == b"HEAD")
+    target = request.target if request.target.startswith(b"/") else b"/"
+    return Response(302, ((b"Location", b"https://" + authority + target),), head_only=request.method == b"HEAD")
 
 
 def derp_switching_protocols(server_key: NodePublic) -> bytes:

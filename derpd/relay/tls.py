@@ -171,7 +171,13 @@ def server_context(cert: ServerCert, server_key: NodePublic) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(tmp, str(cert.key_path))
     except (ssl.SSLError, OSError) as e:
-        raise CertError(f"cannot use {cert.cert_path} with {cert.key_path}: {e}") from e
+        if isinstance(e, ssl.SSLError) and "KEY_VALUES_MISMATCH" in str(e):
+            why = "the key does not belong to the certificate; put the matching key there"
+        elif isinstance(e, ssl.SSLError):
+            why = f"the key is not a PEM private key ({e.reason or e}); put the certificate's key there"
+        else:
+            why = f"cannot read the key ({e.strerror or e}); check the file and its permissions"
+        raise CertError(f"cannot use {cert.cert_path} with {cert.key_path}: {why}") from e
     finally:
         os.unlink(tmp)
     return ctx
@@ -221,9 +227,11 @@ def tls_alpn01_context(name: str, key_authorization: str) -> ssl.SSLContext:
     return ctx
 
 
-def node_json_for_pinned_cert(hostname: str, pin: str, port: int, stun_port: int) -> dict[str, object]:
-    """The DERP-map node an operator pastes for a self-signed IP certificate (spec 11.4)."""
-    node: dict[str, object] = {"Name": "custom", "RegionID": 900, "HostName": hostname, "CertName": pin}
+def node_json_for_pinned_cert(hostname: str, pin: str, port: int, stun_port: int, *, name: str = "custom",
+                              region_id: int = 900) -> dict[str, object]:
+    """The DERP-map node an operator pastes for a self-signed IP certificate (spec 11.4).
+    ``stun_port`` is the bound STUN port (-1: none)."""
+    node: dict[str, object] = {"Name": name, "RegionID": region_id, "HostName": hostname, "CertName": pin}
     if port != 443:
         node["DERPPort"] = port
     ip = ipaddress.ip_address(hostname) if is_ip(hostname) else None

@@ -152,7 +152,8 @@ def test_coordinator_config_and_map(tmp_path: Path) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     config = tmp_path / "coordinator.toml"
     config.write_text(objs["ConfigMap", "derpd-coordinator"]["data"]["coordinator.toml"])
-    r = subprocess.run([derpd_bin(), "coordinator", "--config", str(config), "--check"],
+    r = subprocess.run([derpd_bin(), "coordinator", "--config", str(config), "--check",
+                        "--state-dir", str(tmp_path / "state")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     derp_map = json.loads(r.stdout)

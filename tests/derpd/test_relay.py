@@ -21,6 +21,7 @@ from derpd.protocol.messages import (
 
 from .conftest import (
     assert_relay_still_serves,
+    http,
     raw_connect,
     read_until_closed,
     recv_skipping_keepalives,
@@ -249,13 +250,6 @@ async def test_duplicate_key_newest_receives_then_last_writer(relay):
 
 
 # ----------------------------------------------------------------------------- HTTP
-
-
-async def http(relay, request: bytes) -> bytes:
-    with trio.fail_after(10):
-        stream = await raw_connect(relay)
-        await stream.send_all(request)
-        return await read_until_closed(stream)
 
 
 async def test_upgrade_101_exact_and_server_key_follows(relay):
