@@ -5,8 +5,9 @@ A TLS-ALPN-01 validation (RFC 8737) is a TLS connection whose ClientHello offers
 own.  ``ssl``'s SNI callback cannot see ALPN, so while a TLS-ALPN-01 challenge is pending
 (and only then: the steady state is untouched) the relay reads the ClientHello itself with
 the sans-IO ``derpd.protocol.tls_hello`` parser, within ``HELLO_TIMEOUT`` seconds and
-``MAX_HELLO_BYTES``, decides, and hands the bytes it read on to OpenSSL through a
-``PrefixedStream``.  A validation connection only completes its handshake and is closed.
+``MAX_HELLO_BYTES``, decides, and hands the bytes it read on to OpenSSL through
+``derpd.transport``'s ``PrefixedStream``.  A validation connection only completes its handshake
+and is closed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..protocol.tls_hello import MAX_HELLO_BYTES, HelloError, parse_client_hello
+from ..transport.prefixed_stream import PrefixedStream
 from .tls import ACME_TLS_ALPN
 
 if TYPE_CHECKING:
@@ -26,30 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("derpd.tls")
 
 HELLO_TIMEOUT = 10.0
-
-
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first returns ``prefix`` (bytes already read from ``transport``)."""
-
-    def __init__(self, transport: trio.abc.Stream, prefix: bytes) -> None:
-        self.transport = transport
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            out, self._prefix = self._prefix[:n], self._prefix[n:]
-            return out
-        return await self.transport.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
 
 
 async def _read_hello(stream: trio.abc.Stream, timeout: float) -> tuple[bytes, bool, str | None]:
