@@ -142,6 +142,9 @@ class AcmeConfig:
             if ip_certs:
                 raise SettingsError(f"--acme-ip-certs needs an IP --hostname (the public IP to certify), "
                                     f"not {host!r}")
+            if host.lower() == "derp.tailscale.com":
+                raise SettingsError("--hostname derp.tailscale.com (derper's default) is Tailscale's own relay; "
+                                    "pass this relay's DNS name, e.g. --hostname derp.example.com")
             if "." not in host and url in (LETSENCRYPT_DIRECTORY, GCP_DIRECTORY):
                 raise SettingsError(f"--hostname {host!r} cannot get a public certificate; pass the relay's "
                                     "DNS name, e.g. --hostname derp.example.com")

@@ -20,6 +20,9 @@ peers skip them; the server's ``admit`` runs the installed checks in order, all 
   error, TLS error, a broken response head, or the 5 s timeout; a non-200 status or an
   unreadable body always refuses.
 
+``--verify-clients`` is the same check with another ``query``: the local tailscaled's LocalAPI
+(``derpd.localapi``), failing closed as derper does.
+
 Decisions are cached per (key, source IP) for ``cache_ttl`` seconds and concurrent checks of
 the same pair share one request, so a reconnect storm costs the controller one request per
 client per TTL; at most ``max_in_flight`` requests run at once.
@@ -72,6 +75,11 @@ _HEADERS = {"User-Agent": "derpd"}
 
 Decision = tuple[bool, str]
 Check = Callable[[NodePublic, object, str], Awaitable[Decision]]
+Query = Callable[[NodePublic, str], Awaitable[Decision]]  # VerifyClientURL(query=...): another way to ask
+
+
+class VerifyUnreachable(Exception):
+    """A ``Query`` got no answer at all: the fail-open rule applies."""
 
 
 class AdmissionConfigError(SettingsError):
@@ -290,8 +298,11 @@ class VerifyClientURL:
         cache_ttl: float = DEFAULT_CACHE_TTL,
         max_in_flight: int = MAX_IN_FLIGHT,
         ssl_context: ssl.SSLContext | None = None,
+        query: Query | None = None,
     ) -> None:
-        _parse_url(url)  # fail at start-up, not at the first client
+        if query is None:
+            _parse_url(url)  # fail at start-up, not at the first client
+        self.query = query  # instead of POSTing to url (which then only names it in logs)
         self.url = url
         self.fail_open = fail_open
         self.timeout = timeout
@@ -317,7 +328,7 @@ class VerifyClientURL:
             await pending.wait()  # someone is asking about this client right now
         event = self._pending[cache_key] = trio.Event()
         try:
-            decision = await self._ask(key, ip)
+            decision = await (self._ask(key, ip) if self.query is None else self._ask_query(key, ip))
             self._remember(cache_key, decision)
             return decision
         finally:
@@ -354,11 +365,26 @@ class VerifyClientURL:
             log.warning("admission controller %s answers again", self.url)
         return parse_verify_response(status, body)
 
+    async def _ask_query(self, key: NodePublic, ip: str) -> Decision:
+        assert self.query is not None
+        async with self._limit:
+            self.requests += 1
+            try:
+                with trio.fail_after(self.timeout):
+                    decision = await self.query(key, ip)
+            except (VerifyUnreachable, trio.TooSlowError) as e:
+                return self._unreachable(e)
+        if self._unreachable_logged:
+            self._unreachable_logged = False
+            log.warning("admission controller %s answers again", self.url)
+        return decision
+
     def _unreachable(self, error: BaseException) -> Decision:
         why = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
         if not self._unreachable_logged:
             self._unreachable_logged = True
             action = ("admitting clients unchecked (--verify-client-url-fail-open)" if self.fail_open
+                      else "refusing clients until it answers" if self.query is not None
                       else "refusing clients (pass --verify-client-url-fail-open to admit them instead)")
             log.error("admission controller %s unreachable (%s): %s", self.url, why, action)
         return (True, "") if self.fail_open else (False, "verify_unreachable")
@@ -453,6 +479,7 @@ class Protection:
     allow_list: AllowList | None = None
     verify: VerifyClientURL | None = None
     rate_config_path: Path | None = None
+    tailscaled: VerifyClientURL | None = None  # --verify-clients (derpd.localapi)
 
     @classmethod
     def from_options(cls, opts: dict[str, object]) -> Protection:
@@ -475,7 +502,12 @@ class Protection:
         if opts.get("rate_config") is not None:
             rate_path = Path(str(opts["rate_config"]))
             load_rate_config(rate_path)  # fail now, not at the first SIGHUP
-        return cls(allow, verify, rate_path)
+        tailscaled = None
+        if opts.get("verify_clients"):
+            from .localapi import tailscaled_verifier
+
+            tailscaled = tailscaled_verifier(str(opts.get("socket") or "") or None)
+        return cls(allow, verify, rate_path, tailscaled)
 
     def install(self, server: Any, nursery: trio.Nursery) -> None:
         """Add the checks to ``server.admission_checks`` (allow-list first: it is cheaper), the
@@ -487,9 +519,10 @@ class Protection:
             server.reload_hooks.append(self.allow_list.reload)
             nursery.start_soon(self.allow_list.watch)
             log.info("admission: %d keys allowed by %s", len(self.allow_list.keys), self.allow_list.path)
-        if self.verify is not None:
-            server.admission_checks.append(FairShare().wrap(self.verify.check))
-            log.info("admission: asking %s (fail-open %s)", self.verify.url, self.verify.fail_open)
+        for verify in (self.tailscaled, self.verify):  # tailscaled first, as derper
+            if verify is not None:
+                server.admission_checks.append(FairShare().wrap(verify.check))
+                log.info("admission: asking %s (fail-open %s)", verify.url, verify.fail_open)
         if self.rate_config_path is not None:
             limits = server.client_rate_limits
             limits.path = self.rate_config_path
@@ -509,6 +542,10 @@ def serve_options(f: Any) -> Any:
         click.option("--verify-client-url-fail-open/--no-verify-client-url-fail-open", default=True,
                      show_default=True,
                      help="Admit clients when the verify URL cannot be reached or times out (5 s)."),
+        click.option("--verify-clients", is_flag=True,
+                     help="Admit only nodes of this tailnet, asking the local tailscaled (derper's flag; fails closed)."),
+        click.option("--socket", default=None, metavar="PATH",
+                     help="tailscaled's LocalAPI socket for --verify-clients [default: /var/run/tailscale/tailscaled.sock]."),
         click.option("--allow-keys", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Admit only the nodekey:<hex> lines of this file (reloaded on SIGHUP and on change)."),
         click.option("--rate-config", type=click.Path(dir_okay=False, path_type=Path), default=None,

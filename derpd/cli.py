@@ -26,6 +26,7 @@ from .relay.listener import BindError
 from .serve import bind_error_message, options_from_flags, run_serve, setup_logging
 from .settings import SettingsError
 from .admission import Protection, serve_options as admission_options
+from .derperflags import DerperCommand, GoDuration, GoFloat, GoInt
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -44,6 +45,16 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------- serve
+
+SERVE_EPILOG = """Flags are read as derper reads them (Go's flag syntax): -name or --name, -name=value or
+-name value, booleans as -name or -name=false; durations as 500ms, 2s, 10m or 1h30m. The same
+command line as derper works; docs/derper-compat.md lists every derper flag."""
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"derpd {__version__}")
+        ctx.exit()
 
 
 class WorkerCount(click.ParamType):
@@ -67,20 +78,24 @@ class WorkerCount(click.ParamType):
         return count
 
 
-@main.command()
+@main.command(cls=DerperCommand, epilog=SERVE_EPILOG)
 @click.option("-a", "--addr", default=":443", show_default=True,
-              help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode.")
-@click.option("--http-port", type=int, default=80, show_default=True,
+              help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode manual.")
+@click.option("--http-port", type=GoInt(), default=80, show_default=True,
               help="Plain-HTTP port beside TLS (ACME HTTP-01, generate_204, redirects to https); -1 disables.")
-@click.option("--stun-port", type=int, default=3478, show_default=True,
+@click.option("--stun-port", type=GoInt(), default=3478, show_default=True,
               help="UDP STUN port on the same IP as -a; -1 disables.")
+@click.option("--stun/--no-stun", "stun", default=True, help="Run the STUN server (--stun=false: off).")
 @click.option("-c", "config", type=click.Path(dir_okay=False, path_type=Path),
-              help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing.")
-@click.option("--certmode", type=click.Choice(["letsencrypt", "gcp", "manual"]), default=None,
-              help="'letsencrypt' (default on port 443) or 'gcp': obtain and renew the certificate over ACME "
-                   "(docs/acme.md); 'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP).")
+              help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing. "
+                   "Default when run as root: /var/lib/derper/derper.key.")
+@click.option("--certmode", type=click.Choice(["letsencrypt", "manual", "gcp"]), default="letsencrypt",
+              show_default=True,
+              help="With TLS (port 443): 'letsencrypt' or 'gcp' obtain and renew the certificate over ACME "
+                   "(docs/acme.md); 'manual' loads <certdir>/<hostname>.crt and .key (self-signed for an IP).")
 @click.option("--certdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the TLS certificate and key (and, with ACME, the account key).")
+              help="Directory of the TLS certificate and key (and, with ACME, the account key). Default: "
+                   "$XDG_CACHE_HOME (else ~/.cache)/tailscale/derper-certs, as derper.")
 @click.option("--acme-email", default="", help="ACME account contact email (required for --certmode gcp).")
 @click.option("--acme-eab-kid", default="", help="ACME External Account Binding key ID (--certmode gcp).")
 @click.option("--acme-eab-key", default="", help="ACME External Account Binding HMAC key, base64 (--certmode gcp).")
@@ -90,27 +105,36 @@ class WorkerCount(click.ParamType):
 @click.option("--acme-ip-certs", is_flag=True,
               help="With an IP --hostname: a short-lived publicly trusted IP certificate (profile "
                    "'shortlived', HTTP-01 on --http-port).")
-@click.option("--hostname", default="localhost", show_default=True,
+@click.option("--hostname", default="derp.tailscale.com", show_default=True,
               help="TLS hostname (names the cert files); may be an IP for a self-signed certificate.")
 @click.option("--dev", is_flag=True, help="Development: plain HTTP on :3340, a fresh key each start.")
 @click.option("--home", default="", help="Home page: '' built-in, 'blank', or an http(s):// URL to redirect to.")
 @click.option("--derp/--no-derp", "derp_enabled", default=True, help="Serve the relay (off: /derp answers 404).")
+@click.option("--bootstrap-dns-names", default="", metavar="NAME,...",
+              help="Hostnames to resolve (now and every 10 minutes) and publish at /bootstrap-dns.")
+@click.option("--unpublished-bootstrap-dns-names", default="", metavar="NAME,...",
+              help="Hostnames /bootstrap-dns answers only when asked for by name (?q=NAME).")
+@click.option("--debug-allow", default="", metavar="CIDR,...",
+              help="Serve /debug/ (index, varz) to these networks too, not only loopback (derper also "
+                   "admits Tailscale's 100.64.0.0/10,fd7a:115c:a1e0::/48).")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics on a dedicated listener (on the relay port it answers loopback only).")
 @click.option("--mesh-psk-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers.")
+              help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers. "
+                   "Default, as derper: /home/derp/keys/derp-mesh.key or ~/keys/derp-mesh.key if present.")
 @click.option("--mesh-with", default="", metavar="HOST[:PORT][/DIALHOST],...",
               help="Mesh peers of this region (may include this relay's own hostname, which is skipped).")
 @click.option("--mesh-ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trust this CA bundle (PEM) for mesh peers' TLS certificates, instead of the system roots.")
-@click.option("--tcp-write-timeout", type=float, default=2.0, show_default=True,
-              help="Seconds a write to a client may take before it is dropped; 0 = none.")
-@click.option("--tcp-keepalive-time", type=float, default=600.0, show_default=True, help="TCP keepalive period, seconds.")
-@click.option("--tcp-user-timeout", type=float, default=15.0, show_default=True,
-              help="TCP_USER_TIMEOUT, seconds (Linux); 0 = kernel default.")
-@click.option("--accept-connection-limit", type=float, default=float("inf"),
+@click.option("--tcp-write-timeout", type=GoDuration(), default="2s", show_default=True,
+              help="How long a write to a client may take before it is dropped; 0 = none.")
+@click.option("--tcp-keepalive-time", type=GoDuration(), default="10m", show_default=True,
+              help="TCP keepalive period.")
+@click.option("--tcp-user-timeout", type=GoDuration(), default="15s", show_default=True,
+              help="TCP_USER_TIMEOUT (Linux); 0 = kernel default.")
+@click.option("--accept-connection-limit", type=GoFloat(), default=float("inf"),
               help="New connections accepted per second (token bucket); the surplus is closed at once.")
-@click.option("--accept-connection-burst", type=click.IntRange(1), default=1 << 30,
+@click.option("--accept-connection-burst", type=GoInt(minimum=1), default=1 << 30,
               help="Burst for --accept-connection-limit.")
 @click.option("--max-connections-per-ip", type=click.IntRange(0), default=0,
               help="Open connections allowed from one source IP; 0 = unlimited.")
@@ -120,8 +144,8 @@ class WorkerCount(click.ParamType):
 @click.option("--trusted-proxies", default="", metavar="CIDR,...",
               help="Proxies whose PROXY headers (with --proxy-protocol) and X-Forwarded-For (plain HTTP) "
                    "name the real client.")
-@click.option("--shutdown-grace", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
+@click.option("--shutdown-grace", type=GoDuration(), default="5s", show_default=True,
+              help="On SIGTERM: how long to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
 @click.option("--coordinator", default=None, metavar="URL[,URL...]",
@@ -139,6 +163,8 @@ class WorkerCount(click.ParamType):
               help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback; "
                    "'auto': one per available CPU.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
 @admission_options
 def serve(**opts: object) -> None:
     """Run a DERP relay (drop-in for Tailscale's derper)."""

@@ -14,6 +14,7 @@ import functools
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ import trio
 from stund.oneline import format_addr, listen_error
 
 from . import __version__
+from .derperflags import cert_settings, default_key_file, default_mesh_psk_file
 from .keyfile import load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
 from .mesh import parse_mesh_with, run_mesh
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
-from .settings import RelaySettings, SettingsError, is_ip, split_host_port
+from .relay.server import RelayServer
+from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port
 
 if TYPE_CHECKING:
     from .acme import AcmeConfig
@@ -70,6 +73,20 @@ class ServeOptions:
     registration: dict[str, object] | None = None  # --coordinator and friends
     protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
     acme: AcmeConfig | None = None  # --certmode letsencrypt/gcp (derpd.acme)
+    bootstrap_dns: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # published, unpublished names
+
+
+def install_bootstrap_dns(options: ServeOptions, server: RelayServer, nursery: trio.Nursery) -> None:
+    """``--bootstrap-dns-names`` / ``--unpublished-bootstrap-dns-names``: resolve in the
+    background (now and every 10 minutes) and answer ``/bootstrap-dns`` from memory."""
+    published, unpublished = options.bootstrap_dns
+    if published or unpublished:
+        from .bootstrapdns import BootstrapDNS
+
+        names = BootstrapDNS(published, unpublished)
+        server.bootstrap_dns = names.answer
+        server.metrics_registry.register(names)  # type: ignore[arg-type]
+        nursery.start_soon(names.run)
 
 
 def options_from_flags(opts: dict[str, object]) -> ServeOptions:
@@ -83,20 +100,37 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     dev = bool(opts["dev"])
     addr = str(opts["addr"])
     config = opts["config"]
+    hostname = str(opts["hostname"])
+    startup = logging.getLogger("derpd.startup")
     if dev:
         if addr == ":443":
             addr = ":3340"
+        if hostname == "derp.tailscale.com":  # derper's default names Tailscale's own relays
+            hostname = "localhost"
         key = NodePrivate.generate()
-    elif config is None:
-        raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
     else:
+        if config is None:
+            config = default_key_file()
+            if config is None:
+                raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
+            startup.info("no -c given; using %s (as derper does when run as root)", config)
         assert isinstance(config, Path)
         key, created = load_or_create(config)
         if created:
-            logging.getLogger("derpd.startup").info("created key file %s", config)
+            startup.info("created key file %s", config)
+    certdir = opts["certdir"]
+    assert certdir is None or isinstance(certdir, Path)
+    certmode, certdir = cert_settings(str(opts["certmode"]), certdir, split_host_port(addr)[1])
     mesh_key = None
-    if opts["mesh_psk_file"] is not None:
-        path = opts["mesh_psk_file"]
+    mesh_file = opts["mesh_psk_file"] if opts["mesh_psk_file"] is not None or dev else default_mesh_psk_file()
+    if dev and os.environ.get("TAILSCALE_DERPER_MESH_KEY"):  # derper's dev-mode mesh key
+        mesh_file = None
+        try:
+            mesh_key = parse_mesh_key(os.environ["TAILSCALE_DERPER_MESH_KEY"])
+        except KeyFormatError as e:
+            raise SettingsError(f"TAILSCALE_DERPER_MESH_KEY must be 64 hex digits ({e})") from e
+    if mesh_file is not None:
+        path = mesh_file
         assert isinstance(path, Path)
         try:
             mesh_key = parse_mesh_key(path.read_text())
@@ -107,9 +141,9 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     settings = RelaySettings(
         private_key=key,
         addr=addr,
-        certmode=opts["certmode"],  # type: ignore[arg-type]
-        certdir=opts["certdir"],  # type: ignore[arg-type]
-        hostname=str(opts["hostname"]),
+        certmode=certmode,
+        certdir=certdir,
+        hostname=hostname,
         http_port=int(opts["http_port"]),  # type: ignore[call-overload]
         home=str(opts["home"]),
         derp_enabled=bool(opts["derp_enabled"]),
@@ -122,6 +156,7 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
         accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+        debug_allow=parse_networks("--debug-allow", str(opts.get("debug_allow") or "")),
         proxy_protocol=bool(opts.get("proxy_protocol", False)),
         trusted_proxies=tuple(c.strip() for c in str(opts.get("trusted_proxies") or "").split(",") if c.strip()),
     )
@@ -132,11 +167,20 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     metrics_addr = opts["metrics_addr"]
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
-    return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
+    stun_port = int(opts["stun_port"]) if opts["stun"] else -1  # type: ignore[call-overload]
+    return ServeOptions(settings, stun_port, metrics_addr,  # type: ignore[arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
                         int(opts["region_id"]), opts["node_name"],  # type: ignore[call-overload,arg-type]
-                        registration_from_flags(opts), acme=acme_from_flags(opts, settings))
+                        registration_from_flags(opts),
+                        bootstrap_dns=bootstrap_dns_from_flags(opts), acme=acme_from_flags(opts, settings))
+
+
+def bootstrap_dns_from_flags(opts: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .bootstrapdns import parse_names
+
+    return (parse_names("--bootstrap-dns-names", str(opts.get("bootstrap_dns_names") or "")),
+            parse_names("--unpublished-bootstrap-dns-names", str(opts.get("unpublished_bootstrap_dns_names") or "")))
 
 
 def acme_from_flags(opts: dict[str, object], settings: RelaySettings) -> AcmeConfig | None:
@@ -168,6 +212,8 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
     url = opts["coordinator"]
     if not url:
         return None
+    if opts.get("hostname") == "derp.tailscale.com" and not opts.get("dev"):  # derper's default, not a choice
+        raise SettingsError("--coordinator needs --hostname: the name (or IP) clients reach this relay at")
     token_file = opts["coordinator_token_file"]
     if token_file is None:
         raise SettingsError("--coordinator needs --coordinator-token-file (the coordinator's shared token)")
@@ -279,6 +325,7 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
             bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
         if options.protection is not None:
             options.protection.install(server, nursery)
+        install_bootstrap_dns(options, server, nursery)
         announce_node(options, running, stun_port)
         if options.acme is not None:
             from .acme import start_acme

@@ -51,6 +51,23 @@ def split_host_port(addr: str, default_port: int = 443) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def parse_networks(flag: str, text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A comma-separated list of CIDRs (a bare address is a /32 or /128).
+
+    Raises:
+        SettingsError: an entry that is not a network.
+    """
+    nets = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise SettingsError(f"{flag}: {entry!r} is not an address or CIDR such as 10.0.0.0/8") from None
+    return tuple(nets)
+
+
 def is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -87,6 +104,7 @@ class RelaySettings:
     accept_connection_burst: int = 1 << 30
     shutdown_grace: float = 5.0
     serve_metrics: bool = True  # /metrics on the relay port, loopback peers only
+    debug_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # /debug/ beyond loopback
     proxy_protocol: bool = False  # PROXY protocol v1/v2 on the relay listener, from trusted_proxies only
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose PROXY headers and X-Forwarded-For are believed
 

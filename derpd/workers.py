@@ -41,8 +41,8 @@ from stund.oneline import run_trio
 from .keys import NodePrivate
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
-from .serve import (ServeOptions, announce_node, handle_signals, node_registration, open_signals,
-                    setup_logging, start_stun)
+from .serve import (ServeOptions, announce_node, handle_signals, install_bootstrap_dns, node_registration,
+                    open_signals, setup_logging, start_stun)
 from .settings import SettingsError
 
 log = logging.getLogger("derpd.workers")
@@ -203,6 +203,7 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
             running = await nursery.start(relay_then_stop)
             if options.protection is not None:
                 options.protection.install(running.server, nursery)
+            install_bootstrap_dns(options, running.server, nursery)
             await nursery.start(partial(
                 run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
                 client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))
@@ -298,14 +299,14 @@ class Supervisor:
                     startup.info("worker %d is back (pid %d)", index, proc.pid)
             elif first and self.stopping:  # stopped while starting
                 task_status.started()
-                await self._reap(proc)
+                await self.reap(proc)
                 return
             elif first:
-                await self._reap(proc)
+                await self.reap(proc)
                 why = info if kind == "error" else f"worker {index} {_exit_status(proc.exitcode)} while starting"
                 raise WorkersFailed(why, 2)
             await trio.lowlevel.wait_readable(proc.sentinel)
-            await self._reap(proc)
+            await self.reap(proc)
             if self.stopping:
                 return
             now = trio.current_time()
@@ -324,7 +325,7 @@ class Supervisor:
             if self.stopping:
                 return
 
-    async def _reap(self, proc: Any) -> None:
+    async def reap(self, proc: Any) -> None:
         await trio.to_thread.run_sync(proc.join, 5.0)
 
     def signal_all(self, signum: int) -> None:
@@ -458,7 +459,7 @@ async def _parent(sup: Supervisor, server: RelayServer) -> int:
             sup.stop_all()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 for proc in sup.procs.values():
-                    await sup._reap(proc)
+                    await sup.reap(proc)
             raise
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -22,8 +23,12 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .. import __version__
 from ..protocol.upgrade import (
+    BROWSER_HEADERS,
     MAX_HEAD,
+    BootstrapDNS,
+    Debug,
     DerpUpgrade,
     Metrics,
     Response,
@@ -37,6 +42,7 @@ from ..protocol.upgrade import (
 from ..transport.tls_stream import DrainingSSLStream
 from ..transport.websocket_stream import WebSocketStream
 from .client_address import client_from_forwarded_for, is_trusted
+from .debug import debug_response
 
 if TYPE_CHECKING:
     from .server import RelayServer
@@ -133,8 +139,36 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
+def debug_allowed(server: RelayServer, ip: str) -> bool:
+    """derper's debug rule: loopback peers, plus derpd's ``--debug-allow`` networks."""
+    if is_loopback(ip):
+        return True
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in server.settings.debug_allow if net.version == addr.version)
+
+
+def _answer_debug_or_dns(server: RelayServer, route: Debug | BootstrapDNS, ip: str, relayed: bool) -> Response:
+    """``relayed``: a proxy relayed the request, so it is never a local (debug) peer."""
+    if isinstance(route, Debug):
+        info = (("Version", __version__), ("Uptime", f"{time.monotonic() - server.started:.0f}s"),
+                ("TLS hostname", server.settings.hostname), ("Mesh key", str(server.settings.mesh_key is not None)))
+        allowed = server.settings.serve_metrics and not relayed and debug_allowed(server, ip)
+        return debug_response(route, allowed=allowed,
+                              metrics=server.metrics_text, info=info)
+    # derper: JSON, browser headers, and no keep-alive (these requests are one-off and cross-region)
+    return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"application/json"), (b"Connection", b"close")),
+                    server.bootstrap_dns(route.query, ip), head_only=route.head_only)
+
+
 def _route_label(request: h11.Request) -> str:
     path = request.target.split(b"?", 1)[0]
+    if path.startswith(b"/debug"):
+        return "debug"
     known = {b"/derp": "derp", b"/derp/probe": "probe", b"/derp/latency-check": "probe",
              b"/generate_204": "generate_204", b"/robots.txt": "robots", b"/metrics": "metrics",
              b"/bootstrap-dns": "bootstrap_dns"}
@@ -158,16 +192,17 @@ def _forwarded(server: RelayServer, request: h11.Request, remote: tuple[str, int
 
 async def handle_connection(
     server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int], *, tls: ssl.SSLContext | None,
-    via_proxy: bool = False,
+    via_proxy: bool = False, internal: bool = False,
 ) -> None:
     """Serve one accepted connection until it closes.  Never raises for peer misbehaviour.
 
     ``remote`` is the client (as a PROXY header named it when ``via_proxy``).  On plain HTTP
     from a ``--trusted-proxies`` address, ``X-Forwarded-For`` names the client instead, and
-    the per-IP limit is applied to that client when it upgrades to DERP."""
+    the per-IP limit is applied to that client when it upgrades to DERP; ``internal`` (the
+    loopback links between ``--workers``) never goes through a proxy."""
     settings = server.settings
     stats = server.stats
-    behind_http_proxy = (tls is None and not via_proxy and bool(server.trusted_proxies)
+    behind_http_proxy = (tls is None and not via_proxy and not internal and bool(server.trusted_proxies)
                          and is_trusted(remote[0], server.trusted_proxies))
     peer = remote
     if tls is not None:
@@ -206,6 +241,9 @@ async def handle_connection(
                         response = Response(403, ((b"Content-Type", b"text/plain; charset=utf-8"),),
                                             b"metrics are served to loopback clients only; use --metrics-addr\n")
                     await _send_response(stream, conn, response, settings.http_write_timeout)
+                case Debug() | BootstrapDNS():
+                    await _send_response(stream, conn, _answer_debug_or_dns(server, route, remote[0], relayed),
+                                         settings.http_write_timeout)
                 case Response() as response:
                     await _send_response(stream, conn, response, settings.http_write_timeout)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -258,8 +296,12 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
             request = await _read_request(stream, conn)
             if request is not None:
                 path = request.target.split(b"?", 1)[0]
+                route = route_request(request) if request.target.startswith(b"/debug") else None
                 if path.startswith(ACME_CHALLENGE_PREFIX):
                     response = _acme_http01(server, path[len(ACME_CHALLENGE_PREFIX):], remote)
+                elif isinstance(route, Debug):  # derper serves /debug on port 80 too (tsweb.Port80Handler)
+                    relayed = _forwarded(server, request, remote, False)[1]
+                    response = _answer_debug_or_dns(server, route, remote[0], relayed)
                 else:
                     response = redirect_to_https(request, https_authority(server.settings.hostname, server.port))
                 await _send_response(stream, conn, response, server.settings.http_write_timeout)

@@ -264,7 +264,7 @@ async def serve_relay(
             server.leave_ip(ip)
 
     async def internal_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        await handle_connection(server, stream, remote, tls=None)
+        await handle_connection(server, stream, remote, tls=None, internal=True)
 
     async def redirect_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
         await handle_redirect_connection(server, stream, remote)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -65,6 +66,9 @@ class RelayServer:
         self.reload_hooks: list[Callable[[], None]] = []
         self.cert_hooks: list[Callable[[], None]] = []  # after a new certificate is in use
         self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
+        # /bootstrap-dns: (q parameter, client IP) -> JSON body; derpd.bootstrapdns installs one
+        self.bootstrap_dns: Callable[[str, str], bytes] = lambda query, ip: b""
+        self.started = time.monotonic()  # for /debug/ uptime
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
 

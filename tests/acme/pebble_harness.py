@@ -103,10 +103,10 @@ def build_pebble(missing: Callable[[str], NoReturn], fail: Callable[[str], NoRet
     return PebbleBuild(bindir / "pebble", module_dir)
 
 
-def unused_tcp_port() -> int:
+def unused_tcp_port(host: str = "127.0.0.1") -> int:
     """A port the kernel just gave out and took back (Pebble cannot report a port-0 bind)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -141,7 +141,7 @@ def dns_answer(query: bytes, address: bytes = bytes([127, 0, 0, 1])) -> bytes | 
     return header + question + answers
 
 
-async def _answer_tcp(stream: trio.SocketStream) -> None:
+async def _answer_tcp(stream: trio.SocketStream, address: bytes) -> None:
     """DNS over TCP (RFC 1035 4.2.2): each message behind a two-byte length."""
     buf = b""
     async with stream:
@@ -151,18 +151,20 @@ async def _answer_tcp(stream: trio.SocketStream) -> None:
                 while len(buf) >= 2 and len(buf) >= 2 + int.from_bytes(buf[:2], "big"):
                     n = int.from_bytes(buf[:2], "big")
                     query, buf = buf[2:2 + n], buf[2 + n:]
-                    answer = dns_answer(query)
+                    answer = dns_answer(query, address)
                     if answer is None:
                         return
                     await stream.send_all(len(answer).to_bytes(2, "big") + answer)
 
 
-async def serve_dns(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A DNS responder on 127.0.0.1 over TCP, which Pebble's ``-dnsserver`` client speaks
-    (port reported through task_status)."""
+async def serve_dns(answer: str = "127.0.0.1", *,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A DNS responder on 127.0.0.1 over TCP, which Pebble's ``-dnsserver`` client speaks,
+    answering every A query with ``answer`` (port reported through task_status)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(_answer_tcp, listeners)
+    address = socket.inet_aton(answer)
+    await trio.serve_listeners(lambda stream: _answer_tcp(stream, address), listeners)
 
 
 # ---------------------------------------------------------------------------- Pebble

@@ -27,6 +27,9 @@ from derpd.settings import RelaySettings, SettingsError
 from ..derpd.conftest import read_until_closed
 
 DERPD = [sys.executable, "-m", "derpd"]
+# derpd serves TLS (and so ACME) only on port 443, as derper: the real processes here listen on
+# 443 of loopback addresses nothing else uses.
+ACME_ADDR = "127.8.4.3:443"
 
 
 async def serve_fake_ca(status: int, body: bytes, content_type: bytes = b"application/json", *,
@@ -162,7 +165,7 @@ async def test_stalled_or_garbage_hello_while_a_challenge_is_pending(nursery, tm
 
 
 def serve(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["serve", "-a", "127.0.0.1:0", "--acme-directory", "http://127.0.0.1:9/dir",
+    result = CliRunner().invoke(main, ["serve", "-a", ACME_ADDR, "--acme-directory", "http://127.0.0.1:9/dir",
                                        *args])
     return result.exit_code, result.output
 
@@ -188,7 +191,7 @@ def test_acme_flag_errors_are_one_line_exit_2(tmp_path, args, words):
 
 
 def test_default_letsencrypt_directory_refuses_a_single_label_hostname(tmp_path):
-    result = CliRunner().invoke(main, ["serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "--certmode",
+    result = CliRunner().invoke(main, ["serve", "-c", str(tmp_path / "k"), "-a", ACME_ADDR, "--certmode",
                                        "letsencrypt", "--certdir", str(tmp_path), "--hostname", "localhost"])
     assert result.exit_code == 2 and "--hostname derp.example.com" in result.output
 
@@ -204,10 +207,11 @@ def test_unwritable_certdir_is_one_line_exit_2(tmp_path):
 def test_port_80_taken_is_one_line_exit_2(tmp_path):
     load_or_create(tmp_path / "k")
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind(("127.8.4.3", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([*DERPD, "serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "--certmode",
+        proc = subprocess.run([*DERPD, "serve", "-c", str(tmp_path / "k"), "-a", ACME_ADDR, "--stun-port", "-1",
+                               "--certmode",
                                "letsencrypt", "--hostname", "derp.example.com", "--certdir", str(tmp_path / "c"),
                                "--http-port", str(port), "--acme-directory", "http://127.0.0.1:9/dir"],
                               capture_output=True, text=True, timeout=30)
@@ -221,7 +225,7 @@ async def test_serve_with_a_broken_ca_keeps_running_and_says_why(nursery, tmp_pa
     with trio.fail_after(30):
         ca_port = await nursery.start(serve_fake_ca, 502, b"bad gateway", b"text/plain")
         proc = await nursery.start(lambda task_status: trio.run_process(
-            [*DERPD, "serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "--certmode", "letsencrypt",
+            [*DERPD, "serve", "-c", str(tmp_path / "k"), "-a", "127.8.4.4:443", "--certmode", "letsencrypt",
              "--hostname", "derp.example.com", "--certdir", str(tmp_path / "c"), "--http-port", "0",
              "--stun-port", "-1", "--acme-directory", f"http://127.0.0.1:{ca_port}/dir"],
             stderr=subprocess.PIPE, check=False, task_status=task_status))

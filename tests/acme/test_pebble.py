@@ -187,25 +187,27 @@ async def test_directory_tls_is_verified_with_ssl_cert_file(start_acme_relay, mo
 
 
 async def test_derpd_serve_process_gets_and_uses_a_certificate(pebble_build, nursery, tmp_path):
-    """The command line end to end: `derpd serve --certmode letsencrypt --acme-directory
-    <Pebble>` as a real process (Pebble's TLS trusted through SSL_CERT_FILE), then `derpd
-    check` through the certificate it obtained, trusting Pebble's root."""
+    """The command line end to end: `derpd serve --hostname localhost --acme-directory <Pebble>`
+    as a real process on port 443 (of a loopback address nothing else uses; derpd, as derper,
+    runs ACME only there), Pebble's own TLS trusted through SSL_CERT_FILE; then `derpd check`
+    through the certificate it obtained, trusting Pebble's root."""
     import os
     import subprocess
     import sys
 
     from .pebble_harness import Pebble, serve_dns, unused_tcp_port
 
-    port, http_port = unused_tcp_port(), unused_tcp_port()
+    ip = "127.8.4.5"
+    http_port = unused_tcp_port(ip)
     with trio.fail_after(90):
-        dns_port = await nursery.start(serve_dns)
-        pebble = Pebble(pebble_build, tmp_path, dns_port, http_port=http_port, tls_port=port)
+        dns_port = await nursery.start(serve_dns, ip)
+        pebble = Pebble(pebble_build, tmp_path, dns_port, http_port=http_port, tls_port=443)
         await pebble.start(nursery)
         env = dict(os.environ, SSL_CERT_FILE=str(pebble_build.minica))
         proc = await nursery.start(lambda task_status: trio.run_process(
-            [sys.executable, "-m", "derpd", "serve", "-c", str(tmp_path / "k"), "-a", f"127.0.0.1:{port}",
-             "--http-port", str(http_port), "--stun-port", "-1", "--certmode", "letsencrypt",
-             "--hostname", "localhost", "--certdir", str(tmp_path / "certs"), "--acme-directory", pebble.directory],
+            [sys.executable, "-m", "derpd", "serve", "-c", str(tmp_path / "k"), "-a", f"{ip}:443",
+             "--http-port", str(http_port), "--stun-port", "-1", "--hostname", "localhost",
+             "--certdir", str(tmp_path / "certs"), "--acme-directory", pebble.directory],
             stderr=subprocess.PIPE, env=env, check=False, task_status=task_status))
         try:
             buf = b""
@@ -216,8 +218,8 @@ async def test_derpd_serve_process_gets_and_uses_a_certificate(pebble_build, nur
             root = tmp_path / "root.pem"
             root.write_bytes(await pebble.root_pem())
             check = await trio.run_process(
-                [sys.executable, "-m", "derpd", "check", f"https://localhost:{port}/derp", "--ca-file", str(root),
-                 "-n", "20"], capture_stdout=True, capture_stderr=True, check=False)
+                [sys.executable, "-m", "derpd", "check", f"https://{ip}/derp", "--server-name", "localhost",
+                 "--ca-file", str(root), "-n", "20"], capture_stdout=True, capture_stderr=True, check=False)
         finally:
             proc.terminate()
             pebble.stop()

@@ -117,7 +117,7 @@ def test_derpd_service_defaults_to_lets_encrypt(tmp_path: Path) -> None:
     assert argv[argv.index("--certmode") + 1] == "letsencrypt"
     assert argv[argv.index("--certdir") + 1] == f"{tmp_path}/derpd/certs"  # StateDirectory=derpd/certs
     # Unconfigured (DERPD_HOSTNAME=localhost), it refuses to start with one line saying what to set.
-    argv[argv.index("-a") + 1] = "127.0.0.1:0"
+    argv[argv.index("-a") + 1] = "127.8.4.6:443"  # ACME runs on port 443 only, as derper's
     argv[argv.index("--http-port") + 1] = "-1"
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--hostname derp.example.com" in r.stderr and "Traceback" not in r.stderr

@@ -62,14 +62,24 @@ def test_serve_with_bad_key_file_exits_2_with_one_line(tmp_path):
     assert path.read_text() == "not json"
 
 
-def test_serve_needs_a_key_file_or_dev():
+def test_serve_needs_a_key_file_or_dev(monkeypatch):
+    monkeypatch.setattr("derpd.derperflags.os.getuid", lambda: 1000)  # as derper: only root has a default
     result = CliRunner().invoke(main, ["serve", "-a", "127.0.0.1:0"])
     assert result.exit_code == 2 and "-c PATH" in result.output
 
 
-def test_port_443_without_certmode_explains(tmp_path):
+def test_serve_as_root_uses_derper_s_key_file(monkeypatch, tmp_path):
+    monkeypatch.setattr("derpd.derperflags.os.getuid", lambda: 0)
+    monkeypatch.setattr("derpd.derperflags.ROOT_KEY_FILE", tmp_path / "var/lib/derper/derper.key")
+    # port 443 with derper's default certmode stops right after the key file is made
+    result = CliRunner().invoke(main, ["serve", "-a", "127.0.0.1:443"])
+    assert result.exit_code == 2 and "--hostname" in result.output  # ACME needs this relay's own name
+    assert (tmp_path / "var/lib/derper/derper.key").exists()
+
+
+def test_port_443_with_derper_s_default_hostname_explains(tmp_path):
     result = CliRunner().invoke(main, ["serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:443"])
-    assert result.exit_code == 2 and "--certdir" in result.output and "letsencrypt" in result.output
+    assert result.exit_code == 2 and "derp.tailscale.com" in result.output and "--hostname" in result.output
 
 
 def test_genkey_prints_a_key_file_and_refuses_to_overwrite(tmp_path):

@@ -64,9 +64,30 @@ async def start_workers(nursery: trio.Nursery, *args: str) -> tuple[Parent, int,
     return parent, int(m.group(1)), [int(m.group(2)), int(m.group(3))]
 
 
+def listening_on(port: int, pid: int) -> int:
+    """How many listening TCP sockets on ``port`` process ``pid`` holds (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            held += 1
+    return held
+
+
 async def test_a_killed_worker_is_logged_and_restarted_while_the_other_relays(nursery):
     with trio.fail_after(90):
         parent, port, pids = await start_workers(nursery, "--dev", "-a", "127.0.0.1:0", "--stun-port", "-1")
+        # Each worker holds only its own socket on the relay port; the parent holds none.
+        assert [listening_on(port, pid) for pid in [parent.proc.pid, *pids]] == [0, 1, 1]
         url = f"http://127.0.0.1:{port}/derp"
         keys = [NodePrivate.generate() for _ in range(12)]
         async with held_clients(url, keys) as clients:
@@ -92,6 +113,7 @@ async def test_a_killed_worker_is_logged_and_restarted_while_the_other_relays(nu
                 await relay_in_a_ring(survivors, clients, b"during")
             m = await parent.wait_for(rb"worker 1 is back \(pid (\d+)\)")
             assert int(m.group(1)) not in pids and parent.proc.returncode is None
+            assert [listening_on(port, pid) for pid in [parent.proc.pid, pids[0], int(m.group(1))]] == [0, 1, 1]
         # New clients land on both workers again, and reach each other.
         keys = [NodePrivate.generate() for _ in range(12)]
         async with held_clients(url, keys) as clients:
