@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, env in variants:
                     progress.show(f"{sc.name} | {name} | round {rnd + 1}/{args.rounds}")
                     runner.env = {**base_env, **env}
+                    # ``python -m derpd`` puts its working directory first on sys.path, ahead
+                    # of PYTHONPATH: run another checkout from inside it.
+                    runner.server_cwd = env.get("PYTHONPATH") or None
                     try:
                         r = runner.run(sc, "derpd")
                     except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:

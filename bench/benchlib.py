@@ -197,12 +197,13 @@ class ServerProcess:
     port: int
     log_path: Path
     env: dict[str, str] | None = None
+    cwd: str | None = None
     proc: subprocess.Popen | None = field(default=None, init=False)
 
     def __enter__(self) -> ServerProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, cwd=self.cwd)
         try:
             wait_listening(self.port, self.proc)
         except RuntimeError as e:

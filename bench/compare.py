@@ -114,6 +114,7 @@ class Runner:
         self.server_cpus, self.gen_cpus = benchlib.pin_plan()
         self.env = benchlib.go_env()
         self.half_derper_rate: float | None = None
+        self.server_cwd: str | None = None  # bench/ab.py: run derpd from another checkout
 
     def run(self, sc: Scenario, impl: str) -> dict:
         port = benchlib.free_port()
@@ -125,7 +126,8 @@ class Runner:
         kind = "throughput" if sc.kind == "capacity" else sc.kind
         lg = benchlib.taskset_prefix(self.gen_cpus) + [str(self.loadgen), kind]
         secs = self.args.seconds
-        with benchlib.ServerProcess(cmd, port, self.work / f"{impl}.log", env=self.env) as srv:
+        with benchlib.ServerProcess(cmd, port, self.work / f"{impl}.log", env=self.env,
+                                    cwd=self.server_cwd if impl == "derpd" else None) as srv:
             rss0 = benchlib.rss_bytes(srv.pid)
             cpu0 = benchlib.cpu_seconds(srv.pid)
             if sc.kind == "throughput":

@@ -1,6 +1,7 @@
 """Where derpd's time goes: py-spy samples a derpd process while the Go load generator drives it.
 
 Usage:  python bench/profile.py [--scenario plain50|tls50|paced50|churn|stun1|stun8] [--seconds 6] [--top 25]
+                                [--rate PKT_PER_S]
 
 py-spy (installed into the running venv on first use; bench-only) samples the server at 250 Hz
 without pausing it.  The script prints the functions with the most samples on the CPU ("self")
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="load and sampling time (max 30)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--lines", action="store_true", help="keep line numbers (finer, longer list)")
+    ap.add_argument("--rate", type=int, help="offered pkt/s for paced50 (default 100000)")
+    ap.add_argument("--tree", help="profile the derpd of another checkout (a directory holding derpd/)")
     args = ap.parse_args(argv)
     if not 0 < args.seconds <= 30:
         ap.error("need 0 < --seconds <= 30")
@@ -80,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     loadgen = built[0]
     tls, gen_args = SCENARIOS[args.scenario]
+    if args.rate and "-rate" in gen_args:
+        gen_args = [*gen_args[: gen_args.index("-rate") + 1], str(args.rate)]
     server_cpus, gen_cpus = benchlib.pin_plan()
     benchlib.RESULTS_DIR.mkdir(exist_ok=True)
-    collapsed = benchlib.RESULTS_DIR / f"profile-{args.scenario}.txt"
+    collapsed = benchlib.RESULTS_DIR / f"profile-{args.scenario}{'-' + str(args.rate) if args.rate else ''}.txt"
     with benchlib.tempdir() as tmp:
         work = Path(tmp)
         certs = benchlib.make_certs(work) if tls else None
@@ -92,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = benchlib.taskset_prefix(server_cpus) + benchlib.server_command(
             "derpd", port, tls=certs, workdir=work, derper=None, stun_port=stun_port)
         url = f"{'https://localhost' if tls else 'http://127.0.0.1'}:{port}/derp"
-        with benchlib.ServerProcess(cmd, port, work / "derpd.log") as srv:
+        env = None
+        if args.tree:  # python -m puts the working directory first on sys.path
+            env = {**benchlib.os.environ, "PYTHONPATH": args.tree}
+        with benchlib.ServerProcess(cmd, port, work / "derpd.log", env=env, cwd=args.tree) as srv:
             secs = args.seconds
             target = ["-addr", f"127.0.0.1:{stun_port}"] if stun else ["-url", url]
             g = benchlib.taskset_prefix(gen_cpus) + [str(loadgen), *gen_args, *target,

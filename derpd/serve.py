@@ -17,10 +17,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ContextManager
 from urllib.parse import urlsplit
 

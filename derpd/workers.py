@@ -41,7 +41,8 @@ from stund.oneline import run_trio
 from .keys import NodePrivate
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
-from .serve import (ServeOptions, announce_node, handle_signals, install_bootstrap_dns, node_registration,
+from .serve import (ServeOptions, announce_node, bind_error_message, handle_signals, install_bootstrap_dns,
+                    node_registration,
                     open_signals, setup_logging, start_stun)
 from .settings import SettingsError
 
@@ -181,6 +182,9 @@ def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, 
                  peer_ports, mesh_key, conn)
     except KeyboardInterrupt:
         pass
+    except BindError as e:  # worker 0's --http-port
+        conn.send(("error", bind_error_message(e)))
+        raise SystemExit(2) from None
     except (SettingsError, OSError) as e:  # SettingsError includes CertError
         conn.send(("error", str(e)))
         raise SystemExit(2) from None
@@ -250,6 +254,12 @@ class Supervisor:
         self.ready_info: dict[int, dict[str, Any]] = {}
         self.restarts = [0] * count
         self.stopping = False
+        self._stop = trio.Event()
+
+    def request_stop(self) -> None:
+        """No more restarts; a worker waiting for its restart gives up waiting at once."""
+        self.stopping = True
+        self._stop.set()
 
     def _spawn(self, index: int) -> tuple[Any, Any]:
         sock, self._first_sock = (self._first_sock, None) if self._first_sock is not None else (
@@ -321,7 +331,8 @@ class Supervisor:
             log.warning("worker %d (pid %d) %s after %.0f s; restarting it in %.1f s", index, proc.pid, status,
                         now - started_at, delay)
             self.restarts[index] += 1
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stop.wait()
             if self.stopping:
                 return
 
@@ -337,7 +348,7 @@ class Supervisor:
                     pass
 
     def stop_all(self) -> None:
-        """The hard stop (start-up failed, or giving up): SIGTERM twice, i.e. at once."""
+        """The stop after a failure (start-up failed, or giving up): SIGTERM to every worker."""
         self.stopping = True
         self.signal_all(signal.SIGTERM)
 
@@ -476,7 +487,7 @@ async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any) -
             startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
                          "(send it again to stop at once)", signal.Signals(signum).name,
                          sup.options.settings.shutdown_grace)
-            sup.stopping = True
+            sup.request_stop()
         sup.signal_all(signum)
 
 

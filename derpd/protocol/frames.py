@@ -119,6 +119,23 @@ def u32(value: int) -> bytes:
     return _U32.pack(value)
 
 
+_TABLES: dict[int, tuple[Mapping[int, int], tuple[int | None, ...]]] = {}
+
+
+def _limit_table(limits: Mapping[int, int]) -> tuple[int | None, ...]:
+    """For the compiled splitter: the limit of each of the 256 frame types (None = skipped),
+    built once per limits mapping (a login makes a decoder; this costs more than the login's
+    JSON when built each time)."""
+    hit = _TABLES.get(id(limits))
+    if hit is not None and hit[0] is limits:
+        return hit[1]
+    if len(_TABLES) >= 64:
+        _TABLES.clear()
+    table = tuple(limits.get(t) for t in range(256))
+    _TABLES[id(limits)] = (limits, table)
+    return table
+
+
 class FrameDecoder:
     """Incremental frame parser.
 
@@ -145,8 +162,7 @@ class FrameDecoder:
         self._skip = 0  # bytes of an unknown frame still to discard
         self._eof = False
         self.skipped_frames = 0
-        # For the compiled splitter: the limit of every frame type, None = skipped.
-        self._table = tuple(self._limits.get(t) for t in range(256))
+        self._table = _limit_table(limits) if _split_frames is not None else ()
 
     @property
     def eof(self) -> bool:

@@ -20,7 +20,8 @@ from .conftest import read_until_closed, start_relay
 
 
 async def get(port: int, target: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request on a fresh connection; returns status, headers, body."""
+    """One HTTP/1.1 request on a fresh connection; returns status, headers, body (de-chunked:
+    the interop suite asks Go's server too)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     extra = "".join(f"{h}\r\n" for h in headers)
     await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: derp\r\n{extra}Connection: close\r\n\r\n".encode())
@@ -28,8 +29,15 @@ async def get(port: int, target: str, *headers: str) -> tuple[int, dict[str, str
     await stream.aclose()
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
-    fields = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body
+    fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    if fields.get("transfer-encoding") == "chunked":
+        out, rest = bytearray(), body
+        while (size := int(rest.partition(b"\r\n")[0], 16)):
+            rest = rest.partition(b"\r\n")[2]
+            out += rest[:size]
+            rest = rest[size + 2:]
+        body = bytes(out)
+    return int(lines[0].split()[1]), fields, body
 
 
 def metric_names(text: bytes) -> set[str]:

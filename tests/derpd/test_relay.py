@@ -98,6 +98,27 @@ async def test_packets_keep_order_and_content(relay):
     assert relay.server.stats.packets_sent >= 20
 
 
+async def test_frames_stay_whole_when_the_receivers_socket_fills(relay):
+    """Big packets to a receiver that is not reading: the relay's writes (direct from the
+    sender's reader, or by the receiver's writer) end part-way through frames; what arrives
+    must still be whole frames, in order, each one of the packets sent."""
+    a, b = NodePrivate.generate(), NodePrivate.generate()
+    with trio.fail_after(30):
+        async with derp_client.connect(relay.derp_url, a) as ca, derp_client.connect(relay.derp_url, b) as cb:
+            sent = [i.to_bytes(4, "big") * 15_000 for i in range(200)]  # 60 KB each, 12 MB in all
+            for i in range(0, len(sent), 10):
+                await ca.send_many([(b.public, p) for p in sent[i : i + 10]])
+            await ca.send(b.public, b"end")
+            got = []
+            while True:
+                ev = await recv_skipping_keepalives(cb)
+                if ev.data == b"end":
+                    break
+                got.append(ev.data)
+    assert got and all(p in sent for p in got)
+    assert [sent.index(p) for p in got] == sorted(sent.index(p) for p in got)
+
+
 async def test_ring_of_300_clients(relay):
     keys = [NodePrivate.generate() for _ in range(300)]
     with trio.fail_after(60):

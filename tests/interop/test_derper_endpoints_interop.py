@@ -15,6 +15,8 @@ from derpd.bootstrapdns import BootstrapDNS
 from derpd.relay.listener import serve_relay
 from derpd.settings import RelaySettings
 
+from tests.derpd.test_derper_endpoints import get
+
 from .interop_harness import clean_env
 from .test_mesh_interop import BIND_TRIES, unused_tcp_port
 
@@ -23,30 +25,6 @@ pytestmark = pytest.mark.interop
 NAMES = "localhost"
 DEBUG_REQUESTS = [("/debug/varz", ()), ("/debug/", ()), ("/debug/no-such-page", ()),
                   ("/debug/varz", ("X-Forwarded-For: 198.51.100.7",))]
-
-
-async def get(port: int, target: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    extra = "".join(f"{h}\r\n" for h in headers)
-    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: derp\r\n{extra}Connection: close\r\n\r\n".encode())
-    raw = bytearray()
-    while data := await stream.receive_some(65536):
-        raw += data
-    await stream.aclose()
-    head, _, body = bytes(raw).partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
-    if fields.get("transfer-encoding") == "chunked":  # Go's server chunks bodies it did not size
-        out, rest = bytearray(), body
-        while True:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
-            if not size:
-                break
-            out += rest[:size]
-            rest = rest[size + 2:]
-        body = bytes(out)
-    return int(lines[0].split()[1]), fields, body
 
 
 async def answers(port: int) -> dict[str, object]:

@@ -3,8 +3,8 @@ namespace, used by the tailnet suite (conftest.py) and by bench/tailnet.py.
 
 Everything that talks on the network runs inside one namespace made with ``unshare -n``
 (``lo`` and a dead-end veth pair, see NAMESPACE_SETUP), so nothing can leave the machine:
-no log uploads, no port mapping probes, no DNS.  The namespace is held by a ``sleep`` process; every other program
-enters it with ``nsenter --net=/proc/<holder>/ns/net``.  Because the namespace is new, its
+no log uploads, no port mapping probes, no DNS.  The namespace is held by a ``sleep``
+process; every other program enters it with ``nsenter --net=/proc/<holder>/ns/net``.  Because the namespace is new, its
 ports are all free, so the programs get fixed ports (``PORTS``) and there is no race.
 
 This module is synchronous (subprocess + one reader thread per process): every wait has a
@@ -37,7 +37,6 @@ from typing import Any, NoReturn
 from tests.interop.interop_harness import TAILSCALE_VERSION, CertAuthority, cache_root, clean_env, find_go
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 HEADSCALE_VERSION = "v0.29.3"  # newest v0.29.x on the module proxy; see README.md to upgrade
 # (module, version, commands built from it); each is built inside its own downloaded module
 # directory, with that module's go.mod and go.sum.
@@ -210,10 +209,6 @@ class Proc:
             lines = self.lines[-n:]
         return f"--- {self.name} ({self.log_path}), last lines:\n" + "\n".join(lines)
 
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
         if self.popen.poll() is None:
@@ -245,7 +240,7 @@ class Netns:
     Root uses ``unshare -n``; other users get a user namespace too (``unshare -r -n``)
     where unprivileged namespaces are allowed."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self) -> None:
         self.user_ns = os.geteuid() != 0
         argv = ["unshare", *(["-r"] if self.user_ns else []), "-n", "--", "sh", "-c", NAMESPACE_SETUP]
         self.holder = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -258,7 +253,6 @@ class Netns:
             raise NamespaceError(
                 f"cannot make a private network namespace with `{' '.join(argv[:4])}` ({err or 'no output'}): "
                 f"run as root (CI does), or allow unprivileged user namespaces, and install util-linux and iproute2")
-        self.workdir = workdir
 
     def wrap(self, argv: Iterable[str]) -> list[str]:
         ns = [f"--user=/proc/{self.holder.pid}/ns/user", "--preserve-credentials"] if self.user_ns else []
@@ -416,7 +410,7 @@ class Tailnet:
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ns = Netns(self.workdir)
+        self.ns = Netns()
 
     def __enter__(self) -> Tailnet:
         return self
@@ -486,6 +480,18 @@ class Tailnet:
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)
         return out
+
+    def metrics_when(self, condition: Callable[[dict[str, float]], bool], url: str, timeout: float = 15.0
+                     ) -> dict[str, float]:
+        """Metrics from ``url`` once ``condition`` holds.  For ``--workers``' summed metrics,
+        which the parent re-scrapes from its workers every 2 s: there is no event to wait
+        for, so this re-reads every 0.5 s, up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not condition(m := self.metrics(url=url)):
+            if time.monotonic() > deadline:
+                raise TailnetError(f"{url}: condition not met within {timeout:.0f}s: {m}")
+            time.sleep(0.5)
+        return m
 
     # -- coordinator ----------------------------------------------------------------
 
