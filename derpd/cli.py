@@ -82,7 +82,7 @@ class WorkerCount(click.ParamType):
 @click.option("-a", "--addr", default=":443", show_default=True,
               help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode manual.")
 @click.option("--http-port", type=GoInt(), default=80, show_default=True,
-              help="Plain-HTTP port beside TLS (generate_204, redirects to https); -1 disables.")
+              help="Plain-HTTP port beside TLS (ACME HTTP-01, generate_204, redirects to https); -1 disables.")
 @click.option("--stun-port", type=GoInt(), default=3478, show_default=True,
               help="UDP STUN port on the same IP as -a; -1 disables.")
 @click.option("--stun/--no-stun", "stun", default=True, help="Run the STUN server (--stun=false: off).")
@@ -91,11 +91,20 @@ class WorkerCount(click.ParamType):
                    "Default when run as root: /var/lib/derper/derper.key.")
 @click.option("--certmode", type=click.Choice(["letsencrypt", "manual", "gcp"]), default="letsencrypt",
               show_default=True,
-              help="'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP hostname). "
-                   "letsencrypt/gcp matter only with TLS (port 443).")
+              help="With TLS (port 443): 'letsencrypt' or 'gcp' obtain and renew the certificate over ACME "
+                   "(docs/acme.md); 'manual' loads <certdir>/<hostname>.crt and .key (self-signed for an IP).")
 @click.option("--certdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the TLS certificate and key. Default: $XDG_CACHE_HOME (else ~/.cache) "
-                   "/tailscale/derper-certs, as derper.")
+              help="Directory of the TLS certificate and key (and, with ACME, the account key). Default: "
+                   "$XDG_CACHE_HOME (else ~/.cache)/tailscale/derper-certs, as derper.")
+@click.option("--acme-email", default="", help="ACME account contact email (required for --certmode gcp).")
+@click.option("--acme-eab-kid", default="", help="ACME External Account Binding key ID (--certmode gcp).")
+@click.option("--acme-eab-key", default="", help="ACME External Account Binding HMAC key, base64 (--certmode gcp).")
+@click.option("--acme-directory", default=None, metavar="URL",
+              help="ACME directory URL (default: Let's Encrypt production; for staging or a private CA). "
+                   "Its TLS is verified with the system roots or SSL_CERT_FILE.")
+@click.option("--acme-ip-certs", is_flag=True,
+              help="With an IP --hostname: a short-lived publicly trusted IP certificate (profile "
+                   "'shortlived', HTTP-01 on --http-port).")
 @click.option("--hostname", default="derp.tailscale.com", show_default=True,
               help="TLS hostname (names the cert files); may be an IP for a self-signed certificate.")
 @click.option("--dev", is_flag=True, help="Development: plain HTTP on :3340, a fresh key each start.")

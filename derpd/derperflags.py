@@ -42,7 +42,6 @@ class DerperFlag:
     reason: str = ""  # later/refused: why, and what to do instead; same: derpd's notes
 
 
-_ACME_LATER = "arrives with derpd's built-in ACME; meanwhile use --certmode manual or a TLS-terminating proxy"
 _SETEC = ("setec is Tailscale's internal secrets service, which derpd does not speak; "
           "put the mesh key in a file and pass --mesh-psk-file")
 
@@ -53,9 +52,10 @@ DERPER_FLAGS: tuple[DerperFlag, ...] = (
     DerperFlag("accept-connection-limit", "float", "+Inf", "same"),
     DerperFlag("ace", "bool", "false", "refused",
                "derper's experimental CONNECT proxy (ACE) is not supported by derpd"),
-    DerperFlag("acme-eab-key", "string", "", "later", _ACME_LATER),
-    DerperFlag("acme-eab-kid", "string", "", "later", _ACME_LATER),
-    DerperFlag("acme-email", "string", "", "later", _ACME_LATER),
+    DerperFlag("acme-eab-key", "string", "", "same",
+               "base64url or standard base64, as derper; with --acme-eab-kid for --certmode gcp (docs/acme.md)"),
+    DerperFlag("acme-eab-kid", "string", "", "same", "external account binding key ID (docs/acme.md)"),
+    DerperFlag("acme-email", "string", "", "same", "the ACME account's contact (required for --certmode gcp)"),
     DerperFlag("bootstrap-dns-names", "string", "", "same",
                "resolved at start and every 10 minutes, served from memory at /bootstrap-dns"),
     DerperFlag("c", "string", "", "same",
@@ -63,8 +63,8 @@ DERPER_FLAGS: tuple[DerperFlag, ...] = (
     DerperFlag("certdir", "string", "$XDG_CACHE_HOME/tailscale/derper-certs", "same",
                "derper's default: $XDG_CACHE_HOME (else ~/.cache) + /tailscale/derper-certs"),
     DerperFlag("certmode", "string", "letsencrypt", "same",
-               "manual as derper; letsencrypt and gcp only matter when serving TLS (port 443): "
-               "there they need derpd's built-in ACME, which is not built yet"),
+               "as derper: letsencrypt and gcp obtain and renew the certificate over ACME when serving TLS "
+               "(port 443; TLS-ALPN-01 and HTTP-01, docs/acme.md); manual loads files"),
     DerperFlag("derp", "bool", "true", "same"),
     DerperFlag("dev", "bool", "false", "same",
                "plain HTTP on :3340 with a fresh key; the hostname defaults to localhost"),
@@ -250,22 +250,18 @@ def default_mesh_psk_file(env: dict[str, str] | None = None,
 
 def cert_settings(certmode: str, certdir: Path | None, port: int) -> tuple[str | None, Path | None]:
     """derper's rule: TLS iff the port is 443 or --certmode is manual; --certmode letsencrypt
-    (the default) and gcp only matter with TLS.  Returns the relay's certmode (None: plain
-    HTTP) and the certificate directory (derper's default when ``certdir`` is None).
+    (the default) and gcp only matter with TLS, where they get the certificate over ACME
+    (derpd.acme).  Returns the relay's certmode (None: plain HTTP) and the certificate
+    directory (derper's default when ``certdir`` is None).
 
     Raises:
-        SettingsError: TLS with a cert mode derpd cannot serve yet, or no directory.
+        SettingsError: TLS and no directory.
     """
     if certdir is None:
         certdir = default_certdir()
     if certmode != "manual" and port != 443:
         return None, certdir
-    if certmode != "manual":
-        raise SettingsError(
-            f"--certmode {certmode} (derper's default on port 443) is not supported yet: pass --certmode manual "
-            "--certdir DIR (with <hostname>.crt/.key, or an IP --hostname for a self-signed cert), "
-            "or listen on another port (-a :8443) for plain HTTP behind a TLS proxy")
     if certdir is None:
-        raise SettingsError("--certmode manual needs --certdir (there is no $XDG_CACHE_HOME or $HOME for "
+        raise SettingsError(f"--certmode {certmode} needs --certdir (there is no $XDG_CACHE_HOME or $HOME for "
                             "derper's default)")
     return certmode, certdir

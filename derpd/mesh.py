@@ -265,7 +265,7 @@ async def run_mesh(
 
     ``scheme`` defaults to ``https`` when this relay serves TLS (the region's nodes are alike),
     else ``http``."""
-    scheme = scheme or ("https" if server.ssl_context is not None else "http")
+    scheme = scheme or ("https" if server.settings.tls else "http")
     peers = [
         MeshPeer(server, t, mesh_key, scheme=scheme, client_key=client_key, ssl_context=ssl_context,
                  skip_self_check=skip_self_check)

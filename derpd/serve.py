@@ -37,6 +37,7 @@ from .relay.server import RelayServer
 from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port
 
 if TYPE_CHECKING:
+    from .acme import AcmeConfig
     from .admission import Protection
     from .relay.tls import ServerCert
 
@@ -71,6 +72,7 @@ class ServeOptions:
     node_name: str | None = None
     registration: dict[str, object] | None = None  # --coordinator and friends
     protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
+    acme: AcmeConfig | None = None  # --certmode letsencrypt/gcp (derpd.acme)
     bootstrap_dns: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # published, unpublished names
 
 
@@ -171,7 +173,7 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
                         int(opts["region_id"]), opts["node_name"],  # type: ignore[call-overload,arg-type]
                         registration_from_flags(opts),
-                        bootstrap_dns=bootstrap_dns_from_flags(opts))
+                        bootstrap_dns=bootstrap_dns_from_flags(opts), acme=acme_from_flags(opts, settings))
 
 
 def bootstrap_dns_from_flags(opts: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -179,6 +181,26 @@ def bootstrap_dns_from_flags(opts: dict[str, object]) -> tuple[tuple[str, ...], 
 
     return (parse_names("--bootstrap-dns-names", str(opts.get("bootstrap_dns_names") or "")),
             parse_names("--unpublished-bootstrap-dns-names", str(opts.get("unpublished_bootstrap_dns_names") or "")))
+
+
+def acme_from_flags(opts: dict[str, object], settings: RelaySettings) -> AcmeConfig | None:
+    """The ACME client's configuration for --certmode letsencrypt/gcp (derpd.acme), else None."""
+    if not settings.acme:
+        for flag in ("acme_ip_certs", "acme_eab_kid", "acme_eab_key", "acme_directory"):
+            if opts.get(flag):
+                raise SettingsError(f"--{flag.replace('_', '-')} is for --certmode letsencrypt or gcp")
+        return None
+    if int(opts["workers"]) > 1:  # type: ignore[call-overload]
+        raise SettingsError("ACME with --workers > 1 is not supported yet: run one worker, or get the "
+                            "certificate with an external ACME client and use --certmode manual")
+    from .acme import AcmeConfig
+
+    assert settings.certdir is not None and settings.effective_certmode is not None
+    return AcmeConfig.from_options(
+        certmode=settings.effective_certmode, hostname=settings.hostname, certdir=settings.certdir,
+        http_port=settings.http_port, directory=opts.get("acme_directory") or None,  # type: ignore[arg-type]
+        email=str(opts.get("acme_email") or ""), eab_kid=str(opts.get("acme_eab_kid") or ""),
+        eab_key=str(opts.get("acme_eab_key") or ""), ip_certs=bool(opts.get("acme_ip_certs")))
 
 
 def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None:
@@ -239,8 +261,8 @@ def node_registration(reg: dict[str, object], running: RunningRelay, settings: R
     elif stun_port not in (0, 3478):
         node["STUNPort"] = stun_port
     server = running.server
-    if server.cert is not None and needs_pin(server.cert, settings.hostname):
-        node["CertName"] = server.cert.pin
+    if server.cert is not None and not settings.acme and needs_pin(server.cert, settings.hostname):
+        node["CertName"] = server.cert.pin  # an ACME certificate is publicly trusted: no pin
     for field, key in (("IPv4", "ipv4"), ("IPv6", "ipv6")):
         if reg[key]:
             node[field] = reg[key]
@@ -305,6 +327,10 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
             options.protection.install(server, nursery)
         install_bootstrap_dns(options, server, nursery)
         announce_node(options, running, stun_port)
+        if options.acme is not None:
+            from .acme import start_acme
+
+            await start_acme(server, options.acme, nursery)
         if stun_bound:
             startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in stun_bound))
         if running.http_port is not None:
@@ -354,13 +380,13 @@ def announce_node(options: ServeOptions, running: RunningRelay, stun_port: int) 
     DERP-map node to paste (one JSON line on stdout).  ``stun_port`` is the bound port."""
     settings, server = options.settings, running.server
     startup = logging.getLogger("derpd.startup")
-    scheme = "TLS" if server.ssl_context else "plain HTTP"
+    scheme = "TLS" if settings.tls else "plain HTTP"
     startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
                  ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
-    if server.ssl_context is None:
+    if not settings.tls:
         startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
-                        "clients need TLS otherwise (use --certmode manual)")
-    if server.cert is not None and (server.cert.self_signed_generated or (
+                        "clients need TLS otherwise (port 443 gets Let's Encrypt, or see --certmode)")
+    if server.cert is not None and not settings.acme and (server.cert.self_signed_generated or (
         settings.certmode == "manual" and is_ip(settings.hostname)
     )) and needs_pin(server.cert, settings.hostname):
         from .relay.tls import node_json_for_pinned_cert

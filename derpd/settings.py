@@ -9,6 +9,9 @@ from pathlib import Path
 from .keys import NodePrivate
 
 
+ACME_CERTMODES = ("letsencrypt", "gcp")
+
+
 class SettingsError(ValueError):
     """A setting is invalid; the message says what to change."""
 
@@ -79,7 +82,7 @@ class RelaySettings:
 
     private_key: NodePrivate = field(default_factory=NodePrivate.generate)
     addr: str = ":443"
-    certmode: str | None = None  # None (plain unless port 443), "manual"
+    certmode: str | None = None  # None (plain, or letsencrypt on port 443), "manual", "letsencrypt", "gcp"
     certdir: Path | None = None
     hostname: str = "localhost"
     http_port: int = -1  # plain-HTTP port beside TLS; -1 disables
@@ -107,23 +110,20 @@ class RelaySettings:
 
     def __post_init__(self) -> None:
         host, port = split_host_port(self.addr)
-        if self.certmode not in (None, "manual"):
+        if self.certmode not in (None, "manual", *ACME_CERTMODES):
             raise SettingsError(
-                f"--certmode {self.certmode!r} is not supported; use 'manual' with --certdir, "
-                "or put a TLS-terminating proxy in front"
+                f"--certmode {self.certmode!r} is not supported; use letsencrypt (the default), gcp or manual"
             )
         if self.certmode == "manual" and self.certdir is None:
             raise SettingsError("--certmode manual needs --certdir (holding <hostname>.crt and <hostname>.key)")
+        if self.acme and self.certdir is None:
+            raise SettingsError(f"--certmode {self.effective_certmode} needs --certdir (where the certificate "
+                                "and the ACME account key are kept)")
         if self.queue_depth < 1:
             raise SettingsError("the send queue depth must be at least 1")
         if not -1 <= self.http_port <= 65535:
             raise SettingsError("--http-port must be -1 (off) or a port number")
-        if port == 443 and self.certmode is None:
-            raise SettingsError(
-                "port 443 means TLS: pass --certmode manual --certdir DIR (with <hostname>.crt/.key, "
-                "or an IP --hostname for a self-signed cert), or listen on another port for plain HTTP"
-            )
-        del host
+        del host, port
         for cidr in self.trusted_proxies:
             try:
                 ipaddress.ip_network(cidr.strip(), strict=False)
@@ -143,3 +143,15 @@ class RelaySettings:
     def tls(self) -> bool:
         """derper serves TLS iff the port is 443 or a certmode is given (P-25)."""
         return self.certmode is not None or self.listen[1] == 443
+
+    @property
+    def effective_certmode(self) -> str | None:
+        """The certmode in force: derper's default ``letsencrypt`` on port 443 when none is given."""
+        if self.certmode is None and self.listen[1] == 443:
+            return "letsencrypt"
+        return self.certmode
+
+    @property
+    def acme(self) -> bool:
+        """The certificate comes from an ACME CA (``--certmode letsencrypt`` or ``gcp``)."""
+        return self.effective_certmode in ACME_CERTMODES

@@ -295,8 +295,11 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
         with trio.move_on_after(server.settings.http_timeout):
             request = await _read_request(stream, conn)
             if request is not None:
+                path = request.target.split(b"?", 1)[0]
                 route = route_request(request) if request.target.startswith(b"/debug") else None
-                if isinstance(route, Debug):  # derper serves /debug on port 80 too (tsweb.Port80Handler)
+                if path.startswith(ACME_CHALLENGE_PREFIX):
+                    response = _acme_http01(server, path[len(ACME_CHALLENGE_PREFIX):], remote)
+                elif isinstance(route, Debug):  # derper serves /debug on port 80 too (tsweb.Port80Handler)
                     relayed = _forwarded(server, request, remote, False)[1]
                     response = _answer_debug_or_dns(server, route, remote[0], relayed)
                 else:
@@ -308,6 +311,23 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
         server.stats.handshake_failures["http_write_timeout"] += 1
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
+
+
+ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+
+
+def _acme_http01(server: RelayServer, token: bytes, remote: tuple[str, int]) -> Response:
+    """RFC 8555 8.3: the key authorization of a pending HTTP-01 token, else 404 (never a redirect)."""
+    text = b"text/plain"
+    challenges = server.challenges
+    answer = None
+    if challenges is not None and token and len(token) <= 256:
+        answer = challenges.http01_response(token.decode("ascii", "replace"))
+    if answer is None:
+        log.debug("HTTP-01 request from %s for an unknown token", remote[0])
+        return Response(404, ((b"Content-Type", text),), b"no such ACME challenge\n")
+    log.info("answered an HTTP-01 validation from %s", remote[0])
+    return Response(200, ((b"Content-Type", text),), answer)
 
 
 async def handle_metrics_connection(render: Callable[[], bytes], stream: trio.abc.Stream, timeout: float) -> None:

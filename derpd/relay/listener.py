@@ -26,6 +26,7 @@ from ..protocol.errors import RemoteProtocolError
 from .client_address import is_trusted, read_proxy_header
 from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
 from .server import RelayServer
+from .tls_select import select_tls
 
 log = logging.getLogger("derpd.relay")
 
@@ -215,10 +216,10 @@ async def serve_relay(
     addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
     redirect_listeners: list[trio.SocketListener] = []
     http_port = None
-    if server.ssl_context is not None and settings.http_port >= 0:
+    if settings.tls and settings.http_port >= 0:  # with ACME also before a certificate exists
         redirect_listeners = await _open_listeners(host, settings.http_port, "http")
         http_port = redirect_listeners[0].socket.getsockname()[1]
-    if server.ssl_context is not None:
+    if settings.tls:
         url = f"https://{_url_host(settings.hostname)}:{bound_port}"
     elif host in ("", "0.0.0.0", "::"):
         url = f"http://127.0.0.1:{bound_port}"
@@ -228,6 +229,12 @@ async def serve_relay(
     proxy_protocol = settings.proxy_protocol
     trusted = server.trusted_proxies
     stats = server.stats
+
+    async def serve_tls(stream: trio.abc.Stream, remote: tuple[str, int], via_proxy: bool = False) -> None:
+        if not settings.acme:
+            await handle_connection(server, stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
+        elif (chosen := await select_tls(server, stream, remote)) is not None:  # ACME: derpd.relay.tls_select
+            await handle_connection(server, chosen[0], remote, tls=chosen[1], via_proxy=via_proxy)
 
     async def relay_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
         via_proxy = False
@@ -246,13 +253,13 @@ async def serve_relay(
                 return
         elif trusted and is_trusted(remote[0], trusted):
             # A proxy without the PROXY protocol: counted per client once X-Forwarded-For is read.
-            await handle_connection(server, stream, remote, tls=server.ssl_context)
+            await serve_tls(stream, remote)
             return
         ip = remote[0]
         if not server.enter_ip(ip):
             return
         try:
-            await handle_connection(server, conn_stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
+            await serve_tls(conn_stream, remote, via_proxy=via_proxy)
         finally:
             server.leave_ip(ip)
 

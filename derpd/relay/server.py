@@ -32,7 +32,7 @@ from ..transport.websocket_stream import WebSocketStream
 from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
 from .registry import Forwarder, Registry
-from .tls import ServerCert, load_manual_cert, server_context
+from .tls import CertError, ChallengeResponder, ServerCert, load_manual_cert, server_context
 
 log = logging.getLogger("derpd.relay")
 
@@ -54,6 +54,7 @@ class RelayServer:
         self.admission_checks: list[AdmissionCheck] = []
         self.ssl_context: ssl.SSLContext | None = None
         self.cert: ServerCert | None = None
+        self.challenges: ChallengeResponder | None = None  # ACME (derpd.acme) installs itself here
         self.connections_per_ip: dict[str, int] = {}
         self.trusted_proxies = parse_cidrs(settings.trusted_proxies)
         self.restarting_frame: bytes | None = None  # set once shutdown has begun (drain)
@@ -74,16 +75,26 @@ class RelayServer:
     # ------------------------------------------------------------------ TLS
 
     def load_tls(self) -> None:
-        """Load the certificate at start-up.
+        """Load the certificate at start-up.  With ACME (``--certmode letsencrypt``/``gcp``) a
+        missing or unusable cached certificate is not an error: the ACME client obtains one.
 
         Raises:
-            CertError: the files are missing or unusable.
+            CertError: the files are missing or unusable (``--certmode manual``).
         """
         s = self.settings
         if s.tls and s.certmode == "manual" and s.certdir is not None:
             self.cert = load_manual_cert(s.certdir, s.hostname)
             self.ssl_context = server_context(self.cert, self.public_key)
             self._cert_stamp = self._stamp()
+        elif s.acme and s.certdir is not None:
+            try:
+                cert = load_manual_cert(s.certdir, s.hostname, self_sign_ip=False)
+                self.ssl_context = server_context(cert, self.public_key)
+            except CertError as e:
+                log.info("no usable cached certificate yet (%s); ACME will obtain one", e)
+            else:
+                self.cert = cert
+                self._cert_stamp = self._stamp()
 
     def _stamp(self) -> tuple[float, float] | None:
         if self.cert is None:
@@ -104,20 +115,24 @@ class RelayServer:
         Returns True if the new certificate is in use.
         """
         s = self.settings
-        if self.cert is None or s.certdir is None:
+        if s.certdir is None or (self.cert is None and not s.acme):
             return False
         self._cert_stamp = self._stamp()
         try:
-            cert = load_manual_cert(s.certdir, s.hostname)
+            cert = load_manual_cert(s.certdir, s.hostname, self_sign_ip=not s.acme)
             ctx = server_context(cert, self.public_key)
         except SettingsError as e:
             self.stats.tls_reloads["error"] += 1
             log.error("TLS reload failed, keeping the current certificate: %s", e)
             return False
         self.cert, self.ssl_context = cert, ctx
+        self._cert_stamp = self._stamp()
         self.stats.tls_reloads["ok"] += 1
-        log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
-                    cert.not_after.isoformat(), cert.pin)
+        if s.acme:  # publicly trusted: no pin to publish
+            log.warning("TLS certificate reloaded: %s, valid until %s", cert.cert_path, cert.not_after.isoformat())
+        else:
+            log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
+                        cert.not_after.isoformat(), cert.pin)
         for hook in self.cert_hooks:
             hook()
         return True

@@ -61,7 +61,7 @@ DEFAULTS = {
     "tcp_keepalive_time": 600.0, "tcp_user_timeout": 15.0, "tcp_write_timeout": 2.0, "config": None,
     "mesh_with": "",
 }
-ACME_LATER = "error: --certmode letsencrypt (derper's default on port 443) is not supported yet"
+ACME_TLS = {"tls": True}  # letsencrypt on port 443: ACME (derpd.acme); certdir: derper's default
 
 
 def expect(**changes: object) -> dict[str, object]:
@@ -72,14 +72,14 @@ def expect(**changes: object) -> dict[str, object]:
 # shell would pass them, with the environment's typical values filled in), and the settings.
 REAL_WORLD = [
     ("Tailscale custom-DERP guide: derper --hostname", "--hostname=derp.example.com",
-     expect(hostname="derp.example.com", tls=ACME_LATER)),
+     expect(hostname="derp.example.com", **ACME_TLS)),
     ("derper README: a relay verifying clients with tailscaled",
      "--hostname=derp.example.com --verify-clients",
-     expect(hostname="derp.example.com", verify_clients=True, tls=ACME_LATER)),
+     expect(hostname="derp.example.com", verify_clients=True, **ACME_TLS)),
     ("community image (DERP_* variables), its defaults",
      "--hostname=your-hostname.com --certmode=letsencrypt --certdir=/app/certs --a=:443 --stun=true "
      "--stun-port=3478 --http-port=80 --verify-clients=false --verify-client-url=",
-     expect(hostname="your-hostname.com", tls=ACME_LATER)),
+     expect(hostname="your-hostname.com", tls=True, certdir=Path("/app/certs"))),
     ("community image (DERP_* variables), manual certificates on a high port",
      "--hostname=derp.example.com --certmode=manual --certdir=/app/certs --a=:12345 --stun=true "
      "--stun-port=3478 --http-port=-1 --verify-clients=true --verify-client-url=",
@@ -108,7 +108,7 @@ REAL_WORLD = [
      "-tcp-write-timeout=0",
      expect(config=Path("/var/lib/derper/derper.key"), addr=":8080", derp=False, tcp_keepalive_time=5400.0,
             tcp_user_timeout=0.5, tcp_write_timeout=0.0, tls=False)),
-    ("derper --dev", "-dev", expect(dev=True, tls=ACME_LATER)),
+    ("derper --dev", "-dev", expect(dev=True, **ACME_TLS)),
     ("a mesh pair", "--hostname=derp1.example.com --a=:8443 --certmode=manual --certdir=/etc/derp "
      "--mesh-with=derp1.example.com,derp2.example.com/10.0.0.2 --home=blank --http-port=-1",
      expect(hostname="derp1.example.com", addr=":8443", certmode="manual", tls=True, certdir=Path("/etc/derp"),
@@ -209,7 +209,6 @@ def test_go_bool_spellings_exactly():
     ("-certmode=acme", "'acme' is not one of"),
     ("--secrets-url=https://setec.example.com", "--secrets-url is not supported: setec"),
     ("--ace", "--ace is not supported"),
-    ("--acme-email=ops@example.com", "--acme-email is not supported yet"),
     ("-a :443 stray", "unexpected argument 'stray'"),
 ])
 def test_bad_flags_are_one_line(line, message):
@@ -220,7 +219,7 @@ def test_bad_flags_are_one_line(line, message):
 
 
 def test_refused_flags_at_their_default_are_accepted():
-    params(["--ace=false", "--acme-email=", "--secrets-path-prefix=prod/derp", "--secrets-url="])
+    params(["--ace=false", "--secrets-path-prefix=prod/derp", "--secrets-url="])
 
 
 def test_every_derper_flag_is_in_the_table_and_accepted():
