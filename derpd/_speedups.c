@@ -14,12 +14,13 @@
  *     received unknown frame still to skip.  A frame longer than allowed stops the loop
  *     with pos at its header and bad_type >= 0 (the caller raises; nothing else raises).
  *
- *   route_packets(frames, start, active, src, sent_to, disco_magic, disco_min_len)
+ *   route_packets(frames, start, active, src, watch, disco_magic, disco_min_len)
  *       -> (index, packets, bytes, disco, full)
  *     The SendPacket case of ClientConnection._handle_frames (derpd/relay/
  *     client_connection.py): from frames[start] on, every SendPacket whose destination is in
  *     ``active`` becomes one RecvPacket frame (header, src, packet; one allocation) handed to
- *     ``active[dst].enqueue(frame, disco)``, and dst goes into ``sent_to``.  Stops at the
+ *     ``active[dst].enqueue(frame, disco)``; a destination whose ``saw_src`` set lacks src is
+ *     first passed to ``watch(dst_conn, src)`` (PeerGone bookkeeping).  Stops at the
  *     first frame it does not handle (another type, a payload shorter than a key, an unknown
  *     destination) or after an enqueue that returns True (full = 1); ``index`` is the frame
  *     to resume at.
@@ -32,6 +33,7 @@
 #define KEY_LEN 32
 
 static PyObject *str_enqueue;
+static PyObject *str_saw_src;
 
 static PyObject *
 split_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -123,10 +125,10 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 7 || !PyList_Check(args[0]) || !PyDict_Check(args[2]) || !PyBytes_Check(args[3])
         || PyBytes_GET_SIZE(args[3]) != KEY_LEN || !PyBytes_Check(args[5])) {
-        PyErr_SetString(PyExc_TypeError, "route_packets(list, int, dict, 32 bytes, set, bytes, int)");
+        PyErr_SetString(PyExc_TypeError, "route_packets(list, int, dict, 32 bytes, callable, bytes, int)");
         return NULL;
     }
-    PyObject *frames = args[0], *active = args[2], *sent_to = args[4], *magic = args[5];
+    PyObject *frames = args[0], *active = args[2], *srcobj = args[3], *watch = args[4], *magic = args[5];
     const char *src = PyBytes_AS_STRING(args[3]);
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     Py_ssize_t disco_min = PyLong_AsSsize_t(args[6]);
@@ -160,9 +162,18 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(conn);
         int disco = n >= KEY_LEN + disco_min && n - KEY_LEN >= maglen && memcmp(p + KEY_LEN, mag, (size_t)maglen) == 0;
-        int added = PySet_Add(sent_to, dst);
         Py_DECREF(dst);
-        if (added < 0) {
+        PyObject *saw = PyObject_GetAttr(conn, str_saw_src);
+        int seen = saw == NULL ? -1 : PySet_Contains(saw, srcobj);
+        Py_XDECREF(saw);
+        if (seen == 0) {
+            PyObject *wargs[2] = {conn, srcobj};
+            PyObject *w = PyObject_Vectorcall(watch, wargs, 2, NULL);
+            if (w == NULL)
+                seen = -1;
+            Py_XDECREF(w);
+        }
+        if (seen < 0) {
             Py_DECREF(conn);
             return NULL;
         }
@@ -205,7 +216,7 @@ static PyMethodDef methods[] = {
     {"split_frames", (PyCFunction)(void (*)(void))split_frames, METH_FASTCALL,
      "split_frames(buf, pos, limits, max_unknown, most) -> (frames, pos, skipped, skip, bad_type, bad_len)"},
     {"route_packets", (PyCFunction)(void (*)(void))route_packets, METH_FASTCALL,
-     "route_packets(frames, start, active, src, sent_to, magic, min_len) -> (index, packets, bytes, disco, full)"},
+     "route_packets(frames, start, active, src, watch, magic, min_len) -> (index, packets, bytes, disco, full)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -215,7 +226,8 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     str_enqueue = PyUnicode_InternFromString("enqueue");
-    if (str_enqueue == NULL)
+    str_saw_src = PyUnicode_InternFromString("saw_src");
+    if (str_enqueue == NULL || str_saw_src == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

@@ -13,24 +13,39 @@ peers skip them; the server's ``admit`` runs the installed checks in order, all 
 
   with no Content-Type and a 5 s timeout, reads at most 4 KiB of the answer, and admits only
   a 200 whose JSON has ``"Allow": true`` (field name matched case-insensitively, like Go).
+  Requests go through one pooled httpx client (keep-alive, so a login costs no TCP or TLS
+  handshake with the controller); redirects are followed only to the same scheme, host and
+  port (307/308, at most 3).
   ``fail_open`` (default true, as derper) admits when the request itself fails -- connect
   error, TLS error, a broken response head, or the 5 s timeout; a non-200 status or an
   unreadable body always refuses.
+
+``--verify-clients`` is the same check with another ``query``: the local tailscaled's LocalAPI
+(``derpd.localapi``), failing closed as derper does.
 
 Decisions are cached per (key, source IP) for ``cache_ttl`` seconds and concurrent checks of
 the same pair share one request, so a reconnect storm costs the controller one request per
 client per TTL; at most ``max_in_flight`` requests run at once.
 
+``FairShare`` sits in front of the remote checks: one source address (an IPv6 /64 counts as
+one) may have at most 8 checks in flight and 56 more logins waiting for them, one key at most
+2 checks; a login over a cap is refused at once (``admission_busy_source``,
+``admission_busy_key``), so a slow controller and one busy source cannot starve everyone
+else's logins.
+
 A refusal returns a reason label counted in ``derp_admission_refused_total{reason}``:
 ``not_allowed`` (allow-list), ``verify_denied`` (``Allow`` false or missing),
 ``verify_status`` (non-200), ``verify_bad_response`` (body not the expected JSON),
-``verify_unreachable`` (transport failure with fail-open off).
+``verify_unreachable`` (transport failure with fail-open off), ``admission_busy_source`` and
+``admission_busy_key`` (``FairShare``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+from collections.abc import Awaitable, Callable
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,7 +53,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
+import httpx
 import trio
 
 from .keys import KeyFormatError, NodePublic
@@ -51,10 +66,20 @@ MAX_RESPONSE_BODY = 4 << 10
 DEFAULT_CACHE_TTL = 5.0
 MAX_CACHE_ENTRIES = 100_000
 MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_PER_SOURCE = 8
+MAX_IN_FLIGHT_PER_KEY = 2
+MAX_QUEUED_PER_SOURCE = 56  # logins from one source waiting for one of its slots
 ALLOW_FILE_CHECK_INTERVAL = 5.0
-_MAX_RESPONSE_HEAD = 16 << 10
+MAX_REDIRECTS = 3
+_HEADERS = {"User-Agent": "derpd"}
 
 Decision = tuple[bool, str]
+Check = Callable[[NodePublic, object, str], Awaitable[Decision]]
+Query = Callable[[NodePublic, str], Awaitable[Decision]]  # VerifyClientURL(query=...): another way to ask
+
+
+class VerifyUnreachable(Exception):
+    """A ``Query`` got no answer at all: the fail-open rule applies."""
 
 
 class AdmissionConfigError(SettingsError):
@@ -150,25 +175,22 @@ class _TransportError(Exception):
     """The request failed before a response head arrived (fail-open applies)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    tls: bool
-    host: str
-    port: int
-    target: bytes
-    host_header: bytes
+class _BadAnswer(Exception):
+    """A response head arrived but the answer broke off or cannot be used."""
 
 
-def _parse_url(url: str) -> _Target:
+def _parse_url(url: str) -> httpx.URL:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AdmissionConfigError(f"--verify-client-url must be an http:// or https:// URL, not {url!r}")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts.port
     except ValueError as e:
         raise AdmissionConfigError(f"--verify-client-url has a bad port: {url!r}") from e
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(parts.scheme == "https", parts.hostname, port, target.encode(), parts.netloc.encode())
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise AdmissionConfigError(f"--verify-client-url is not a usable URL: {url!r} ({e})") from e
 
 
 def request_body(key: NodePublic, ip: str) -> bytes:
@@ -202,55 +224,66 @@ def parse_verify_response(status: int, body: bytes) -> Decision:
     return (True, "") if allow else (False, "verify_denied")
 
 
+def http_client(*, max_connections: int = MAX_IN_FLIGHT,
+                ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncHTTPTransport:
+    """The pooled HTTP/1.1 transport for the admission controller: keep-alive connections (one
+    TCP and TLS handshake per connection, not per login), no proxy from the environment, TLS
+    verified with the system roots or ``ssl_context``.  ``post_json`` sends through the
+    transport itself (no cookie jar, no automatic redirects: it follows same-origin 307/308
+    only) with every phase under its timeout."""
+    return httpx.AsyncHTTPTransport(
+        verify=ssl_context if ssl_context is not None else True,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                            keepalive_expiry=30.0),
+    )
+
+
 async def post_json(url: str, body: bytes, *, max_body: int = MAX_RESPONSE_BODY,
-                    ssl_context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+                    ssl_context: ssl.SSLContext | None = None, timeout: float = VERIFY_TIMEOUT,
+                    client: httpx.AsyncHTTPTransport | None = None) -> tuple[int, bytes]:
     """POST ``body`` (no Content-Type, as Go's client does for derper) and return the status and
-    at most ``max_body`` bytes of the response body.  The caller bounds the time.
+    at most ``max_body`` bytes of the response body.  A 307 or 308 to the same scheme, host and
+    port is followed (at most ``MAX_REDIRECTS``); any other redirect is an answer like any
+    non-200.  The caller bounds the total time.
 
     Raises:
-        _TransportError: connect/TLS failure or a broken response head.
-        trio.BrokenResourceError, h11.RemoteProtocolError: the body broke off.
+        _TransportError: connect/TLS failure, or no response head.
+        _BadAnswer: the body broke off.
     """
-    t = _parse_url(url)
-    try:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(t.host, t.port)
-    except OSError as e:
-        raise _TransportError(f"connect to {t.host}:{t.port}: {e}") from e
-    try:
-        if t.tls:
-            ctx = ssl_context or ssl.create_default_context()
-            stream = trio.SSLStream(stream, ctx, server_hostname=t.host)
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
-        head = h11.Request(method="POST", target=t.target, headers=[
-            ("Host", t.host_header), ("User-Agent", "derpd"), ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ])
+    if client is None:
+        async with http_client(ssl_context=ssl_context, max_connections=1) as one:
+            return await post_json(url, body, max_body=max_body, timeout=timeout, client=one)
+    target = _parse_url(url)
+    extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
+    for _ in range(MAX_REDIRECTS + 1):
+        request = httpx.Request("POST", target, content=body, headers=_HEADERS, extensions=extensions)
         try:
-            await stream.send_all(conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-            status = None
-            while status is None:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(16384))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise _TransportError("connection closed before a response")
-                # InformationalResponse (1xx): keep reading
-        except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+            response = await client.handle_async_request(request)
+        except httpx.TransportError as e:
             raise _TransportError(str(e) or type(e).__name__) from e
-        got = bytearray()
-        while len(got) < max_body:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(16384))
-            elif isinstance(event, h11.Data):
-                got += event.data
-            else:  # EndOfMessage or ConnectionClosed
-                break
-        return status, bytes(got[:max_body])
-    finally:
-        await trio.aclose_forcefully(stream)
+        try:
+            location = response.headers.get("location")
+            if response.status_code in (307, 308) and location is not None:
+                try:
+                    nxt = target.join(location)
+                except httpx.InvalidURL:
+                    nxt = None
+                if nxt is not None and (nxt.scheme, nxt.host, nxt.port) == (target.scheme, target.host, target.port):
+                    target = nxt
+                    continue
+            got = bytearray()
+            try:
+                async for chunk in response.aiter_raw():
+                    got += chunk
+                    if len(got) >= max_body:
+                        break
+            except httpx.TransportError as e:
+                raise _BadAnswer(str(e) or type(e).__name__) from e
+            return response.status_code, bytes(got[:max_body])
+        finally:
+            await response.aclose()
+    return 310, b""  # too many redirects: a non-200 answer
 
 
 class VerifyClientURL:
@@ -265,8 +298,11 @@ class VerifyClientURL:
         cache_ttl: float = DEFAULT_CACHE_TTL,
         max_in_flight: int = MAX_IN_FLIGHT,
         ssl_context: ssl.SSLContext | None = None,
+        query: Query | None = None,
     ) -> None:
-        _parse_url(url)  # fail at start-up, not at the first client
+        if query is None:
+            _parse_url(url)  # fail at start-up, not at the first client
+        self.query = query  # instead of POSTing to url (which then only names it in logs)
         self.url = url
         self.fail_open = fail_open
         self.timeout = timeout
@@ -276,6 +312,8 @@ class VerifyClientURL:
         self._cache: OrderedDict[tuple[bytes, str], tuple[float, Decision]] = OrderedDict()
         self._pending: dict[tuple[bytes, str], trio.Event] = {}
         self._limit = trio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._client: httpx.AsyncHTTPTransport | None = None  # made in the running event loop, on first use
         self._unreachable_logged = False
 
     async def check(self, key: NodePublic, info: object, ip: str) -> Decision:
@@ -290,7 +328,7 @@ class VerifyClientURL:
             await pending.wait()  # someone is asking about this client right now
         event = self._pending[cache_key] = trio.Event()
         try:
-            decision = await self._ask(key, ip)
+            decision = await (self._ask(key, ip) if self.query is None else self._ask_query(key, ip))
             self._remember(cache_key, decision)
             return decision
         finally:
@@ -313,25 +351,122 @@ class VerifyClientURL:
         async with self._limit:
             self.requests += 1
             try:
+                if self._client is None:
+                    self._client = http_client(max_connections=self._max_in_flight, ssl_context=self.ssl_context)
                 with trio.fail_after(self.timeout):
-                    status, body = await post_json(self.url, request_body(key, ip), ssl_context=self.ssl_context)
+                    status, body = await post_json(self.url, request_body(key, ip), timeout=self.timeout,
+                                                   client=self._client)
             except (_TransportError, trio.TooSlowError) as e:
                 return self._unreachable(e)
-            except (trio.BrokenResourceError, h11.RemoteProtocolError, h11.LocalProtocolError):
+            except _BadAnswer:
                 return False, "verify_bad_response"
         if self._unreachable_logged:
             self._unreachable_logged = False
             log.warning("admission controller %s answers again", self.url)
         return parse_verify_response(status, body)
 
+    async def _ask_query(self, key: NodePublic, ip: str) -> Decision:
+        assert self.query is not None
+        async with self._limit:
+            self.requests += 1
+            try:
+                with trio.fail_after(self.timeout):
+                    decision = await self.query(key, ip)
+            except (VerifyUnreachable, trio.TooSlowError) as e:
+                return self._unreachable(e)
+        if self._unreachable_logged:
+            self._unreachable_logged = False
+            log.warning("admission controller %s answers again", self.url)
+        return decision
+
     def _unreachable(self, error: BaseException) -> Decision:
         why = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
         if not self._unreachable_logged:
             self._unreachable_logged = True
             action = ("admitting clients unchecked (--verify-client-url-fail-open)" if self.fail_open
+                      else "refusing clients until it answers" if self.query is not None
                       else "refusing clients (pass --verify-client-url-fail-open to admit them instead)")
             log.error("admission controller %s unreachable (%s): %s", self.url, why, action)
         return (True, "") if self.fail_open else (False, "verify_unreachable")
+
+
+# ------------------------------------------------------------------------------ fair share
+
+
+def source_of(ip: str) -> str:
+    """The unit a per-source cap counts: the IPv4 address, or the IPv6 /64 (one host usually
+    owns a whole /64, so counting single IPv6 addresses would be no cap at all)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
+
+
+class _Share:
+    __slots__ = ("slots", "count")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = trio.Semaphore(slots)
+        self.count = 0  # asking now plus waiting for a slot
+
+
+class FairShare:
+    """Caps on admission checks per source address and per key.
+
+    ``wrap(check)`` returns a check that lets each source (``source_of``) run at most
+    ``per_source`` checks at once; up to ``queue`` more logins from that source wait their
+    turn, and any beyond are refused at once without asking.  A key may have at most
+    ``per_key`` checks in flight.  So one source can hold at most ``per_source`` of the
+    controller's ``MAX_IN_FLIGHT`` slots, however many logins it opens, and the rest of the
+    slots stay free for everyone else.  Refusals return ``admission_busy_source`` or
+    ``admission_busy_key`` (the server counts them in ``derp_admission_refused_total``); the
+    first one per source is logged at debug level until that source's queue empties.
+    """
+
+    def __init__(self, per_source: int = MAX_IN_FLIGHT_PER_SOURCE, per_key: int = MAX_IN_FLIGHT_PER_KEY,
+                 queue: int = MAX_QUEUED_PER_SOURCE) -> None:
+        self.per_source = per_source
+        self.per_key = per_key
+        self.queue = queue
+        self._sources: dict[str, _Share] = {}
+        self._keys: dict[bytes, int] = {}
+        self._logged: set[str] = set()
+
+    def wrap(self, check: Check) -> Check:
+        async def fair_check(key: NodePublic, info: object, ip: str) -> Decision:
+            src = source_of(ip)
+            share = self._sources.get(src)
+            if share is None:
+                share = self._sources[src] = _Share(self.per_source)
+            elif share.count >= self.per_source + self.queue:
+                if src not in self._logged:
+                    self._logged.add(src)
+                    log.debug("admission: %d logins from %s already waiting, refusing more", share.count, src)
+                return False, "admission_busy_source"
+            keys = self._keys
+            if keys.get(key.raw, 0) >= self.per_key:
+                return False, "admission_busy_key"
+            share.count += 1
+            keys[key.raw] = keys.get(key.raw, 0) + 1
+            try:
+                async with share.slots:
+                    return await check(key, info, ip)
+            finally:
+                share.count -= 1
+                if not share.count:
+                    del self._sources[src]
+                    self._logged.discard(src)
+                if (n := keys[key.raw] - 1) > 0:
+                    keys[key.raw] = n
+                else:
+                    del keys[key.raw]
+
+        return fair_check
 
 
 # ------------------------------------------------------------------------------ CLI wiring
@@ -344,6 +479,7 @@ class Protection:
     allow_list: AllowList | None = None
     verify: VerifyClientURL | None = None
     rate_config_path: Path | None = None
+    tailscaled: VerifyClientURL | None = None  # --verify-clients (derpd.localapi)
 
     @classmethod
     def from_options(cls, opts: dict[str, object]) -> Protection:
@@ -366,7 +502,12 @@ class Protection:
         if opts.get("rate_config") is not None:
             rate_path = Path(str(opts["rate_config"]))
             load_rate_config(rate_path)  # fail now, not at the first SIGHUP
-        return cls(allow, verify, rate_path)
+        tailscaled = None
+        if opts.get("verify_clients"):
+            from .localapi import tailscaled_verifier
+
+            tailscaled = tailscaled_verifier(str(opts.get("socket") or "") or None)
+        return cls(allow, verify, rate_path, tailscaled)
 
     def install(self, server: Any, nursery: trio.Nursery) -> None:
         """Add the checks to ``server.admission_checks`` (allow-list first: it is cheaper), the
@@ -378,9 +519,10 @@ class Protection:
             server.reload_hooks.append(self.allow_list.reload)
             nursery.start_soon(self.allow_list.watch)
             log.info("admission: %d keys allowed by %s", len(self.allow_list.keys), self.allow_list.path)
-        if self.verify is not None:
-            server.admission_checks.append(self.verify.check)
-            log.info("admission: asking %s (fail-open %s)", self.verify.url, self.verify.fail_open)
+        for verify in (self.tailscaled, self.verify):  # tailscaled first, as derper
+            if verify is not None:
+                server.admission_checks.append(FairShare().wrap(verify.check))
+                log.info("admission: asking %s (fail-open %s)", verify.url, verify.fail_open)
         if self.rate_config_path is not None:
             limits = server.client_rate_limits
             limits.path = self.rate_config_path
@@ -400,6 +542,10 @@ def serve_options(f: Any) -> Any:
         click.option("--verify-client-url-fail-open/--no-verify-client-url-fail-open", default=True,
                      show_default=True,
                      help="Admit clients when the verify URL cannot be reached or times out (5 s)."),
+        click.option("--verify-clients", is_flag=True,
+                     help="Admit only nodes of this tailnet, asking the local tailscaled (derper's flag; fails closed)."),
+        click.option("--socket", default=None, metavar="PATH",
+                     help="tailscaled's LocalAPI socket for --verify-clients [default: /var/run/tailscale/tailscaled.sock]."),
         click.option("--allow-keys", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Admit only the nodekey:<hex> lines of this file (reloaded on SIGHUP and on change)."),
         click.option("--rate-config", type=click.Path(dir_okay=False, path_type=Path), default=None,

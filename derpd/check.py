@@ -95,3 +95,70 @@ async def run_check(
                             break
             nursery.cancel_scope.cancel()
     return result
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything behind it (causes, contexts, members of exception groups)."""
+    out: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e in out:
+            continue
+        out.append(e)
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return out
+
+
+def explain_failure(exc: BaseException, url: str, *, server_name: str | None = None, mesh: bool = False) -> str:
+    """One line: why connecting or logging in to the relay at ``url`` failed, and what to do.
+
+    ``server_name`` is the name the certificate was checked against (default: the URL's
+    host); ``mesh`` says we presented a mesh key (``close-peer``).
+    """
+    import ssl
+    from urllib.parse import urlsplit
+
+    from .client import DerpClientError, LoginRefused
+
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    try:
+        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+    except ValueError:
+        port = 0
+    chain = _causes(exc)
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            name = server_name or host
+            return (f"the certificate of {host}:{port} is not trusted for the name {name!r} "
+                    f"({e.verify_message or e.reason}); pass --ca-file with the CA that signed it, or --cert-pin "
+                    "with the node's CertName (sha256-raw:...) for a self-signed certificate")
+    for e in chain:
+        if isinstance(e, LoginRefused):
+            if mesh:
+                return ("the relay refused the login: it does not take this mesh key (use the region's "
+                        "--mesh-psk-file), and its admission did not admit the key as an ordinary client")
+            return ("the relay refused the login: its admission (--allow-keys, --verify-client-url) "
+                    "does not admit this client key")
+        if isinstance(e, DerpClientError):
+            if "during the HTTP upgrade" in str(e) and parts.scheme in ("http", "ws"):
+                return f"{e}; if {host}:{port} serves TLS, use an https:// URL"
+            return str(e)
+    for e in chain:
+        if isinstance(e, ssl.SSLError):
+            return (f"the TLS handshake with {host}:{port} failed ({e.reason or e}); is that port TLS? "
+                    "A plain-HTTP relay takes an http:// URL")
+        if isinstance(e, ConnectionRefusedError):
+            return f"connection refused by {host}:{port}: nothing listens there; is the relay running on that port?"
+        if isinstance(e, OSError) and e.errno is not None and e.strerror and not isinstance(e, trio.BrokenResourceError):
+            return f"cannot connect to {host}:{port}: {e.strerror}"
+        if isinstance(e, trio.TooSlowError):
+            return f"{host}:{port} did not answer in time; is the address right and the relay up?"
+    for e in chain:
+        if isinstance(e, (trio.BrokenResourceError, trio.EndOfChannel)) or (
+                getattr(e, "reason", None) == "eof"):
+            return f"{host}:{port} closed the connection ({e or 'end of stream'}); is it a DERP relay?"
+    return str(exc) or type(exc).__name__

@@ -15,15 +15,18 @@ from pathlib import Path
 
 import click
 import trio
+from stund.oneline import OneLineGroup, run_trio
 
 from . import __version__
 from .coordinator.cli import coordinator_command
 from .devregion import dev_command
 from .keyfile import KeyFileError, key_file_json
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
-from .serve import options_from_flags, run_serve, setup_logging
+from .relay.listener import BindError
+from .serve import bind_error_message, options_from_flags, run_serve, setup_logging
 from .settings import SettingsError
 from .admission import Protection, serve_options as admission_options
+from .derperflags import DerperCommand, GoDuration, GoFloat, GoInt
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -31,7 +34,8 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="derpd", cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="derpd")
 def main() -> None:
     """derpd: a Tailscale-compatible DERP relay with STUN and a DERP-map coordinator.
@@ -42,46 +46,106 @@ def main() -> None:
 
 # ---------------------------------------------------------------------------- serve
 
+SERVE_EPILOG = """Flags are read as derper reads them (Go's flag syntax): -name or --name, -name=value or
+-name value, booleans as -name or -name=false; durations as 500ms, 2s, 10m or 1h30m. The same
+command line as derper works; docs/derper-compat.md lists every derper flag."""
 
-@main.command()
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"derpd {__version__}")
+        ctx.exit()
+
+
+class WorkerCount(click.ParamType):
+    """``--workers``: a number from 1 to 64, or ``auto`` (one per available CPU)."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            from .workers import available_cpus
+
+            return min(64, available_cpus())
+        try:
+            count = int(str(value))
+        except ValueError:
+            count = 0
+        if not 1 <= count <= 64:
+            self.fail(f"{value!r} is neither a number from 1 to 64 nor 'auto'", param, ctx)
+        return count
+
+
+@main.command(cls=DerperCommand, epilog=SERVE_EPILOG)
 @click.option("-a", "--addr", default=":443", show_default=True,
-              help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode.")
-@click.option("--http-port", type=int, default=80, show_default=True,
-              help="Plain-HTTP port beside TLS (generate_204, redirects to https); -1 disables.")
-@click.option("--stun-port", type=int, default=3478, show_default=True,
+              help="Listen address: ':port', 'ip:port' or '[ipv6]:port'. TLS iff port 443 or --certmode manual.")
+@click.option("--http-port", type=GoInt(), default=80, show_default=True,
+              help="Plain-HTTP port beside TLS (ACME HTTP-01, generate_204, redirects to https); -1 disables.")
+@click.option("--stun-port", type=GoInt(), default=3478, show_default=True,
               help="UDP STUN port on the same IP as -a; -1 disables.")
+@click.option("--stun/--no-stun", "stun", default=True, help="Run the STUN server (--stun=false: off).")
 @click.option("-c", "config", type=click.Path(dir_okay=False, path_type=Path),
-              help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing.")
-@click.option("--certmode", type=click.Choice(["manual"]), default=None,
-              help="'manual': load <certdir>/<hostname>.crt and .key (self-signed for an IP hostname).")
+              help="Key file (derper's JSON {\"PrivateKey\": \"privkey:...\"}); created with mode 0600 if missing. "
+                   "Default when run as root: /var/lib/derper/derper.key.")
+@click.option("--certmode", type=click.Choice(["letsencrypt", "manual", "gcp"]), default="letsencrypt",
+              show_default=True,
+              help="With TLS (port 443): 'letsencrypt' or 'gcp' obtain and renew the certificate over ACME "
+                   "(docs/acme.md); 'manual' loads <certdir>/<hostname>.crt and .key (self-signed for an IP).")
 @click.option("--certdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the TLS certificate and key for --certmode manual.")
-@click.option("--hostname", default="localhost", show_default=True,
+              help="Directory of the TLS certificate and key (and, with ACME, the account key). Default: "
+                   "$XDG_CACHE_HOME (else ~/.cache)/tailscale/derper-certs, as derper.")
+@click.option("--acme-email", default="", help="ACME account contact email (required for --certmode gcp).")
+@click.option("--acme-eab-kid", default="", help="ACME External Account Binding key ID (--certmode gcp).")
+@click.option("--acme-eab-key", default="", help="ACME External Account Binding HMAC key, base64 (--certmode gcp).")
+@click.option("--acme-directory", default=None, metavar="URL",
+              help="ACME directory URL (default: Let's Encrypt production; for staging or a private CA). "
+                   "Its TLS is verified with the system roots or SSL_CERT_FILE.")
+@click.option("--acme-ip-certs", is_flag=True,
+              help="With an IP --hostname: a short-lived publicly trusted IP certificate (profile "
+                   "'shortlived', HTTP-01 on --http-port).")
+@click.option("--hostname", default="derp.tailscale.com", show_default=True,
               help="TLS hostname (names the cert files); may be an IP for a self-signed certificate.")
 @click.option("--dev", is_flag=True, help="Development: plain HTTP on :3340, a fresh key each start.")
 @click.option("--home", default="", help="Home page: '' built-in, 'blank', or an http(s):// URL to redirect to.")
 @click.option("--derp/--no-derp", "derp_enabled", default=True, help="Serve the relay (off: /derp answers 404).")
+@click.option("--bootstrap-dns-names", default="", metavar="NAME,...",
+              help="Hostnames to resolve (now and every 10 minutes) and publish at /bootstrap-dns.")
+@click.option("--unpublished-bootstrap-dns-names", default="", metavar="NAME,...",
+              help="Hostnames /bootstrap-dns answers only when asked for by name (?q=NAME).")
+@click.option("--debug-allow", default="", metavar="CIDR,...",
+              help="Serve /debug/ (index, varz) to these networks too, not only loopback (derper also "
+                   "admits Tailscale's 100.64.0.0/10,fd7a:115c:a1e0::/48).")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics on a dedicated listener (on the relay port it answers loopback only).")
 @click.option("--mesh-psk-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers.")
+              help="File with the 64-hex-digit mesh key; clients presenting it are mesh peers. "
+                   "Default, as derper: /home/derp/keys/derp-mesh.key or ~/keys/derp-mesh.key if present.")
 @click.option("--mesh-with", default="", metavar="HOST[:PORT][/DIALHOST],...",
               help="Mesh peers of this region (may include this relay's own hostname, which is skipped).")
 @click.option("--mesh-ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trust this CA bundle (PEM) for mesh peers' TLS certificates, instead of the system roots.")
-@click.option("--tcp-write-timeout", type=float, default=2.0, show_default=True,
-              help="Seconds a write to a client may take before it is dropped; 0 = none.")
-@click.option("--tcp-keepalive-time", type=float, default=600.0, show_default=True, help="TCP keepalive period, seconds.")
-@click.option("--tcp-user-timeout", type=float, default=15.0, show_default=True,
-              help="TCP_USER_TIMEOUT, seconds (Linux); 0 = kernel default.")
-@click.option("--accept-connection-limit", type=float, default=float("inf"),
+@click.option("--tcp-write-timeout", type=GoDuration(), default="2s", show_default=True,
+              help="How long a write to a client may take before it is dropped; 0 = none.")
+@click.option("--tcp-keepalive-time", type=GoDuration(), default="10m", show_default=True,
+              help="TCP keepalive period.")
+@click.option("--tcp-user-timeout", type=GoDuration(), default="15s", show_default=True,
+              help="TCP_USER_TIMEOUT (Linux); 0 = kernel default.")
+@click.option("--accept-connection-limit", type=GoFloat(), default=float("inf"),
               help="New connections accepted per second (token bucket); the surplus is closed at once.")
-@click.option("--accept-connection-burst", type=click.IntRange(1), default=1 << 30,
+@click.option("--accept-connection-burst", type=GoInt(minimum=1), default=1 << 30,
               help="Burst for --accept-connection-limit.")
 @click.option("--max-connections-per-ip", type=click.IntRange(0), default=0,
               help="Open connections allowed from one source IP; 0 = unlimited.")
-@click.option("--shutdown-grace", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="On SIGTERM: seconds to let queued packets drain after telling clients to reconnect.")
+@click.option("--proxy-protocol", is_flag=True,
+              help="Expect a PROXY protocol v1/v2 header from --trusted-proxies on the relay port "
+                   "(an SNI router or load balancer in front); a header from anyone else closes the connection.")
+@click.option("--trusted-proxies", default="", metavar="CIDR,...",
+              help="Proxies whose PROXY headers (with --proxy-protocol) and X-Forwarded-For (plain HTTP) "
+                   "name the real client.")
+@click.option("--shutdown-grace", type=GoDuration(), default="5s", show_default=True,
+              help="On SIGTERM: how long to let queued packets drain after telling clients to reconnect.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
 @click.option("--coordinator", default=None, metavar="URL[,URL...]",
@@ -95,9 +159,12 @@ def main() -> None:
 @click.option("--node-name", default=None, help="Unique node name in the map; default: the hostname.")
 @click.option("--advertise-ipv4", default=None, metavar="IP", help="IPv4 to publish for this node (IPv4 field).")
 @click.option("--advertise-ipv6", default=None, metavar="IP", help="IPv6 to publish for this node (IPv6 field).")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback.")
+@click.option("--workers", type=WorkerCount(), default="1", show_default=True,
+              help="Relay processes sharing the port (SO_REUSEPORT), meshed with each other over loopback; "
+                   "'auto': one per available CPU.")
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
 @admission_options
 def serve(**opts: object) -> None:
     """Run a DERP relay (drop-in for Tailscale's derper)."""
@@ -109,16 +176,22 @@ def serve(**opts: object) -> None:
         _fail(str(e))
     try:
         if options.workers > 1:
-            from .workers import run_workers
+            from .workers import WorkersFailed, run_workers
 
-            sys.exit(run_workers(options, options.workers))
-        trio.run(run_serve, options)
-    except KeyboardInterrupt:
-        pass
+            try:
+                # Each worker builds its own admission checks from the flags (they hold trio objects).
+                sys.exit(run_workers(dataclasses.replace(options, protection=None), options.workers, opts))
+            except WorkersFailed as e:
+                _fail(str(e), e.code)
+        run_trio(run_serve, options)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
+        click.echo("derpd: stopped (interrupted)", err=True)
+    except BindError as e:
+        _fail(bind_error_message(e))
     except SettingsError as e:  # includes CertError
         _fail(str(e))
     except OSError as e:
-        _fail(f"cannot listen: {e.strerror or e}; is another process using the port? Pick another with -a", 1)
+        _fail(f"cannot start: {e}")
 
 
 # ---------------------------------------------------------------------------- genkey
@@ -162,8 +235,9 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
 
     URL is the relay's DERP URL, e.g. https://derp.example.com/derp or http://127.0.0.1:3340/derp.
     """
-    from .check import run_check
+    from .check import explain_failure, run_check
     from .client import DerpClientError, make_ssl_context
+    from .protocol.errors import RemoteProtocolError
 
     options: dict[str, object] = {"server_name": server_name, "cert_pin": cert_pin, "insecure": insecure}
     if ca_file:
@@ -171,9 +245,9 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
     if "://" not in url:
         url = f"https://{url}/derp"
     try:
-        result = trio.run(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-        _fail(f"cannot log in to {url}: {e or type(e).__name__}", 1)
+        result = run_trio(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        _fail(f"cannot log in to {url}: {explain_failure(e, url, server_name=server_name)}", 1)
     p50, p99 = result.percentile(50), result.percentile(99)
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.2f}ms"  # noqa: E731
     click.echo(f"{url}: delivered {result.delivered}/{result.sent}, lost {result.lost}, "
@@ -199,9 +273,11 @@ main.add_command(dev_command, "dev")
 def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str | None, cert_pin: str | None) -> None:
     """Ask the relay at URL to close every connection of NODEKEY (nodekey:<hex>), e.g. to move a
     client back to its ideal node.  Uses the mesh key, as a mesh peer would."""
+    from .check import explain_failure
     from .client import DerpClientError, make_ssl_context
     from .keys import NodePublic
     from .mesh import close_peer
+    from .protocol.errors import RemoteProtocolError
 
     try:
         target = NodePublic.parse(nodekey)
@@ -212,7 +288,7 @@ def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str
     if ca_file:
         options["ssl_context"] = make_ssl_context(ca_file=ca_file)
     try:
-        trio.run(partial(close_peer, url, target, mesh_key, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-        _fail(f"cannot reach {url}: {e}", 1)
+        run_trio(partial(close_peer, url, target, mesh_key, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        _fail(f"cannot ask {url} to close {target.short()}: {explain_failure(e, url, mesh=True)}", 1)
     click.echo(f"asked {url} to close {target}")

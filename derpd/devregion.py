@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 import trio
+from stund.oneline import StartupError, format_addr, listen_error, run_trio, single_error
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,6 +36,8 @@ from .coordinator.config import CoordinatorConfig
 from .coordinator.model import DerpMap, DerpNode, DerpRegion
 from .coordinator.server import RunningCoordinator, serve_coordinator
 from .keys import NodePrivate
+from .relay.listener import BindError
+from .settings import SettingsError
 
 log = logging.getLogger("derpd.dev")
 
@@ -189,7 +192,10 @@ async def serve_dev_region(
         relay: RunningRelay = await nursery.start(serve_relay, RelaySettings(
             addr=f"127.0.0.1:{relay_port}", private_key=NodePrivate.generate(), certmode="manual",
             certdir=directory, hostname=HOSTNAME))
-        stun_bound: list[tuple[str, int]] = await nursery.start(serve_stun, [("127.0.0.1", stun_port)])
+        try:
+            stun_bound: list[tuple[str, int]] = await nursery.start(serve_stun, [("127.0.0.1", stun_port)])
+        except OSError as e:
+            raise BindError(e, "127.0.0.1", stun_port, "stun") from e
         node = DerpNode("900a", 900, HOSTNAME, cert_name=certs.pin, ipv4="127.0.0.1",
                         stun_port=stun_bound[0][1], derp_port=relay.port)
         config = CoordinatorConfig(
@@ -199,8 +205,14 @@ async def serve_dev_region(
             probe_timeout=probe_interval * 0.8,
             source="derpd dev",
         )
-        coordinator: RunningCoordinator = await nursery.start(
-            lambda task_status: serve_coordinator(config, task_status=task_status))
+        try:
+            coordinator: RunningCoordinator = await nursery.start(
+                lambda task_status: serve_coordinator(config, task_status=task_status))
+        except (OSError, BaseExceptionGroup) as e:  # hypercorn's bind error arrives in a group
+            err = single_error(e)
+            if not isinstance(err, OSError):
+                raise
+            raise BindError(err, "127.0.0.1", map_port, "map") from e
         task_status.started(RunningDevRegion(certs, relay.port, stun_bound[0][1], coordinator))
 
 
@@ -224,11 +236,14 @@ def dev_command(directory: Path | None, derp_port: int, stun_port: int, map_port
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     directory = directory or Path(tempfile.gettempdir()) / "derpd-dev"
     try:
-        trio.run(_run_dev, directory, derp_port, stun_port, map_port, probe_interval)
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot start: {exc.strerror or exc}; another program may hold a port: "
-            "pick others with --derp-port/--stun-port/--map-port (0 = any free port)") from None
+        run_trio(_run_dev, directory, derp_port, stun_port, map_port, probe_interval)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler is in place
+        click.echo("derpd dev: stopped (interrupted)")
+    except BindError as e:
+        flag = {"relay": "--derp-port", "stun": "--stun-port", "map": "--map-port"}[e.which]
+        raise StartupError(listen_error(e.cause, format_addr(e.host, e.port), flag + " (0 = any free port)")) from None
+    except (SettingsError, OSError) as e:  # SettingsError includes CertError
+        raise StartupError(f"cannot start: {e}") from None
 
 
 async def _run_dev(directory: Path, derp_port: int, stun_port: int, map_port: int, probe_interval: float) -> None:
@@ -239,7 +254,6 @@ async def _run_dev(directory: Path, derp_port: int, stun_port: int, map_port: in
                 probe_interval=probe_interval, task_status=task_status))
             click.echo(region.banner())
             async for signum in signals:
-                click.echo(f"derpd dev: {signal.Signals(signum).name}, stopping")
+                click.echo(f"derpd dev: stopped ({signal.Signals(signum).name})")
                 nursery.cancel_scope.cancel()
                 break
-    click.echo("derpd dev: stopped")

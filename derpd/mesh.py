@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import ssl
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .keys import NodePrivate, NodePublic
 from .protocol.errors import RemoteProtocolError
 from .protocol.messages import PeerGone, PeerPresent, encode_forward_packet
 from .relay.server import RelayServer
+from .settings import SettingsError, is_ip, split_host_port
 
 log = logging.getLogger("derpd.mesh")
 
@@ -54,23 +56,44 @@ class MeshTarget:
         return self.host
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+def _check_host(entry: str, host: str, what: str) -> None:
+    if not (is_ip(host) or _HOSTNAME.match(host)):
+        raise SettingsError(f"--mesh-with entry {entry!r}: {what} {host!r} is neither a hostname nor an IP address")
+
+
 def parse_mesh_with(text: str) -> list[MeshTarget]:
-    """Parse derper's comma-separated ``--mesh-with`` list.
+    """Parse derper's comma-separated ``--mesh-with`` list: ``host[:port][/dialhost]`` entries.
 
     Raises:
-        ValueError: an empty entry or an empty host.
+        SettingsError: an entry that is a URL, has no host, a bad host or a bad port (the
+            message names the entry and says how to write it).
     """
     out = []
     for raw in text.split(","):
         entry = raw.strip()
         if not entry:
             continue
+        if "://" in entry:
+            raise SettingsError(f"--mesh-with entry {entry!r} is a URL; give host[:port] (the URL is always "
+                                "https://host[:port]/derp), e.g. derp2.example.com or 10.0.0.2:8443")
         host, _, dial = entry.partition("/")
         if not host:
-            raise ValueError(f"--mesh-with entry {entry!r} has no host")
+            raise SettingsError(f"--mesh-with entry {entry!r} has no host; write host[:port][/dialhost]")
         if dial and (dial.count(":") == 1 or "]:" in dial):
-            raise ValueError(f"--mesh-with entry {entry!r}: put the port on the host, not the dial address "
-                             "(host:port/dialhost)")
+            raise SettingsError(f"--mesh-with entry {entry!r}: put the port on the host, not the dial address "
+                                "(host:port/dialhost)")
+        try:
+            name, _port = split_host_port(host)
+        except SettingsError as e:
+            raise SettingsError(f"--mesh-with entry {entry!r}: {e}") from None
+        if _port == 0:
+            raise SettingsError(f"--mesh-with entry {entry!r}: port 0 cannot be dialled; give the peer's port")
+        _check_host(entry, name, "host")
+        if dial:
+            _check_host(entry, dial.strip("[]"), "dial address")
         out.append(MeshTarget(host, dial or None))
     return out
 
@@ -242,7 +265,7 @@ async def run_mesh(
 
     ``scheme`` defaults to ``https`` when this relay serves TLS (the region's nodes are alike),
     else ``http``."""
-    scheme = scheme or ("https" if server.ssl_context is not None else "http")
+    scheme = scheme or ("https" if server.settings.tls else "http")
     peers = [
         MeshPeer(server, t, mesh_key, scheme=scheme, client_key=client_key, ssl_context=ssl_context,
                  skip_self_check=skip_self_check)
@@ -257,8 +280,37 @@ async def run_mesh(
         task_status.started(peers)
 
 
+class MeshKeyRefused(derp_client.DerpClientError):
+    """The relay closed the connection at our ClosePeer: it does not take our mesh key."""
+
+
 async def close_peer(url: str, target: NodePublic, mesh_key: bytes, **connect_options: object) -> None:
-    """Ask the relay at ``url`` (as a mesh peer) to close every connection of ``target``."""
+    """Ask the relay at ``url`` (as a mesh peer) to close every connection of ``target``.
+
+    Raises:
+        MeshKeyRefused: the relay logged us in as an ordinary client (a wrong mesh key) and
+            closed the connection at the ClosePeer.
+        derpd.client.LoginRefused: the relay refused the login (a wrong mesh key, and its
+            admission does not admit the key either).
+    """
+    refused = False
     async with derp_client.connect(url, NodePrivate.generate(), mesh_key=mesh_key, **connect_options) as c:  # type: ignore[arg-type]
         await c.close_peer(target)
-        await c.ping()  # the ClosePeer was read before the Pong was written
+        async with trio.open_nursery() as nursery:
+
+            async def watch_for_close() -> None:
+                nonlocal refused
+                try:
+                    async for _event in c:
+                        pass
+                except (RemoteProtocolError, trio.BrokenResourceError):
+                    pass
+                refused = True  # closed before the Pong: the ClosePeer was refused
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_for_close)
+            await c.ping()  # the ClosePeer was read before the Pong was written
+            nursery.cancel_scope.cancel()
+    if refused:
+        raise MeshKeyRefused("the relay closed the connection at our ClosePeer: it does not take this mesh key "
+                             "(use the region's --mesh-psk-file)")

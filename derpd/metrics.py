@@ -58,6 +58,7 @@ class RelayStats:
         self.http_requests: Counter[str] = Counter()
         self.peer_gone_sent: Counter[str] = Counter({"disconnected": 0, "not_here": 0})
         self.admission_refused: Counter[str] = Counter()
+        self.throttled: Counter[str] = Counter({"control_frames": 0})
         self.accepts_rejected: Counter[str] = Counter({"rate_limit": 0, "per_ip_limit": 0})
         self.tls_reloads: Counter[str] = Counter({"ok": 0, "error": 0})
         self.dropped_packets: Counter[tuple[str, str]] = Counter({(r, k): 0 for r in DROP_REASONS for k in KINDS})
@@ -135,6 +136,8 @@ class RelayCollector(Collector):
             ("derp_accepts_rejected", "TCP connections closed at accept by a limit, by reason.", "reason",
              s.accepts_rejected),
             ("derp_tls_reloads", "TLS certificate reloads, by result.", "result", s.tls_reloads),
+            ("derp_throttled", "Times a client's reader was slowed by a per-client budget, by reason.", "reason",
+             s.throttled),
         ):
             fam = CounterMetricFamily(name, doc, labels=[label])
             for k, v in sorted(values.items()):

@@ -11,26 +11,45 @@ below (``derpd.relay``, ``derpd.mesh``, ``derpd.admission``, ``derpd.coordinator
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ContextManager
+from urllib.parse import urlsplit
 
 import trio
+from stund.oneline import format_addr, listen_error
 
 from . import __version__
+from .derperflags import cert_settings, default_key_file, default_mesh_psk_file
 from .keyfile import load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
-from .relay.listener import RunningRelay, serve_metrics, serve_relay
-from .settings import RelaySettings, SettingsError, is_ip, split_host_port
+from .mesh import parse_mesh_with, run_mesh
+from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
+from .relay.server import RelayServer
+from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port
 
 if TYPE_CHECKING:
+    from .acme import AcmeConfig
     from .admission import Protection
     from .relay.tls import ServerCert
+
+
+# The flag that moves each listener of ``derpd serve`` (``BindError.which``).
+LISTEN_FLAGS = {"relay": "-a", "http": "--http-port (-1 turns it off)", "stun": "--stun-port (-1 turns it off)",
+                "metrics": "--metrics-addr"}
+
+
+def bind_error_message(e: BindError, flags: dict[str, str] = LISTEN_FLAGS) -> str:
+    """One line for a listener of ``derpd serve`` that cannot bind, naming the flag to change."""
+    return listen_error(e.cause, format_addr(e.host, e.port), flags[e.which])
 
 
 def setup_logging(verbose: int) -> None:
@@ -49,8 +68,25 @@ class ServeOptions:
     mesh_ca_file: str | None = None
     workers: int = 1
     verbose: int = 0
+    region_id: int = 900  # --region-id and --node-name: the printed node, and the registration
+    node_name: str | None = None
     registration: dict[str, object] | None = None  # --coordinator and friends
     protection: Protection | None = None  # --allow-keys, --verify-client-url, --rate-config
+    acme: AcmeConfig | None = None  # --certmode letsencrypt/gcp (derpd.acme)
+    bootstrap_dns: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # published, unpublished names
+
+
+def install_bootstrap_dns(options: ServeOptions, server: RelayServer, nursery: trio.Nursery) -> None:
+    """``--bootstrap-dns-names`` / ``--unpublished-bootstrap-dns-names``: resolve in the
+    background (now and every 10 minutes) and answer ``/bootstrap-dns`` from memory."""
+    published, unpublished = options.bootstrap_dns
+    if published or unpublished:
+        from .bootstrapdns import BootstrapDNS
+
+        names = BootstrapDNS(published, unpublished)
+        server.bootstrap_dns = names.answer
+        server.metrics_registry.register(names)  # type: ignore[arg-type]
+        nursery.start_soon(names.run)
 
 
 def options_from_flags(opts: dict[str, object]) -> ServeOptions:
@@ -64,20 +100,37 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     dev = bool(opts["dev"])
     addr = str(opts["addr"])
     config = opts["config"]
+    hostname = str(opts["hostname"])
+    startup = logging.getLogger("derpd.startup")
     if dev:
         if addr == ":443":
             addr = ":3340"
+        if hostname == "derp.tailscale.com":  # derper's default names Tailscale's own relays
+            hostname = "localhost"
         key = NodePrivate.generate()
-    elif config is None:
-        raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
     else:
+        if config is None:
+            config = default_key_file()
+            if config is None:
+                raise SettingsError("pass -c PATH for the relay's key file (it is created if missing), or use --dev")
+            startup.info("no -c given; using %s (as derper does when run as root)", config)
         assert isinstance(config, Path)
         key, created = load_or_create(config)
         if created:
-            logging.getLogger("derpd.startup").info("created key file %s", config)
+            startup.info("created key file %s", config)
+    certdir = opts["certdir"]
+    assert certdir is None or isinstance(certdir, Path)
+    certmode, certdir = cert_settings(str(opts["certmode"]), certdir, split_host_port(addr)[1])
     mesh_key = None
-    if opts["mesh_psk_file"] is not None:
-        path = opts["mesh_psk_file"]
+    mesh_file = opts["mesh_psk_file"] if opts["mesh_psk_file"] is not None or dev else default_mesh_psk_file()
+    if dev and os.environ.get("TAILSCALE_DERPER_MESH_KEY"):  # derper's dev-mode mesh key
+        mesh_file = None
+        try:
+            mesh_key = parse_mesh_key(os.environ["TAILSCALE_DERPER_MESH_KEY"])
+        except KeyFormatError as e:
+            raise SettingsError(f"TAILSCALE_DERPER_MESH_KEY must be 64 hex digits ({e})") from e
+    if mesh_file is not None:
+        path = mesh_file
         assert isinstance(path, Path)
         try:
             mesh_key = parse_mesh_key(path.read_text())
@@ -88,9 +141,9 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     settings = RelaySettings(
         private_key=key,
         addr=addr,
-        certmode=opts["certmode"],  # type: ignore[arg-type]
-        certdir=opts["certdir"],  # type: ignore[arg-type]
-        hostname=str(opts["hostname"]),
+        certmode=certmode,
+        certdir=certdir,
+        hostname=hostname,
         http_port=int(opts["http_port"]),  # type: ignore[call-overload]
         home=str(opts["home"]),
         derp_enabled=bool(opts["derp_enabled"]),
@@ -103,23 +156,64 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
         accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+        debug_allow=parse_networks("--debug-allow", str(opts.get("debug_allow") or "")),
+        proxy_protocol=bool(opts.get("proxy_protocol", False)),
+        trusted_proxies=tuple(c.strip() for c in str(opts.get("trusted_proxies") or "").split(",") if c.strip()),
     )
-    if opts["mesh_with"] and mesh_key is None:
-        raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
+    if opts["mesh_with"]:
+        parse_mesh_with(str(opts["mesh_with"]))  # a bad entry fails here, before anything listens
+        if mesh_key is None:
+            raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
     metrics_addr = opts["metrics_addr"]
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
-    return ServeOptions(settings, int(opts["stun_port"]), metrics_addr,  # type: ignore[call-overload,arg-type]
+    stun_port = int(opts["stun_port"]) if opts["stun"] else -1  # type: ignore[call-overload]
+    return ServeOptions(settings, stun_port, metrics_addr,  # type: ignore[arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
-                        registration_from_flags(opts))
+                        int(opts["region_id"]), opts["node_name"],  # type: ignore[call-overload,arg-type]
+                        registration_from_flags(opts),
+                        bootstrap_dns=bootstrap_dns_from_flags(opts), acme=acme_from_flags(opts, settings))
+
+
+def bootstrap_dns_from_flags(opts: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .bootstrapdns import parse_names
+
+    return (parse_names("--bootstrap-dns-names", str(opts.get("bootstrap_dns_names") or "")),
+            parse_names("--unpublished-bootstrap-dns-names", str(opts.get("unpublished_bootstrap_dns_names") or "")))
+
+
+def acme_from_flags(opts: dict[str, object], settings: RelaySettings) -> AcmeConfig | None:
+    """The ACME client's configuration for --certmode letsencrypt/gcp (derpd.acme), else None."""
+    if not settings.acme:
+        for flag in ("acme_ip_certs", "acme_eab_kid", "acme_eab_key", "acme_directory"):
+            if opts.get(flag):
+                raise SettingsError(f"--{flag.replace('_', '-')} is for --certmode letsencrypt or gcp")
+        return None
+    if int(opts["workers"]) > 1:  # type: ignore[call-overload]
+        raise SettingsError("ACME with --workers > 1 is not supported yet: run one worker, or get the "
+                            "certificate with an external ACME client and use --certmode manual")
+    from .acme import AcmeConfig
+
+    assert settings.certdir is not None and settings.effective_certmode is not None
+    return AcmeConfig.from_options(
+        certmode=settings.effective_certmode, hostname=settings.hostname, certdir=settings.certdir,
+        http_port=settings.http_port, directory=opts.get("acme_directory") or None,  # type: ignore[arg-type]
+        email=str(opts.get("acme_email") or ""), eab_kid=str(opts.get("acme_eab_kid") or ""),
+        eab_key=str(opts.get("acme_eab_key") or ""), ip_certs=bool(opts.get("acme_ip_certs")))
 
 
 def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None:
     """The ``--coordinator`` settings, or None without ``--coordinator``."""
+    for flag, key, version in (("--advertise-ipv4", "advertise_ipv4", 4), ("--advertise-ipv6", "advertise_ipv6", 6)):
+        value = opts[key]
+        if value is not None and not (is_ip(str(value)) and ipaddress.ip_address(str(value)).version == version):
+            raise SettingsError(f"{flag} {value!r} is not an IPv{version} address")
     url = opts["coordinator"]
     if not url:
         return None
+    if opts.get("hostname") == "derp.tailscale.com" and not opts.get("dev"):  # derper's default, not a choice
+        raise SettingsError("--coordinator needs --hostname: the name (or IP) clients reach this relay at")
     token_file = opts["coordinator_token_file"]
     if token_file is None:
         raise SettingsError("--coordinator needs --coordinator-token-file (the coordinator's shared token)")
@@ -138,6 +232,14 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
         raise SettingsError(str(e)) from None
     if not urls:
         raise SettingsError("--coordinator needs at least one URL, e.g. http://coordinator:8080")
+    for one in urls:
+        try:
+            host = urlsplit(one).hostname
+            urlsplit(one).port
+        except ValueError:
+            raise SettingsError(f"--coordinator {one!r}: the port must be a number from 1 to 65535") from None
+        if not host:
+            raise SettingsError(f"--coordinator {one!r} has no host; give http(s)://HOST[:PORT]")
     return {"url": urls, "token": token, "region_id": opts["region_id"], "region_code": opts["region_code"],
             "region_name": opts["region_name"], "node_name": opts["node_name"],
             "ipv4": opts["advertise_ipv4"], "ipv6": opts["advertise_ipv6"]}
@@ -159,8 +261,8 @@ def node_registration(reg: dict[str, object], running: RunningRelay, settings: R
     elif stun_port not in (0, 3478):
         node["STUNPort"] = stun_port
     server = running.server
-    if server.cert is not None and needs_pin(server.cert, settings.hostname):
-        node["CertName"] = server.cert.pin
+    if server.cert is not None and not settings.acme and needs_pin(server.cert, settings.hostname):
+        node["CertName"] = server.cert.pin  # an ACME certificate is publicly trusted: no pin
     for field, key in (("IPv4", "ipv4"), ("IPv6", "ipv6")):
         if reg[key]:
             node[field] = reg[key]
@@ -191,9 +293,21 @@ def _chain_trusted(cert_path: str, key_path: str, pin: str, hostname: str) -> bo
 
 
 async def run_serve(options: ServeOptions) -> None:
-    """Run one relay process until a signal stops it (see ``handle_signals``)."""
-    settings, stun_port, metrics_addr = options.settings, options.stun_port, options.metrics_addr
+    """Run one relay process until a signal stops it (see ``handle_signals``).
 
+    Every listener (relay, plain HTTP, STUN, metrics) is bound before anything is printed, so
+    a port in use ends start-up with that one error line and nothing else.
+
+    Raises:
+        BindError: a listener cannot bind (``which`` names it).
+        SettingsError: the certificate cannot be used (CertError).
+    """
+    with open_signals() as signals:
+        await _serve_node(options, signals)
+
+
+async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> None:
+    settings, stun_port, metrics_addr = options.settings, options.stun_port, options.metrics_addr
     startup = logging.getLogger("derpd.startup")
     async with trio.open_nursery() as nursery:
 
@@ -203,35 +317,28 @@ async def run_serve(options: ServeOptions) -> None:
 
         running = await nursery.start(relay_then_stop)
         server = running.server
+        stun_bound = await start_stun(nursery, settings, stun_port)
+        if stun_bound:
+            stun_port = stun_bound[0][1]  # the port bound, also for --stun-port 0
+        bound_metrics = None
+        if metrics_addr is not None:
+            bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
         if options.protection is not None:
             options.protection.install(server, nursery)
-        scheme = "TLS" if server.ssl_context else "plain HTTP"
-        startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
-                     ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
-        if server.ssl_context is None:
-            startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
-                            "clients need TLS otherwise (use --certmode manual)")
-        if server.cert is not None and (server.cert.self_signed_generated or (
-            settings.certmode == "manual" and is_ip(settings.hostname)
-        )) and needs_pin(server.cert, settings.hostname):
-            from .relay.tls import node_json_for_pinned_cert
+        install_bootstrap_dns(options, server, nursery)
+        announce_node(options, running, stun_port)
+        if options.acme is not None:
+            from .acme import start_acme
 
-            node = node_json_for_pinned_cert(settings.hostname, server.cert.pin, running.port, stun_port)
-            kind = "self-signed" if server.cert.self_signed_generated else "not trusted by the system roots"
-            startup.info("%s certificate, clients need its pin; DERP map node: %s", kind,
-                         json.dumps(node, separators=(",", ":")))
-            print(json.dumps(node), flush=True)
-        if stun_port >= 0:
-            from stund.server import serve_stun
-
-            host = settings.listen[0] or "::"
-            bound = await nursery.start(serve_stun, [(host, stun_port)])
-            startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+            await start_acme(server, options.acme, nursery)
+        if stun_bound:
+            startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in stun_bound))
         if running.http_port is not None:
             startup.info("plain HTTP (generate_204, redirects) on port %d", running.http_port)
+        if bound_metrics is not None:
+            startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
         if options.mesh_with:
             from .client import make_ssl_context
-            from .mesh import parse_mesh_with, run_mesh
 
             assert settings.mesh_key is not None
             ctx = make_ssl_context(ca_file=options.mesh_ca_file) if options.mesh_ca_file else None
@@ -247,37 +354,84 @@ async def run_serve(options: ServeOptions) -> None:
                                   partial(node_registration, reg, running, settings, stun_port))
             server.cert_hooks.append(announcer.notify)  # a new pin goes out at once, not at the next heartbeat
             nursery.start_soon(announcer.run)  # never holds up the relay's start
-        if metrics_addr is not None:
-            bound_metrics = await nursery.start(serve_metrics, metrics_addr, server.metrics_text)
-            startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
-        await handle_signals(running, settings, nursery.cancel_scope)
+        await handle_signals(signals, running, settings, nursery.cancel_scope)
 
 
-async def handle_signals(running: RunningRelay, settings: RelaySettings, scope: trio.CancelScope) -> None:
+async def start_stun(nursery: trio.Nursery, settings: RelaySettings, port: int) -> list[tuple[str, int]]:
+    """Start STUN on ``port`` (``--stun-port``; -1: none) of the relay's IP.  Returns the bound
+    addresses (empty without STUN).
+
+    Raises:
+        BindError: the port cannot be bound (``which`` is "stun").
+    """
+    if port < 0:
+        return []
+    from stund.server import serve_stun
+
+    host = settings.listen[0] or "::"
+    try:
+        return await nursery.start(serve_stun, [(host, port)])  # type: ignore[no-any-return]
+    except OSError as e:
+        raise BindError(e, host, port, "stun") from e
+
+
+def announce_node(options: ServeOptions, running: RunningRelay, stun_port: int) -> None:
+    """The start-up lines: what listens where; with a self-signed or IP certificate, also the
+    DERP-map node to paste (one JSON line on stdout).  ``stun_port`` is the bound port."""
+    settings, server = options.settings, running.server
+    startup = logging.getLogger("derpd.startup")
+    scheme = "TLS" if settings.tls else "plain HTTP"
+    startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
+                 ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
+    if not settings.tls:
+        startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
+                        "clients need TLS otherwise (port 443 gets Let's Encrypt, or see --certmode)")
+    if server.cert is not None and not settings.acme and (server.cert.self_signed_generated or (
+        settings.certmode == "manual" and is_ip(settings.hostname)
+    )) and needs_pin(server.cert, settings.hostname):
+        from .relay.tls import node_json_for_pinned_cert
+
+        node = node_json_for_pinned_cert(settings.hostname, server.cert.pin, running.port, stun_port,
+                                         name=options.node_name or "custom", region_id=options.region_id)
+        kind = "self-signed" if server.cert.self_signed_generated else "not trusted by the system roots"
+        startup.info("%s certificate, clients need its pin; DERP map node: %s", kind,
+                     json.dumps(node, separators=(",", ":")))
+        print(json.dumps(node), flush=True)
+
+
+def open_signals() -> ContextManager[AsyncIterator[int]]:
+    """The signals a relay process handles (SIGTERM, SIGINT, SIGHUP), caught from here on: open
+    it before binding, so a signal that arrives during start-up is handled, not fatal."""
+    return trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def handle_signals(signals: AsyncIterator[int], running: RunningRelay, settings: RelaySettings,
+                         scope: trio.CancelScope) -> None:
     """SIGHUP reloads (certificates, allow-lists, rate limits); SIGTERM/SIGINT shut down
-    gracefully (Restarting to every client, then drain); a second one stops at once."""
+    gracefully (Restarting to every client, then drain); a second one stops at once.
+    ``signals`` comes from ``open_signals``."""
     startup = logging.getLogger("derpd.startup")
     stopping_since: float | None = None
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                startup.info("received SIGHUP, reloading")
-                running.server.reload()
-            elif stopping_since is None or trio.current_time() - stopping_since < 1.0:
-                # A repeat within a second is the same stop reaching us twice (a process group
-                # signal plus the --workers parent forwarding it), not an operator's second one.
-                if stopping_since is not None:
-                    continue
-                stopping_since = trio.current_time()
-                startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
-                             "(send it again to stop at once)", name, settings.shutdown_grace)
-                running.shutdown(settings.shutdown_grace)
-            else:
-                startup.info("received %s again, stopping now", name)
-                scope.cancel()
-                return
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            startup.info("received SIGHUP, reloading")
+            running.server.reload()
+        elif stopping_since is None or trio.current_time() - stopping_since < 1.0:
+            # A repeat within a second is the same stop reaching us twice (a process group
+            # signal plus the --workers parent forwarding it), not an operator's second one.
+            if stopping_since is not None:
+                continue
+            stopping_since = trio.current_time()
+            startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
+                         "(send it again to stop at once)", name, settings.shutdown_grace)
+            running.shutdown(settings.shutdown_grace)
+        else:
+            startup.info("received %s again, stopping now", name)
+            scope.cancel()
+            return
 
 
-__all__ = ["ServeOptions", "handle_signals", "needs_pin", "node_registration", "options_from_flags",
+__all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals", "needs_pin",
+           "node_registration", "open_signals", "options_from_flags", "start_stun",
            "registration_from_flags", "run_serve", "setup_logging"]

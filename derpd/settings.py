@@ -9,6 +9,9 @@ from pathlib import Path
 from .keys import NodePrivate
 
 
+ACME_CERTMODES = ("letsencrypt", "gcp")
+
+
 class SettingsError(ValueError):
     """A setting is invalid; the message says what to change."""
 
@@ -48,6 +51,23 @@ def split_host_port(addr: str, default_port: int = 443) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def parse_networks(flag: str, text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A comma-separated list of CIDRs (a bare address is a /32 or /128).
+
+    Raises:
+        SettingsError: an entry that is not a network.
+    """
+    nets = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise SettingsError(f"{flag}: {entry!r} is not an address or CIDR such as 10.0.0.0/8") from None
+    return tuple(nets)
+
+
 def is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -62,7 +82,7 @@ class RelaySettings:
 
     private_key: NodePrivate = field(default_factory=NodePrivate.generate)
     addr: str = ":443"
-    certmode: str | None = None  # None (plain unless port 443), "manual"
+    certmode: str | None = None  # None (plain, or letsencrypt on port 443), "manual", "letsencrypt", "gcp"
     certdir: Path | None = None
     hostname: str = "localhost"
     http_port: int = -1  # plain-HTTP port beside TLS; -1 disables
@@ -76,6 +96,7 @@ class RelaySettings:
     keepalive_jitter: float = 5.0
     login_timeout: float = 10.0
     http_timeout: float = 30.0
+    http_write_timeout: float = 30.0  # every HTTP response (derper's WriteTimeout)
     tcp_keepalive: float = 600.0
     tcp_user_timeout: float = 15.0
     max_connections_per_ip: int = 0  # 0 = unlimited
@@ -83,26 +104,36 @@ class RelaySettings:
     accept_connection_burst: int = 1 << 30
     shutdown_grace: float = 5.0
     serve_metrics: bool = True  # /metrics on the relay port, loopback peers only
+    debug_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # /debug/ beyond loopback
+    proxy_protocol: bool = False  # PROXY protocol v1/v2 on the relay listener, from trusted_proxies only
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose PROXY headers and X-Forwarded-For are believed
 
     def __post_init__(self) -> None:
         host, port = split_host_port(self.addr)
-        if self.certmode not in (None, "manual"):
+        if self.certmode not in (None, "manual", *ACME_CERTMODES):
             raise SettingsError(
-                f"--certmode {self.certmode!r} is not supported; use 'manual' with --certdir, "
-                "or put a TLS-terminating proxy in front"
+                f"--certmode {self.certmode!r} is not supported; use letsencrypt (the default), gcp or manual"
             )
         if self.certmode == "manual" and self.certdir is None:
             raise SettingsError("--certmode manual needs --certdir (holding <hostname>.crt and <hostname>.key)")
+        if self.acme and self.certdir is None:
+            raise SettingsError(f"--certmode {self.effective_certmode} needs --certdir (where the certificate "
+                                "and the ACME account key are kept)")
         if self.queue_depth < 1:
             raise SettingsError("the send queue depth must be at least 1")
         if not -1 <= self.http_port <= 65535:
             raise SettingsError("--http-port must be -1 (off) or a port number")
-        if port == 443 and self.certmode is None:
-            raise SettingsError(
-                "port 443 means TLS: pass --certmode manual --certdir DIR (with <hostname>.crt/.key, "
-                "or an IP --hostname for a self-signed cert), or listen on another port for plain HTTP"
-            )
-        del host
+        del host, port
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"--trusted-proxies: {cidr!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8,::1)"
+                ) from None
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise SettingsError("--proxy-protocol needs --trusted-proxies CIDR,... (the addresses of the proxies "
+                                "that send PROXY headers)")
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -112,3 +143,15 @@ class RelaySettings:
     def tls(self) -> bool:
         """derper serves TLS iff the port is 443 or a certmode is given (P-25)."""
         return self.certmode is not None or self.listen[1] == 443
+
+    @property
+    def effective_certmode(self) -> str | None:
+        """The certmode in force: derper's default ``letsencrypt`` on port 443 when none is given."""
+        if self.certmode is None and self.listen[1] == 443:
+            return "letsencrypt"
+        return self.certmode
+
+    @property
+    def acme(self) -> bool:
+        """The certificate comes from an ACME CA (``--certmode letsencrypt`` or ``gcp``)."""
+        return self.effective_certmode in ACME_CERTMODES

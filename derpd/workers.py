@@ -1,13 +1,23 @@
-"""``derpd serve --workers N``: N relay processes on one port, meshed over loopback.
+"""``derpd serve --workers N``: N relay processes on one port, meshed over loopback, supervised.
 
-The parent binds the relay port N times with SO_REUSEPORT (the kernel spreads new
-connections across the sockets) plus one private loopback port per worker, then forks.
-Every worker is a complete relay with the same key, and holds a mesh link (a generated mesh
-key) to every other worker's private port, so a client on worker 1 reaches a client on
-worker 2 through one ForwardPacket hop.  STUN runs in worker 0.
+The parent process:
 
-The parent forwards SIGTERM/SIGINT/SIGHUP to the workers and, with ``--metrics-addr``, serves
-the sum of every worker's metrics.
+* loads the TLS certificate once, before any worker starts (an IP ``--hostname`` with an
+  empty ``--certdir`` gets ONE self-signed certificate, which every worker then loads);
+* binds STUN, ``--metrics-addr`` and one private loopback port per worker (its mesh port);
+* starts each worker with ``spawn`` (a fresh interpreter that inherits only the sockets it is
+  given) and a socket of its own on the relay port (SO_REUSEPORT): when a worker dies, its
+  socket dies with it and the kernel stops handing it connections;
+* prints the start-up lines a single process prints (relay, pin and DERP-map node, STUN) and
+  registers with the coordinators (``--coordinator``);
+* restarts a worker that dies, with backoff, logging its exit status, and gives up (exit 1)
+  when one dies ``GIVE_UP_AFTER`` times within ``GIVE_UP_WINDOW`` seconds;
+* forwards SIGTERM/SIGINT/SIGHUP, and serves every worker's metrics merged
+  (``aggregate_metrics``).
+
+Every worker is a complete relay with the same key and holds a mesh link (a generated mesh
+key) to every other worker's private port, so a client on worker 1 reaches a client on worker 2
+through one ForwardPacket hop.
 
 Dependencies: ``derpd.cli`` imports this module; it builds each worker from ``derpd.serve``
 (options, signals, logging) and ``derpd.relay``, and never imports ``derpd.cli``.
@@ -21,18 +31,36 @@ import multiprocessing
 import os
 import signal
 import socket
-from collections import defaultdict
+from collections import defaultdict, deque
 from functools import partial
 from typing import Any
 
 import trio
+from stund.oneline import run_trio
 
 from .keys import NodePrivate
-from .relay.listener import serve_metrics, serve_relay
-from .serve import ServeOptions, handle_signals, setup_logging
+from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
+from .relay.server import RelayServer
+from .serve import (ServeOptions, announce_node, bind_error_message, handle_signals, install_bootstrap_dns,
+                    node_registration,
+                    open_signals, setup_logging, start_stun)
 from .settings import SettingsError
 
 log = logging.getLogger("derpd.workers")
+
+GIVE_UP_AFTER = 5  # deaths of one worker ...
+GIVE_UP_WINDOW = 60.0  # ... within this many seconds: the parent stops and exits 1
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+READY_TIMEOUT = 60.0  # a worker that is not serving by then counts as dead
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (``--workers auto``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -42,150 +70,425 @@ def _bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         family, addr = info[0], info[4][:2]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6 and host in ("", "::"):
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(addr)
-    sock.listen(socket.SOMAXCONN)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host in ("", "::"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
-def aggregate_metrics(texts: list[str]) -> bytes:
-    """Sum Prometheus text from several processes, sample by sample, and expose the sum with
-    prometheus-client's own writer (so counter TYPE lines keep their ``_total`` names)."""
+# ---------------------------------------------------------------------------- metrics
+
+# Gauges whose sum over the workers means something: connections, clients held, memory.
+SUMMED_GAUGES = frozenset({
+    "derp_current_connections", "derp_current_home_connections", "derp_current_notideal_connections",
+    "derp_clients_local", "derp_current_dup_client_keys", "derp_current_dup_client_conns",
+    "process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds",
+})
+# Gauges that are times: the earliest one is the one to alert on (certificate expiry, start).
+MIN_GAUGES = frozenset({"derp_tls_cert_not_after_seconds", "process_start_time_seconds"})
+
+
+def aggregate_metrics(texts: list[str], names: list[str] | None = None) -> bytes:
+    """Merge Prometheus text from several processes (``names[i]`` names ``texts[i]``, default
+    its index), and expose the result with prometheus-client's own writer (so counter TYPE
+    lines keep their ``_total`` names).
+
+    Counters (and histogram and summary series) are summed.  Gauges are summed only where the
+    sum means something (``SUMMED_GAUGES``: connections, memory); times take the minimum
+    (``MIN_GAUGES``: the certificate that expires first); every other gauge is reported once
+    per process with a ``worker`` label, since a sum of, say, mesh peers or clients known in the
+    region would be wrong.
+    """
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.samples import Sample
 
+    names = names if names is not None else [str(i) for i in range(len(texts))]
     families: dict[str, Any] = {}
-    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(dict)
-    for text in texts:
+    merged: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(dict)
+    for name, text in zip(names, texts, strict=True):
         for fam in text_string_to_metric_families(text):
             families.setdefault(fam.name, fam)
+            out = merged[fam.name]
+            per_worker = fam.type in ("gauge", "unknown", "info", "stateset") and fam.name not in SUMMED_GAUGES \
+                and fam.name not in MIN_GAUGES
             for sample in fam.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                sums[fam.name][key] = sums[fam.name].get(key, 0.0) + sample.value
-    for name, fam in families.items():
-        fam.samples = [Sample(sname, dict(labels), value) for (sname, labels), value in sums[name].items()]
+                labels = dict(sample.labels)
+                if per_worker:
+                    labels["worker"] = name
+                key = (sample.name, tuple(sorted(labels.items())))
+                if key not in out:
+                    out[key] = sample.value
+                elif fam.name in MIN_GAUGES:
+                    out[key] = min(out[key], sample.value)
+                else:
+                    out[key] += sample.value
+    for fam_name, fam in families.items():
+        fam.samples = [Sample(sname, dict(labels), value) for (sname, labels), value in merged[fam_name].items()]
 
-    class _Summed:
+    class _Merged:
         def collect(self) -> Any:
             return list(families.values())
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Summed())  # type: ignore[arg-type]
+    registry.register(_Merged())  # type: ignore[arg-type]
     return generate_latest(registry)
 
 
-def _worker_main(index: int, options: ServeOptions, main_sock: socket.socket, mesh_sock: socket.socket,
-                 peer_ports: list[int], mesh_key: bytes) -> None:
-    setup_logging(options.verbose)
+async def _scrape(port: int) -> str | None:
+    """One worker's /metrics over its private loopback port, or None if it does not answer."""
     try:
-        trio.run(_worker, index, options, main_sock, mesh_sock, peer_ports, mesh_key)
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = bytearray()
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                    if len(data) > 64 << 20:
+                        return None
+        head, sep, body = bytes(data).partition(b"\r\n\r\n")
+        return body.decode() if sep and head.startswith(b"HTTP/1.1 200") else None
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError, UnicodeDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, object] | None,
+                 main_sock: socket.socket, mesh_sock: socket.socket, peer_ports: list[int], mesh_key: bytes,
+                 conn: Any) -> None:
+    """A worker process: serve until a signal stops it.  Tells the parent ("ready", info) once
+    it serves, or ("error", one line) if it cannot start."""
+    setup_logging(options.verbose)
+    if options.verbose <= 0:
+        logging.getLogger("derpd.startup").setLevel(logging.WARNING)  # the parent prints the start-up lines
+    try:
+        protection = None
+        if protection_flags is not None:
+            from .admission import Protection
+
+            protection = Protection.from_options(protection_flags)
+        run_trio(_worker, index, dataclasses.replace(options, protection=protection), main_sock, mesh_sock,
+                 peer_ports, mesh_key, conn)
     except KeyboardInterrupt:
         pass
+    except BindError as e:  # worker 0's --http-port
+        conn.send(("error", bind_error_message(e)))
+        raise SystemExit(2) from None
+    except (SettingsError, OSError) as e:  # SettingsError includes CertError
+        conn.send(("error", str(e)))
+        raise SystemExit(2) from None
 
 
 async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, mesh_sock: socket.socket,
-                  peer_ports: list[int], mesh_key: bytes) -> None:
+                  peer_ports: list[int], mesh_key: bytes, conn: Any) -> None:
     from .mesh import MeshTarget, run_mesh
 
     settings = dataclasses.replace(options.settings, mesh_key=options.settings.mesh_key or mesh_key)
-    async with trio.open_nursery() as nursery:
+    if index != 0:
+        settings = dataclasses.replace(settings, http_port=-1)  # worker 0 serves the plain-HTTP companion
+    with open_signals() as signals:
+        async with trio.open_nursery() as nursery:
 
-        async def relay_then_stop(task_status: trio.TaskStatus) -> None:
-            await serve_relay(settings, sockets=[main_sock], internal_sockets=[mesh_sock], task_status=task_status)
-            nursery.cancel_scope.cancel()
+            async def relay_then_stop(task_status: trio.TaskStatus[RunningRelay]) -> None:
+                await serve_relay(settings, sockets=[main_sock], internal_sockets=[mesh_sock], task_status=task_status)
+                nursery.cancel_scope.cancel()
 
-        running = await nursery.start(relay_then_stop)
-        if options.protection is not None:
-            options.protection.install(running.server, nursery)
-        await nursery.start(partial(
-            run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
-            client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))
-        if index == 0 and options.stun_port >= 0:
-            from stund.server import serve_stun
-
-            await nursery.start(serve_stun, [(settings.listen[0] or "::", options.stun_port)])
-        await handle_signals(running, settings, nursery.cancel_scope)
+            running = await nursery.start(relay_then_stop)
+            if options.protection is not None:
+                options.protection.install(running.server, nursery)
+            install_bootstrap_dns(options, running.server, nursery)
+            await nursery.start(partial(
+                run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
+                client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))
+            conn.send(("ready", {"url": running.url, "http_port": running.http_port}))
+            await handle_signals(signals, running, settings, nursery.cancel_scope)
 
 
-def run_workers(options: ServeOptions, count: int) -> int:
-    """Start ``count`` workers and wait for them.  Returns the exit code.
+# ---------------------------------------------------------------------------- parent side
+
+
+class WorkersFailed(Exception):
+    """A worker could not start, or kept dying; the message is one line for the operator."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class Supervisor:
+    """Starts the workers, keeps them alive, and stops them (see the module docstring)."""
+
+    def __init__(self, options: ServeOptions, count: int, protection_flags: dict[str, object] | None,
+                 first_sock: socket.socket, mesh_socks: list[socket.socket]) -> None:
+        self.options = options
+        self.count = count
+        self.protection_flags = protection_flags
+        self.host = options.settings.listen[0]
+        self.port = first_sock.getsockname()[1]
+        self._first_sock: socket.socket | None = first_sock
+        self.mesh_socks = mesh_socks
+        self.mesh_ports = [s.getsockname()[1] for s in mesh_socks]
+        self.mesh_key = os.urandom(32)
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: dict[int, Any] = {}
+        self.ready_info: dict[int, dict[str, Any]] = {}
+        self.restarts = [0] * count
+        self.stopping = False
+        self._stop = trio.Event()
+
+    def request_stop(self) -> None:
+        """No more restarts; a worker waiting for its restart gives up waiting at once."""
+        self.stopping = True
+        self._stop.set()
+
+    def _spawn(self, index: int) -> tuple[Any, Any]:
+        sock, self._first_sock = (self._first_sock, None) if self._first_sock is not None else (
+            _bind(self.host, self.port, reuse_port=True), None)
+        parent_end, child_end = self.ctx.Pipe(duplex=False)
+        others = [p for j, p in enumerate(self.mesh_ports) if j != index]
+        proc = self.ctx.Process(
+            target=_worker_main, name=f"derpd-worker-{index}", daemon=False,
+            args=(index, self.options, self.protection_flags, sock, self.mesh_socks[index], others, self.mesh_key,
+                  child_end))
+        try:
+            proc.start()
+        finally:
+            sock.close()  # the worker holds the only copy now
+            child_end.close()
+        self.procs[index] = proc
+        return proc, parent_end
+
+    async def _wait_ready(self, proc: Any, conn: Any) -> tuple[str, Any]:
+        """Returns ("ready", info), ("error", line), or ("dead", None)."""
+        with trio.move_on_after(READY_TIMEOUT):
+            await trio.lowlevel.wait_readable(conn.fileno())
+            try:
+                return conn.recv()  # type: ignore[no-any-return]
+            except (EOFError, OSError):
+                return "dead", None
+        return "dead", None
+
+    async def keep_alive(self, index: int, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run worker ``index`` until the supervisor stops; restart it when it dies."""
+        startup = logging.getLogger("derpd.startup")
+        deaths: deque[float] = deque()
+        first = True
+        while True:
+            proc, conn = self._spawn(index)
+            started_at = trio.current_time()
+            try:
+                kind, info = await self._wait_ready(proc, conn)
+            finally:
+                conn.close()
+            if kind == "ready":
+                self.ready_info[index] = info
+                if first:
+                    task_status.started()
+                    first = False
+                else:
+                    startup.info("worker %d is back (pid %d)", index, proc.pid)
+            elif first and self.stopping:  # stopped while starting
+                task_status.started()
+                await self.reap(proc)
+                return
+            elif first:
+                await self.reap(proc)
+                why = info if kind == "error" else f"worker {index} {_exit_status(proc.exitcode)} while starting"
+                raise WorkersFailed(why, 2)
+            await trio.lowlevel.wait_readable(proc.sentinel)
+            await self.reap(proc)
+            if self.stopping:
+                return
+            now = trio.current_time()
+            deaths.append(now)
+            while deaths and now - deaths[0] > GIVE_UP_WINDOW:
+                deaths.popleft()
+            status = _exit_status(proc.exitcode) if kind != "error" else f"could not start: {info}"
+            if len(deaths) >= GIVE_UP_AFTER:
+                raise WorkersFailed(f"worker {index} died {len(deaths)} times within {GIVE_UP_WINDOW:.0f} s "
+                                    f"(last: {status}); stopping", 1)
+            delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (len(deaths) - 1))
+            log.warning("worker %d (pid %d) %s after %.0f s; restarting it in %.1f s", index, proc.pid, status,
+                        now - started_at, delay)
+            self.restarts[index] += 1
+            with trio.move_on_after(delay):
+                await self._stop.wait()
+            if self.stopping:
+                return
+
+    async def reap(self, proc: Any) -> None:
+        await trio.to_thread.run_sync(proc.join, 5.0)
+
+    def signal_all(self, signum: int) -> None:
+        for proc in self.procs.values():
+            if proc.pid is not None and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def stop_all(self) -> None:
+        """The stop after a failure (start-up failed, or giving up): SIGTERM to every worker."""
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+
+    async def metrics_text(self) -> bytes:
+        from prometheus_client import REGISTRY, generate_latest
+
+        texts, names = [], []
+        for index, port in enumerate(self.mesh_ports):
+            text = await _scrape(port)
+            if text is not None:
+                texts.append(text)
+                names.append(str(index))
+        texts.append(generate_latest(REGISTRY).decode())  # this process: STUN, process metrics
+        names.append("parent")
+        return aggregate_metrics(texts, names)
+
+
+def run_workers(options: ServeOptions, count: int, protection_flags: dict[str, object] | None = None) -> int:
+    """Start ``count`` workers, keep them alive until a signal stops them.  Returns the exit code.
+
+    ``protection_flags`` are the ``serve`` flags that ``admission.Protection.from_options``
+    reads: each worker builds its own checks from them.
 
     Raises:
-        SettingsError: the options do not combine with workers.
-        OSError: the port cannot be bound.
+        SettingsError: the options do not combine with workers, or the certificate is unusable.
+        BindError: the relay port cannot be bound.
+        WorkersFailed: a worker could not start (code 2) or kept dying (code 1).
     """
     if options.mesh_with:
         raise SettingsError("--workers cannot be combined with --mesh-with yet: run one process per mesh node")
     settings = options.settings
     host, port = settings.listen
-    first = _bind(host, port, reuse_port=True)
-    port = first.getsockname()[1]
-    main_socks = [first] + [_bind(host, port, reuse_port=True) for _ in range(count - 1)]
+    server = RelayServer(settings)  # this process's copy: the certificate (made here, once) and its pin
+    server.load_tls()
+    try:
+        first = _bind(host, port, reuse_port=True)
+    except OSError as e:
+        raise BindError(e, host, port, "relay") from e
     mesh_socks = [_bind("127.0.0.1", 0, reuse_port=False) for _ in range(count)]
-    mesh_ports = [s.getsockname()[1] for s in mesh_socks]
-    mesh_key = os.urandom(32)
-    ctx = multiprocessing.get_context("fork")
-    procs = []
-    for i in range(count):
-        others = [p for j, p in enumerate(mesh_ports) if j != i]
-        proc = ctx.Process(target=_worker_main, args=(i, options, main_socks[i], mesh_socks[i], others, mesh_key),
-                           name=f"derpd-worker-{i}", daemon=False)
-        proc.start()
-        procs.append(proc)
-    for s in main_socks + mesh_socks:
-        s.close()
-    logging.getLogger("derpd.startup").info("derpd: %d workers on port %d (pids %s)", count, port,
-                                            " ".join(str(p.pid) for p in procs))
-    return trio.run(_parent, procs, mesh_ports, options.metrics_addr)
+    supervisor = Supervisor(options, count, protection_flags, first, mesh_socks)
+    try:
+        return run_trio(_parent, supervisor, server)  # type: ignore[no-any-return]
+    except BaseExceptionGroup as group:  # several workers failed at once: report the first
+        failed = group.subgroup(lambda e: isinstance(e, WorkersFailed))
+        while isinstance(failed, BaseExceptionGroup):
+            failed = failed.exceptions[0]
+        if failed is None:
+            raise
+        raise failed from None
+    finally:
+        for s in mesh_socks:
+            s.close()
 
 
-async def _parent(procs: list[multiprocessing.Process], mesh_ports: list[int], metrics_addr: str | None) -> int:
-    async def scrape_all() -> bytes:
-        texts: list[str] = []
-        for p in mesh_ports:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", p)
-                async with stream:
-                    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    data = bytearray()
-                    while chunk := await stream.receive_some(65536):
-                        data += chunk
-                texts.append(bytes(data).split(b"\r\n\r\n", 1)[1].decode())
-            except (OSError, trio.BrokenResourceError, IndexError):
-                continue
-        return aggregate_metrics(texts)
+async def _parent(sup: Supervisor, server: RelayServer) -> int:
+    options, settings = sup.options, sup.options.settings
+    startup = logging.getLogger("derpd.startup")
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                stun_bound = await start_stun(nursery, settings, options.stun_port)
+                stun_port = stun_bound[0][1] if stun_bound else options.stun_port
+                bound_metrics = None
+                if options.metrics_addr is not None:
+                    cache = {"text": b""}
 
-    async with trio.open_nursery() as nursery:
-        if metrics_addr is not None:
-            cache = {"text": b""}
+                    async def refresh() -> None:
+                        while True:
+                            cache["text"] = await sup.metrics_text()
+                            await trio.sleep(2)
 
-            async def refresh() -> None:
-                while True:
-                    cache["text"] = await scrape_all()
-                    await trio.sleep(2)
+                    bound_metrics = await nursery.start(serve_metrics, options.metrics_addr, lambda: cache["text"])
+                    nursery.start_soon(refresh)
 
-            nursery.start_soon(refresh)
-            await nursery.start(serve_metrics, metrics_addr, lambda: cache["text"])
+                async def all_workers(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                    """Start every worker at once; ``started`` once all serve."""
+                    waiting = [sup.count]
+                    all_ready = trio.Event()
 
-        async def forward_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                async for signum in signals:
-                    for p in procs:
-                        if p.pid is not None and p.is_alive():
-                            os.kill(p.pid, signum)
+                    async with trio.open_nursery() as keepers:
 
-        nursery.start_soon(forward_signals)
-        codes = []
-        for p in procs:
-            await trio.to_thread.run_sync(p.join, abandon_on_cancel=True)
-            codes.append(p.exitcode or 0)
-        nursery.cancel_scope.cancel()
-    return max(codes, default=0)
+                        async def start_one(i: int) -> None:
+                            await keepers.start(sup.keep_alive, i)
+                            waiting[0] -= 1
+                            if not waiting[0]:
+                                all_ready.set()
+
+                        for i in range(sup.count):
+                            keepers.start_soon(start_one, i)
+                        await all_ready.wait()
+                        task_status.started()
+                    nursery.cancel_scope.cancel()  # every worker is gone: stopped by a signal
+
+                nursery.start_soon(_forward_signals, sup, server, signals)
+                await nursery.start(all_workers)
+                if sup.stopping:
+                    return 0
+                info = sup.ready_info[0]
+                running = RunningRelay(server=server, url=info["url"], host=sup.host, port=sup.port,
+                                       public_key=server.public_key,
+                                       cert_pin=server.cert.pin if server.cert else None,
+                                       http_port=info["http_port"], addresses=[(sup.host or "::", sup.port)])
+                announce_node(options, running, stun_port)
+                startup.info("%d workers on port %d (pids %s)", sup.count, sup.port,
+                             " ".join(str(sup.procs[i].pid) for i in range(sup.count)))
+                if stun_bound:
+                    startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in stun_bound))
+                if bound_metrics is not None:
+                    startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
+                if options.registration is not None:
+                    from .coordinator.announce import Announcer
+
+                    reg = options.registration
+                    announcer = Announcer(reg["url"], str(reg["token"]),  # type: ignore[arg-type]
+                                          partial(node_registration, reg, running, settings, stun_port))
+                    server.cert_hooks.append(announcer.notify)  # a new pin goes out at once
+                    nursery.start_soon(announcer.run)
+        except BaseException:
+            sup.stop_all()
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                for proc in sup.procs.values():
+                    await sup.reap(proc)
+            raise
+    return 0
 
 
-__all__ = ["aggregate_metrics", "run_workers"]
+async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any) -> None:
+    """SIGHUP: reload this process's certificate (for the pin it registers) and the workers';
+    SIGTERM/SIGINT: stop restarting and pass the signal on (a second one stops them at once)."""
+    startup = logging.getLogger("derpd.startup")
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            startup.info("received SIGHUP, reloading")
+            server.reload_tls()
+        elif not sup.stopping:
+            startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
+                         "(send it again to stop at once)", signal.Signals(signum).name,
+                         sup.options.settings.shutdown_grace)
+            sup.request_stop()
+        sup.signal_all(signum)
+
+
+__all__ = ["Supervisor", "WorkersFailed", "aggregate_metrics", "available_cpus", "run_workers"]

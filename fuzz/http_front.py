@@ -39,7 +39,7 @@ def one_input(data: bytes) -> None:
                         if isinstance(route, Response):
                             route.to_h11()
                     route_request(event, derp_enabled=False)
-                    redirect_to_https(event).to_h11()
+                    redirect_to_https(event, b"derp.example.com").to_h11()
             if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
                 break
     except h11.RemoteProtocolError:

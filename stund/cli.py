@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from functools import partial
 
 import click
@@ -12,6 +13,7 @@ import trio
 
 from .client import StunErrorResponse, nat_discovery, stun_query
 from .message import StunError
+from .oneline import OneLineGroup, StartupError, format_addr, listen_error, run_trio, unwrapping
 from .server import StunConfigError, parse_hostport, run_workers, serve_stun
 
 log = logging.getLogger("stund")
@@ -41,13 +43,17 @@ def _start_metrics(addr: tuple[str, int] | None) -> None:
     from prometheus_client import start_http_server
 
     host, port = addr
-    server, _thread = start_http_server(port, addr=host)
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise StartupError(listen_error(exc, format_addr(host, port), "--metrics-addr")) from None
     bound = server.server_port
     # On stdout, like the listening line, so scripts learn the port chosen for port 0.
     print(f"stund metrics on http://{f'[{host}]' if ':' in host else host}:{bound}/metrics", flush=True)
 
 
-@click.group()
+@click.group(name="stund", cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="derpd", prog_name="stund")
 @click.option("-v", "--verbose", count=True, help="-v: startup and info lines; -vv: one debug line per ignored packet.")
 def main(verbose: int) -> None:
     """stund: a STUN server for Tailscale and ordinary STUN clients."""
@@ -85,23 +91,39 @@ def serve(addrs: list[tuple[str, int]], alternate_addr: tuple[str, int] | None,
     try:
         if workers > 1:
             _start_metrics(metrics_addr)
-            run_workers(list(addrs), workers, alternate_ip=alt_ip, alternate_port=alt_port,
-                        tailscale_only=tailscale_only, on_started=announce)
-            return
+            # A worker's bind error arrives as it was raised there: inside trio's exception group.
+            stopped_by = unwrapping(partial(run_workers, list(addrs), workers, alternate_ip=alt_ip,
+                                            alternate_port=alt_port, tailscale_only=tailscale_only,
+                                            on_started=announce))
+        else:
+            stopped_by = run_trio(partial(_serve_until_signal, list(addrs), alt_ip, alt_port, tailscale_only,
+                                          metrics_addr, announce))
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler is in place
+        stopped_by = "interrupted"
+    except OSError as exc:
+        flag = "--alternate-addr" if alternate_addr is not None else "-a"
+        where = " ".join(format_addr(h, p) for h, p in addrs)
+        raise StartupError(listen_error(exc, where, flag)) from None
+    except StunConfigError as exc:
+        raise StartupError(f"cannot start: {exc}") from None
+    if stopped_by is not None:
+        click.echo(f"stund: stopped ({stopped_by})", err=True)
 
-        async def run() -> None:
-            async with trio.open_nursery() as nursery:
-                bound = await nursery.start(partial(
-                    serve_stun, list(addrs), alternate_ip=alt_ip, alternate_port=alt_port,
-                    tailscale_only=tailscale_only))
-                _start_metrics(metrics_addr)
-                announce(bound)
 
-        trio.run(run)
-    except KeyboardInterrupt:
-        pass
-    except (StunConfigError, OSError) as exc:
-        raise click.ClickException(f"cannot start: {exc}") from None
+async def _serve_until_signal(addrs: list[tuple[str, int]], alt_ip: str | None, alt_port: int | None,
+                              tailscale_only: bool, metrics_addr: tuple[str, int] | None,
+                              announce: Callable[[list[tuple[str, int]]], None]) -> str:
+    """Serve until SIGINT or SIGTERM; returns the signal's name."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(partial(
+                serve_stun, addrs, alternate_ip=alt_ip, alternate_port=alt_port, tailscale_only=tailscale_only))
+            _start_metrics(metrics_addr)
+            announce(bound)
+            async for signum in signals:
+                nursery.cancel_scope.cancel()
+                return signal.Signals(signum).name
+    return "stopped"
 
 
 @main.command()

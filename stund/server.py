@@ -478,10 +478,13 @@ def run_workers(
     alternate_port: int | None = None,
     tailscale_only: bool = False,
     on_started: Callable[[list[tuple[str, int]]], None] | None = None,
-) -> None:
+) -> str | None:
     """Runs ``workers`` processes serving the same ports with SO_REUSEPORT; blocks until they
     exit or this process gets SIGINT/SIGTERM.  Their counters are added to this process's
     metrics.  Worker 0 binds first so port 0 resolves to one port shared by all.
+
+    Returns the name of the signal that stopped it ("SIGTERM", "SIGINT"), or None when
+    the workers ended on their own.
 
     Raises:
         StunConfigError / OSError: worker 0 could not bind.
@@ -520,7 +523,14 @@ def run_workers(
             if p.is_alive():
                 p.terminate()
 
-    old_term = signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
     try:
         bound = start(list(addrs))
         concrete = bound[: len(addrs)]
@@ -533,9 +543,11 @@ def run_workers(
         for p in procs:
             p.join()
     except KeyboardInterrupt:
-        pass
+        stopped_by.append("SIGINT")
     finally:
         stop()
         for p in procs:
             p.join(timeout=5)
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    return stopped_by[0] if stopped_by else None

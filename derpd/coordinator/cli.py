@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import click
 import trio
+from stund.oneline import StartupError, format_addr, listen_error, run_trio
 
+from ..settings import SettingsError, split_host_port
 from .config import ConfigError, CoordinatorConfig, load_config, read_token_file
 from .persist import StateDirError, StateStore, default_state_dir
 from .server import RunningCoordinator, serve_coordinator
+from .state import CoordinatorState
 
 
 @click.command(
@@ -42,7 +47,9 @@ Send SIGHUP to reload the config; a bad file is reported and the last good map s
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where registrations and the last published map are kept across restarts. "
                    "Default: $STATE_DIRECTORY (systemd's StateDirectory=), else ~/.local/state/derpd.")
-@click.option("--check", is_flag=True, help="Only validate the config, print the map JSON and exit.")
+@click.option("--check", is_flag=True,
+              help="Only validate the config, the listen address and the state directory, print the map JSON "
+                   "it would serve at start, and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def coordinator_command(config_path: Path | None, listen: str | None, token_file: Path | None,
                         state_dir: Path | None, check: bool, verbose: int) -> None:
@@ -58,37 +65,62 @@ def coordinator_command(config_path: Path | None, listen: str | None, token_file
         config = load_config(config_path) if config_path else CoordinatorConfig()
         if token_file is not None:
             config = replace(config, token=read_token_file(token_file))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    if check:
-        click.echo(config.static_map.to_json_bytes().decode(), nl=False)
-        return
+        where = "-a" if listen else f"{config_path}: coordinator.listen" if config_path else "the default -a"
+        address = check_listen(listen or config.listen, where)
+    except (ConfigError, SettingsError) as exc:
+        raise StartupError(str(exc)) from None
     state_dir = state_dir or default_state_dir()
+    store = StateStore(state_dir)
     try:
-        StateStore(state_dir).check()
+        store.check()
     except StateDirError as exc:
-        click.echo(f"derpd coordinator: {exc}", err=True)
-        raise SystemExit(2) from None
+        raise StartupError(str(exc)) from None
+    if check:  # exactly the bytes GET /derpmap/default answers right after start
+        sys.stdout.buffer.write(CoordinatorState(config, store=store).published.json)
+        sys.stdout.flush()
+        return
     try:
-        trio.run(_run, config, config_path, listen, state_dir)
-    except KeyboardInterrupt:
-        pass
+        stopped_by = run_trio(_run, config, config_path, address, state_dir)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler is in place
+        stopped_by = "interrupted"
+    except StateDirError as exc:
+        raise StartupError(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(
-            f"cannot listen on {listen or config.listen}: {exc.strerror or exc}; pick another -a HOST:PORT") from None
+        host, port = split_host_port(address, default_port=8080)
+        raise StartupError(listen_error(exc, format_addr(host, port), "-a HOST:PORT")) from None
+    click.echo(f"derpd coordinator: stopped ({stopped_by})", err=True)
 
 
-async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str | None,
-               state_dir: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        running: RunningCoordinator = await nursery.start(lambda task_status: serve_coordinator(
-            config, listen=listen, state_dir=state_dir, task_status=task_status))
-        click.echo(f"derpd coordinator: map at {running.url}/derpmap/default, status at {running.url}/status")
-        if config_path is not None:
-            nursery.start_soon(_reload_on_sighup, running, config_path)
+def check_listen(listen: str, where: str) -> str:
+    """Returns ``listen`` once it is a usable ``HOST:PORT`` for this machine.
+
+    Raises:
+        SettingsError: not HOST:PORT, a bad port, or a host that does not resolve.
+    """
+    try:
+        host, port = split_host_port(listen, default_port=-1)
+    except SettingsError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+    if port < 0 or not host:
+        raise SettingsError(f"{where} {listen!r}: give HOST:PORT, e.g. 127.0.0.1:8080 or [::]:8080")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SettingsError(f"{where} {listen!r}: the host does not resolve ({exc.strerror}); give an IP") from None
+    return listen
 
 
-async def _reload_on_sighup(running: RunningCoordinator, path: Path) -> None:
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            running.reload_from(path)
+async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str, state_dir: Path) -> str:
+    """Serve until SIGINT or SIGTERM; SIGHUP reloads the config.  Returns the signal's name."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            running: RunningCoordinator = await nursery.start(lambda task_status: serve_coordinator(
+                config, listen=listen, state_dir=state_dir, task_status=task_status))
+            click.echo(f"derpd coordinator: map at {running.url}/derpmap/default, status at {running.url}/status")
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    nursery.cancel_scope.cancel()
+                    return signal.Signals(signum).name
+                if config_path is not None:
+                    running.reload_from(config_path)
+    return "stopped"

@@ -8,6 +8,8 @@ parsed request into one of:
   starting with the bytes h11 read past the request head.
 * ``WebSocketUpgrade``: DERP inside WebSocket binary messages (spec 9.5).
 * ``Metrics``: Prometheus text, loopback peers only (the I/O layer checks the peer).
+* ``Debug``: derper's ``/debug/`` tree (index, ``varz``); the I/O layer checks the peer.
+* ``BootstrapDNS``: derper's ``/bootstrap-dns`` (the I/O layer has the resolved names).
 * ``Response``: a complete plain answer (probe, generate_204, robots.txt, home, 426, 405).
 
 Decision order follows derper (spec 9.2): ``Upgrade: websocket`` plus a ``derp`` subprotocol
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 from wsproto.utilities import generate_accept_token
@@ -73,13 +76,62 @@ class Response:
     head_only: bool = field(default=False)
 
     def to_h11(self) -> tuple[h11.Response, h11.Data | None, h11.EndOfMessage]:
+        """The response as h11 events, with its reason phrase ("200 OK") and a Content-Length,
+        except on 204 and 304, which must not carry one (RFC 9110 §8.6)."""
         headers = list(self.headers)
-        headers.append((b"Content-Length", str(len(self.body)).encode()))
+        if self.status not in (204, 304):
+            headers.append((b"Content-Length", str(len(self.body)).encode()))
         body = None if self.head_only or not self.body else h11.Data(data=self.body)
-        return h11.Response(status_code=self.status, headers=headers), body, h11.EndOfMessage()
+        return (h11.Response(status_code=self.status, headers=headers, reason=_reason(self.status)), body,
+                h11.EndOfMessage())
 
 
-Route = DerpUpgrade | WebSocketUpgrade | Metrics | Response
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Debug:
+    path: bytes  # "/debug/..." without the query
+    head_only: bool = False
+    forwarded: bool = False  # X-Forwarded-For present: relayed by a proxy, never trusted (as derper)
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapDNS:
+    query: str  # the ``q`` parameter ("" when absent)
+    head_only: bool = False
+
+
+Route = DerpUpgrade | WebSocketUpgrade | Metrics | Debug | BootstrapDNS | Response
+
+
+def query_param(target: bytes, name: str) -> str:
+    """The first value of ``name`` in the request target's query (Go's ``URL.Query().Get``), or ""."""
+    from urllib.parse import parse_qs
+
+    query = target.split(b"?", 1)[1] if b"?" in target else b""
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get(name)
+    return values[0] if values else ""
+
+# The request head (request line and headers) the relay reads; docs/security.md.
+MAX_HEAD = 16 * 1024
+
+
+def request_framing_error(request: h11.Request) -> str | None:
+    """A reason to refuse a request whose body framing is ambiguous, else None.
+
+    Content-Length together with Transfer-Encoding is the request-smuggling shape: a proxy in
+    front and this server could disagree about where the body ends (RFC 9112 6.1), so it is
+    refused (400) rather than resolved.
+    """
+    names = {k for k, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return "ambiguous_length"
+    return None
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -139,16 +191,24 @@ def route_request(request: h11.Request, *, home: str = "", derp_enabled: bool = 
     if path == b"/metrics":
         return Metrics()
     if path == b"/bootstrap-dns":
-        return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"application/json")), head_only=head)
+        return BootstrapDNS(query_param(request.target, "q"), head_only=head)
+    if path == b"/debug":  # Go's ServeMux redirects to the subtree
+        return Response(301, ((b"Location", b"/debug/"),), head_only=head)
+    if path.startswith(b"/debug/"):
+        return Debug(path, head_only=head, forwarded=_header(request, b"x-forwarded-for") is not None)
     if home.startswith(("http://", "https://")) and path == b"/":
         return Response(302, ((b"Location", home.encode()),))
     body = b"" if home == "blank" else HOME_PAGE
     return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"text/html; charset=utf-8")), body, head_only=head)
 
 
-def redirect_to_https(request: h11.Request) -> Response:
+def redirect_to_https(request: h11.Request, authority: bytes) -> Response:
     """The port-80 listener: ``/generate_204`` is served, GET/HEAD redirect to https, the
-    rest get 400 (spec 10.2)."""
+    rest get 400 (spec 10.2).
+
+    ``authority`` is the relay's own name (``--hostname``, plus the port when not 443): the
+    target is never built from the client's Host header, so nobody can make this relay
+    redirect to a host of their choosing."""
     path = request.target.split(b"?", 1)[0]
     if path == b"/generate_204":
         route = route_request(request)
@@ -156,8 +216,8 @@ def redirect_to_https(request: h11.Request) -> Response:
         return route
     if request.method not in (b"GET", b"HEAD"):
         return _text(400, b"Use HTTPS\n")
-    host = _header(request, b"host") or b""
-    return Response(302, ((b"Location", b"https://" + host + request.target),), head_only=request.method == b"HEAD")
+    target = request.target if request.target.startswith(b"/") else b"/"
+    return Response(302, ((b"Location", b"https://" + authority + target),), head_only=request.method == b"HEAD")
 
 
 def derp_switching_protocols(server_key: NodePublic) -> bytes:

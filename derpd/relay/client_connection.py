@@ -63,6 +63,9 @@ from .registry import Forwarder, Registry, present_flags
 log = logging.getLogger("derpd.relay")
 
 RECV_SIZE = 256 * 1024
+FRAMES_PER_TURN = 256  # frames one reader handles before it lets every other task run
+CONTROL_RATE = 50.0  # frames other than packets a client may send per second, after...
+CONTROL_BURST = 200.0  # ...a burst of this many; past it the reader slows down (mesh peers exempt)
 MESH_PUSHBACK_TIMEOUT = 5.0  # derper's mesh write timeout
 _RECV_HEADER = struct.Struct(">BI")
 _FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
@@ -99,8 +102,9 @@ class ClientConnection:
         "server", "stream", "public", "key", "info", "remote_ip", "remote_port", "can_mesh",
         "not_ideal", "present_flags", "is_dup", "preferred", "connected_at", "closing",
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
-        "_nothere_tokens", "_nothere_stamp", "_cancel", "_sent_to", "rate_limiter", "close_reason", "_writing",
-        "_parked", "keepalive_interval", "next_keepalive", "_congested", "_raw",
+        "_nothere_tokens", "_nothere_stamp", "_cancel", "saw_src", "rate_limiter", "close_reason", "_writing",
+        "_parked", "keepalive_interval", "next_keepalive", "_congested", "_ctl_tokens", "_ctl_stamp",
+        "_ctl_logged", "_raw",
     )
 
     def __init__(
@@ -140,12 +144,15 @@ class ClientConnection:
         self._lot = trio.lowlevel.ParkingLot()
         self._nothere_tokens = 3.0
         self._nothere_stamp = self.connected_at
-        self._cancel: trio.CancelScope | None = None
-        self._sent_to = server.registry.sent_to.setdefault(self.key, set())
+        self._cancel = trio.CancelScope()  # close() may cancel it before run() enters it
+        self.saw_src: set[bytes] = set()  # senders whose PeerGone this connection should hear
         self.rate_limiter = None
         self._writing = False
         self._parked = False
         self._congested = None
+        self._ctl_tokens = CONTROL_BURST  # taken per control frame; refilled when it runs out
+        self._ctl_stamp = self.connected_at
+        self._ctl_logged = False
         # KeepAlive every interval + a per-connection jitter, whatever the traffic (spec 5.6);
         # RelayServer's keepalive ticker queues them.
         self.keepalive_interval = s.keepalive_interval + random.uniform(0, s.keepalive_jitter)
@@ -203,21 +210,22 @@ class ClientConnection:
         return bool(self._queue or self._disco_queue or self._control or self._writing)
 
     def close(self, reason: str) -> None:
-        """End this connection from outside (ClosePeer, shutdown)."""
+        """End this connection from outside (ClosePeer, shutdown).  Takes effect whenever it
+        comes after the registration: before ``run`` starts (while ServerInfo is being written)
+        the cancel scope is cancelled ahead, and ``run`` then ends at once."""
         self.close_reason = reason
-        if self._cancel is not None:
-            self._cancel.cancel()
+        self._cancel.cancel()
 
     # ------------------------------------------------------------------ lifetime
 
     async def run(self, decoder: FrameDecoder) -> None:
         """Serve until EOF, a protocol error, a write failure or ``close()``."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._cancel = nursery.cancel_scope
-                nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                await self._read_loop(decoder)
-                nursery.cancel_scope.cancel()
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                    await self._read_loop(decoder)
+                    nursery.cancel_scope.cancel()
         finally:
             self.teardown()
 
@@ -230,6 +238,7 @@ class ClientConnection:
                 stats.drop("gone_disconnected", disco, sum(len(f) for f in q) - _RECV_OVERHEAD * len(q), len(q))
                 q.clear()
         self._control.clear()
+        self.server.registry.forget_receiver(self)
         if self.preferred:
             stats.current_home_connections -= 1
         if self.not_ideal:
@@ -239,11 +248,14 @@ class ClientConnection:
     # ------------------------------------------------------------------ reader
 
     async def _read_loop(self, decoder: FrameDecoder) -> None:
+        """Read, split and route.  A turn handles at most ``FRAMES_PER_TURN`` frames and then
+        checkpoints, so a client that sends a flood of tiny frames gets its share of the loop
+        and no more; frames other than packets also draw on a budget (``_slow_down``)."""
         raw = self._raw
         receive_some = raw.receive_some if raw is not None else self.stream.receive_some
         try:
             data = b"x"
-            frames = decoder.frames()
+            frames = decoder.frames(FRAMES_PER_TURN)
             while True:
                 done = 0
                 while done < len(frames):
@@ -259,14 +271,21 @@ class ClientConnection:
                         await trio.lowlevel.checkpoint()
                 if frames and self.rate_limiter is not None:
                     await self.rate_limiter.wait(sum(len(p) for _, p in frames))
+                if decoder.skipped_frames:  # unknown frame types, discarded by the decoder
+                    self.server.stats.unknown_frames += decoder.skipped_frames
+                    self._ctl_tokens -= decoder.skipped_frames
+                    decoder.skipped_frames = 0
+                if self._ctl_tokens < 0 and not self.can_mesh:
+                    await self._slow_down()
+                if len(frames) == FRAMES_PER_TURN:  # the turn is over, maybe not the buffer
+                    await trio.lowlevel.checkpoint()
+                    frames = decoder.frames(FRAMES_PER_TURN)
+                    continue
                 if not data:
                     return
                 data = await receive_some(RECV_SIZE)
                 decoder.receive_data(data)
-                frames = decoder.frames()
-                if decoder.skipped_frames:  # unknown frame types, discarded by the decoder
-                    self.server.stats.unknown_frames += decoder.skipped_frames
-                    decoder.skipped_frames = 0
+                frames = decoder.frames(FRAMES_PER_TURN)
         except RemoteProtocolError as e:
             self.server.stats.connection_errors[e.reason] += 1
             self.close_reason = e.reason
@@ -280,10 +299,9 @@ class ClientConnection:
         server = self.server
         active = server.registry.active
         src = self.key
-        sent_to = self._sent_to
+        registry = server.registry
         pack = _RECV_HEADER.pack
         npk = nbytes = ndisco = nfwd = nfwd_bytes = 0
-        sent_to_all = server.registry.sent_to
         i = start
         end = len(frames)
         route = _route_packets
@@ -291,7 +309,8 @@ class ClientConnection:
             while i < end:
                 if route is not None:
                     # Every SendPacket to a local client, in C; it stops at anything else.
-                    i, n, nb, nd, full = route(frames, i, active, src, sent_to, DISCO_MAGIC, DISCO_MIN_LEN)
+                    i, n, nb, nd, full = route(frames, i, active, src, registry.watch_peer_gone, DISCO_MAGIC,
+                                               DISCO_MIN_LEN)
                     npk += n
                     nbytes += nb
                     ndisco += nd
@@ -311,7 +330,8 @@ class ClientConnection:
                         ndisco += 1
                     conn = active.get(dst)
                     if conn is not None:
-                        sent_to.add(dst)
+                        if src not in conn.saw_src:
+                            registry.watch_peer_gone(conn, src)
                         if conn.enqueue(pack(5, n) + src + payload[KEY_LEN:], disco):
                             break
                     else:
@@ -330,10 +350,8 @@ class ClientConnection:
                     nfwd_bytes += n - 2 * KEY_LEN
                     if conn is not None:
                         disco = n >= 2 * KEY_LEN + DISCO_MIN_LEN and payload.startswith(DISCO_MAGIC, 2 * KEY_LEN)
-                        fwd_sent = sent_to_all.get(fsrc)
-                        if fwd_sent is None:
-                            fwd_sent = sent_to_all[fsrc] = set()
-                        fwd_sent.add(dst)
+                        if fsrc not in conn.saw_src:
+                            registry.watch_peer_gone(conn, fsrc)
                         if conn.enqueue(pack(5, n - KEY_LEN) + fsrc + payload[2 * KEY_LEN :], disco):
                             break
                     else:
@@ -353,7 +371,30 @@ class ClientConnection:
                 server.registry.note_activity(self)
         return i
 
+    async def _slow_down(self) -> None:
+        """The control-frame budget is spent: refill it for the time passed; if that is not
+        enough, stop reading until it is (TCP back-pressure, nothing dropped), and if the client
+        is more than a whole burst over, close it: that is a flood, and slowing it would only
+        keep its backlog (and its descriptor) around for hours."""
+        now = trio.current_time()
+        tokens = min(CONTROL_BURST, self._ctl_tokens + (now - self._ctl_stamp) * CONTROL_RATE)
+        self._ctl_stamp = now
+        if tokens < -CONTROL_BURST:
+            raise RemoteProtocolError(f"over {CONTROL_RATE:.0f} control frames/s (burst {CONTROL_BURST:.0f})",
+                                      "control_flood")
+        if tokens < 0:
+            self.server.stats.throttled["control_frames"] += 1
+            if not self._ctl_logged:
+                self._ctl_logged = True
+                log.debug("slowing %s from %s: over %d control frames/s", self.public.short(), self.remote_ip,
+                          CONTROL_RATE)
+            await trio.sleep(-tokens / CONTROL_RATE)
+            self._ctl_stamp = trio.current_time()
+            tokens = 0.0
+        self._ctl_tokens = tokens
+
     def _handle_other(self, ftype: int, payload: bytes) -> None:
+        self._ctl_tokens -= 1
         stats = self.server.stats
         stats.frames_received[_FRAME_NAMES.get(ftype, "unknown")] += 1
         match parse_client_frame(ftype, payload):

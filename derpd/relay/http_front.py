@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -22,27 +23,35 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .. import __version__
 from ..protocol.upgrade import (
+    BROWSER_HEADERS,
+    MAX_HEAD,
+    BootstrapDNS,
+    Debug,
     DerpUpgrade,
     Metrics,
     Response,
     WebSocketUpgrade,
     derp_switching_protocols,
     redirect_to_https,
+    request_framing_error,
     route_request,
     websocket_switching_protocols,
 )
 from ..transport.tls_stream import DrainingSSLStream
 from ..transport.websocket_stream import WebSocketStream
+from .client_address import client_from_forwarded_for, is_trusted
+from .debug import debug_response
 
 if TYPE_CHECKING:
     from .server import RelayServer
 
 log = logging.getLogger("derpd.http")
 
-MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 MAX_REQUESTS_PER_CONNECTION = 100
+WRITE_TIMEOUT = 30.0  # every HTTP response must be written within this (derper: 30 s)
 _READ = 16 * 1024
 
 
@@ -52,22 +61,45 @@ class _BadRequest(Exception):
         self.reason = reason
 
 
+class _WriteTimedOut(Exception):
+    """A response could not be written within the write deadline: the peer does not read."""
+
+
+async def _write(stream: trio.abc.Stream, data: bytes, timeout: float) -> None:
+    with trio.move_on_after(timeout) as scope:
+        await stream.send_all(data)
+    if scope.cancelled_caught:
+        raise _WriteTimedOut
+
+
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
-    """Returns the next request once its head and body are in, or None on a clean EOF."""
+    """Returns the next request once its head and body are in, or None on a clean EOF.
+
+    The head (request line and headers) may be at most ``MAX_HEAD`` bytes, however the bytes
+    arrive: h11's own check looks only at an incomplete head, so a complete one that came in a
+    large read is measured here (bytes in, minus what h11 still holds past the head)."""
     request: h11.Request | None = None
     body = 0
+    received = len(conn.trailing_data[0])  # bytes of this request already read (keep-alive)
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as e:
-            raise _BadRequest("bad_http") from e
+            raise _BadRequest("head_too_large" if e.error_status_hint == 431 else "bad_http") from e
         if event is h11.NEED_DATA:
             if conn.they_are_waiting_for_100_continue:
                 raise _BadRequest("expect_continue")
+            if request is None and received > MAX_HEAD:
+                raise _BadRequest("head_too_large")
             data = await stream.receive_some(_READ)
+            received += len(data)
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
+            if received - len(conn.trailing_data[0]) > MAX_HEAD:
+                raise _BadRequest("head_too_large")
+            if (why := request_framing_error(event)) is not None:
+                raise _BadRequest(why)
             request = event
         elif isinstance(event, h11.Data):
             body += len(event.data)
@@ -81,13 +113,20 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Re
             return None
 
 
-async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response: Response) -> None:
+async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response: Response,
+                         timeout: float = WRITE_TIMEOUT) -> None:
     head, body, end = response.to_h11()
     data = conn.send(head)
     if body is not None:
         data += conn.send(body)
     data += conn.send(end)
-    await stream.send_all(data)
+    await _write(stream, data, timeout)
+
+
+def https_authority(hostname: str, port: int) -> bytes:
+    """``--hostname`` (and the TLS port when it is not 443), for redirects to the relay."""
+    name = f"[{hostname}]" if ":" in hostname else hostname
+    return (name if port in (0, 443) else f"{name}:{port}").encode()
 
 
 def is_loopback(ip: str) -> bool:
@@ -100,20 +139,72 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
+def debug_allowed(server: RelayServer, ip: str) -> bool:
+    """derper's debug rule: loopback peers, plus derpd's ``--debug-allow`` networks."""
+    if is_loopback(ip):
+        return True
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in server.settings.debug_allow if net.version == addr.version)
+
+
+def _answer_debug_or_dns(server: RelayServer, route: Debug | BootstrapDNS, ip: str, relayed: bool) -> Response:
+    """``relayed``: a proxy relayed the request, so it is never a local (debug) peer."""
+    if isinstance(route, Debug):
+        info = (("Version", __version__), ("Uptime", f"{time.monotonic() - server.started:.0f}s"),
+                ("TLS hostname", server.settings.hostname), ("Mesh key", str(server.settings.mesh_key is not None)))
+        allowed = server.settings.serve_metrics and not relayed and debug_allowed(server, ip)
+        return debug_response(route, allowed=allowed,
+                              metrics=server.metrics_text, info=info)
+    # derper: JSON, browser headers, and no keep-alive (these requests are one-off and cross-region)
+    return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"application/json"), (b"Connection", b"close")),
+                    server.bootstrap_dns(route.query, ip), head_only=route.head_only)
+
+
 def _route_label(request: h11.Request) -> str:
     path = request.target.split(b"?", 1)[0]
+    if path.startswith(b"/debug"):
+        return "debug"
     known = {b"/derp": "derp", b"/derp/probe": "probe", b"/derp/latency-check": "probe",
              b"/generate_204": "generate_204", b"/robots.txt": "robots", b"/metrics": "metrics",
              b"/bootstrap-dns": "bootstrap_dns"}
     return known.get(path, "home")
 
 
+_PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+def _forwarded(server: RelayServer, request: h11.Request, remote: tuple[str, int],
+               behind_proxy: bool) -> tuple[tuple[str, int], bool]:
+    """The client of a plain-HTTP request, and whether a proxy relayed it.  From a trusted
+    proxy, ``X-Forwarded-For`` names the client; any request that carries a forwarding header,
+    or comes from a trusted proxy, was relayed (so it is never "local", whoever sent it)."""
+    if behind_proxy:
+        xff = [v for k, v in request.headers if k == b"x-forwarded-for"]
+        client = client_from_forwarded_for(xff, server.trusted_proxies) if xff else None
+        return ((client, 0) if client else remote), True
+    return remote, any(k in _PROXY_HEADERS for k, _ in request.headers)
+
+
 async def handle_connection(
-    server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int], *, tls: ssl.SSLContext | None
+    server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int], *, tls: ssl.SSLContext | None,
+    via_proxy: bool = False, internal: bool = False,
 ) -> None:
-    """Serve one accepted connection until it closes.  Never raises for peer misbehaviour."""
+    """Serve one accepted connection until it closes.  Never raises for peer misbehaviour.
+
+    ``remote`` is the client (as a PROXY header named it when ``via_proxy``).  On plain HTTP
+    from a ``--trusted-proxies`` address, ``X-Forwarded-For`` names the client instead, and
+    the per-IP limit is applied to that client when it upgrades to DERP; ``internal`` (the
+    loopback links between ``--workers``) never goes through a proxy."""
     settings = server.settings
     stats = server.stats
+    behind_http_proxy = (tls is None and not via_proxy and not internal and bool(server.trusted_proxies)
+                         and is_trusted(remote[0], server.trusted_proxies))
+    peer = remote
     if tls is not None:
         stream = DrainingSSLStream(stream, tls, server_side=True)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -129,33 +220,32 @@ async def handle_connection(
                 return
             route = route_request(request, home=settings.home, derp_enabled=settings.derp_enabled)
             stats.http_requests[_route_label(request)] += 1
+            remote, relayed = _forwarded(server, request, peer, behind_http_proxy)
+            relayed = relayed or via_proxy
             match route:
-                case DerpUpgrade(fast_start=fast, not_ideal=not_ideal):
-                    initial, _ = conn.trailing_data
-                    preamble = b"" if fast else derp_switching_protocols(server.public_key)
-                    await server.serve_derp(stream, remote, initial, preamble=preamble, not_ideal=not_ideal)
+                case DerpUpgrade() | WebSocketUpgrade() if behind_http_proxy:
+                    if server.enter_ip(remote[0]):
+                        try:
+                            await _upgrade(server, stream, conn, route, remote)
+                        finally:
+                            server.leave_ip(remote[0])
                     return
-                case WebSocketUpgrade(accept_token=token, subprotocol_ok=ok):
-                    initial, _ = conn.trailing_data
-                    await stream.send_all(websocket_switching_protocols(token))
-                    ws = WebSocketStream(stream, initial=initial)
-                    if not ok:
-                        stats.handshake_failures["websocket_subprotocol"] += 1
-                        await ws._close(1008, "client must speak the derp subprotocol")
-                        return
-                    stats.websocket_accepts += 1
-                    await server.serve_derp(ws, remote, b"")
+                case DerpUpgrade() | WebSocketUpgrade():
+                    await _upgrade(server, stream, conn, route, remote)
                     return
                 case Metrics():
-                    if settings.serve_metrics and is_loopback(remote[0]):
+                    if settings.serve_metrics and not relayed and is_loopback(remote[0]):
                         response = Response(200, ((b"Content-Type", CONTENT_TYPE_LATEST.encode()),),
                                             server.metrics_text())
                     else:
                         response = Response(403, ((b"Content-Type", b"text/plain; charset=utf-8"),),
                                             b"metrics are served to loopback clients only; use --metrics-addr\n")
-                    await _send_response(stream, conn, response)
+                    await _send_response(stream, conn, response, settings.http_write_timeout)
+                case Debug() | BootstrapDNS():
+                    await _send_response(stream, conn, _answer_debug_or_dns(server, route, remote[0], relayed),
+                                         settings.http_write_timeout)
                 case Response() as response:
-                    await _send_response(stream, conn, response)
+                    await _send_response(stream, conn, response, settings.http_write_timeout)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
@@ -164,11 +254,13 @@ async def handle_connection(
         log.debug("bad request from %s: %s", remote[0], e.reason)
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             try:
-                with trio.move_on_after(1):
-                    await _send_response(stream, conn, Response(400, body=b"bad request\n",
-                                                                 headers=((b"Connection", b"close"),)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                await _send_response(stream, conn, Response(400, body=b"bad request\n",
+                                                            headers=((b"Connection", b"close"),)), 1.0)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, _WriteTimedOut):
                 pass
+    except _WriteTimedOut:
+        stats.handshake_failures["http_write_timeout"] += 1
+        log.debug("HTTP response to %s not read within %ss, closing", remote[0], settings.http_write_timeout)
     except trio.BrokenResourceError as e:
         cause = e.__cause__
         if isinstance(cause, ssl.SSLError):
@@ -178,6 +270,24 @@ async def handle_connection(
         pass
 
 
+async def _upgrade(server: RelayServer, stream: trio.abc.Stream, conn: h11.Connection,
+                   route: DerpUpgrade | WebSocketUpgrade, remote: tuple[str, int]) -> None:
+    """Answer an upgrade and serve DERP (binary or inside WebSocket) on ``stream``."""
+    initial, _ = conn.trailing_data
+    if isinstance(route, DerpUpgrade):
+        preamble = b"" if route.fast_start else derp_switching_protocols(server.public_key)
+        await server.serve_derp(stream, remote, initial, preamble=preamble, not_ideal=route.not_ideal)
+        return
+    await _write(stream, websocket_switching_protocols(route.accept_token), server.settings.http_write_timeout)
+    ws = WebSocketStream(stream, initial=initial)
+    if not route.subprotocol_ok:
+        server.stats.handshake_failures["websocket_subprotocol"] += 1
+        await ws._close(1008, "client must speak the derp subprotocol")
+        return
+    server.stats.websocket_accepts += 1
+    await server.serve_derp(ws, remote, b"")
+
+
 async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Stream, remote: tuple[str, int]) -> None:
     """The plain-HTTP port beside TLS: generate_204, else a redirect to https (spec 10.2)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -185,12 +295,39 @@ async def handle_redirect_connection(server: RelayServer, stream: trio.abc.Strea
         with trio.move_on_after(server.settings.http_timeout):
             request = await _read_request(stream, conn)
             if request is not None:
-                response = redirect_to_https(request)
-                await _send_response(stream, conn, response)
+                path = request.target.split(b"?", 1)[0]
+                route = route_request(request) if request.target.startswith(b"/debug") else None
+                if path.startswith(ACME_CHALLENGE_PREFIX):
+                    response = _acme_http01(server, path[len(ACME_CHALLENGE_PREFIX):], remote)
+                elif isinstance(route, Debug):  # derper serves /debug on port 80 too (tsweb.Port80Handler)
+                    relayed = _forwarded(server, request, remote, False)[1]
+                    response = _answer_debug_or_dns(server, route, remote[0], relayed)
+                else:
+                    response = redirect_to_https(request, https_authority(server.settings.hostname, server.port))
+                await _send_response(stream, conn, response, server.settings.http_write_timeout)
     except _BadRequest as e:
         server.stats.handshake_failures[e.reason] += 1
+    except _WriteTimedOut:
+        server.stats.handshake_failures["http_write_timeout"] += 1
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
+
+
+ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+
+
+def _acme_http01(server: RelayServer, token: bytes, remote: tuple[str, int]) -> Response:
+    """RFC 8555 8.3: the key authorization of a pending HTTP-01 token, else 404 (never a redirect)."""
+    text = b"text/plain"
+    challenges = server.challenges
+    answer = None
+    if challenges is not None and token and len(token) <= 256:
+        answer = challenges.http01_response(token.decode("ascii", "replace"))
+    if answer is None:
+        log.debug("HTTP-01 request from %s for an unknown token", remote[0])
+        return Response(404, ((b"Content-Type", text),), b"no such ACME challenge\n")
+    log.info("answered an HTTP-01 validation from %s", remote[0])
+    return Response(200, ((b"Content-Type", text),), answer)
 
 
 async def handle_metrics_connection(render: Callable[[], bytes], stream: trio.abc.Stream, timeout: float) -> None:
@@ -212,5 +349,5 @@ async def handle_metrics_connection(render: Callable[[], bytes], stream: trio.ab
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
-    except (_BadRequest, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+    except (_BadRequest, _WriteTimedOut, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass

@@ -22,8 +22,11 @@ import trio
 
 from ..keys import NodePublic
 from ..settings import RelaySettings, split_host_port
+from ..protocol.errors import RemoteProtocolError
+from .client_address import is_trusted, read_proxy_header
 from .http_front import handle_connection, handle_metrics_connection, handle_redirect_connection
 from .server import RelayServer
+from .tls_select import select_tls
 
 log = logging.getLogger("derpd.relay")
 
@@ -31,6 +34,26 @@ _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 CERT_WATCH_INTERVAL = 30.0
 
 Handler = Callable[[trio.SocketStream, tuple[str, int]], Awaitable[None]]
+
+
+class BindError(OSError):
+    """A listen address of the relay cannot be bound.  ``which`` names the listener: "relay"
+    (the main address), "http" (the plain-HTTP port beside TLS) or "metrics"; ``cause`` is
+    the OSError from bind."""
+
+    def __init__(self, cause: OSError, host: str, port: int, which: str) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.cause = cause
+        self.host = host
+        self.port = port
+        self.which = which
+
+
+async def _open_listeners(host: str, port: int, which: str) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host or None)
+    except OSError as e:
+        raise BindError(e, host, port, which) from e
 
 
 @dataclass
@@ -179,7 +202,7 @@ async def serve_relay(
 
     Raises:
         CertError: the TLS certificate cannot be loaded.
-        OSError: a listen address cannot be bound.
+        BindError: a listen address cannot be bound.
     """
     server = RelayServer(settings)
     server.load_tls()
@@ -187,43 +210,61 @@ async def serve_relay(
     if sockets is not None:
         listeners = _listeners_from(sockets)
     else:
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        listeners = await _open_listeners(host, port, "relay")
     internal = _listeners_from(internal_sockets or [])
-    bound_port = listeners[0].socket.getsockname()[1]
+    bound_port = server.port = listeners[0].socket.getsockname()[1]
     addresses = [(str(a[0]), int(a[1])) for a in (ls.socket.getsockname() for ls in listeners)]
     redirect_listeners: list[trio.SocketListener] = []
     http_port = None
-    if server.ssl_context is not None and settings.http_port >= 0:
-        redirect_listeners = await trio.open_tcp_listeners(settings.http_port, host=host or None)
+    if settings.tls and settings.http_port >= 0:  # with ACME also before a certificate exists
+        redirect_listeners = await _open_listeners(host, settings.http_port, "http")
         http_port = redirect_listeners[0].socket.getsockname()[1]
-    if server.ssl_context is not None:
+    if settings.tls:
         url = f"https://{_url_host(settings.hostname)}:{bound_port}"
     elif host in ("", "0.0.0.0", "::"):
         url = f"http://127.0.0.1:{bound_port}"
     else:
         url = f"http://{_url_host(host)}:{bound_port}"
 
-    per_ip = server.connections_per_ip
-    cap = settings.max_connections_per_ip
+    proxy_protocol = settings.proxy_protocol
+    trusted = server.trusted_proxies
+    stats = server.stats
+
+    async def serve_tls(stream: trio.abc.Stream, remote: tuple[str, int], via_proxy: bool = False) -> None:
+        if not settings.acme:
+            await handle_connection(server, stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
+        elif (chosen := await select_tls(server, stream, remote)) is not None:  # ACME: derpd.relay.tls_select
+            await handle_connection(server, chosen[0], remote, tls=chosen[1], via_proxy=via_proxy)
 
     async def relay_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        ip = remote[0]
-        if cap and per_ip.get(ip, 0) >= cap:
-            server.stats.accepts_rejected["per_ip_limit"] += 1
-            log.debug("closing a connection from %s: %d connections from that address already", ip, cap)
+        via_proxy = False
+        conn_stream: trio.abc.Stream = stream
+        if proxy_protocol:
+            try:
+                with trio.fail_after(settings.http_timeout):
+                    conn_stream, remote, via_proxy = await read_proxy_header(stream, remote, trusted)
+            except RemoteProtocolError as e:
+                stats.handshake_failures[e.reason] += 1
+                log.debug("closing a connection from %s: %s", remote[0], e)
+                return
+            except trio.TooSlowError:
+                stats.handshake_failures["http_timeout"] += 1
+                log.debug("no PROXY header from %s within %ss, closing", remote[0], settings.http_timeout)
+                return
+        elif trusted and is_trusted(remote[0], trusted):
+            # A proxy without the PROXY protocol: counted per client once X-Forwarded-For is read.
+            await serve_tls(stream, remote)
             return
-        per_ip[ip] = per_ip.get(ip, 0) + 1
+        ip = remote[0]
+        if not server.enter_ip(ip):
+            return
         try:
-            await handle_connection(server, stream, remote, tls=server.ssl_context)
+            await serve_tls(conn_stream, remote, via_proxy=via_proxy)
         finally:
-            left = per_ip[ip] - 1
-            if left:
-                per_ip[ip] = left
-            else:
-                del per_ip[ip]
+            server.leave_ip(ip)
 
     async def internal_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        await handle_connection(server, stream, remote, tls=None)
+        await handle_connection(server, stream, remote, tls=None, internal=True)
 
     async def redirect_handler(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
         await handle_redirect_connection(server, stream, remote)
@@ -252,7 +293,7 @@ async def serve_relay(
             acceptors.cancel_scope.cancel()
         for ls in listeners + redirect_listeners + internal:
             await ls.aclose()
-        log.warning("shutting down: %d clients told to reconnect, draining for up to %.1fs",
+        log.info("shutting down: %d clients told to reconnect, draining for up to %.1fs",
                     len(server.all_connections()), grace)
         left = await server.drain(grace)
         if left:
@@ -265,7 +306,7 @@ async def serve_metrics(
 ) -> None:
     """A dedicated Prometheus listener on ``HOST:PORT`` (``--metrics-addr``)."""
     host, port = split_host_port(addr, default_port=9090)
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    listeners = await _open_listeners(host, port, "metrics")
     bound = listeners[0].socket.getsockname()[:2]
     settings = RelaySettings(addr="127.0.0.1:0")
 

@@ -29,7 +29,7 @@ log = logging.getLogger("derpd.relay")
 
 
 class Member(Protocol):
-    """A local connection as the registry sees it (``client_connection.ClientConnection``)."""
+    """A local connection as the registry sees it (``client_connection.Member``)."""
 
     key: bytes  # the client's public key, raw
     public: NodePublic
@@ -37,6 +37,7 @@ class Member(Protocol):
     remote_port: int
     present_flags: int
     is_dup: bool  # set by the registry: the key has two or more connections
+    saw_src: set[bytes]  # senders whose PeerGone this connection should hear (``watch_peer_gone``)
 
     def enqueue(self, frame: bytes, disco: bool) -> bool:
         """Queue a ready RecvPacket frame, dropping the oldest when full; True when now full."""
@@ -69,8 +70,11 @@ class Registry(GaugeSource):
         self._members: dict[bytes, list[Member]] = {}
         self.watchers: set[Member] = set()
         self.forwarders: dict[bytes, list[Forwarder]] = {}
-        # src key -> destination keys it sent packets to; drives PeerGone(Disconnected) (5.4/5.5).
-        self.sent_to: dict[bytes, set[bytes]] = {}
+        # src key -> the local connections that received packets from it; drives
+        # PeerGone(Disconnected) (5.4/5.5).  Kept by the receivers (``Member.saw_src``,
+        # as derper's sawSrc): an entry dies with its receiver or when src leaves the region, so
+        # this holds at most one entry per (live receiver, live sender), never history.
+        self.peer_gone_watchers: dict[bytes, set[Member]] = {}
         self._changed = trio.Event()
 
     def _notify(self) -> None:
@@ -139,17 +143,36 @@ class Registry(GaugeSource):
         """Every local connection, duplicates included."""
         return [c for conns in self._members.values() for c in conns]
 
+    def watch_peer_gone(self, receiver: Member, src: bytes) -> None:
+        """``receiver`` got a packet from ``src``: it hears PeerGone when ``src`` leaves."""
+        receiver.saw_src.add(src)
+        watchers = self.peer_gone_watchers.get(src)
+        if watchers is None:
+            self.peer_gone_watchers[src] = {receiver}
+        else:
+            watchers.add(receiver)
+
+    def forget_receiver(self, receiver: Member) -> None:
+        """``receiver`` is gone: drop it from every sender's PeerGone list."""
+        watchers_of = self.peer_gone_watchers
+        for src in receiver.saw_src:
+            watchers = watchers_of.get(src)
+            if watchers is not None:
+                watchers.discard(receiver)
+                if not watchers:
+                    del watchers_of[src]
+        receiver.saw_src.clear()
+
     def gone_from_region(self, key: bytes) -> None:
         """``key`` left the region: tell every local client that received from it (5.5)."""
-        dsts = self.sent_to.pop(key, None)
-        if not dsts:
+        watchers = self.peer_gone_watchers.pop(key, None)
+        if not watchers:
             return
         frame = encode_peer_gone(key, PeerGoneReason.DISCONNECTED)
-        for dst in dsts:
-            c = self.active.get(dst)
-            if c is not None:
-                c.send_control(frame)
-                self.stats.peer_gone_sent["disconnected"] += 1
+        for c in watchers:
+            c.saw_src.discard(key)
+            c.send_control(frame)
+            self.stats.peer_gone_sent["disconnected"] += 1
 
     # ------------------------------------------------------------------ mesh
 
@@ -192,6 +215,8 @@ class Registry(GaugeSource):
             "derp_current_dup_client_conns": ("Connections of keys with two or more connections.",
                                               sum(len(m) for m in dup_keys)),
             "derp_watchers": ("Mesh peers watching connections.", len(self.watchers)),
+            "derp_peer_gone_senders": ("Senders whose departure some live receiver will hear of (PeerGone).",
+                                       len(self.peer_gone_watchers)),
         }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -27,12 +28,18 @@ from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
 from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
+from ..transport.websocket_stream import WebSocketStream
+from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
 from .registry import Forwarder, Registry
-from .tls import ServerCert, load_manual_cert, server_context
+from .tls import CertError, ChallengeResponder, ServerCert, load_manual_cert, server_context
 
 log = logging.getLogger("derpd.relay")
 
+
+# What a client may send before its login completes: a ClientInfo is at most 256 KiB, and
+# WebSocket framing around it costs some more (on top of the login deadline).
+LOGIN_BYTE_BUDGET = 512 * 1024
 
 # An admission check: (client key, ClientInfo, remote ip) -> (admitted, reason).
 AdmissionCheck = Callable[[NodePublic, object, str], Awaitable[tuple[bool, str]]]
@@ -47,7 +54,11 @@ class RelayServer:
         self.admission_checks: list[AdmissionCheck] = []
         self.ssl_context: ssl.SSLContext | None = None
         self.cert: ServerCert | None = None
+        self.challenges: ChallengeResponder | None = None  # ACME (derpd.acme) installs itself here
         self.connections_per_ip: dict[str, int] = {}
+        self.trusted_proxies = parse_cidrs(settings.trusted_proxies)
+        self.restarting_frame: bytes | None = None  # set once shutdown has begun (drain)
+        self.port = 0  # the relay port, once bound
         self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
         self.mesh_peers_configured = 0
         self.mesh_links: list = []  # derpd.mesh.MeshPeer, for metrics
@@ -55,22 +66,35 @@ class RelayServer:
         self.reload_hooks: list[Callable[[], None]] = []
         self.cert_hooks: list[Callable[[], None]] = []  # after a new certificate is in use
         self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
+        # /bootstrap-dns: (q parameter, client IP) -> JSON body; derpd.bootstrapdns installs one
+        self.bootstrap_dns: Callable[[str, str], bytes] = lambda query, ip: b""
+        self.started = time.monotonic()  # for /debug/ uptime
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
 
     # ------------------------------------------------------------------ TLS
 
     def load_tls(self) -> None:
-        """Load the certificate at start-up.
+        """Load the certificate at start-up.  With ACME (``--certmode letsencrypt``/``gcp``) a
+        missing or unusable cached certificate is not an error: the ACME client obtains one.
 
         Raises:
-            CertError: the files are missing or unusable.
+            CertError: the files are missing or unusable (``--certmode manual``).
         """
         s = self.settings
         if s.tls and s.certmode == "manual" and s.certdir is not None:
             self.cert = load_manual_cert(s.certdir, s.hostname)
             self.ssl_context = server_context(self.cert, self.public_key)
             self._cert_stamp = self._stamp()
+        elif s.acme and s.certdir is not None:
+            try:
+                cert = load_manual_cert(s.certdir, s.hostname, self_sign_ip=False)
+                self.ssl_context = server_context(cert, self.public_key)
+            except CertError as e:
+                log.info("no usable cached certificate yet (%s); ACME will obtain one", e)
+            else:
+                self.cert = cert
+                self._cert_stamp = self._stamp()
 
     def _stamp(self) -> tuple[float, float] | None:
         if self.cert is None:
@@ -91,20 +115,24 @@ class RelayServer:
         Returns True if the new certificate is in use.
         """
         s = self.settings
-        if self.cert is None or s.certdir is None:
+        if s.certdir is None or (self.cert is None and not s.acme):
             return False
         self._cert_stamp = self._stamp()
         try:
-            cert = load_manual_cert(s.certdir, s.hostname)
+            cert = load_manual_cert(s.certdir, s.hostname, self_sign_ip=not s.acme)
             ctx = server_context(cert, self.public_key)
         except SettingsError as e:
             self.stats.tls_reloads["error"] += 1
             log.error("TLS reload failed, keeping the current certificate: %s", e)
             return False
         self.cert, self.ssl_context = cert, ctx
+        self._cert_stamp = self._stamp()
         self.stats.tls_reloads["ok"] += 1
-        log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
-                    cert.not_after.isoformat(), cert.pin)
+        if s.acme:  # publicly trusted: no pin to publish
+            log.warning("TLS certificate reloaded: %s, valid until %s", cert.cert_path, cert.not_after.isoformat())
+        else:
+            log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
+                        cert.not_after.isoformat(), cert.pin)
         for hook in self.cert_hooks:
             hook()
         return True
@@ -150,6 +178,29 @@ class RelayServer:
                     c.next_keepalive = max(c.next_keepalive + c.keepalive_interval, now)
                     c.send_control(KEEP_ALIVE_FRAME)
 
+    # ------------------------------------------------------------------ per-IP limit
+
+    def enter_ip(self, ip: str) -> bool:
+        """Count one more connection from ``ip``; False (and counted) if it is at
+        ``--max-connections-per-ip``.  Every True must be paired with ``leave_ip``."""
+        cap = self.settings.max_connections_per_ip
+        per_ip = self.connections_per_ip
+        n = per_ip.get(ip, 0)
+        if cap and n >= cap:
+            self.stats.accepts_rejected["per_ip_limit"] += 1
+            log.debug("closing a connection from %s: %d connections from that address already", ip, cap)
+            return False
+        per_ip[ip] = n + 1
+        return True
+
+    def leave_ip(self, ip: str) -> None:
+        per_ip = self.connections_per_ip
+        left = per_ip[ip] - 1
+        if left:
+            per_ip[ip] = left
+        else:
+            del per_ip[ip]
+
     # ------------------------------------------------------------------ shutdown
 
     def all_connections(self) -> list[ClientConnection]:
@@ -158,7 +209,7 @@ class RelayServer:
     async def drain(self, grace: float, reconnect_in_ms: int = 1000, try_for_ms: int = 10000) -> int:
         """Tell every client we are restarting, then let their queues empty for at most
         ``grace`` seconds.  Returns how many connections still had packets queued."""
-        frame = encode_restarting(reconnect_in_ms, try_for_ms)
+        frame = self.restarting_frame = encode_restarting(reconnect_in_ms, try_for_ms)
         conns = self.all_connections()
         for c in conns:
             c.send_control(frame)
@@ -188,6 +239,7 @@ class RelayServer:
         """
         s = self.settings
         self.stats.accepts += 1
+        ws = isinstance(stream, WebSocketStream)  # its framing counts against the budget too
         hs = ServerHandshake(s.private_key)
         if initial:
             hs.receive_data(initial)
@@ -195,8 +247,14 @@ class RelayServer:
             with trio.fail_after(s.login_timeout):
                 await stream.send_all(preamble + hs.server_key_frame())
                 event = hs.next_event()
+                received = len(initial)
                 while event is NEED_DATA:
-                    hs.receive_data(await stream.receive_some(RECV_SIZE))
+                    data = await stream.receive_some(RECV_SIZE)
+                    received = stream.wire_bytes_received if ws else received + len(data)
+                    if received > LOGIN_BYTE_BUDGET:
+                        raise RemoteProtocolError(f"over {LOGIN_BYTE_BUDGET} bytes before the login",
+                                                  "login_too_large")
+                    hs.receive_data(data)
                     event = hs.next_event()
                 assert isinstance(event, ClientAuthenticated)
                 can_mesh = mesh_keys_equal(event.info.mesh_key, s.mesh_key)
@@ -223,6 +281,8 @@ class RelayServer:
         # Register before ServerInfo (packets may queue from now on), but start the writer only
         # after ServerInfo is out, so it is the first frame after ServerKey (P-3).
         self.registry.register(conn)
+        if self.restarting_frame is not None:  # a login that finished while we shut down
+            conn.send_control(self.restarting_frame)
         if not_ideal:
             self.stats.current_notideal_connections += 1
         try:

@@ -20,6 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -123,9 +124,9 @@ def make_meta_cert(server_key: NodePublic) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def load_manual_cert(certdir: Path, hostname: str) -> ServerCert:
+def load_manual_cert(certdir: Path, hostname: str, *, self_sign_ip: bool = True) -> ServerCert:
     """Find ``<certdir>/<hostname>.crt`` and ``.key``; for an IP hostname with no files,
-    generate a self-signed certificate and key (key mode 0600).
+    generate a self-signed certificate and key (key mode 0600) if ``self_sign_ip``.
 
     Raises:
         CertError: files missing for a DNS hostname, unreadable, or not a certificate.
@@ -135,13 +136,17 @@ def load_manual_cert(certdir: Path, hostname: str) -> ServerCert:
     key_path = certdir / f"{base}.key"
     generated = False
     if not cert_path.exists() and not key_path.exists():
-        if not is_ip(hostname):
+        if not is_ip(hostname) or not self_sign_ip:
             raise CertError(
                 f"no certificate for {hostname!r}: put {cert_path} and {key_path} in place "
                 "(PEM; the .crt may hold the chain), or use an IP --hostname for a self-signed certificate"
             )
-        certdir.mkdir(parents=True, exist_ok=True)
-        generate_self_signed_ip_cert(hostname, cert_path, key_path)
+        try:
+            certdir.mkdir(parents=True, exist_ok=True)
+            generate_self_signed_ip_cert(hostname, cert_path, key_path)
+        except OSError as e:
+            raise CertError(f"cannot write a self-signed certificate for {hostname} into {certdir}: "
+                            f"{e.strerror or e}; fix --certdir or its permissions") from e
         generated = True
     try:
         pem = cert_path.read_bytes()
@@ -170,15 +175,67 @@ def server_context(cert: ServerCert, server_key: NodePublic) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(tmp, str(cert.key_path))
     except (ssl.SSLError, OSError) as e:
-        raise CertError(f"cannot use {cert.cert_path} with {cert.key_path}: {e}") from e
+        if isinstance(e, ssl.SSLError) and "KEY_VALUES_MISMATCH" in str(e):
+            why = "the key does not belong to the certificate; put the matching key there"
+        elif isinstance(e, ssl.SSLError):
+            why = f"the key is not a PEM private key ({e.reason or e}); put the certificate's key there"
+        else:
+            why = f"cannot read the key ({e.strerror or e}); check the file and its permissions"
+        raise CertError(f"cannot use {cert.cert_path} with {cert.key_path}: {why}") from e
     finally:
         os.unlink(tmp)
     return ctx
 
 
-def node_json_for_pinned_cert(hostname: str, pin: str, port: int, stun_port: int) -> dict[str, object]:
-    """The DERP-map node an operator pastes for a self-signed IP certificate (spec 11.4)."""
-    node: dict[str, object] = {"Name": "custom", "RegionID": 900, "HostName": hostname, "CertName": pin}
+ACME_TLS_ALPN = b"acme-tls/1"
+_ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # id-pe-acmeIdentifier, RFC 8737
+
+
+class ChallengeResponder(Protocol):
+    """What the listeners ask an ACME client (derpd.acme) while it proves control of the name."""
+
+    def http01_response(self, token: str) -> bytes | None:
+        """The key authorization for a pending HTTP-01 token, else None."""
+
+    def tls_alpn01_pending(self) -> bool:
+        """True while a TLS-ALPN-01 validation may arrive (connections are then peeked at)."""
+
+    def tls_alpn01_context(self, server_name: str | None) -> ssl.SSLContext | None:
+        """The acme-tls/1 context for a pending TLS-ALPN-01 validation of ``server_name``."""
+
+
+def tls_alpn01_context(name: str, key_authorization: str) -> ssl.SSLContext:
+    """A server context answering RFC 8737's TLS-ALPN-01 challenge for ``name``: a throw-away
+    self-signed certificate for the name with the critical acmeIdentifier extension holding
+    SHA-256(key authorization), negotiating only ``acme-tls/1``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    digest = hashlib.sha256(key_authorization.encode()).digest()
+    san: x509.GeneralName = (x509.IPAddress(ipaddress.ip_address(name)) if is_ip(name) else x509.DNSName(name))
+    now = _now()
+    cert = (
+        _self_signed(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpd acme-tls/1")]), key,
+                     x509.random_serial_number(), now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.UnrecognizedExtension(_ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols([ACME_TLS_ALPN.decode()])
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with tempfile.NamedTemporaryFile("wb", suffix=".pem") as f:  # mode 0600, removed on close
+        f.write(pem)
+        f.flush()
+        ctx.load_cert_chain(f.name)
+    return ctx
+
+
+def node_json_for_pinned_cert(hostname: str, pin: str, port: int, stun_port: int, *, name: str = "custom",
+                              region_id: int = 900) -> dict[str, object]:
+    """The DERP-map node an operator pastes for a self-signed IP certificate (spec 11.4).
+    ``stun_port`` is the bound STUN port (-1: none)."""
+    node: dict[str, object] = {"Name": name, "RegionID": region_id, "HostName": hostname, "CertName": pin}
     if port != 443:
         node["DERPPort"] = port
     ip = ipaddress.ip_address(hostname) if is_ip(hostname) else None

@@ -17,6 +17,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
 RECV_SIZE = 256 * 1024
+EVENTS_PER_TURN = 32  # WebSocket messages parsed before the reader lets every other task run (~1 ms of wsproto)
 # Go's WebSocket library (used by derper and Tailscale clients) refuses messages over 32 KiB,
 # so a write larger than this is split into several binary messages.
 MAX_MESSAGE = 32768
@@ -32,6 +33,8 @@ class WebSocketStream(trio.abc.Stream):
         self._closed = False
         self._sending = False
         self._receiving = False
+        self._more = False  # wsproto may hold complete messages not parsed yet
+        self.wire_bytes_received = len(initial)  # for the relay's pre-login byte budget
         if initial:
             self._ws.receive_data(initial)
 
@@ -88,8 +91,16 @@ class WebSocketStream(trio.abc.Stream):
             self._receiving = False
 
     async def _pump(self) -> None:
+        """Parse at most ``EVENTS_PER_TURN`` messages, else read the transport once.  A flood of
+        tiny messages thus costs one bounded slice of work per turn, however much one read
+        brought in."""
         try:
+            parsed = 0
+            self._more = False
             for event in self._ws.events():
+                parsed += 1
+                if parsed >= EVENTS_PER_TURN:
+                    self._more = True
                 match event:
                     case BytesMessage(data=data):
                         self._pending += data
@@ -102,7 +113,12 @@ class WebSocketStream(trio.abc.Stream):
                     case TextMessage():
                         await self._close(CloseReason.UNSUPPORTED_DATA, "text messages are not DERP")
                         raise trio.BrokenResourceError("text message on a DERP WebSocket")
+                if self._more:
+                    break
             if self._pending or self._eof:
+                return
+            if self._more:
+                await trio.lowlevel.checkpoint()
                 return
         except WSRemoteProtocolError as e:
             self._eof = True
@@ -111,6 +127,7 @@ class WebSocketStream(trio.abc.Stream):
         if not data:
             self._eof = True
             return
+        self.wire_bytes_received += len(data)
         self._ws.receive_data(data)
 
     async def _send_quietly(self, data: bytes) -> None:

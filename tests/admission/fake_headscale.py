@@ -6,8 +6,10 @@
   ``NodePublic`` is a registered node key, else ``{"Allow":false}\\n``; ``Source`` is ignored.
 
 It records every request (method, headers, body) so tests can check what the relay sent.
-Extra modes let a test make it misbehave: ``hang`` (accept and never answer), ``status``
-(answer this status), ``body`` (answer these bytes with 200).
+Extra modes let a test make it misbehave: ``hang`` (accept and never answer), ``hang_sources``
+(never answer requests whose ``Source`` is in the set), ``location`` (answer 307 to it),
+``status`` (answer this status),
+``body`` (answer these bytes with 200).
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ import h11
 import trio
 
 MAX_BODY = 4 << 10
+
+
+def _source(body: bytes) -> str | None:
+    try:
+        req = json.loads(body)
+    except ValueError:
+        return None
+    return req.get("Source") if isinstance(req, dict) else None
 
 
 @dataclass
@@ -34,6 +44,10 @@ class FakeHeadscale:
     node_keys: set[str] = field(default_factory=set)
     seen: list[Seen] = field(default_factory=list)
     hang: bool = False
+    hang_sources: set[str] = field(default_factory=set)
+    allow_all: bool = False
+    location: str | None = None  # answer 307 to here
+    connections: int = 0
     status: int | None = None
     body: bytes | None = None
     port: int = 0
@@ -44,6 +58,8 @@ class FakeHeadscale:
 
     def _answer(self, method: bytes, body: bytes, too_big: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         text = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"X-Content-Type-Options", b"nosniff")]
+        if self.location is not None:
+            return 307, [*text, (b"Location", self.location.encode())], b"moved\n"
         if self.status is not None:
             return self.status, text, b"forced status\n"
         if self.body is not None:
@@ -59,11 +75,17 @@ class FakeHeadscale:
             key = None
         if key is None:
             return 400, text, b"Bad Request\n"
-        allow = key in self.node_keys
+        allow = self.allow_all or key in self.node_keys
         return 200, [(b"Content-Type", b"application/json")], b'{"Allow":%s}\n' % (b"true" if allow else b"false")
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """Answer requests on one connection, with keep-alive as a Go server does."""
+        self.connections += 1
         conn = h11.Connection(h11.SERVER)
+        while await self._one_request(stream, conn):
+            conn.start_next_cycle()
+
+    async def _one_request(self, stream: trio.SocketStream, conn: h11.Connection) -> bool:
         request = None
         body = bytearray()
         too_big = False
@@ -73,7 +95,7 @@ class FakeHeadscale:
                 data = await stream.receive_some(65536)
                 conn.receive_data(data)
                 if not data and conn.their_state is not h11.DONE:
-                    return
+                    return False
                 continue
             if isinstance(event, h11.Request):
                 request = event
@@ -83,15 +105,16 @@ class FakeHeadscale:
             elif isinstance(event, h11.EndOfMessage):
                 break
             else:
-                return
+                return False
         assert request is not None
         self.seen.append(Seen(request.method, request.target, dict(request.headers), bytes(body)))
-        if self.hang:
+        if self.hang or (self.hang_sources and _source(bytes(body)) in self.hang_sources):
             await trio.sleep_forever()
         status, headers, payload = self._answer(request.method, bytes(body), too_big)
         headers = [*headers, (b"Content-Length", str(len(payload)).encode())]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers))
                               + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def serve(self, *, task_status: trio.TaskStatus[FakeHeadscale] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -6,19 +6,27 @@ import json
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from derpd import client as derp_client
 from derpd.admission import (
+    MAX_IN_FLIGHT_PER_SOURCE,
+    MAX_QUEUED_PER_SOURCE,
     MAX_RESPONSE_BODY,
     AdmissionConfigError,
+    FairShare,
+    Protection,
     VerifyClientURL,
     parse_verify_response,
     post_json,
     request_body,
+    source_of,
 )
 from derpd.keys import NodePrivate, NodePublic
+from derpd.protocol.handshake import ClientHandshake
+from derpd.protocol.messages import ClientInfo
 
 from .conftest import logs_in, recv_data, start_relay
 
@@ -192,3 +200,92 @@ def test_request_body_matches_derper():
     assert request_body(key, "2001:db8::1") == (
         b'{"NodePublic":"nodekey:64b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466",'
         b'"Source":"2001:db8::1"}')
+
+
+async def raw_login_from(relay, source_ip: str) -> trio.SocketStream:
+    """Start a login from ``source_ip`` (any 127.0.0.0/8 address): upgrade and ClientInfo, no wait."""
+    sock = trio.socket.socket()
+    await sock.bind((source_ip, 0))
+    await sock.connect(("127.0.0.1", relay.port))
+    stream = trio.SocketStream(sock)
+    hs = ClientHandshake(NodePrivate.generate(), ClientInfo(), server_key=relay.public_key)
+    await stream.send_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
+                          b"Derp-Fast-Start: 1\r\n\r\n" + hs.client_info_frame())
+    return stream
+
+
+async def test_one_busy_source_cannot_starve_other_logins(nursery, headscale):
+    """A controller that never answers one address: that address's 100 logins get at most
+    their per-source share of the checks, a bounded number wait, the rest are refused at once
+    and counted, and a login from another address is admitted as quickly as ever."""
+    relay = await start_relay(nursery)
+    headscale.hang_sources.add("127.0.0.2")
+    verify = VerifyClientURL(headscale.url, timeout=30)
+    Protection(verify=verify).install(relay.server, nursery)  # as derpd serve wires it
+    honest = NodePrivate.generate()
+    headscale.node_keys.add(str(honest.public))
+    stats = relay.server.stats
+    refused = 100 - MAX_IN_FLIGHT_PER_SOURCE - MAX_QUEUED_PER_SOURCE
+    with trio.fail_after(20):
+        flood = [await raw_login_from(relay, "127.0.0.2") for _ in range(100)]
+        while stats.admission_refused["admission_busy_source"] < refused or len(headscale.seen) < 8:
+            await trio.sleep(0.02)
+        await trio.testing.wait_all_tasks_blocked(0.1)
+        assert len(headscale.seen) == MAX_IN_FLIGHT_PER_SOURCE
+        assert stats.admission_refused["admission_busy_source"] == refused
+        start = trio.current_time()
+        with trio.fail_after(3):
+            assert await logs_in(relay, honest)
+        print(f"\n[admission] honest login beside 100 stalled ones took {trio.current_time() - start:.3f}s")
+    for s in flood:
+        await trio.aclose_forcefully(s)
+
+
+def test_ipv6_sources_count_per_64():
+    assert source_of("2001:db8:1:2::1") == source_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:192.0.2.7") == "192.0.2.7" == source_of("192.0.2.7")
+
+
+async def test_per_key_cap():
+    gate = trio.Event()
+
+    async def slow(key, info, ip):
+        await gate.wait()
+        return True, ""
+
+    fair = FairShare(per_source=100, per_key=2, queue=0).wrap(slow)
+    key = NodePrivate.generate().public
+    got = []
+
+    async def one(i: int) -> None:
+        got.append(await fair(key, None, f"192.0.2.{i}"))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            for i in range(5):
+                n.start_soon(one, i)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert sorted(got) == [(False, "admission_busy_key")] * 3 + [(True, "")] * 2
+
+
+async def test_controller_connections_are_kept_alive(relay, headscale):
+    headscale.allow_all = True
+    relay.server.admission_checks.append(VerifyClientURL(headscale.url).check)
+    with trio.fail_after(10):
+        for _ in range(5):
+            assert await logs_in(relay, NodePrivate.generate())
+    assert len(headscale.seen) == 5 and headscale.connections == 1
+
+
+@pytest.mark.parametrize("where,requests", [("http://127.0.0.2:{port}/verify", 1), ("/elsewhere", 4)])
+async def test_redirects_only_to_the_same_origin(relay, headscale, where, requests):
+    """A 307 to another host is an answer (refused, verify_status), never followed; one to the
+    same origin is followed, at most 3 times."""
+    headscale.location = where.format(port=headscale.port)
+    relay.server.admission_checks.append(VerifyClientURL(headscale.url, fail_open=True).check)
+    with trio.fail_after(10):
+        assert not await logs_in(relay, NodePrivate.generate())
+    assert relay.server.stats.admission_refused["verify_status"] == 1
+    assert len(headscale.seen) == requests

@@ -163,9 +163,9 @@ async def test_mesh_frames_from_non_mesh_clients(relay_proc, frame):
         await settle(relay_proc, before, f"300 non-mesh {'ClosePeer' if frame[0] == 0x11 else 'WatchConns'}")
 
 
-async def logged_in_raw(port: int) -> trio.SocketStream:
+async def logged_in_raw(port: int, key: NodePrivate | None = None) -> trio.SocketStream:
     s = await trio.open_tcp_stream("127.0.0.1", port)
-    hs = ClientHandshake(NodePrivate.generate(), ClientInfo())
+    hs = ClientHandshake(key or NodePrivate.generate(), ClientInfo())
     await s.send_all(UPGRADE)
     got = b""
     while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + 45:

@@ -64,6 +64,7 @@ def test_image_config(image: str) -> None:
     assert config["Entrypoint"] == ["derpd-entrypoint"]
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["DERPD_ADDR"] == ":443" and env["DERPD_STUN_PORT"] == "3478"
+    assert env["DERPD_CERTMODE"] == "letsencrypt" and env["DERPD_CERTDIR"] == "/var/lib/derpd/certs"
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def _uid_of_listener(port: int) -> int | None:
 def test_relay_in_container_serves_derp_and_stun(container: str, processes: Any) -> None:
     port, stun, metrics = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     env = {"DERPD_ADDR": f"127.0.0.1:{port}", "DERPD_HTTP_PORT": "-1", "DERPD_STUN_PORT": str(stun),
-           "DERPD_HOSTNAME": "127.0.0.1", "DERPD_METRICS_ADDR": f"127.0.0.1:{metrics}"}
+           "DERPD_HOSTNAME": "127.0.0.1", "DERPD_METRICS_ADDR": f"127.0.0.1:{metrics}", "DERPD_CERTMODE": "manual"}
     argv = ["buildah", "run", "--isolation", "chroot"]
     for k, v in env.items():
         argv += ["--env", f"{k}={v}"]

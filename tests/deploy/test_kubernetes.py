@@ -124,13 +124,14 @@ def test_region_cross_references() -> None:
     key_volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == key_mount["name"])
     secret = objs["Secret", key_volume["secret"]["secretName"]]
     assert len(secret["stringData"]["mesh.key"]) == 64
-    # derpd loads <certdir>/<hostname>.crt/.key: one pair per relay name.
-    tls = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
-    paths = {i["path"] for i in tls["secret"]["items"]}
-    hostname = env["DERPD_HOSTNAME"]
+    # Let's Encrypt: each relay keeps its certificate and ACME account key on its own volume,
+    # and its Service exposes 443 (TLS-ALPN-01) and 80 (HTTP-01) to the CA.
+    assert env["DERPD_CERTMODE"] == "letsencrypt" and env["DERPD_HTTP_PORT"] == "80"
+    state = next(m for m in container["volumeMounts"] if env["DERPD_CERTDIR"].startswith(m["mountPath"]))
+    assert state["name"] in {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    assert not state.get("readOnly")
     for pod in pods:
-        name = hostname.replace("$(POD_NAME)", pod)
-        assert {f"{name}.crt", f"{name}.key"} <= paths
+        assert {p["port"] for p in objs["Service", pod]["spec"]["ports"]} >= {443, 80}
     # Probes and monitors use declared ports.
     assert container["readinessProbe"]["httpGet"]["port"] in port_names
     assert container["livenessProbe"]["tcpSocket"]["port"] in port_names
@@ -151,7 +152,8 @@ def test_coordinator_config_and_map(tmp_path: Path) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     config = tmp_path / "coordinator.toml"
     config.write_text(objs["ConfigMap", "derpd-coordinator"]["data"]["coordinator.toml"])
-    r = subprocess.run([derpd_bin(), "coordinator", "--config", str(config), "--check"],
+    r = subprocess.run([derpd_bin(), "coordinator", "--config", str(config), "--check",
+                        "--state-dir", str(tmp_path / "state")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     derp_map = json.loads(r.stdout)

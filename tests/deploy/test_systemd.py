@@ -99,7 +99,7 @@ def derpd_service(tmp_path: Path, processes: Any) -> tuple[Any, list[str]]:
     port, stun = free_port(), free_port(kind=2)
     argv = _command("derpd.service", "ExecStart", state, {
         "DERPD_ADDR": f"127.0.0.1:{port}", "DERPD_HTTP_PORT": "-1", "DERPD_STUN_PORT": str(stun),
-        "DERPD_HOSTNAME": "127.0.0.1", "DERPD_METRICS_ADDR": "127.0.0.1:0"})
+        "DERPD_HOSTNAME": "127.0.0.1", "DERPD_METRICS_ADDR": "127.0.0.1:0", "DERPD_CERTMODE": "manual"})
     proc = processes(argv, name="derpd.service")
     node = json.loads(proc.expect(r"(?m)^(\{.*\"CertName\".*\})$").group(1))
     assert (state / "derpd" / "derper.key").exists()
@@ -110,6 +110,17 @@ def derpd_service(tmp_path: Path, processes: Any) -> tuple[Any, list[str]]:
     r = subprocess.run([derpd_bin("stund"), "check", f"127.0.0.1:{stun}"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
     return proc, check
+
+
+def test_derpd_service_defaults_to_lets_encrypt(tmp_path: Path) -> None:
+    argv = _command("derpd.service", "ExecStart", tmp_path, {})
+    assert argv[argv.index("--certmode") + 1] == "letsencrypt"
+    assert argv[argv.index("--certdir") + 1] == f"{tmp_path}/derpd/certs"  # StateDirectory=derpd/certs
+    # Unconfigured (DERPD_HOSTNAME=localhost), it refuses to start with one line saying what to set.
+    argv[argv.index("-a") + 1] = "127.8.4.6:443"  # ACME runs on port 443 only, as derper's
+    argv[argv.index("--http-port") + 1] = "-1"
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--hostname derp.example.com" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_derpd_service_command_line_runs(derpd_service: tuple[Any, list[str]]) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
 from derpd import client as derp_client
 from derpd.keys import NodePrivate
-from derpd.protocol.messages import KeepAlive
+from derpd.protocol.messages import KeepAlive, RecvPacket
 from derpd.relay.listener import RunningRelay, serve_relay
 from derpd.settings import RelaySettings
 
@@ -49,6 +51,14 @@ async def read_until_closed(stream: trio.abc.Stream, limit: int = 1 << 20) -> by
     return bytes(got)
 
 
+async def http(relay: RunningRelay, request: bytes) -> bytes:
+    """Send raw request bytes to the relay port; returns everything until it closes."""
+    with trio.fail_after(10):
+        stream = await raw_connect(relay)
+        await stream.send_all(request)
+        return await read_until_closed(stream)
+
+
 async def assert_relay_still_serves(relay: RunningRelay) -> None:
     """Two fresh clients can still exchange a packet."""
     a, b = NodePrivate.generate(), NodePrivate.generate()
@@ -60,3 +70,42 @@ async def assert_relay_still_serves(relay: RunningRelay) -> None:
 
 def replace_settings(relay: RunningRelay, **changes: object) -> None:
     relay.server.settings = dataclasses.replace(relay.server.settings, **changes)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def held_clients(url: str, keys: list[NodePrivate]) -> AsyncIterator[dict]:
+    """Log every key in to ``url`` at once; yields {public key: client} while they stay connected."""
+    clients: dict = {}
+    done = trio.Event()
+    all_in = trio.Event()
+
+    async def hold(k: NodePrivate) -> None:
+        async with derp_client.connect(url, k) as c:
+            clients[k.public] = c
+            if len(clients) == len(keys):
+                all_in.set()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        for k in keys:
+            nursery.start_soon(hold, k)
+        await all_in.wait()
+        try:
+            yield clients
+        finally:
+            done.set()
+
+
+async def relay_in_a_ring(keys: list[NodePrivate], clients: dict, tag: bytes = b"") -> None:  # noqa: ANN001
+    """Every client sends to the next one; each retries until its packet arrives (across
+    --workers, the mesh between the workers learns new keys asynchronously).  Skips PeerGone."""
+    for i, k in enumerate(keys):
+        dst = keys[(i + 1) % len(keys)]
+        got = None
+        while got is None:
+            await clients[k.public].send(dst.public, tag + b"%d" % i)
+            with trio.move_on_after(0.5):
+                got = await recv_skipping_keepalives(clients[dst.public])
+                while not isinstance(got, RecvPacket):  # PeerGone of clients on a worker that died
+                    got = await recv_skipping_keepalives(clients[dst.public])
+        assert got == RecvPacket(k.public, tag + b"%d" % i)

@@ -21,9 +21,8 @@ from derpd.cli import main
 from derpd.keyfile import KeyFileError, load_or_create
 from derpd.keys import NodePrivate
 from derpd.protocol.errors import RemoteProtocolError
-from derpd.protocol.messages import RecvPacket
 
-from .conftest import recv_skipping_keepalives, start_relay
+from .conftest import held_clients, relay_in_a_ring, start_relay
 
 DERPD = [sys.executable, "-m", "derpd"]
 
@@ -63,14 +62,24 @@ def test_serve_with_bad_key_file_exits_2_with_one_line(tmp_path):
     assert path.read_text() == "not json"
 
 
-def test_serve_needs_a_key_file_or_dev():
+def test_serve_needs_a_key_file_or_dev(monkeypatch):
+    monkeypatch.setattr("derpd.derperflags.os.getuid", lambda: 1000)  # as derper: only root has a default
     result = CliRunner().invoke(main, ["serve", "-a", "127.0.0.1:0"])
     assert result.exit_code == 2 and "-c PATH" in result.output
 
 
-def test_port_443_without_certmode_explains(tmp_path):
+def test_serve_as_root_uses_derper_s_key_file(monkeypatch, tmp_path):
+    monkeypatch.setattr("derpd.derperflags.os.getuid", lambda: 0)
+    monkeypatch.setattr("derpd.derperflags.ROOT_KEY_FILE", tmp_path / "var/lib/derper/derper.key")
+    # port 443 with derper's default certmode stops right after the key file is made
+    result = CliRunner().invoke(main, ["serve", "-a", "127.0.0.1:443"])
+    assert result.exit_code == 2 and "--hostname" in result.output  # ACME needs this relay's own name
+    assert (tmp_path / "var/lib/derper/derper.key").exists()
+
+
+def test_port_443_with_derper_s_default_hostname_explains(tmp_path):
     result = CliRunner().invoke(main, ["serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:443"])
-    assert result.exit_code == 2 and "--certmode manual" in result.output
+    assert result.exit_code == 2 and "derp.tailscale.com" in result.output and "--hostname" in result.output
 
 
 def test_genkey_prints_a_key_file_and_refuses_to_overwrite(tmp_path):
@@ -143,33 +152,9 @@ async def test_workers_share_the_port_and_reach_each_other(nursery):
                                        nursery=nursery)
         url = f"http://127.0.0.1:{port}/derp"
         keys = [NodePrivate.generate() for _ in range(16)]
-        async with trio.open_nursery() as inner:
-            clients = []
-            done = trio.Event()
-            all_in = trio.Event()
-
-            async def hold(k: NodePrivate) -> None:
-                async with derp_client.connect(url, k) as c:
-                    clients.append(c)
-                    if len(clients) == len(keys):
-                        all_in.set()
-                    await done.wait()
-
-            for k in keys:
-                inner.start_soon(hold, k)
-            await all_in.wait()
-            by_key = {c.public_key: c for c in clients}
-            # With 16 clients spread by the kernel over 2 workers, some pairs cross workers; each
-            # sender retries until its packet arrives (the mesh learns new keys asynchronously).
-            for i, k in enumerate(keys):
-                dst = keys[(i + 1) % len(keys)]
-                got = None
-                while got is None:
-                    await by_key[k.public].send(dst.public, b"%d" % i)
-                    with trio.move_on_after(0.5):
-                        got = await recv_skipping_keepalives(by_key[dst.public])
-                assert got == RecvPacket(k.public, b"%d" % i)
-            done.set()
+        # With 16 clients spread by the kernel over 2 workers, some pairs cross workers.
+        async with held_clients(url, keys) as clients:
+            await relay_in_a_ring(keys, clients)
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
 
@@ -199,8 +184,10 @@ def test_close_peer_bad_key_says_what_to_do(tmp_path):
     assert result.exit_code == 2 and "nodekey:<64 hex>" in result.output
 
 
-async def test_serve_registers_with_the_coordinator(nursery, tmp_path):
-    from tests.coordinator.conftest import TOKEN, FakeProbe, http, make_config
+async def start_coordinator(nursery: trio.Nursery, tmp_path: Path) -> tuple[object, trio.Event, Path]:
+    """A coordinator on a free port; returns it, an event set at the first registration, and
+    the token file to pass to ``derpd serve --coordinator-token-file``."""
+    from tests.coordinator.conftest import TOKEN, FakeProbe, make_config
 
     from derpd.coordinator.server import serve_coordinator
 
@@ -217,6 +204,13 @@ async def test_serve_registers_with_the_coordinator(nursery, tmp_path):
     coordinator.state.register = spy
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    return coordinator, registered, token_file
+
+
+async def test_serve_registers_with_the_coordinator(nursery, tmp_path):
+    from tests.coordinator.conftest import http
+
+    coordinator, registered, token_file = await start_coordinator(nursery, tmp_path)
     with trio.fail_after(30):
         proc, port = await start_serve(
             "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "--certmode", "manual", "--certdir", str(tmp_path),
@@ -267,3 +261,37 @@ def test_workers_metrics_are_summed_sample_by_sample():
     assert "derp_packets_sent_total 7.0" in text
     assert 'derp_packets_dropped_total{kind="other",reason="queue_head"} 7.0' in text
     assert text.count("# TYPE derp_packets_sent_total counter") == 1
+
+
+async def test_printed_and_registered_node_carry_the_bound_stun_port_and_the_names(nursery, tmp_path):
+    """--stun-port 0 binds a free port: the node printed for the pinned certificate and the
+    node registered with the coordinator both name that port, and the printed node takes
+    --region-id and --node-name."""
+    from tests.coordinator.conftest import http
+
+    from stund.client import stun_query
+
+    coordinator, registered, token_file = await start_coordinator(nursery, tmp_path)
+    with trio.fail_after(30):
+        proc = await nursery.start(lambda task_status: trio.run_process(
+            [*DERPD, "serve", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "--certmode", "manual",
+             "--certdir", str(tmp_path), "--hostname", "127.0.0.1", "--http-port", "-1", "--stun-port", "0",
+             "--region-id", "901", "--node-name", "901s", "--coordinator", coordinator.url,
+             "--coordinator-token-file", str(token_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False, task_status=task_status))
+        out = b""
+        while not out.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(4096)
+            assert chunk, out
+            out += chunk
+        printed = json.loads(out)
+        assert printed["Name"] == "901s" and printed["RegionID"] == 901
+        stun_port = printed["STUNPort"]
+        assert stun_port not in (0, 3478, -1)
+        assert (await stun_query("127.0.0.1", stun_port, timeout=5)).address[0] == "127.0.0.1"
+        await registered.wait()
+        doc = json.loads((await http(coordinator.url + "/derpmap/default")).body)
+        node = next(n for r in doc["Regions"].values() for n in r["Nodes"] if n["Name"] == "901s")
+        assert node["STUNPort"] == stun_port and node["CertName"] == printed["CertName"]
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0

@@ -21,6 +21,7 @@ from derpd.protocol.messages import (
 
 from .conftest import (
     assert_relay_still_serves,
+    http,
     raw_connect,
     read_until_closed,
     recv_skipping_keepalives,
@@ -272,13 +273,6 @@ async def test_duplicate_key_newest_receives_then_last_writer(relay):
 # ----------------------------------------------------------------------------- HTTP
 
 
-async def http(relay, request: bytes) -> bytes:
-    with trio.fail_after(10):
-        stream = await raw_connect(relay)
-        await stream.send_all(request)
-        return await read_until_closed(stream)
-
-
 async def test_upgrade_101_exact_and_server_key_follows(relay):
     with trio.fail_after(10):
         stream = await raw_connect(relay)
@@ -301,6 +295,18 @@ async def test_fast_start_gets_no_http_response(relay):
         await stream.send_all(req)
         first = await stream.receive_some(5)
     assert first[:1] == b"\x01"  # straight to ServerKey
+
+
+async def test_status_lines_carry_reason_phrases_and_204_no_content_length(relay):
+    r = await http(relay, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = r.split(b"\r\n\r\n", 1)[0].lower()
+    assert r.startswith(b"HTTP/1.1 204 No Content\r\n") and b"content-length" not in head
+    r = await http(relay, b"GET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert r.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 0" in r.lower()
+    r = await http(relay, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert r.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    r = await http(relay, b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert r.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
 
 
 async def test_plain_endpoints(relay):

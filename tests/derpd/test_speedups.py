@@ -140,6 +140,7 @@ def test_hypothesis_buffers_split_the_same(frames, garbage, cuts, which, most):
 class FakeDest:
     def __init__(self, name: str, log: list, full_every: int) -> None:
         self.name, self.log, self.full_every, self.n = name, log, full_every, 0
+        self.saw_src: set[bytes] = set()
 
     def enqueue(self, frame: bytes, disco: bool) -> bool:
         self.n += 1
@@ -148,14 +149,18 @@ class FakeDest:
 
 
 class FakeRegistry:
-    def __init__(self) -> None:
+    def __init__(self, log: list) -> None:
         self.active: dict[bytes, FakeDest] = {}
-        self.sent_to: dict[bytes, set[bytes]] = {}
+        self.log = log
+
+    def watch_peer_gone(self, receiver: FakeDest, src: bytes) -> None:
+        receiver.saw_src.add(src)
+        self.log.append(("watch", receiver.name, src))
 
 
 class FakeServer:
     def __init__(self, log: list) -> None:
-        self.registry = FakeRegistry()
+        self.registry = FakeRegistry(log)
         self.stats = RelayStats()
         self.log = log
 
@@ -176,10 +181,10 @@ def route_trace(frames: list[tuple[int, bytes]], full_every: int, compiled: bool
         server.registry.active[k] = FakeDest(f"d{i}", log, full_every)
     conn = ClientConnection.__new__(ClientConnection)
     conn.server, conn.key, conn.can_mesh, conn.is_dup = server, SRC, False, False
-    conn._sent_to = server.registry.sent_to.setdefault(SRC, set())
     conn._congested = None
     conn._pong = None
     conn._parked = False
+    conn._ctl_tokens = 0.0
     steps: list = []
     with path(compiled):
         done = 0
@@ -191,7 +196,7 @@ def route_trace(frames: list[tuple[int, bytes]], full_every: int, compiled: bool
         except RemoteProtocolError as e:
             steps.append(("error", e.reason))
     stats = {k: val for k, val in vars(server.stats).items()}
-    return steps, log, stats, {k: sorted(s) for k, s in server.registry.sent_to.items()}
+    return steps, log, stats, {d.name: sorted(d.saw_src) for d in server.registry.active.values()}
 
 
 send_st = st.builds(
@@ -225,9 +230,8 @@ def test_appendix_a_send_packet_routes_to_the_recv_packet_vector():
         server.registry.active[v.CLIENT_PUBLIC] = FakeDest("client", log, 0)
         conn = ClientConnection.__new__(ClientConnection)
         conn.server, conn.key, conn.can_mesh, conn.is_dup = server, v.SERVER_PUBLIC, False, False
-        conn._sent_to = set()
         conn._congested = None
         with path(compiled):
             assert conn._handle_frames(frames, 0) == 1
-        assert log == [("enqueue", "client", v.RECV_PACKET, False)]
+        assert log == [("watch", "client", v.SERVER_PUBLIC), ("enqueue", "client", v.RECV_PACKET, False)]
         assert server.stats.packets_received == 1 and server.stats.bytes_received == 5

@@ -49,9 +49,11 @@ async def test_manual_cert_tls_relay_and_http_redirect(nursery, ca_and_certdir):
             await cb.send(cw.public_key, b"over wss")
             assert await recv_skipping_keepalives(cw) == RecvPacket(b.public, b"over wss")
         stream = await trio.open_tcp_stream("127.0.0.1", relay.http_port)
-        await stream.send_all(b"GET /x?y=1 HTTP/1.1\r\nHost: derp.example\r\nConnection: close\r\n\r\n")
+        await stream.send_all(b"GET /x?y=1 HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
         r = await read_until_closed(stream)
-        assert r.startswith(b"HTTP/1.1 302 ") and b"location: https://derp.example/x?y=1" in r.lower()
+        # The target is --hostname and the relay's port, never the client's Host header.
+        assert r.startswith(b"HTTP/1.1 302 ")
+        assert b"location: https://localhost:%d/x?y=1\r\n" % relay.port in r.lower()
         stream = await trio.open_tcp_stream("127.0.0.1", relay.http_port)
         await stream.send_all(b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: ts_abc\r\n"
                               b"Connection: close\r\n\r\n")

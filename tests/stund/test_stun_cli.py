@@ -102,5 +102,17 @@ async def test_serve_rejects_bad_configuration():
         result = await trio.run_process(
             [sys.executable, "-m", "stund", "serve", "-a", "0.0.0.0:0", "--alternate-addr", "127.0.0.2"],
             capture_stderr=True, check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a start-up error
     assert b"RFC 5780 needs specific addresses" in result.stderr
+
+
+def test_help_and_version():
+    from click.testing import CliRunner
+
+    from stund.cli import main
+
+    for args in (["-h"], ["--help"], ["serve", "-h"], ["check", "-h"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "Usage:" in result.output, (args, result.output)
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and re.fullmatch(r"stund, version \d+\.\d+\.\d+\S*\n", result.output), result.output

@@ -8,6 +8,7 @@ which turns that into a one-line failure.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,26 @@ import pytest
 from tests.interop.interop_harness import CertAuthority, build_failed, make_test_ca, missing_tool
 
 from .tailnet_harness import BLOB_SIZE, NamespaceError, Node, Tailnet, TailnetTools, build_tailnet_tools, make_blob
+
+
+TEST_BOUND = 300.0  # seconds for any one test (its steps have their own, shorter bounds)
+
+
+@pytest.fixture(autouse=True)
+def bounded() -> Iterator[None]:
+    """Ends a test that runs over TEST_BOUND (the tests are synchronous: SIGALRM raises in
+    the main thread, inside whatever wait is blocking); teardown still stops everything."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the test ran over {TEST_BOUND:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, TEST_BOUND)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

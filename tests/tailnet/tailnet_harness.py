@@ -3,8 +3,8 @@ namespace, used by the tailnet suite (conftest.py) and by bench/tailnet.py.
 
 Everything that talks on the network runs inside one namespace made with ``unshare -n``
 (``lo`` and a dead-end veth pair, see NAMESPACE_SETUP), so nothing can leave the machine:
-no log uploads, no port mapping probes, no DNS.  The namespace is held by a ``sleep`` process; every other program
-enters it with ``nsenter --net=/proc/<holder>/ns/net``.  Because the namespace is new, its
+no log uploads, no port mapping probes, no DNS.  The namespace is held by a ``sleep``
+process; every other program enters it with ``nsenter --net=/proc/<holder>/ns/net``.  Because the namespace is new, its
 ports are all free, so the programs get fixed ports (``PORTS``) and there is no race.
 
 This module is synchronous (subprocess + one reader thread per process): every wait has a
@@ -37,7 +37,6 @@ from typing import Any, NoReturn
 from tests.interop.interop_harness import TAILSCALE_VERSION, CertAuthority, cache_root, clean_env, find_go
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 HEADSCALE_VERSION = "v0.29.3"  # newest v0.29.x on the module proxy; see README.md to upgrade
 # (module, version, commands built from it); each is built inside its own downloaded module
 # directory, with that module's go.mod and go.sum.
@@ -45,7 +44,7 @@ MODULES = (
     ("tailscale.com", TAILSCALE_VERSION, ("./cmd/tailscaled", "./cmd/tailscale")),
     ("github.com/juanfont/headscale", HEADSCALE_VERSION, ("./cmd/headscale",)),
 )
-BUILD_TIMEOUT = 1500.0  # cold: tailscaled and headscale are large; 2 busy cores
+BUILD_TIMEOUT = 2700.0  # per go command; a cold build of both took 35 min niced on 2 busy cores
 
 BLOB_SIZE = 50 * 1000 * 1000  # the 50 MB every transfer moves
 REGION_ID = 900
@@ -210,10 +209,6 @@ class Proc:
             lines = self.lines[-n:]
         return f"--- {self.name} ({self.log_path}), last lines:\n" + "\n".join(lines)
 
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
         if self.popen.poll() is None:
@@ -245,7 +240,7 @@ class Netns:
     Root uses ``unshare -n``; other users get a user namespace too (``unshare -r -n``)
     where unprivileged namespaces are allowed."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self) -> None:
         self.user_ns = os.geteuid() != 0
         argv = ["unshare", *(["-r"] if self.user_ns else []), "-n", "--", "sh", "-c", NAMESPACE_SETUP]
         self.holder = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -258,7 +253,6 @@ class Netns:
             raise NamespaceError(
                 f"cannot make a private network namespace with `{' '.join(argv[:4])}` ({err or 'no output'}): "
                 f"run as root (CI does), or allow unprivileged user namespaces, and install util-linux and iproute2")
-        self.workdir = workdir
 
     def wrap(self, argv: Iterable[str]) -> list[str]:
         ns = [f"--user=/proc/{self.holder.pid}/ns/user", "--preserve-credentials"] if self.user_ns else []
@@ -288,8 +282,9 @@ class NamespaceError(TailnetError):
 _FETCH = """
 import ssl, sys, urllib.request, urllib.error
 ctx = ssl.create_default_context(cafile=sys.argv[2]) if sys.argv[2] else None
+req = urllib.request.Request(sys.argv[1], headers={"Accept": sys.argv[4]})
 try:
-    body = urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[3]), context=ctx).read()
+    body = urllib.request.urlopen(req, timeout=float(sys.argv[3]), context=ctx).read()
 except urllib.error.HTTPError as e:
     body = e.read(); print(e.code, file=sys.stderr); sys.stdout.buffer.write(body); sys.exit(3)
 sys.stdout.buffer.write(body)
@@ -303,8 +298,9 @@ sys.stdout.buffer.write(body)
 @dataclass
 class PingResult:
     via: str  # "DERP(derpd)", or an ip:port for a direct path
-    ms: float
+    ms: float  # the round trip tailscaled measured
     line: str
+    waited: float  # seconds from starting `tailscale ping` to this pong
 
 
 @dataclass
@@ -337,15 +333,33 @@ class Node:
     def ip(self) -> str:
         return next(a for a in self.status()["Self"]["TailscaleIPs"] if ":" not in a)
 
-    def ping(self, peer_ip: str, count: int = 10, timeout: float = 30.0) -> PingResult:
-        """``tailscale ping`` (disco ping, up to ``count`` tries of 5 s); the first pong."""
-        out = self.cli("ping", f"--c={count}", "--timeout=5s", peer_ip, timeout=timeout, check=False)
-        m = re.search(r"pong from .* via (\S+) in ([\d.]+)(ms|s|µs)", out.stdout)
-        if not m:
-            raise TailnetError(f"{self.name}: `tailscale ping {peer_ip}` got no pong:\n{out.stdout[-1500:]}"
-                               f"{out.stderr[-1500:]}\n{self.proc.tail(20)}")
-        scale = {"ms": 1.0, "s": 1000.0, "µs": 0.001}[m.group(3)]
-        return PingResult(m.group(1), float(m.group(2)) * scale, m.group(0))
+    def ping(self, peer_ip: str, count: int = 10, timeout: float = 60.0) -> PingResult:
+        """``tailscale ping`` (disco ping, up to ``count`` tries of at most 5 s each); returns
+        at the first pong and stops the CLI (it would go on pinging ``count`` times, once a
+        second, hoping for a direct path that TS_DEBUG_ALWAYS_USE_DERP rules out)."""
+        argv = self.net.ns.wrap([self.net.tools.tailscale, f"--socket={self.socket}", "ping", f"--c={count}",
+                                 "--timeout=5s", peer_ip])
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=self.net.node_env(), text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        start = time.monotonic()
+        seen: list[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                seen.append(line.rstrip())
+                if m := re.search(r"pong from .* via (\S+) in ([\d.]+)(ms|s|µs)", line):
+                    scale = {"ms": 1.0, "s": 1000.0, "µs": 0.001}[m.group(3)]
+                    return PingResult(m.group(1), float(m.group(2)) * scale, m.group(0),
+                                      time.monotonic() - start)
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        raise TailnetError(f"{self.name}: `tailscale ping {peer_ip}` got no pong in {time.monotonic() - start:.1f}s:\n"
+                           + "\n".join(seen[-10:]) + f"\n{self.proc.tail(20)}")
 
     def fetch(self, peer_ip: str, port: int, timeout: float, progress: threading.Event | None = None,
               progress_at: int = 0) -> Transfer:
@@ -396,7 +410,7 @@ class Tailnet:
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ns = Netns(self.workdir)
+        self.ns = Netns()
 
     def __enter__(self) -> Tailnet:
         return self
@@ -432,8 +446,9 @@ class Tailnet:
             self.procs.remove(proc)
         return code
 
-    def fetch_url(self, url: str, timeout: float = 15.0, ok: bool = True) -> str:
-        proc = self.ns.run([sys.executable, "-c", _FETCH, url, str(self.ca.ca_file), str(timeout)],
+    def fetch_url(self, url: str, timeout: float = 15.0, ok: bool = True, accept: str = "*/*") -> str:
+        """GET ``url`` from inside the namespace (trusting the test CA); the body."""
+        proc = self.ns.run([sys.executable, "-c", _FETCH, url, str(self.ca.ca_file), str(timeout), accept],
                            timeout=timeout + 10, check=ok)
         return proc.stdout
 
@@ -453,7 +468,7 @@ class Tailnet:
         """derpd serve (TLS for localhost from the test CA, key file ``<name>.key``, kept
         across restarts); returns once it logs that it listens."""
         proc = self.start(name, self.relay_argv(name, port, stun_port, args))
-        proc.wait_for(r"relay \S+ on 127\.0\.0\.1:\d+", timeout)
+        proc.wait_for(r"relay \S+ on 127\.0\.0\.1:\d+|\d+ workers on port", timeout)
         return proc
 
     def metrics(self, port: int = PORTS["relay"], url: str | None = None) -> dict[str, float]:
@@ -466,15 +481,29 @@ class Tailnet:
                 out[name] = float(value)
         return out
 
+    def metrics_when(self, condition: Callable[[dict[str, float]], bool], url: str, timeout: float = 15.0
+                     ) -> dict[str, float]:
+        """Metrics from ``url`` once ``condition`` holds.  For ``--workers``' summed metrics,
+        which the parent re-scrapes from its workers every 2 s: there is no event to wait
+        for, so this re-reads every 0.5 s, up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not condition(m := self.metrics(url=url)):
+            if time.monotonic() > deadline:
+                raise TailnetError(f"{url}: condition not met within {timeout:.0f}s: {m}")
+            time.sleep(0.5)
+        return m
+
     # -- coordinator ----------------------------------------------------------------
 
     def start_coordinator(self, nodes: list[dict[str, Any]], probe_interval: float = 2.0,
-                          timeout: float = 30.0) -> str:
-        """derpd coordinator with one region (REGION_ID) of ``nodes`` (TOML node keys);
-        returns the JSON map URL."""
+                          settings: dict[str, Any] | None = None, timeout: float = 30.0) -> str:
+        """derpd coordinator with one region (REGION_ID) of ``nodes`` (TOML node keys), its
+        state in the work directory, ``settings`` added to ``[coordinator]``; returns the
+        JSON map URL."""
+        extra = [f"{k} = {json.dumps(v)}" for k, v in (settings or {}).items()]
         lines = ["[coordinator]", f'listen = "127.0.0.1:{PORTS["coordinator"]}"',
                  f"probe_interval = {probe_interval}", f"probe_timeout = {max(1.0, probe_interval - 0.5)}",
-                 f'ca_file = "{self.ca.ca_file}"', "omit_default_regions = true",
+                 f'ca_file = "{self.ca.ca_file}"', "omit_default_regions = true", *extra,
                  "[[regions]]", f"id = {REGION_ID}", f'code = "{REGION_CODE}"', 'name = "derpd tailnet test"']
         for node in nodes:
             lines.append("[[regions.nodes]]")
@@ -482,7 +511,8 @@ class Tailnet:
         config = self.workdir / "coordinator.toml"
         config.write_text("\n".join(lines) + "\n")
         proc = self.start("coordinator", [*self.derpd, "coordinator", "-v", "--config", str(config),
-                                          "-a", f"127.0.0.1:{PORTS['coordinator']}"])
+                                          "-a", f"127.0.0.1:{PORTS['coordinator']}",
+                                          "--state-dir", str(self.workdir / "coordinator-state")])
         proc.wait_for(r"map at (\S+)", timeout)
         return f"http://127.0.0.1:{PORTS['coordinator']}/derpmap/default"
 
@@ -497,9 +527,10 @@ class Tailnet:
     # -- headscale ------------------------------------------------------------------
 
     def start_headscale(self, derp_urls: Iterable[str] = (), derp_paths: Iterable[Path] = (),
-                        timeout: float = 60.0) -> str:
-        """headscale on loopback with SQLite, its embedded DERP off; returns a reusable
-        pre-auth key for a fresh user."""
+                        auto_update: bool = True, timeout: float = 60.0) -> str:
+        """headscale on loopback with SQLite, its embedded DERP off, re-reading the DERP map
+        every 10 s unless ``auto_update`` is false; returns a reusable pre-auth key for a
+        fresh user."""
         d = self.workdir / "headscale"
         d.mkdir(exist_ok=True)
         hs = PORTS["headscale"]
@@ -512,7 +543,7 @@ class Tailnet:
             "noise": {"private_key_path": str(d / "noise_private.key")},
             "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
             "derp": {"server": {"enabled": False}, "urls": list(derp_urls), "paths": [str(p) for p in derp_paths],
-                     "auto_update_enabled": True, "update_frequency": "10s"},
+                     "auto_update_enabled": auto_update, "update_frequency": "10s"},
             "disable_check_updates": True,
             "database": {"type": "sqlite", "sqlite": {"path": str(d / "db.sqlite"), "write_ahead_log": True}},
             "log": {"level": "info", "format": "text"},
@@ -534,6 +565,13 @@ class Tailnet:
         key = json.loads(self.headscale_cli("preauthkeys", "create", "-u", str(uid), "--reusable",
                                             "-e", "1h", "-o", "json"))
         return key["key"]
+
+    def headscale_derp_ports(self) -> dict[int, list[int]]:
+        """The DERPPort of each node of each region, in the order headscale sends them to
+        the nodes (headscale shuffles the nodes of each region whenever it loads the map)."""
+        info = json.loads(self.fetch_url(f"http://127.0.0.1:{PORTS['headscale_metrics']}/debug/derp",
+                                         accept="application/json"))
+        return {int(rid): [n["derp_port"] for n in r["nodes"]] for rid, r in info["regions"].items()}
 
     def headscale_cli(self, *args: str) -> str:
         assert self.headscale_config is not None
@@ -559,7 +597,8 @@ class Tailnet:
         return node
 
     def two_nodes(self, relay_args: Iterable[str] = (), use_paths: bool = False,
-                  start_relay: Callable[[], Proc] | None = None) -> tuple[Node, Node]:
+                  start_relay: Callable[[], Proc] | None = None,
+                  coordinator: dict[str, Any] | None = None) -> tuple[Node, Node]:
         """The usual tailnet: one derpd relay (``relay_args`` added; or whatever
         ``start_relay()`` starts on PORTS["relay"]), the coordinator with it as the only node
         of region REGION_ID, headscale reading the coordinator's map (``derp.urls``, or with
@@ -569,7 +608,7 @@ class Tailnet:
             self.start_relay(args=relay_args)
         else:
             start_relay()
-        url = self.start_coordinator([self.map_node(f"{REGION_ID}a")])
+        url = self.start_coordinator([self.map_node(f"{REGION_ID}a")], settings=coordinator)
         if use_paths:
             path = self.workdir / "derpmap.yaml"
             path.write_text(self.fetch_url(url + ".yaml"))

@@ -2,7 +2,8 @@
 
 One tailnet for the module (starting it takes seconds): derpd (TLS, test CA), the
 coordinator serving its map, headscale reading the map with ``derp.urls``, nodes a and b
-with ``TS_DEBUG_ALWAYS_USE_DERP=1``.  The last test reads the same map through ``derp.paths``.
+with ``TS_DEBUG_ALWAYS_USE_DERP=1``.  (test_mesh.py has headscale read the map through
+``derp.paths`` instead.)
 """
 
 from __future__ import annotations
@@ -80,15 +81,3 @@ def test_50mb_through_the_relay(tailnet, blob: tuple[Path, str]) -> None:
     print(f"50 MB b -> a: {t.seconds:.2f} s, {t.mbit_s:.1f} Mbit/s, relay received {relayed / 1e6:.1f} MB")
     assert t.nbytes == BLOB_SIZE
     assert relayed >= BLOB_SIZE, "the data did not go through derpd"
-
-
-def test_headscale_reads_the_map_from_derp_paths(make_tailnet) -> None:
-    """headscale's ``derp.paths`` with the coordinator's YAML (/derpmap/default.yaml)."""
-    net = make_tailnet("paths")
-    a, b = net.two_nodes(use_paths=True)
-    text = (net.workdir / "derpmap.yaml").read_text()
-    assert f"regionid: {REGION_ID}" in text, text
-    pong = a.ping(b.ip())
-    print(pong.line)
-    assert pong.via == VIA_DERP, pong.line
-    assert a.status()["Self"]["Relay"] == REGION_CODE

@@ -18,6 +18,7 @@
 //	derpinterop netcheck   --derpmap URL|FILE
 //	derpinterop meshpair   --url-a U1 --url-b U2 [--pairs N] [--packets M] [--ca FILE]
 //	derpinterop derpmap    --url COORDINATOR
+//	derpinterop goflags    --cases FILE
 package main
 
 import (
@@ -76,6 +77,7 @@ var scenarios = map[string]scenario{
 	"netcheck":   {runNetcheck, "tailscale.com/net/netcheck report against a DERP map"},
 	"meshpair":   {runMeshPair, "clients on two meshed relays exchange packets both ways; PeerGone crosses the mesh"},
 	"derpmap":    {runDERPMap, "a coordinator's JSON and YAML map, decoded as headscale does (encoding/json, yaml.v3)"},
+	"goflags":    {runGoFlags, "command lines parsed by Go's flag package (derper's flags), for derpd's reader to match"},
 }
 
 var verbose bool
