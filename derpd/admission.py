@@ -479,7 +479,7 @@ class Protection:
     allow_list: AllowList | None = None
     verify: VerifyClientURL | None = None
     rate_config_path: Path | None = None
-    tailscaled: VerifyClientURL | None = None  # --verify-clients (derpd.localapi)
+    tailscaled: VerifyClientURL | None = None  # --verify-clients: derpd.serve.protection_from_flags sets it
 
     @classmethod
     def from_options(cls, opts: dict[str, object]) -> Protection:
@@ -502,12 +502,7 @@ class Protection:
         if opts.get("rate_config") is not None:
             rate_path = Path(str(opts["rate_config"]))
             load_rate_config(rate_path)  # fail now, not at the first SIGHUP
-        tailscaled = None
-        if opts.get("verify_clients"):
-            from .localapi import tailscaled_verifier
-
-            tailscaled = tailscaled_verifier(str(opts.get("socket") or "") or None)
-        return cls(allow, verify, rate_path, tailscaled)
+        return cls(allow, verify, rate_path)
 
     def install(self, server: Any, nursery: trio.Nursery) -> None:
         """Add the checks to ``server.admission_checks`` (allow-list first: it is cheaper), the

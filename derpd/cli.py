@@ -23,9 +23,9 @@ from .devregion import dev_command
 from .keyfile import KeyFileError, key_file_json
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
 from .relay.listener import BindError
-from .serve import bind_error_message, options_from_flags, run_serve, setup_logging
+from .serve import bind_error_message, options_from_flags, protection_from_flags, run_serve, setup_logging
 from .settings import SettingsError
-from .admission import Protection, serve_options as admission_options
+from .admission import serve_options as admission_options
 from .derperflags import DerperCommand, GoDuration, GoFloat, GoInt
 
 
@@ -171,7 +171,7 @@ def serve(**opts: object) -> None:
     setup_logging(int(opts["verbose"]))  # type: ignore[call-overload]
     try:
         # admission and rate options (derpd.admission); run_serve (or each worker) installs them
-        options = dataclasses.replace(options_from_flags(opts), protection=Protection.from_options(opts))
+        options = dataclasses.replace(options_from_flags(opts), protection=protection_from_flags(opts))
     except (SettingsError, KeyFileError, KeyFormatError, ValueError) as e:
         _fail(str(e))
     try:

@@ -10,6 +10,7 @@ below (``derpd.relay``, ``derpd.mesh``, ``derpd.admission``, ``derpd.coordinator
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -201,6 +202,25 @@ def acme_from_flags(opts: dict[str, object], settings: RelaySettings) -> AcmeCon
         http_port=settings.http_port, directory=opts.get("acme_directory") or None,  # type: ignore[arg-type]
         email=str(opts.get("acme_email") or ""), eab_kid=str(opts.get("acme_eab_kid") or ""),
         eab_key=str(opts.get("acme_eab_key") or ""), ip_certs=bool(opts.get("acme_ip_certs")))
+
+
+def protection_from_flags(opts: dict[str, object]) -> Protection:
+    """The admission and rate settings of ``derpd serve``'s flags (``--allow-keys``,
+    ``--verify-client-url``, ``--rate-config``, and ``--verify-clients [--socket]``, whose
+    LocalAPI check comes from ``derpd.localapi``, a layer above ``derpd.admission``).
+
+    Raises:
+        SettingsError: an unreadable or malformed file, or a bad URL.
+    """
+    from .admission import Protection
+
+    protection = Protection.from_options(opts)
+    if opts.get("verify_clients"):
+        from .localapi import tailscaled_verifier
+
+        verifier = tailscaled_verifier(str(opts.get("socket") or "") or None)
+        protection = dataclasses.replace(protection, tailscaled=verifier)
+    return protection
 
 
 def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None:

@@ -42,8 +42,7 @@ from .keys import NodePrivate
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
 from .serve import (ServeOptions, announce_node, bind_error_message, handle_signals, install_bootstrap_dns,
-                    node_registration,
-                    open_signals, setup_logging, start_stun)
+                    node_registration, open_signals, protection_from_flags, setup_logging, start_stun)
 from .settings import SettingsError
 
 log = logging.getLogger("derpd.workers")
@@ -175,9 +174,7 @@ def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, 
     try:
         protection = None
         if protection_flags is not None:
-            from .admission import Protection
-
-            protection = Protection.from_options(protection_flags)
+            protection = protection_from_flags(protection_flags)
         run_trio(_worker, index, dataclasses.replace(options, protection=protection), main_sock, mesh_sock,
                  peer_ports, mesh_key, conn)
     except KeyboardInterrupt:

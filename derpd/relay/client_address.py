@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import trio
 
 from ..protocol.errors import RemoteProtocolError
+from ..settings import parse_networks
 from ..protocol.proxy import looks_like_proxy_header, parse_proxy_header
 from ..transport.prefixed_stream import PrefixedStream
 
@@ -34,21 +35,12 @@ def parse_cidrs(text: str | Iterable[str]) -> tuple[IPNetwork, ...]:
     """``"10.0.0.0/8,127.0.0.1"`` (or a list) -> networks; a bare address is a /32 or /128.
 
     Raises:
-        ValueError: an entry that is not an address or a network (the message names it).
+        SettingsError: an entry that is not an address or a network (the message names it).
     """
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        try:
-            out.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8, ::1)") from None
-    return tuple(out)
+    return parse_networks("--trusted-proxies", text if isinstance(text, str) else ",".join(text))
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def plain_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:
@@ -59,7 +51,7 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def is_trusted(ip: str, trusted: tuple[IPNetwork, ...]) -> bool:
-    addr = _ip(ip)
+    addr = plain_address(ip)
     return addr is not None and any(addr in net for net in trusted)
 
 
@@ -69,7 +61,7 @@ def client_from_forwarded_for(values: list[bytes], trusted: tuple[IPNetwork, ...
     is the proxy's own, still never "local")."""
     entries = [e.strip() for v in values for e in v.decode("latin-1").split(",")]
     for entry in reversed(entries):
-        addr = _ip(entry)
+        addr = plain_address(entry)
         if addr is None:
             return None  # garbage in the chain: believe nothing left of it
         if not any(addr in net for net in trusted):
@@ -116,5 +108,6 @@ __all__ = [
     "client_from_forwarded_for",
     "is_trusted",
     "parse_cidrs",
+    "plain_address",
     "read_proxy_header",
 ]

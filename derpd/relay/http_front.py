@@ -12,7 +12,6 @@ and ``derpd.transport``; imported only by ``listener``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
 import time
@@ -41,7 +40,7 @@ from ..protocol.upgrade import (
 )
 from ..transport.tls_stream import DrainingSSLStream
 from ..transport.websocket_stream import WebSocketStream
-from .client_address import client_from_forwarded_for, is_trusted
+from .client_address import client_from_forwarded_for, is_trusted, plain_address
 from .debug import debug_response
 
 if TYPE_CHECKING:
@@ -130,26 +129,16 @@ def https_authority(hostname: str, port: int) -> bytes:
 
 
 def is_loopback(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
+    addr = plain_address(ip)
+    return addr is not None and addr.is_loopback
 
 
 def debug_allowed(server: RelayServer, ip: str) -> bool:
     """derper's debug rule: loopback peers, plus derpd's ``--debug-allow`` networks."""
-    if is_loopback(ip):
-        return True
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = plain_address(ip)
+    if addr is None:
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in server.settings.debug_allow if net.version == addr.version)
+    return addr.is_loopback or any(addr in net for net in server.settings.debug_allow if net.version == addr.version)
 
 
 def _answer_debug_or_dns(server: RelayServer, route: Debug | BootstrapDNS, ip: str, relayed: bool) -> Response:

@@ -12,8 +12,9 @@ import sys
 import pytest
 import trio
 
-from derpd.admission import Protection, VerifyClientURL
+from derpd.admission import VerifyClientURL
 from derpd.keys import NodePrivate
+from derpd.serve import protection_from_flags
 from derpd.localapi import CAPABILITY_VERSION, LocalAPI, judge_whois, tailscaled_verifier
 
 from .conftest import logs_in
@@ -108,9 +109,9 @@ def test_judging_whois_answers(status, body, decision):
 
 
 def test_the_flags_build_the_check(tmp_path):
-    p = Protection.from_options({"verify_clients": True, "socket": str(tmp_path / "ts.sock")})
+    p = protection_from_flags({"verify_clients": True, "socket": str(tmp_path / "ts.sock")})
     assert p.tailscaled is not None and p.tailscaled.fail_open is False and str(tmp_path) in p.tailscaled.url
-    assert Protection.from_options({"verify_clients": False}).tailscaled is None
+    assert protection_from_flags({"verify_clients": False}).tailscaled is None
 
 
 async def test_serve_verify_clients_socket_as_a_real_process(tailscaled, nursery):

@@ -143,5 +143,5 @@ def test_forwarded_for_takes_the_rightmost_untrusted_entry():
     assert client_from_forwarded_for([b"10.0.0.1, ::1"], trusted) is None
     assert client_from_forwarded_for([b"evil, 10.0.0.1"], trusted) is None
     assert client_from_forwarded_for([b"[2001:db8::7]"], trusted) == "2001:db8::7"
-    with pytest.raises(ValueError, match="not an IP address"):
+    with pytest.raises(ValueError, match="is not an address or CIDR"):
         parse_cidrs("10.0.0.0/8,nonsense")
