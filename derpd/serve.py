@@ -103,6 +103,7 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     config = opts["config"]
     hostname = str(opts["hostname"])
     startup = logging.getLogger("derpd.startup")
+    split_host_port(addr)  # a bad -a fails here, before a key file is written
     if dev:
         if addr == ":443":
             addr = ":3340"

@@ -187,6 +187,12 @@ async def test_bad_serve_flag_is_one_line(case, tmp_path):
     assert_one_line(await run(argv), needle)
 
 
+async def test_bad_address_writes_no_key_file(tmp_path):
+    key = tmp_path / "derper.key"
+    assert_one_line(await run(DERPD + ["serve", "-c", str(key), "-certmode=manual", "-a=:notaport"]), "0 to 65535")
+    assert not key.exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (DERPD + ["coordinator", "-a", "127.0.0.1:x", "--state-dir", "{tmp}"], "0 to 65535"),
     (DERPD + ["coordinator", "-a", "8080", "--check", "--state-dir", "{tmp}"], "HOST:PORT"),
