@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"sort"
@@ -23,28 +21,14 @@ import (
 // loadDERPMap reads a DERP map from http(s)://, file:// or a plain path.
 func loadDERPMap(ctx context.Context, src string) (*tailcfg.DERPMap, error) {
 	var body []byte
-	switch {
-	case strings.HasPrefix(src, "http://"), strings.HasPrefix(src, "https://"):
-		req, err := http.NewRequestWithContext(ctx, "GET", src, nil)
-		if err != nil {
-			return nil, err
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return nil, err
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return nil, fmt.Errorf("GET %s: %s", src, resp.Status)
-		}
-		if body, err = io.ReadAll(io.LimitReader(resp.Body, 4<<20)); err != nil {
-			return nil, err
-		}
-	default:
-		var err error
-		if body, err = os.ReadFile(strings.TrimPrefix(src, "file://")); err != nil {
-			return nil, err
-		}
+	var err error
+	if strings.HasPrefix(src, "http://") || strings.HasPrefix(src, "https://") {
+		body, err = get(ctx, src) // derpmap.go
+	} else {
+		body, err = os.ReadFile(strings.TrimPrefix(src, "file://"))
+	}
+	if err != nil {
+		return nil, err
 	}
 	dm := new(tailcfg.DERPMap)
 	if err := json.Unmarshal(body, dm); err != nil {
