@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 
 import trio
 import trio.testing
@@ -121,3 +122,20 @@ async def test_per_ip_connection_cap(nursery):
         while relay.server.connections_per_ip:  # the two clients' connections wind down
             await trio.testing.wait_all_tasks_blocked()
         assert (await probe(relay)).startswith(b"HTTP/1.1 200 ")  # slots free again
+
+
+async def test_accepted_connections_carry_keepalive_and_user_timeout(nursery):
+    """Set once on the listener (P-32): every accepted connection must still have them."""
+    relay = await start_relay(nursery, tcp_keepalive=37.0, tcp_user_timeout=9.0)
+    key = NodePrivate.generate()
+    with trio.fail_after(10):
+        async with derp_client.connect(relay.derp_url, key):
+            while key.public.raw not in relay.server.registry.active:
+                await trio.testing.wait_all_tasks_blocked()
+            sock = relay.server.registry.active[key.public.raw].stream.socket
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 37
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 37
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 9000
