@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import resource
 import socket
 
 import trio
@@ -139,3 +141,36 @@ async def test_accepted_connections_carry_keepalive_and_user_timeout(nursery):
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 37
             if hasattr(socket, "TCP_USER_TIMEOUT"):
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 9000
+
+
+async def test_out_of_descriptors_is_logged_once_and_accepting_resumes(nursery):
+    """EMFILE on accept: one error line, the connection waits in the backlog, and it is
+    served once descriptors are available again."""
+    relay = await start_relay(nursery)
+    logged = trio.Event()
+    lines: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            logged.set()
+
+    handler = Catch(logging.ERROR)
+    logger = logging.getLogger("derpd.relay")
+    logger.addHandler(handler)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with trio.fail_after(10):
+            sock = trio.socket.socket()  # its descriptor exists before the limit drops
+            resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor above 2
+            try:
+                await sock.connect(("127.0.0.1", relay.port))
+                stream = trio.SocketStream(sock)
+                await stream.send_all(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                await logged.wait()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        logger.removeHandler(handler)
+    assert len(lines) == 1 and "out of file descriptors" in lines[0]
