@@ -30,7 +30,7 @@
  *   fileno() -> int           add(fd, conn) -> slot        resume(slot, leftover)
  *   remove(slot)              enqueue(slot, frame, disco) -> full
  *   send_control(slot, frame) pending(slot) -> bool       poll(passthrough) -> [(conn, kind, data)]
- *   expire(timeout) -> [(conn, 2, "write_timeout")]
+ *   expire(timeout) -> [(conn, 2, "write_timeout")]     backlogged() -> poll() again without waiting
  *
  * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 2 =
  * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout").
@@ -70,6 +70,7 @@ typedef struct {
     int reading;    /* EPOLLIN wanted: the engine reads this socket */
     int blocked;    /* EPOLLOUT wanted: a write is waiting */
     int dirty;      /* on the engine's flush list */
+    int backlog;    /* complete frames wait in ``left``: a destination was full (see process) */
     PyObject *conn; /* strong */
     PyObject *key;  /* strong: conn.key */
     Ring q, dq;
@@ -97,6 +98,8 @@ typedef struct {
     Py_ssize_t bufcap;
     int *dirty;
     int ndirty;
+    int *backlog;
+    int nbacklog;
     int in_poll;
     PyObject *events;
     long long pk_recv, by_recv, disco_recv, pk_sent, by_sent;
@@ -177,7 +180,7 @@ get_slot(Engine *e, PyObject *arg)
 static void
 set_mask(Engine *e, Slot *s)
 {
-    int want = (s->state == S_LIVE) ? ((s->reading ? EPOLLIN : 0) | (s->blocked ? EPOLLOUT : 0)) : 0;
+    int want = (s->state == S_LIVE) ? ((s->reading && !s->backlog ? EPOLLIN : 0) | (s->blocked ? EPOLLOUT : 0)) : 0;
     if (want == s->mask || (want == 0 && s->mask == -1))
         return;
     int idx = (int)(s - e->slots);
@@ -509,52 +512,25 @@ slot_of(Engine *e, PyObject *conn)
     return &e->slots[i];
 }
 
-/* One read on slot idx and the packets in it.  Returns bytes consumed from the socket (>= 0)
- * or -1 with an exception set. */
-static Py_ssize_t
-read_slot(Engine *e, int idx, int passthrough)
+/* Route the frames of buf[0:end] (the slot's leftover, then what was read) for slot idx.
+ * Stops at the first frame the engine does not handle (handed back to Python with the rest),
+ * after a Python-side queue filled up (the same), or when an engine destination's queue is full
+ * while its socket is blocked: then the rest waits in the slot's leftover as a backlog, and the
+ * next poll() drains destinations before it goes on -- one round, like the Python reader's
+ * checkpoint, so a slow receiver neither stalls its senders nor makes the relay read (and drop)
+ * far faster than it can write.  A partial frame at the end is kept for the next read.
+ * Returns 0, or -1 with an exception set. */
+static int
+process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
 {
     Slot *s = &e->slots[idx];
-    Py_ssize_t need = s->leftlen + e->recv_size;
-    if (need > e->bufcap) {
-        unsigned char *nb = PyMem_Realloc(e->buf, (size_t)need);
-        if (nb == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        e->buf = nb;
-        e->bufcap = need;
-    }
-    unsigned char *buf = e->buf;
-    Py_ssize_t have = s->leftlen;
-    ssize_t r;
-    for (;;) {
-        r = read(s->fd, buf + have, (size_t)e->recv_size);
-        if (r >= 0 || errno != EINTR)
-            break;
-    }
-    if (r < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return 0;
-        return kill_slot(e, s, reason_read) < 0 ? -1 : 0;
-    }
-    if (have) {
-        memcpy(buf, s->left, (size_t)have);
-        PyMem_Free(s->left);
-        s->left = NULL;
-        s->leftlen = 0;
-    }
-    if (r == 0)
-        return hand_back(e, s, 1, buf, have) < 0 ? -1 : 0;
-    Py_ssize_t end = have + r, pos = 0;
-    if (passthrough)
-        return hand_back(e, s, 0, buf, end) < 0 ? -1 : r;
+    Py_ssize_t pos = 0;
     PyObject *src = s->key, *sconn = s->conn;
     Py_INCREF(src);
     Py_INCREF(sconn);
     const char *mag = PyBytes_AS_STRING(e->magic);
     Py_ssize_t maglen = PyBytes_GET_SIZE(e->magic);
-    int handled = 0, rc = 0;
+    int handled = 0, rc = 0, backlog = 0;
     while (end - pos >= HEADER_LEN) {
         const unsigned char *h = buf + pos;
         unsigned long long n = ((unsigned long long)h[1] << 24) | ((unsigned long long)h[2] << 16)
@@ -584,6 +560,15 @@ read_slot(Engine *e, int idx, int passthrough)
             break;
         }
         Py_INCREF(conn);
+        Slot *d = slot_of(e, conn);
+        Py_ssize_t plen = (Py_ssize_t)n - KEY_LEN;
+        int disco = plen >= e->disco_min && plen >= maglen && memcmp(p + KEY_LEN, mag, (size_t)maglen) == 0;
+        if (d != NULL && d->blocked && (disco ? d->dq.len : d->q.len) >= e->depth && handled) {
+            /* full and waiting for the kernel: let it drain first (see above) */
+            Py_DECREF(conn);
+            backlog = 1;
+            break;
+        }
         PyObject *saw = PyObject_GetAttr(conn, str_saw_src);
         int seen = saw == NULL ? -1 : PySet_Contains(saw, src);
         Py_XDECREF(saw);
@@ -598,8 +583,6 @@ read_slot(Engine *e, int idx, int passthrough)
             rc = -1;
             break;
         }
-        Py_ssize_t plen = (Py_ssize_t)n - KEY_LEN;
-        int disco = plen >= e->disco_min && plen >= maglen && memcmp(p + KEY_LEN, mag, (size_t)maglen) == 0;
         PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_LEN + (Py_ssize_t)n);
         if (frame == NULL) {
             Py_DECREF(conn);
@@ -616,7 +599,7 @@ read_slot(Engine *e, int idx, int passthrough)
         e->disco_recv += disco;
         handled++;
         pos += HEADER_LEN + (Py_ssize_t)n;
-        Slot *d = slot_of(e, conn);
+        d = slot_of(e, conn); /* the watch callback ran Python */
         int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(conn, frame, disco);
         Py_DECREF(frame);
         Py_DECREF(conn);
@@ -642,6 +625,11 @@ read_slot(Engine *e, int idx, int passthrough)
             s->leftlen = end - pos;
         }
     }
+    if (rc == 0 && backlog && s->state == S_LIVE && s->reading && !s->backlog) {
+        s->backlog = 1;
+        e->backlog[e->nbacklog++] = idx;
+        set_mask(e, s);
+    }
     if (rc == 0 && handled) {
         PyObject *dup = PyObject_GetAttr(sconn, str_is_dup);
         int is_dup = dup == NULL ? -1 : PyObject_IsTrue(dup);
@@ -657,7 +645,99 @@ read_slot(Engine *e, int idx, int passthrough)
     }
     Py_DECREF(src);
     Py_DECREF(sconn);
-    return rc < 0 ? -1 : r;
+    return rc;
+}
+
+static int
+grow_buf(Engine *e, Py_ssize_t need)
+{
+    if (need > e->bufcap) {
+        unsigned char *nb = PyMem_Realloc(e->buf, (size_t)need);
+        if (nb == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        e->buf = nb;
+        e->bufcap = need;
+    }
+    return 0;
+}
+
+/* Move the slot's leftover to the front of the engine's buffer; returns its length. */
+static Py_ssize_t
+take_left(Engine *e, Slot *s)
+{
+    Py_ssize_t have = s->leftlen;
+    if (have) {
+        memcpy(e->buf, s->left, (size_t)have);
+        PyMem_Free(s->left);
+        s->left = NULL;
+        s->leftlen = 0;
+    }
+    return have;
+}
+
+/* One read on slot idx and the packets in it.  Returns bytes read from the socket (>= 0)
+ * or -1 with an exception set. */
+static Py_ssize_t
+read_slot(Engine *e, int idx, int passthrough)
+{
+    Slot *s = &e->slots[idx];
+    if (grow_buf(e, s->leftlen + e->recv_size) < 0)
+        return -1;
+    Py_ssize_t have = s->leftlen;
+    ssize_t r;
+    for (;;) {
+        r = read(s->fd, e->buf + have, (size_t)e->recv_size);
+        if (r >= 0 || errno != EINTR)
+            break;
+    }
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        return kill_slot(e, s, reason_read) < 0 ? -1 : 0;
+    }
+    take_left(e, s);
+    if (r == 0)
+        return hand_back(e, s, 1, e->buf, have) < 0 ? -1 : 0;
+    if (passthrough)
+        return hand_back(e, s, 0, e->buf, have + r) < 0 ? -1 : r;
+    return process(e, idx, e->buf, have + r) < 0 ? -1 : r;
+}
+
+/* Go on with the frames that waited for a full destination (one round each). */
+static int
+drain_backlog(Engine *e, int passthrough)
+{
+    int n = e->nbacklog;
+    int rc = 0;
+    e->nbacklog = 0;
+    int *list = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int));
+    if (list == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(list, e->backlog, (size_t)n * sizeof(int));
+    for (int i = 0; i < n; i++) {
+        Slot *s = &e->slots[list[i]];
+        if (!s->backlog)
+            continue;
+        s->backlog = 0;
+        set_mask(e, s);
+        if (rc < 0 || s->state != S_LIVE || !s->reading)
+            continue;
+        if (grow_buf(e, s->leftlen) < 0) {
+            rc = -1;
+            continue;
+        }
+        Py_ssize_t have = take_left(e, s);
+        if (passthrough)
+            rc = hand_back(e, s, 0, e->buf, have);
+        else
+            rc = process(e, list[i], e->buf, have);
+    }
+    PyMem_Free(list);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ the type */
@@ -670,6 +750,17 @@ take_events(Engine *e)
     if (ev == NULL)
         Py_RETURN_NONE;
     return ev;
+}
+
+static Slot *
+event_slot(Engine *e, struct epoll_event *ev)
+{
+    uint32_t idx = (uint32_t)ev->data.u64;
+    uint32_t gen = (uint32_t)(ev->data.u64 >> 32);
+    if ((int)idx >= e->nslots)
+        return NULL;
+    Slot *s = &e->slots[idx];
+    return s->state == S_LIVE && s->gen == gen ? s : NULL;
 }
 
 static PyObject *
@@ -692,34 +783,29 @@ Engine_poll(Engine *e, PyObject *arg)
     }
     e->in_poll = 1;
     int rc = 0;
+    /* writes first: a destination that drains makes room for what the backlog holds */
+    for (int i = 0; i < n && rc == 0; i++) {
+        Slot *s = event_slot(e, &evs[i]);
+        if (s != NULL && s->blocked && (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && flush_slot(e, s) < 0)
+            rc = -1;
+    }
+    if (rc == 0 && e->nbacklog && drain_backlog(e, passthrough) < 0)
+        rc = -1;
     Py_ssize_t budget = POLL_BYTE_BUDGET;
     for (int i = 0; i < n && rc == 0 && budget > 0; i++) {
-        uint32_t idx = (uint32_t)evs[i].data.u64;
-        uint32_t gen = (uint32_t)(evs[i].data.u64 >> 32);
-        if ((int)idx >= e->nslots)
-            continue;
-        Slot *s = &e->slots[idx];
-        if (s->state != S_LIVE || s->gen != gen)
+        Slot *s = event_slot(e, &evs[i]);
+        if (s == NULL)
             continue;
         uint32_t what = evs[i].events;
-        int acted = 0;
-        if (s->blocked && (what & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
-            acted = 1;
-            if (flush_slot(e, s) < 0)
-                rc = -1;
-        }
-        s = &e->slots[idx];
-        if (rc == 0 && s->state == S_LIVE && s->reading && (what & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
-            acted = 1;
-            Py_ssize_t got = read_slot(e, (int)idx, passthrough);
+        if (s->reading && !s->backlog && (what & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
+            Py_ssize_t got = read_slot(e, (int)(s - e->slots), passthrough);
             if (got < 0)
                 rc = -1;
             else
                 budget -= got;
-        }
-        s = &e->slots[idx];
-        if (rc == 0 && !acted && s->state == S_LIVE && (what & (EPOLLERR | EPOLLHUP)))
+        } else if (!s->reading && !s->blocked && (what & (EPOLLERR | EPOLLHUP))) {
             rc = kill_slot(e, s, reason_read);
+        }
     }
     if (flush_dirty(e) < 0)
         rc = -1;
@@ -758,11 +844,14 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
             int ncap = e->cap ? e->cap * 2 : 64;
             Slot *ns = PyMem_Realloc(e->slots, (size_t)ncap * sizeof(Slot));
             int *nd = PyMem_Realloc(e->dirty, (size_t)ncap * sizeof(int));
-            if (ns != NULL)
-                e->slots = ns;
             if (nd != NULL)
                 e->dirty = nd;
-            if (ns == NULL || nd == NULL) {
+            int *nb = PyMem_Realloc(e->backlog, (size_t)ncap * sizeof(int));
+            if (ns != NULL)
+                e->slots = ns;
+            if (nb != NULL)
+                e->backlog = nb;
+            if (ns == NULL || nd == NULL || nb == NULL) {
                 Py_DECREF(key);
                 return PyErr_NoMemory();
             }
@@ -837,7 +926,7 @@ Engine_remove(Engine *e, PyObject *arg)
     Py_CLEAR(s->conn);
     Py_CLEAR(s->key);
     uint32_t gen = s->gen;
-    int dirty = s->dirty;
+    int dirty = s->dirty, backlog = s->backlog;
     memset(s, 0, sizeof *s);
     s->gen = gen;
     s->state = S_FREE;
@@ -846,6 +935,14 @@ Engine_remove(Engine *e, PyObject *arg)
         for (int i = 0; i < e->ndirty; i++) {
             if (e->dirty[i] == idx) {
                 e->dirty[i] = e->dirty[--e->ndirty];
+                break;
+            }
+        }
+    }
+    if (backlog) {
+        for (int i = 0; i < e->nbacklog; i++) {
+            if (e->backlog[i] == idx) {
+                e->backlog[i] = e->backlog[--e->nbacklog];
                 break;
             }
         }
@@ -942,6 +1039,12 @@ Engine_expire(Engine *e, PyObject *arg)
 }
 
 static PyObject *
+Engine_backlogged(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(e->nbacklog > 0);
+}
+
+static PyObject *
 Engine_fileno(Engine *e, PyObject *unused)
 {
     return PyLong_FromLong(e->epfd);
@@ -1027,6 +1130,7 @@ Engine_dealloc(Engine *e)
     }
     PyMem_Free(e->slots);
     PyMem_Free(e->dirty);
+    PyMem_Free(e->backlog);
     PyMem_Free(e->buf);
     Py_CLEAR(e->events);
     Py_CLEAR(e->active);
@@ -1050,6 +1154,7 @@ static PyMethodDef Engine_methods[] = {
     {"poll", (PyCFunction)Engine_poll, METH_O, "poll(passthrough) -> events or None"},
     {"expire", (PyCFunction)Engine_expire, METH_O, "expire(timeout) -> events or None"},
     {"count", (PyCFunction)Engine_count, METH_NOARGS, "slots in use"},
+    {"backlogged", (PyCFunction)Engine_backlogged, METH_NOARGS, "frames wait for a full destination: poll again soon"},
     {NULL, NULL, 0, NULL},
 };
 

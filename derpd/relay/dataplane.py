@@ -90,8 +90,13 @@ class DataPlane:
         poll = engine.poll
         passthrough = self._passthrough
         deliver = self._deliver
+        backlogged = engine.backlogged
+        checkpoint = trio.lowlevel.checkpoint
         while True:
-            await wait_readable(fd)
+            if backlogged():  # frames wait for a full destination: one round for the others first
+                await checkpoint()
+            else:
+                await wait_readable(fd)
             events = poll(passthrough())
             if events:
                 deliver(events)
