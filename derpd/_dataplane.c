@@ -52,6 +52,7 @@
 #define MAX_EVENTS 256
 #define MAX_IOV 256
 #define POLL_BYTE_BUDGET (2 * 1024 * 1024)
+#define POLL_FRAME_BUDGET 2048 /* frames routed per poll(): a flood of tiny frames yields too */
 
 enum { S_FREE = 0, S_LIVE, S_DEAD };
 enum { DROP_QUEUE_HEAD = 0, DROP_GONE, DROP_WRITE_ERROR, DROP_REASONS };
@@ -101,6 +102,7 @@ typedef struct {
     int *backlog;
     int nbacklog;
     int in_poll;
+    int frames_left;
     PyObject *events;
     long long pk_recv, by_recv, disco_recv, pk_sent, by_sent;
     long long drop_n[DROP_REASONS][2], drop_b[DROP_REASONS][2];
@@ -542,6 +544,10 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         }
         if ((unsigned long long)(end - pos - HEADER_LEN) < n)
             break; /* a partial SendPacket: kept for the next read */
+        if (e->frames_left <= 0) {
+            backlog = 1; /* this poll's work is done: the rest goes on next round */
+            break;
+        }
         const unsigned char *p = h + HEADER_LEN;
         PyObject *dst = PyBytes_FromStringAndSize((const char *)p, KEY_LEN);
         if (dst == NULL) {
@@ -597,6 +603,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         e->pk_recv++;
         e->by_recv += plen;
         e->disco_recv += disco;
+        e->frames_left--;
         handled++;
         pos += HEADER_LEN + (Py_ssize_t)n;
         d = slot_of(e, conn); /* the watch callback ran Python */
@@ -782,6 +789,7 @@ Engine_poll(Engine *e, PyObject *arg)
             return PyErr_SetFromErrno(PyExc_OSError);
     }
     e->in_poll = 1;
+    e->frames_left = POLL_FRAME_BUDGET;
     int rc = 0;
     /* writes first: a destination that drains makes room for what the backlog holds */
     for (int i = 0; i < n && rc == 0; i++) {
@@ -792,7 +800,7 @@ Engine_poll(Engine *e, PyObject *arg)
     if (rc == 0 && e->nbacklog && drain_backlog(e, passthrough) < 0)
         rc = -1;
     Py_ssize_t budget = POLL_BYTE_BUDGET;
-    for (int i = 0; i < n && rc == 0 && budget > 0; i++) {
+    for (int i = 0; i < n && rc == 0 && budget > 0 && e->frames_left > 0; i++) {
         Slot *s = event_slot(e, &evs[i]);
         if (s == NULL)
             continue;
