@@ -79,6 +79,8 @@ typedef struct {
     PyObject *partial;
     Py_ssize_t partial_off;
     int partial_pkt;
+    int pass_once;  /* hand back everything the next read brings (Python is skipping a frame) */
+    PyObject *tls, *tls_in, *tls_out; /* TLS: the ssl.SSLObject and its two MemoryBIOs, or NULL */
     unsigned char *left;
     Py_ssize_t leftlen;
     double blocked_since;
@@ -97,6 +99,7 @@ typedef struct {
     PyObject *active, *watch, *note_activity, *stats, *magic;
     unsigned char *buf;
     Py_ssize_t bufcap;
+    unsigned char *raw; /* one TLS read of ciphertext */
     int *dirty;
     int ndirty;
     int *backlog;
@@ -112,6 +115,7 @@ static PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_s
 static PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent,
     *str_bytes_sent;
 static PyObject *reason_read, *reason_write, *reason_timeout;
+static PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
 
 static double
 now_mono(void)
@@ -235,11 +239,15 @@ kill_slot(Engine *e, Slot *s, PyObject *reason)
 
 /* Write what is queued on s with one writev (more if the iovec filled up).  Outside poll() a
  * write error only arms EPOLLOUT, so that poll() sees it and reports the close. */
+static int tls_flush(Engine *e, Slot *s);
+
 static int
 flush_slot(Engine *e, Slot *s)
 {
     if (s->state != S_LIVE)
         return 0;
+    if (s->tls != NULL)
+        return tls_flush(e, s);
     for (;;) {
         struct iovec iov[MAX_IOV];
         int n = 0;
@@ -364,6 +372,206 @@ blocked:
     return 0;
 }
 
+static int mark_dirty(Engine *e, Slot *s);
+static int grow_buf(Engine *e, Py_ssize_t need);
+
+/* ------------------------------------------------------------------ TLS
+ *
+ * A TLS connection's SSLObject (with its MemoryBIOs) is taken over from trio's SSLStream once
+ * the login is done.  Reads: ciphertext from the socket into the incoming BIO, then every
+ * complete record decrypted straight into the engine's buffer.  Writes: everything queued is
+ * joined and encrypted with one SSLObject.write; the ciphertext (s->partial) is written first
+ * and nothing more is encrypted until it is out, so the rings keep their drop-oldest bound. */
+
+static int
+append_raw(Slot *s, PyObject *raw)
+{
+    /* steals raw; ciphertext that must go out before anything else (e.g. a TLS 1.3 KeyUpdate) */
+    if (PyBytes_GET_SIZE(raw) == 0) {
+        Py_DECREF(raw);
+        return 0;
+    }
+    if (s->partial == NULL) {
+        s->partial = raw;
+        s->partial_off = 0;
+        s->partial_pkt = 0;
+        return 0;
+    }
+    PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(s->partial) + s->partial_off,
+                                               PyBytes_GET_SIZE(s->partial) - s->partial_off);
+    if (rest == NULL) {
+        Py_DECREF(raw);
+        return -1;
+    }
+    PyBytes_ConcatAndDel(&rest, raw);
+    if (rest == NULL)
+        return -1;
+    Py_SETREF(s->partial, rest);
+    s->partial_off = 0;
+    return 0;
+}
+
+/* Collect what the SSLObject wrote into the outgoing BIO. */
+static int
+take_tls_output(Slot *s)
+{
+    PyObject *pending = PyObject_GetAttr(s->tls_out, str_pending);
+    if (pending == NULL)
+        return -1;
+    long n = PyLong_AsLong(pending);
+    Py_DECREF(pending);
+    if (n <= 0)
+        return n < 0 && PyErr_Occurred() ? -1 : 0;
+    PyObject *raw = PyObject_CallMethodNoArgs(s->tls_out, str_read);
+    if (raw == NULL || !PyBytes_Check(raw)) {
+        Py_XDECREF(raw);
+        return -1;
+    }
+    return append_raw(s, raw);
+}
+
+static int
+tls_flush(Engine *e, Slot *s)
+{
+    for (;;) {
+        if (s->partial != NULL) {
+            Py_ssize_t len = PyBytes_GET_SIZE(s->partial) - s->partial_off;
+            ssize_t w = write(s->fd, PyBytes_AS_STRING(s->partial) + s->partial_off, (size_t)len);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK && e->in_poll)
+                    return kill_slot(e, s, reason_write);
+                w = 0;
+            }
+            if (w < len) {
+                s->partial_off += w;
+                if (!s->blocked) {
+                    s->blocked = 1;
+                    s->blocked_since = now_mono();
+                    set_mask(e, s);
+                }
+                return 0;
+            }
+            Py_CLEAR(s->partial);
+            s->partial_off = 0;
+        }
+        Py_ssize_t nctl = s->ctl ? PyList_GET_SIZE(s->ctl) : 0;
+        if (nctl == 0 && s->q.len == 0 && s->dq.len == 0) {
+            if (s->blocked) {
+                s->blocked = 0;
+                s->blocked_since = 0;
+                set_mask(e, s);
+            }
+            return 0;
+        }
+        Py_ssize_t total = 0;
+        for (Py_ssize_t i = 0; i < nctl; i++)
+            total += PyBytes_GET_SIZE(PyList_GET_ITEM(s->ctl, i));
+        for (int k = 0; k < 2; k++) {
+            Ring *r = k ? &s->dq : &s->q;
+            for (int i = 0; i < r->len; i++)
+                total += PyBytes_GET_SIZE(ring_at(r, e->depth, i));
+        }
+        PyObject *plain = PyBytes_FromStringAndSize(NULL, total);
+        if (plain == NULL)
+            return -1;
+        char *out = PyBytes_AS_STRING(plain);
+        for (Py_ssize_t i = 0; i < nctl; i++) {
+            PyObject *f = PyList_GET_ITEM(s->ctl, i);
+            memcpy(out, PyBytes_AS_STRING(f), (size_t)PyBytes_GET_SIZE(f));
+            out += PyBytes_GET_SIZE(f);
+        }
+        if (nctl && PyList_SetSlice(s->ctl, 0, nctl, NULL) < 0) {
+            Py_DECREF(plain);
+            return -1;
+        }
+        for (int k = 0; k < 2; k++) {
+            Ring *r = k ? &s->dq : &s->q;
+            while (r->len > 0) {
+                PyObject *f = ring_pop(r, e->depth);
+                Py_ssize_t len = PyBytes_GET_SIZE(f);
+                memcpy(out, PyBytes_AS_STRING(f), (size_t)len);
+                out += len;
+                e->pk_sent++;
+                e->by_sent += len - RECV_OVERHEAD;
+                Py_DECREF(f);
+            }
+        }
+        PyObject *res = PyObject_CallMethodOneArg(s->tls, str_write, plain);
+        Py_DECREF(plain);
+        if (res == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_OSError))
+                return -1;
+            PyErr_Clear(); /* an ssl.SSLError: the session is broken */
+            if (e->in_poll)
+                return kill_slot(e, s, reason_write);
+            s->blocked = 1; /* poll() sees EPOLLOUT and reports it */
+            set_mask(e, s);
+            return 0;
+        }
+        Py_DECREF(res);
+        if (take_tls_output(s) < 0)
+            return -1;
+    }
+}
+
+/* Decrypt every complete record the SSLObject holds into e->buf[have:].  Returns the new end,
+ * -1 with an exception set, or -2 for the peer's close_notify (end in *eof_end). */
+static Py_ssize_t
+tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
+{
+    Py_ssize_t end = have;
+    for (;;) {
+        if (e->bufcap - end < 16 * 1024 + 64 && grow_buf(e, end + e->recv_size) < 0)
+            return -1;
+        PyObject *view = PyMemoryView_FromMemory((char *)e->buf + end, e->bufcap - end, PyBUF_WRITE);
+        if (view == NULL)
+            return -1;
+        PyObject *room = PyLong_FromSsize_t(e->bufcap - end);
+        PyObject *got = room == NULL ? NULL : PyObject_CallMethodObjArgs(s->tls, str_read, room, view, NULL);
+        Py_XDECREF(room);
+        /* the memoryview points into e->buf, which grow_buf may move: release it now */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyObject *rel = PyObject_CallMethod(view, "release", NULL);
+        if (rel == NULL)
+            PyErr_Clear();
+        Py_XDECREF(rel);
+        Py_DECREF(view);
+        PyErr_Restore(et, ev, tb);
+        if (got == NULL) {
+            if (PyErr_ExceptionMatches(exc_want_read)) {
+                PyErr_Clear();
+                break;
+            }
+            if (PyErr_ExceptionMatches(exc_zero_return)) {
+                PyErr_Clear();
+                *eof_end = end;
+                return -2;
+            }
+            if (PyErr_ExceptionMatches(PyExc_OSError)) {
+                PyErr_Clear();
+                *eof_end = -1; /* a broken record: close */
+                return -2;
+            }
+            return -1;
+        }
+        Py_ssize_t n = PyLong_AsSsize_t(got);
+        Py_DECREF(got);
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            break;
+        end += n;
+    }
+    if (take_tls_output(s) < 0) /* a KeyUpdate answer, for example */
+        return -1;
+    if (s->partial != NULL && !s->blocked && mark_dirty(e, s) < 0)
+        return -1;
+    return end;
+}
+
 static int
 mark_dirty(Engine *e, Slot *s)
 {
@@ -482,6 +690,7 @@ static int
 hand_back(Engine *e, Slot *s, int kind, const unsigned char *p, Py_ssize_t n)
 {
     s->reading = 0;
+    s->pass_once = 0;
     set_mask(e, s);
     return post(e, s, kind, PyBytes_FromStringAndSize((const char *)p, n));
 }
@@ -687,15 +896,51 @@ take_left(Engine *e, Slot *s)
 /* One read on slot idx and the packets in it.  Returns bytes read from the socket (>= 0)
  * or -1 with an exception set. */
 static Py_ssize_t
+deliver(Engine *e, int idx, Py_ssize_t end, int passthrough)
+{
+    Slot *s = &e->slots[idx];
+    if (passthrough || s->pass_once)
+        return hand_back(e, s, 0, e->buf, end);
+    return process(e, idx, e->buf, end);
+}
+
+/* TLS: decrypt what the SSLObject holds after e->buf[0:have] (the leftover) and deliver it. */
+static int
+tls_deliver(Engine *e, int idx, Py_ssize_t have, int passthrough)
+{
+    Slot *s = &e->slots[idx];
+    Py_ssize_t eof_end = 0;
+    Py_ssize_t end = tls_decrypt(e, s, have, &eof_end);
+    if (end == -1)
+        return -1;
+    if (end == -2) {
+        if (eof_end < 0)
+            return kill_slot(e, s, reason_read);
+        return hand_back(e, s, 1, e->buf, eof_end);
+    }
+    if (end == 0)
+        return 0;
+    return deliver(e, idx, end, passthrough) < 0 ? -1 : 0;
+}
+
+static Py_ssize_t
 read_slot(Engine *e, int idx, int passthrough)
 {
     Slot *s = &e->slots[idx];
     if (grow_buf(e, s->leftlen + e->recv_size) < 0)
         return -1;
     Py_ssize_t have = s->leftlen;
+    unsigned char *into = e->buf + have;
+    if (s->tls != NULL) {
+        if (e->raw == NULL && (e->raw = PyMem_Malloc((size_t)e->recv_size)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        into = e->raw;
+    }
     ssize_t r;
     for (;;) {
-        r = read(s->fd, e->buf + have, (size_t)e->recv_size);
+        r = read(s->fd, into, (size_t)e->recv_size);
         if (r >= 0 || errno != EINTR)
             break;
     }
@@ -707,9 +952,16 @@ read_slot(Engine *e, int idx, int passthrough)
     take_left(e, s);
     if (r == 0)
         return hand_back(e, s, 1, e->buf, have) < 0 ? -1 : 0;
-    if (passthrough)
-        return hand_back(e, s, 0, e->buf, have + r) < 0 ? -1 : r;
-    return process(e, idx, e->buf, have + r) < 0 ? -1 : r;
+    if (s->tls != NULL) {
+        PyObject *chunk = PyBytes_FromStringAndSize((const char *)e->raw, r);
+        PyObject *res = chunk == NULL ? NULL : PyObject_CallMethodOneArg(s->tls_in, str_write, chunk);
+        Py_XDECREF(chunk);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+        return tls_deliver(e, idx, have, passthrough) < 0 ? -1 : r;
+    }
+    return deliver(e, idx, have + r, passthrough) < 0 ? -1 : r;
 }
 
 /* Go on with the frames that waited for a full destination (one round each). */
@@ -738,10 +990,10 @@ drain_backlog(Engine *e, int passthrough)
             continue;
         }
         Py_ssize_t have = take_left(e, s);
-        if (passthrough)
-            rc = hand_back(e, s, 0, e->buf, have);
-        else
-            rc = process(e, list[i], e->buf, have);
+        if (s->tls != NULL)
+            rc = tls_deliver(e, list[i], have, passthrough);
+        else if (have)
+            rc = deliver(e, list[i], have, passthrough) < 0 ? -1 : 0;
     }
     PyMem_Free(list);
     return rc;
@@ -828,8 +1080,13 @@ Engine_poll(Engine *e, PyObject *arg)
 static PyObject *
 Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "add(fd, conn)");
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "add(fd, conn[, (sslobject, incoming, outgoing)])");
+        return NULL;
+    }
+    PyObject *tls = nargs == 3 && args[2] != Py_None ? args[2] : NULL;
+    if (tls != NULL && (!PyTuple_Check(tls) || PyTuple_GET_SIZE(tls) != 3)) {
+        PyErr_SetString(PyExc_TypeError, "add(): tls must be (sslobject, incoming, outgoing)");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
@@ -879,16 +1136,24 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     Py_INCREF(args[1]);
     s->conn = args[1];
     s->key = key;
+    if (tls != NULL) {
+        s->tls = Py_NewRef(PyTuple_GET_ITEM(tls, 0));
+        s->tls_in = Py_NewRef(PyTuple_GET_ITEM(tls, 1));
+        s->tls_out = Py_NewRef(PyTuple_GET_ITEM(tls, 2));
+    }
     return PyLong_FromLong(idx);
 }
 
 static PyObject *
 Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "resume(slot, bytes)");
+    if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "resume(slot, bytes[, pass_once])");
         return NULL;
     }
+    int pass_once = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (pass_once < 0)
+        return NULL;
     Slot *s = get_slot(e, args[0]);
     if (s == NULL)
         return NULL;
@@ -906,6 +1171,22 @@ Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
         s->leftlen = n;
     }
     s->reading = 1;
+    s->pass_once = pass_once;
+    if (s->tls != NULL && !s->backlog) {
+        /* records already in the SSLObject (read by trio before the takeover) need no socket
+         * event: let the next poll() decrypt them */
+        PyObject *p = PyObject_CallMethodNoArgs(s->tls, str_pending);
+        PyObject *q = p == NULL ? NULL : PyObject_GetAttr(s->tls_in, str_pending);
+        long more = (p == NULL || q == NULL) ? -1 : PyLong_AsLong(p) + PyLong_AsLong(q);
+        Py_XDECREF(p);
+        Py_XDECREF(q);
+        if (more < 0 && PyErr_Occurred())
+            return NULL;
+        if (more > 0) {
+            s->backlog = 1;
+            e->backlog[e->nbacklog++] = (int)(s - e->slots);
+        }
+    }
     set_mask(e, s);
     Py_RETURN_NONE;
 }
@@ -933,6 +1214,9 @@ Engine_remove(Engine *e, PyObject *arg)
     Py_CLEAR(s->ctl);
     Py_CLEAR(s->conn);
     Py_CLEAR(s->key);
+    Py_CLEAR(s->tls);
+    Py_CLEAR(s->tls_in);
+    Py_CLEAR(s->tls_out);
     uint32_t gen = s->gen;
     int dirty = s->dirty, backlog = s->backlog;
     memset(s, 0, sizeof *s);
@@ -1135,8 +1419,12 @@ Engine_dealloc(Engine *e)
         Py_CLEAR(s->ctl);
         Py_CLEAR(s->conn);
         Py_CLEAR(s->key);
+        Py_CLEAR(s->tls);
+        Py_CLEAR(s->tls_in);
+        Py_CLEAR(s->tls_out);
     }
     PyMem_Free(e->slots);
+    PyMem_Free(e->raw);
     PyMem_Free(e->dirty);
     PyMem_Free(e->backlog);
     PyMem_Free(e->buf);
@@ -1200,6 +1488,17 @@ PyInit__dataplane(void)
     INTERN(reason_read, "read_error");
     INTERN(reason_write, "write_error");
     INTERN(reason_timeout, "write_timeout");
+    INTERN(str_write, "write");
+    INTERN(str_read, "read");
+    INTERN(str_pending, "pending");
+    PyObject *ssl = PyImport_ImportModule("ssl");
+    if (ssl == NULL)
+        return NULL;
+    exc_want_read = PyObject_GetAttrString(ssl, "SSLWantReadError");
+    exc_zero_return = PyObject_GetAttrString(ssl, "SSLZeroReturnError");
+    Py_DECREF(ssl);
+    if (exc_want_read == NULL || exc_zero_return == NULL)
+        return NULL;
     if (PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -237,8 +237,7 @@ class ClientConnection:
         engine = self.server.dataplane.engine
         try:
             with self._cancel:
-                if engine is not None and self._raw is not None and not self.can_mesh:
-                    self._start_engine(engine)
+                if engine is not None and not self.can_mesh and self._start_engine(engine):
                     await self._read_loop(decoder)
                 else:
                     async with trio.open_nursery() as nursery:
@@ -248,10 +247,19 @@ class ClientConnection:
         finally:
             self.teardown()
 
-    def _start_engine(self, engine) -> None:
-        """Hand the socket to the compiled data plane: it reads and writes from now on, and
-        what was queued since the registration goes first, in the writer's order."""
-        self.engine_slot = engine.add(self.stream.socket.fileno(), self)
+    def _start_engine(self, engine) -> bool:
+        """Hand the socket (plain TCP, or TLS directly on TCP) to the compiled data plane: it
+        reads and writes from now on, and what was queued since the registration goes first, in
+        the writer's order.  False if this stream stays with the Python reader and writer."""
+        if self._raw is not None:
+            self.engine_slot = engine.add(self.stream.socket.fileno(), self)
+        else:
+            takeover = getattr(self.stream, "takeover", None)
+            parts = takeover() if takeover is not None else None
+            if parts is None:
+                return False
+            fd, obj, incoming, outgoing = parts
+            self.engine_slot = engine.add(fd, self, (obj, incoming, outgoing))
         self._engine = engine
         for frame in self._control:
             engine.send_control(self.engine_slot, frame)
@@ -260,6 +268,7 @@ class ClientConnection:
             for frame in q:
                 engine.enqueue(self.engine_slot, frame, disco)
             q.clear()
+        return True
 
     def engine_handoff(self, data: bytes, eof: bool) -> None:
         """The data plane handed back bytes it does not handle (see ``_read_loop``)."""
@@ -325,10 +334,11 @@ class ClientConnection:
                     continue
                 if not data:
                     return
-                if engine is not None and not decoder.skipping:
+                if engine is not None:
                     # Give the socket back to the data plane with what is left of a frame, and
-                    # wait for the next bytes it does not handle itself.
-                    engine.resume(self.engine_slot, decoder.take_buffered())
+                    # wait for the next bytes it does not handle itself (all of them while
+                    # the decoder is still discarding an unknown frame).
+                    engine.resume(self.engine_slot, decoder.take_buffered(), decoder.skipping)
                     while self._handoff is None:
                         await self._lot.park()
                     data, eof = self._handoff

@@ -29,6 +29,8 @@ async def test_plain_clients_take_the_path_this_run_asked_for(relay):
         async with derp_client.connect(relay.derp_url, a) as ca, derp_client.connect(relay.derp_url, b) as cb:
             await ca.send(b.public, b"hello")
             assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"hello")
+            await cb.send(a.public, b"hello back")
+            assert await recv_skipping_keepalives(ca) == RecvPacket(b.public, b"hello back")
             if engine is not None:
                 assert engine.count() == 2
                 conn = relay.server.registry.active[a.public.raw]
@@ -110,3 +112,31 @@ async def test_a_websocket_receiver_and_a_plain_sender(nursery):
                 await cb.send(a.public, b"to-plain %d" % i)
             for i in range(20):
                 assert await recv_skipping_keepalives(ca) == RecvPacket(b.public, b"to-plain %d" % i)
+
+
+async def test_tls_clients_take_the_compiled_path_too(nursery, tmp_path):
+    """A TLS session is taken over after the login: packets, a Ping and an unknown frame in
+    many small TLS records, a burst of 30 packets the other way, and a KeepAlive-free close."""
+    relay = await start_relay(nursery, certmode="manual", certdir=tmp_path, hostname="127.0.0.1")
+    engine = relay.server.dataplane.engine
+    a, b = NodePrivate.generate(), NodePrivate.generate()
+    with trio.fail_after(20):
+        async with (
+            derp_client.connect(relay.derp_url, a, cert_pin=relay.cert_pin) as ca,
+            derp_client.connect(relay.derp_url, b, cert_pin=relay.cert_pin) as cb,
+        ):
+            await ca.send_raw(encode_frame(FrameType.SEND_PACKET, b.public.raw + b"one")
+                              + encode_frame(0x7F, b"skipped") + encode_frame(FrameType.PING, b"abcdefgh"))
+            for i in range(50):  # one TLS record each
+                await ca.send(b.public, b"tls %d" % i)
+            assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"one")
+            for i in range(50):
+                assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"tls %d" % i)
+            assert await recv_skipping_keepalives(ca) == Pong(b"abcdefgh")
+            await cb.send_many([(a.public, b"back %d" % i + bytes(1000)) for i in range(30)])
+            for i in range(30):
+                assert await recv_skipping_keepalives(ca) == RecvPacket(b.public, b"back %d" % i + bytes(1000))
+            if engine is not None:
+                assert all(relay.server.registry.active[k.public.raw].engine_slot >= 0 for k in (a, b))
+        stats = relay.server.stats
+        assert stats.unknown_frames == 1 and stats.sent_pong == 1 and stats.packets_sent == 81
