@@ -24,6 +24,7 @@ from ..keys import NodePublic, mesh_keys_equal
 
 from ..metrics import RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
+from ..protocol.frames import SERVER_READ_LIMITS, FrameType
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
 from ..ratelimit import ClientRateLimits
@@ -32,6 +33,7 @@ from ..transport.raw_socket import raw_io_for
 from ..transport.websocket_stream import WebSocketStream
 from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
+from .dataplane import DataPlane
 from .registry import Forwarder, Registry
 from .tls import CertError, ChallengeResponder, ServerCert, load_manual_cert, server_context
 
@@ -67,6 +69,13 @@ class RelayServer:
         self.reload_hooks: list[Callable[[], None]] = []
         self.cert_hooks: list[Callable[[], None]] = []  # after a new certificate is in use
         self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
+        # The compiled packet path for plain-TCP clients (engine None without the extension);
+        # while a receive rate limit is configured it hands every byte to the Python reader.
+        self.dataplane = DataPlane(
+            self.registry.active, self.registry.watch_peer_gone, self.registry.note_activity, self.stats,
+            send_limit=SERVER_READ_LIMITS[FrameType.SEND_PACKET], depth=settings.queue_depth, recv_size=RECV_SIZE,
+            write_timeout=settings.write_timeout, passthrough=lambda: self.client_rate_limits.config.enabled,
+        )
         # /bootstrap-dns: (q parameter, client IP) -> JSON body; derpd.bootstrapdns installs one
         self.bootstrap_dns: Callable[[str, str], bytes] = lambda query, ip: b""
         self.started = time.monotonic()  # for /debug/ uptime
