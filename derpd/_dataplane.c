@@ -12,7 +12,8 @@
  *     WebSocket, mesh);
  *   - writes each destination's queue (the partial frame first, then control frames, then
  *     packets, then disco packets; the same order as ClientConnection's Python writer) with one
- *     writev, and waits for EPOLLOUT when the kernel did not take everything.
+ *     writev after each sender's read, and waits for EPOLLOUT when the kernel did not take
+ *     everything.
  *
  * Anything else -- another frame type, a SendPacket that is too long or too short, one for a
  * key with no local connection, EOF, or everything while a receive rate limit is configured
@@ -994,6 +995,8 @@ drain_backlog(Engine *e, int passthrough)
             rc = tls_deliver(e, list[i], have, passthrough);
         else if (have)
             rc = deliver(e, list[i], have, passthrough) < 0 ? -1 : 0;
+        if (rc == 0 && e->ndirty && flush_dirty(e) < 0)
+            rc = -1;
     }
     PyMem_Free(list);
     return rc;
@@ -1063,6 +1066,9 @@ Engine_poll(Engine *e, PyObject *arg)
                 rc = -1;
             else
                 budget -= got;
+            /* this sender's packets go out now, not after every other socket's: latency */
+            if (rc == 0 && e->ndirty && flush_dirty(e) < 0)
+                rc = -1;
         } else if (!s->reading && !s->blocked && (what & (EPOLLERR | EPOLLHUP))) {
             rc = kill_slot(e, s, reason_read);
         }
