@@ -552,7 +552,9 @@ hand_over(FastStun *s, struct batch *b, int npass)
  * the sleep and wake-up (on a virtual machine, waking an idle CPU is tens of microseconds).
  * A spin that finds nothing halves the next one; below SPIN_MIN_NS spinning stops for
  * SPIN_REST batches.  So sparse traffic costs about one short spin per SPIN_REST requests. */
+#ifndef SPIN_NS
 #define SPIN_NS 100000L
+#endif
 #define SPIN_MIN_NS 2000L
 #define SPIN_REST 16
 
