@@ -234,3 +234,76 @@ def test_the_compiled_answering_thread_is_there_when_required():
         assert stund.server._mmsg is not None and hasattr(stund.server._mmsg, "FastStun")
     else:
         assert (stund.server._mmsg is None) == (_mmsg is None)
+
+
+def _fast(sock, callback, pending=None):
+    from array import array
+
+    counts = array("Q", bytes(8 * 30))
+    return _mmsg.FastStun(sock.fileno(), counts, [0, 1, 2, 3, 4, 5], 6, 7, 8, False, callback,
+                          pending if pending is not None else [0] * 30), counts
+
+
+def _run_bounded(fast) -> BaseException | None:
+    """fast.run() in a thread, stopped after TIMEOUT if it has not returned; its exception."""
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            fast.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(TIMEOUT)
+    fast.stop()
+    thread.join()
+    return failure[0] if failure else None
+
+
+@needs_c
+def test_stop_before_run_returns_at_once_and_a_raising_callback_ends_run():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as cli:
+        srv.bind(("127.0.0.1", 0))
+        srv.setblocking(False)
+        fast, _ = _fast(srv, lambda batch: None)
+        fast.stop()
+        assert _run_bounded(fast) is None  # returned: the eventfd was already readable
+
+        def callback(batch):
+            raise RuntimeError(f"handed {len(batch)}")
+
+        fast, _ = _fast(srv, callback)
+        cli.sendto(b"not stun at all", srv.getsockname())
+        failure = _run_bounded(fast)
+        assert isinstance(failure, RuntimeError) and str(failure) == "handed 1"
+
+
+@needs_c
+def test_the_thread_folds_what_the_callback_counted():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as cli:
+        srv.bind(("127.0.0.1", 0))
+        srv.setblocking(False)
+        cli.bind(("127.0.0.1", 0))
+        cli.settimeout(TIMEOUT)
+        pending = [0] * 30
+        got = []
+
+        def callback(batch):
+            got.extend(data for data, _, _, _ in batch)
+            pending[20] += len(batch)
+            fast.stop()
+
+        fast, counts = _fast(srv, callback, pending)
+        txid = os.urandom(12)
+        cli.sendto(tailscale_request(txid), srv.getsockname())
+        cli.sendto(b"garbage", srv.getsockname())
+        assert _run_bounded(fast) is None  # the thread answers the request; the garbage stops it
+        reply = cli.recv(4096)
+        ip, port = pack_ip("127.0.0.1"), cli.getsockname()[1]
+        assert reply == answer(tailscale_request(txid), ip, port).data
+        assert got == [b"garbage"]
+        assert (counts[0], counts[6], counts[20], pending[20]) == (1, 1, 1, 0)
