@@ -244,6 +244,18 @@ def _fast(sock, callback, pending=None):
                           pending if pending is not None else [0] * 30), counts
 
 
+@pytest.fixture
+def udp_pair():
+    """(server, client) UDP sockets on 127.0.0.1; the server non-blocking, the client with a timeout."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as cli:
+        srv.bind(("127.0.0.1", 0))
+        srv.setblocking(False)
+        cli.bind(("127.0.0.1", 0))
+        cli.settimeout(TIMEOUT)
+        yield srv, cli
+
+
 def _run_bounded(fast) -> BaseException | None:
     """fast.run() in a thread, stopped after TIMEOUT if it has not returned; its exception."""
     failure: list[BaseException] = []
@@ -263,47 +275,39 @@ def _run_bounded(fast) -> BaseException | None:
 
 
 @needs_c
-def test_stop_before_run_returns_at_once_and_a_raising_callback_ends_run():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as cli:
-        srv.bind(("127.0.0.1", 0))
-        srv.setblocking(False)
-        fast, _ = _fast(srv, lambda batch: None)
-        fast.stop()
-        assert _run_bounded(fast) is None  # returned: the eventfd was already readable
+def test_stop_before_run_returns_at_once_and_a_raising_callback_ends_run(udp_pair):
+    srv, cli = udp_pair
+    fast, _ = _fast(srv, lambda batch: None)
+    fast.stop()
+    assert _run_bounded(fast) is None  # returned: the eventfd was already readable
 
-        def callback(batch):
-            raise RuntimeError(f"handed {len(batch)}")
+    def callback(batch):
+        raise RuntimeError(f"handed {len(batch)}")
 
-        fast, _ = _fast(srv, callback)
-        cli.sendto(b"not stun at all", srv.getsockname())
-        failure = _run_bounded(fast)
-        assert isinstance(failure, RuntimeError) and str(failure) == "handed 1"
+    fast, _ = _fast(srv, callback)
+    cli.sendto(b"not stun at all", srv.getsockname())
+    failure = _run_bounded(fast)
+    assert isinstance(failure, RuntimeError) and str(failure) == "handed 1"
 
 
 @needs_c
-def test_the_thread_folds_what_the_callback_counted():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as cli:
-        srv.bind(("127.0.0.1", 0))
-        srv.setblocking(False)
-        cli.bind(("127.0.0.1", 0))
-        cli.settimeout(TIMEOUT)
-        pending = [0] * 30
-        got = []
+def test_the_thread_folds_what_the_callback_counted(udp_pair):
+    srv, cli = udp_pair
+    pending = [0] * 30
+    got = []
 
-        def callback(batch):
-            got.extend(data for data, _, _, _ in batch)
-            pending[20] += len(batch)
-            fast.stop()
+    def callback(batch):
+        got.extend(data for data, _, _, _ in batch)
+        pending[20] += len(batch)
+        fast.stop()
 
-        fast, counts = _fast(srv, callback, pending)
-        txid = os.urandom(12)
-        cli.sendto(tailscale_request(txid), srv.getsockname())
-        cli.sendto(b"garbage", srv.getsockname())
-        assert _run_bounded(fast) is None  # the thread answers the request; the garbage stops it
-        reply = cli.recv(4096)
-        ip, port = pack_ip("127.0.0.1"), cli.getsockname()[1]
-        assert reply == answer(tailscale_request(txid), ip, port).data
-        assert got == [b"garbage"]
-        assert (counts[0], counts[6], counts[20], pending[20]) == (1, 1, 1, 0)
+    fast, counts = _fast(srv, callback, pending)
+    txid = os.urandom(12)
+    cli.sendto(tailscale_request(txid), srv.getsockname())
+    cli.sendto(b"garbage", srv.getsockname())
+    assert _run_bounded(fast) is None  # the thread answers the request; the garbage stops it
+    reply = cli.recv(4096)
+    ip, port = pack_ip("127.0.0.1"), cli.getsockname()[1]
+    assert reply == answer(tailscale_request(txid), ip, port).data
+    assert got == [b"garbage"]
+    assert (counts[0], counts[6], counts[20], pending[20]) == (1, 1, 1, 0)
