@@ -655,9 +655,14 @@ FastStun_run(FastStun *s, PyObject *unused)
         }
         int got = recvmmsg(s->fd, b->rmsg, MAX_BATCH, MSG_DONTWAIT, NULL);
         if (got < 0) {
-            /* A pending socket error is reported (and cleared) once; then poll() blocks. */
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                /* A pending socket error is reported (and cleared) once.  Anything that
+                 * would fail again at once (ENOMEM, ...) is retried at most every 1 ms,
+                 * still watching the wake-up fd. */
                 bump(s, s->read_slot, 1);
+                struct pollfd wake = {s->wake_fd, POLLIN, 0};
+                (void)poll(&wake, 1, 1);
+            }
             if (spinning && past(&deadline)) {
                 /* Nothing came: spin half as long next time, down to not at all. */
                 spinning = 0;
