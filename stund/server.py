@@ -16,7 +16,8 @@ dedicated OS thread running ``stund._mmsg.FastStun.run``, which never takes the 
 plain Binding request: it waits in ``poll()`` (the socket and a wake-up eventfd), takes up
 to 64 datagrams with ``recvmmsg``, builds the replies :func:`stund.binding.answer` would
 build, byte for byte, and sends them with one ``sendmmsg``; so a request costs no trip
-through trio's run loop.  Anything else in the batch (CHANGE-REQUEST, RESPONSE-PORT,
+through trio's run loop.  After a batch it keeps reading for up to 100 us before it sleeps
+again (adaptive; see ``SPIN_NS`` in stund/_mmsg.c).  Anything else in the batch (CHANGE-REQUEST, RESPONSE-PORT,
 unknown attributes, malformed input, responses, other methods) is handed, with the GIL, to
 the same Python code the trio path runs, before the batch's replies are sent.  The trio
 task that owns the socket starts the thread and, when cancelled, signals the eventfd and
@@ -250,8 +251,9 @@ async def _serve_socket_in_thread(
         task_status.started()
         await finished.wait()
     finally:
-        # Prompt: the thread checks the eventfd at every poll(), after at most one batch;
-        # join() releases the GIL, so a thread waiting for it to run the callback finishes.
+        # Prompt: the thread checks the stop flag before every batch and spin step, and
+        # poll() watches the eventfd; join() releases the GIL, so a thread waiting for it to
+        # run the callback finishes that batch and then stops.
         fast.stop()
         thread.join()
     if failure:
