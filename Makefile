@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: dev test venv bench soak clean
 
-$(STAMP): pyproject.toml setup.py derpd/_speedups.c stund/_mmsg.c
+$(STAMP): pyproject.toml setup.py derpd/_speedups.c derpd/_dataplane.c stund/_mmsg.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'

@@ -13,5 +13,6 @@ ext_modules = [
 ]
 if sys.platform.startswith("linux"):
     ext_modules.append(Extension("stund._mmsg", ["stund/_mmsg.c"], optional=True))
+    ext_modules.append(Extension("derpd._dataplane", ["derpd/_dataplane.c"], optional=True))
 
 setup(ext_modules=ext_modules)

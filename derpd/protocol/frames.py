@@ -191,6 +191,19 @@ class FrameDecoder:
         """Returns the bytes received but not yet consumed."""
         return self._buf[self._pos:]
 
+    def take_buffered(self) -> bytes:
+        """Returns the bytes received but not yet consumed, and forgets them (the caller
+        carries on parsing them elsewhere)."""
+        data = self._buf[self._pos:]
+        self._buf = b""
+        self._pos = 0
+        return data
+
+    @property
+    def skipping(self) -> bool:
+        """True while the rest of an unknown frame is still to be discarded."""
+        return self._skip > 0
+
     def frames(self, most: int = -1) -> list[tuple[int, bytes]]:
         """Returns every complete frame buffered so far (at most ``most`` if given), consuming them."""
         if _split_frames is not None:

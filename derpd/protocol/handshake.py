@@ -59,6 +59,7 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
+_DEFAULT_SERVER_INFO = ServerInfo().to_json()  # what nearly every login sends: encoded once
 
 
 def _random_nonce() -> bytes:
@@ -144,7 +145,8 @@ class ServerHandshake:
         if self.client is None:
             raise LocalProtocolError("ServerInfo before ClientInfo")
         assert self._box is not None
-        sealed = self._box.seal((info or ServerInfo()).to_json(), self._nonce())
+        plain = _DEFAULT_SERVER_INFO if info is None else info.to_json()
+        sealed = self._box.seal(plain, self._nonce())
         return encode_frame(FrameType.SERVER_INFO, sealed)
 
 

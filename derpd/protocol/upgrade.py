@@ -128,7 +128,7 @@ def request_framing_error(request: h11.Request) -> str | None:
     front and this server could disagree about where the body ends (RFC 9112 6.1), so it is
     refused (400) rather than resolved.
     """
-    names = {k for k, _ in request.headers}
+    names = {k.lower() for k, _ in request.headers.raw_items()}
     if b"content-length" in names and b"transfer-encoding" in names:
         return "ambiguous_length"
     return None
@@ -139,6 +139,14 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
         if k == name:  # h11 lower-cases header names
             return v
     return None
+
+
+def _first_headers(request: h11.Request) -> dict[bytes, bytes]:
+    """Lower-cased name -> the first value of that header (what ``_header`` finds)."""
+    out: dict[bytes, bytes] = {}
+    for k, v in request.headers.raw_items():
+        out.setdefault(k.lower(), v)
+    return out
 
 
 def _text(status: int, body: bytes, *extra: tuple[bytes, bytes]) -> Response:
@@ -158,17 +166,18 @@ def route_request(request: h11.Request, *, home: str = "", derp_enabled: bool = 
     if path == b"/derp":
         if not derp_enabled:
             return _text(404, b"derp server disabled\n")
-        upgrade = (_header(request, b"upgrade") or b"").strip().lower()
-        if upgrade == b"websocket" and b"derp" in (_header(request, b"sec-websocket-protocol") or b""):
-            protocols = [p.strip() for p in (_header(request, b"sec-websocket-protocol") or b"").split(b",")]
-            key = _header(request, b"sec-websocket-key")
+        h = _first_headers(request)  # one pass over the headers for every login
+        upgrade = (h.get(b"upgrade") or b"").strip().lower()
+        if upgrade == b"websocket" and b"derp" in (h.get(b"sec-websocket-protocol") or b""):
+            protocols = [p.strip() for p in (h.get(b"sec-websocket-protocol") or b"").split(b",")]
+            key = h.get(b"sec-websocket-key")
             if key is None:
                 return _text(400, b"missing Sec-WebSocket-Key\n")
             return WebSocketUpgrade(generate_accept_token(key), b"derp" in protocols)
         if upgrade in (b"derp", b"websocket"):
             return DerpUpgrade(
-                fast_start=_header(request, b"derp-fast-start") == b"1",
-                not_ideal=bool(_header(request, b"ideal-node")),
+                fast_start=h.get(b"derp-fast-start") == b"1",
+                not_ideal=bool(h.get(b"ideal-node")),
             )
         return _text(426, b"DERP requires connection upgrade\n", (b"X-Content-Type-Options", b"nosniff"))
     if path in (b"/derp/probe", b"/derp/latency-check"):

@@ -58,6 +58,7 @@ from ..protocol.messages import (
 )
 from ..settings import RelaySettings
 from ..transport.raw_socket import raw_io_for
+from .dataplane import DataPlane
 from .registry import Forwarder, Registry, present_flags
 
 log = logging.getLogger("derpd.relay")
@@ -80,6 +81,7 @@ class ConnectionHost(Protocol):
     settings: RelaySettings
     stats: RelayStats
     registry: Registry
+    dataplane: DataPlane
 
     def route_elsewhere(
         self, sender: ClientConnection, src: bytes, dst: bytes, packet: bytes, disco: bool, *, forwarded: bool
@@ -104,7 +106,7 @@ class ClientConnection:
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
         "_nothere_tokens", "_nothere_stamp", "_cancel", "saw_src", "rate_limiter", "close_reason", "_writing",
         "_parked", "keepalive_interval", "next_keepalive", "_congested", "_ctl_tokens", "_ctl_stamp",
-        "_ctl_logged", "_raw",
+        "_ctl_logged", "_raw", "engine_slot", "_engine", "_handoff",
     )
 
     def __init__(
@@ -157,6 +159,10 @@ class ClientConnection:
         # RelayServer's keepalive ticker queues them.
         self.keepalive_interval = s.keepalive_interval + random.uniform(0, s.keepalive_jitter)
         self.next_keepalive = self.connected_at + self.keepalive_interval
+        # The compiled data plane (derpd/relay/dataplane.py) once run() hands the socket to it.
+        self.engine_slot = -1
+        self._engine = None
+        self._handoff: tuple[bytes, bool] | None = None
 
     # ------------------------------------------------------------------ called by other tasks
 
@@ -169,6 +175,9 @@ class ClientConnection:
         if self.closing:
             self.server.stats.drop("gone_disconnected", disco, len(frame) - _RECV_OVERHEAD)
             return False
+        engine = self._engine
+        if engine is not None:
+            return engine.enqueue(self.engine_slot, frame, disco)
         if self._parked and self._raw is not None:
             # The writer is idle, so nothing is queued: write now and save its wakeup.  What
             # the kernel did not take goes first in the writer's never-dropped control queue.
@@ -200,6 +209,9 @@ class ClientConnection:
         """Queue a frame that must not be dropped (PeerGone, PeerPresent)."""
         if self.closing:
             return
+        if self._engine is not None:
+            self._engine.send_control(self.engine_slot, frame)
+            return
         self._control.append(frame)
         if self._parked:
             self._parked = False
@@ -207,6 +219,8 @@ class ClientConnection:
 
     def has_pending(self) -> bool:
         """Anything queued or being written right now."""
+        if self._engine is not None:
+            return self._engine.pending(self.engine_slot)
         return bool(self._queue or self._disco_queue or self._control or self._writing)
 
     def close(self, reason: str) -> None:
@@ -220,18 +234,54 @@ class ClientConnection:
 
     async def run(self, decoder: FrameDecoder) -> None:
         """Serve until EOF, a protocol error, a write failure or ``close()``."""
+        engine = self.server.dataplane.engine
         try:
             with self._cancel:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                if engine is not None and not self.can_mesh and self._start_engine(engine):
                     await self._read_loop(decoder)
-                    nursery.cancel_scope.cancel()
+                else:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                        await self._read_loop(decoder)
+                        nursery.cancel_scope.cancel()
         finally:
             self.teardown()
+
+    def _start_engine(self, engine) -> bool:
+        """Hand the socket (plain TCP, or TLS directly on TCP) to the compiled data plane: it
+        reads and writes from now on, and what was queued since the registration goes first, in
+        the writer's order.  False if this stream stays with the Python reader and writer."""
+        if self._raw is not None:
+            self.engine_slot = engine.add(self.stream.socket.fileno(), self)
+        else:
+            takeover = getattr(self.stream, "takeover", None)
+            parts = takeover() if takeover is not None else None
+            if parts is None:
+                return False
+            fd, obj, incoming, outgoing = parts
+            self.engine_slot = engine.add(fd, self, (obj, incoming, outgoing))
+        self._engine = engine
+        for frame in self._control:
+            engine.send_control(self.engine_slot, frame)
+        self._control.clear()
+        for q, disco in ((self._queue, False), (self._disco_queue, True)):
+            for frame in q:
+                engine.enqueue(self.engine_slot, frame, disco)
+            q.clear()
+        return True
+
+    def engine_handoff(self, data: bytes, eof: bool) -> None:
+        """The data plane handed back bytes it does not handle (see ``_read_loop``)."""
+        self._handoff = (data, eof)
+        self._lot.unpark()
 
     def teardown(self) -> None:
         """Unregister, count what was still queued as dropped, and mark the connection closing."""
         self.closing = True
+        if self._engine is not None:
+            self._engine.remove(self.engine_slot)  # counts its queue as dropped
+            self._engine = None
+            self.engine_slot = -1
         stats = self.server.stats
         for q, disco in ((self._queue, False), (self._disco_queue, True)):
             if q:
@@ -253,6 +303,7 @@ class ClientConnection:
         and no more; frames other than packets also draw on a budget (``_slow_down``)."""
         raw = self._raw
         receive_some = raw.receive_some if raw is not None else self.stream.receive_some
+        engine = self._engine
         try:
             data = b"x"
             frames = decoder.frames(FRAMES_PER_TURN)
@@ -283,8 +334,23 @@ class ClientConnection:
                     continue
                 if not data:
                     return
-                data = await receive_some(RECV_SIZE)
-                decoder.receive_data(data)
+                if engine is not None:
+                    # Give the socket back to the data plane with what is left of a frame, and
+                    # wait for the next bytes it does not handle itself (all of them while
+                    # the decoder is still discarding an unknown frame).
+                    engine.resume(self.engine_slot, decoder.take_buffered(), decoder.skipping)
+                    while self._handoff is None:
+                        await self._lot.park()
+                    data, eof = self._handoff
+                    self._handoff = None
+                    if data:
+                        decoder.receive_data(data)
+                    if eof:
+                        data = b""
+                        decoder.receive_data(data)
+                else:
+                    data = await receive_some(RECV_SIZE)
+                    decoder.receive_data(data)
                 frames = decoder.frames(FRAMES_PER_TURN)
         except RemoteProtocolError as e:
             self.server.stats.connection_errors[e.reason] += 1
@@ -400,7 +466,10 @@ class ClientConnection:
         match parse_client_frame(ftype, payload):
             case Ping(data):
                 stats.got_ping += 1
-                if self._pong is None:
+                if self._engine is not None:
+                    self._engine.send_control(self.engine_slot, encode_frame(FrameType.PONG, data))
+                    stats.sent_pong += 1
+                elif self._pong is None:
                     self._pong = encode_frame(FrameType.PONG, data)
                     if self._parked:
                         self._parked = False

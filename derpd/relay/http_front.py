@@ -13,6 +13,7 @@ and ``derpd.transport``; imported only by ``listener``.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from ..protocol.upgrade import (
     route_request,
     websocket_switching_protocols,
 )
+from ..transport.raw_socket import raw_io_for
 from ..transport.tls_stream import DrainingSSLStream
 from ..transport.websocket_stream import WebSocketStream
 from .client_address import client_from_forwarded_for, is_trusted, plain_address
@@ -71,45 +73,73 @@ async def _write(stream: trio.abc.Stream, data: bytes, timeout: float) -> None:
         raise _WriteTimedOut
 
 
-async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
-    """Returns the next request once its head and body are in, or None on a clean EOF.
+class _RequestReader:
+    """The next request of a connection, from the bytes fed to it.
 
     The head (request line and headers) may be at most ``MAX_HEAD`` bytes, however the bytes
     arrive: h11's own check looks only at an incomplete head, so a complete one that came in a
     large read is measured here (bytes in, minus what h11 still holds past the head)."""
-    request: h11.Request | None = None
-    body = 0
-    received = len(conn.trailing_data[0])  # bytes of this request already read (keep-alive)
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as e:
-            raise _BadRequest("head_too_large" if e.error_status_hint == 431 else "bad_http") from e
-        if event is h11.NEED_DATA:
-            if conn.they_are_waiting_for_100_continue:
-                raise _BadRequest("expect_continue")
-            if request is None and received > MAX_HEAD:
-                raise _BadRequest("head_too_large")
-            data = await stream.receive_some(_READ)
-            received += len(data)
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            if received - len(conn.trailing_data[0]) > MAX_HEAD:
-                raise _BadRequest("head_too_large")
-            if (why := request_framing_error(event)) is not None:
-                raise _BadRequest(why)
-            request = event
-        elif isinstance(event, h11.Data):
-            body += len(event.data)
-            if body > MAX_BODY:
-                raise _BadRequest("body_too_large")
-        elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
-            return request
-        elif isinstance(event, h11.ConnectionClosed):
-            if request is not None or conn.their_state is h11.ERROR:
-                raise _BadRequest("truncated_request")
-            return None
+
+    __slots__ = ("conn", "request", "body", "received")
+
+    def __init__(self, conn: h11.Connection) -> None:
+        self.conn = conn
+        self.request: h11.Request | None = None
+        self.body = 0
+        self.received = len(conn.trailing_data[0])  # bytes of this request already read (keep-alive)
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        self.conn.receive_data(data)
+
+    def advance(self) -> h11.Request | None | type[h11.NEED_DATA]:
+        """The request once its head and body are in, None on a clean EOF, else NEED_DATA."""
+        conn = self.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise _BadRequest("head_too_large" if e.error_status_hint == 431 else "bad_http") from e
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    raise _BadRequest("expect_continue")
+                if self.request is None and self.received > MAX_HEAD:
+                    raise _BadRequest("head_too_large")
+                return h11.NEED_DATA
+            if isinstance(event, h11.Request):
+                if self.received - len(conn.trailing_data[0]) > MAX_HEAD:
+                    raise _BadRequest("head_too_large")
+                if (why := request_framing_error(event)) is not None:
+                    raise _BadRequest(why)
+                self.request = event
+            elif isinstance(event, h11.Data):
+                self.body += len(event.data)
+                if self.body > MAX_BODY:
+                    raise _BadRequest("body_too_large")
+            elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                return self.request
+            elif isinstance(event, h11.ConnectionClosed):
+                if self.request is not None or conn.their_state is h11.ERROR:
+                    raise _BadRequest("truncated_request")
+                return None
+
+
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
+    """Returns the next request once its head and body are in, or None on a clean EOF."""
+    reader = _RequestReader(conn)
+    while (request := reader.advance()) is h11.NEED_DATA:
+        reader.feed(await stream.receive_some(_READ))
+    return request  # type: ignore[return-value]
+
+
+def _read_now(stream: trio.SocketStream) -> bytes | None:
+    """What a plain TCP socket holds right now (b"" at EOF), or None if nothing yet."""
+    try:
+        return os.read(stream.socket.fileno(), _READ)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise trio.BrokenResourceError(exc) from exc
 
 
 async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response: Response,
@@ -154,14 +184,16 @@ def _answer_debug_or_dns(server: RelayServer, route: Debug | BootstrapDNS, ip: s
                     server.bootstrap_dns(route.query, ip), head_only=route.head_only)
 
 
+_ROUTE_LABELS = {b"/derp": "derp", b"/derp/probe": "probe", b"/derp/latency-check": "probe",
+                 b"/generate_204": "generate_204", b"/robots.txt": "robots", b"/metrics": "metrics",
+                 b"/bootstrap-dns": "bootstrap_dns"}
+
+
 def _route_label(request: h11.Request) -> str:
     path = request.target.split(b"?", 1)[0]
     if path.startswith(b"/debug"):
         return "debug"
-    known = {b"/derp": "derp", b"/derp/probe": "probe", b"/derp/latency-check": "probe",
-             b"/generate_204": "generate_204", b"/robots.txt": "robots", b"/metrics": "metrics",
-             b"/bootstrap-dns": "bootstrap_dns"}
-    return known.get(path, "home")
+    return _ROUTE_LABELS.get(path, "home")
 
 
 _PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
@@ -176,7 +208,7 @@ def _forwarded(server: RelayServer, request: h11.Request, remote: tuple[str, int
         xff = [v for k, v in request.headers if k == b"x-forwarded-for"]
         client = client_from_forwarded_for(xff, server.trusted_proxies) if xff else None
         return ((client, 0) if client else remote), True
-    return remote, any(k in _PROXY_HEADERS for k, _ in request.headers)
+    return remote, any(k.lower() in _PROXY_HEADERS for k, _ in request.headers.raw_items())
 
 
 async def handle_connection(
@@ -197,14 +229,25 @@ async def handle_connection(
     if tls is not None:
         stream = DrainingSSLStream(stream, tls, server_side=True)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    raw = raw_io_for(stream)  # plain TCP (not TLS, not behind a PROXY header): cheaper reads
+    receive_some = raw.receive_some if raw is not None else stream.receive_some
     try:
+        if raw is not None:  # the request is usually in the socket already: no wait, no deadline
+            first = _read_now(stream)  # type: ignore[arg-type]
+            if first is not None:
+                conn.receive_data(first)
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
-            with trio.move_on_after(settings.http_timeout) as scope:
-                request = await _read_request(stream, conn)
-            if scope.cancelled_caught:
-                stats.handshake_failures["http_timeout"] += 1
-                log.debug("no complete request from %s within %ss, closing", remote[0], settings.http_timeout)
-                return
+            reader = _RequestReader(conn)
+            request = reader.advance()
+            if request is h11.NEED_DATA:
+                with trio.CancelScope(deadline=trio.current_time() + settings.http_timeout) as scope:
+                    while (request := reader.advance()) is h11.NEED_DATA:
+                        reader.feed(await receive_some(_READ))
+                if scope.cancelled_caught:
+                    stats.handshake_failures["http_timeout"] += 1
+                    log.debug("no complete request from %s within %ss, closing", remote[0], settings.http_timeout)
+                    return
+            assert not isinstance(request, type)
             if request is None:
                 return
             route = route_request(request, home=settings.home, derp_enabled=settings.derp_enabled)

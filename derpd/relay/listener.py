@@ -13,8 +13,10 @@ in ``derpd.relay`` imports it.  ``derpd.serve`` and the tests start relays from 
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -111,7 +113,8 @@ class TokenBucket:
 
 def _tune_socket(sock: trio.socket.SocketType, settings: RelaySettings) -> None:
     """TCP keepalive and TCP_USER_TIMEOUT where the OS has them (P-32); trio already sets
-    TCP_NODELAY on every SocketStream."""
+    TCP_NODELAY on every SocketStream.  Set on a listening socket, Linux passes them on to
+    every accepted connection, so there they are set once per listener, not per accept."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
@@ -124,6 +127,11 @@ def _tune_socket(sock: trio.socket.SocketType, settings: RelaySettings) -> None:
         pass
 
 
+_INHERITS_OPTIONS = sys.platform.startswith("linux")  # accepted sockets keep the listener's options
+_IGNORED_ACCEPT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}  # the peer gave up; go on
+ACCEPTS_PER_TURN = 64  # connections one wakeup of an accept loop takes before it lets others run
+
+
 async def _accept_loop(
     listener: trio.SocketListener,
     handler: Handler,
@@ -132,39 +140,77 @@ async def _accept_loop(
     bucket: TokenBucket | None = None,
     on_reject: Callable[[], None] | None = None,
 ) -> None:
-    """Accept forever.  Retries only on capacity errors (EMFILE...), with one log line;
-    connections over the accept rate are closed at once and accepting goes on (P-31)."""
+    """Accept forever: every connection the backlog holds per wakeup (at most
+    ``ACCEPTS_PER_TURN`` before a checkpoint), with a plain non-blocking ``accept`` on the
+    listening descriptor, so an accept costs no scheduler round.  Retries
+    only on capacity errors (EMFILE...), with one log line; connections over the accept rate
+    are closed at once and accepting goes on (P-31)."""
+    tsock = listener.socket
+    _tune_socket(tsock, settings)
+    # The same descriptor in a stdlib socket (trio's has no synchronous accept); the listener
+    # still owns it: detached, never closed, here.
+    lsock = socket.socket(tsock.family, tsock.type, fileno=tsock.fileno())
+    lsock.setblocking(False)
+    tune_each = not _INHERITS_OPTIONS
     out_of_fds_logged = False
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as e:
-            if e.errno not in _CAPACITY_ERRNOS:
-                raise
-            if not out_of_fds_logged:
-                log.error("accept failed (%s): out of file descriptors or memory; raise the open-files "
-                          "limit (ulimit -n, systemd LimitNOFILE)", errno.errorcode.get(e.errno, e.errno))
-                out_of_fds_logged = True
-            await trio.sleep(0.1)
-            continue
-        out_of_fds_logged = False
-        if bucket is not None and not bucket.take():
-            if on_reject is not None:
-                on_reject()
-            await trio.aclose_forcefully(stream)
-            continue
-        _tune_socket(stream.socket, settings)
-        handler_nursery.start_soon(_serve_stream, stream, handler)
-
-
-async def _serve_stream(stream: trio.SocketStream, handler: Handler) -> None:
+    accepted = 0
     try:
-        peer = stream.socket.getpeername()
-        await handler(stream, (str(peer[0]), int(peer[1])))
+        while True:
+            try:
+                sock, addr = lsock.accept()
+            except BlockingIOError:
+                accepted = 0
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as e:
+                if e.errno in _IGNORED_ACCEPT_ERRNOS:
+                    continue
+                if e.errno not in _CAPACITY_ERRNOS:
+                    raise
+                if not out_of_fds_logged:
+                    log.error("accept failed (%s): out of file descriptors or memory; raise the open-files "
+                              "limit (ulimit -n, systemd LimitNOFILE)", errno.errorcode.get(e.errno, e.errno))
+                    out_of_fds_logged = True
+                await trio.sleep(0.1)
+                continue
+            out_of_fds_logged = False
+            if bucket is not None and not bucket.take():
+                sock.close()
+                if on_reject is not None:
+                    on_reject()
+            else:
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                if tune_each:
+                    _tune_socket(stream.socket, settings)
+                handler_nursery.start_soon(_serve_stream, stream, handler, (str(addr[0]), int(addr[1])))
+            accepted += 1
+            if accepted >= ACCEPTS_PER_TURN:
+                accepted = 0
+                await trio.lowlevel.checkpoint()
+    finally:
+        lsock.detach()
+
+
+async def _serve_stream(stream: trio.SocketStream, handler: Handler, peer: tuple[str, int]) -> None:
+    try:
+        await handler(stream, peer)
     except OSError:
         pass
     finally:
-        await trio.aclose_forcefully(stream)
+        stream.socket.close()  # what aclose_forcefully does, without its cancel scope and checkpoint
+
+
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """A login allocates a few hundred short-lived container objects (coroutines, cancel
+    scopes, events); with the default threshold of 700 the cyclic collector runs every few
+    logins, and its older generations, which hold every connection, more often than they
+    need to.  Raised for the whole process (a relay process is one) and never lowered."""
+    young, mid, old = gc.get_threshold()
+    if 0 < young < GC_YOUNG_THRESHOLD:  # 0: collection is off; leave it off
+        gc.set_threshold(GC_YOUNG_THRESHOLD, mid, old)
 
 
 def _url_host(host: str) -> str:
@@ -206,6 +252,7 @@ async def serve_relay(
     """
     server = RelayServer(settings)
     server.load_tls()
+    tune_gc()
     host, port = settings.listen
     if sockets is not None:
         listeners = _listeners_from(sockets)
@@ -288,6 +335,7 @@ async def serve_relay(
             if server.cert is not None:
                 acceptors.start_soon(_watch_cert_files, server)
             connections.start_soon(server.run_keepalives)
+            connections.start_soon(server.dataplane.run)
             task_status.started(running)
             grace = await running.wait_shutdown()
             acceptors.cancel_scope.cancel()

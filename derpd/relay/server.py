@@ -24,13 +24,16 @@ from ..keys import NodePublic, mesh_keys_equal
 
 from ..metrics import RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
+from ..protocol.frames import SERVER_READ_LIMITS, FrameType
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
 from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
+from ..transport.raw_socket import raw_io_for
 from ..transport.websocket_stream import WebSocketStream
 from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
+from .dataplane import DataPlane
 from .registry import Forwarder, Registry
 from .tls import CertError, ChallengeResponder, ServerCert, load_manual_cert, server_context
 
@@ -66,11 +69,19 @@ class RelayServer:
         self.reload_hooks: list[Callable[[], None]] = []
         self.cert_hooks: list[Callable[[], None]] = []  # after a new certificate is in use
         self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
+        # The compiled packet path for plain-TCP clients (engine None without the extension);
+        # while a receive rate limit is configured it hands every byte to the Python reader.
+        self.dataplane = DataPlane(
+            self.registry.active, self.registry.watch_peer_gone, self.registry.note_activity, self.stats,
+            send_limit=SERVER_READ_LIMITS[FrameType.SEND_PACKET], depth=settings.queue_depth, recv_size=RECV_SIZE,
+            write_timeout=settings.write_timeout, passthrough=lambda: self.client_rate_limits.config.enabled,
+        )
         # /bootstrap-dns: (q parameter, client IP) -> JSON body; derpd.bootstrapdns installs one
         self.bootstrap_dns: Callable[[str, str], bytes] = lambda query, ip: b""
         self.started = time.monotonic()  # for /debug/ uptime
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
+        self._server_key_frame = ServerHandshake(settings.private_key).server_key_frame()  # the same every login
 
     # ------------------------------------------------------------------ TLS
 
@@ -238,18 +249,24 @@ class RelayServer:
         ``preamble`` is written right before ServerKey (the 101, in one write with it).
         """
         s = self.settings
-        self.stats.accepts += 1
+        stats = self.stats
+        stats.accepts += 1
         ws = isinstance(stream, WebSocketStream)  # its framing counts against the budget too
+        raw = raw_io_for(stream)  # plain TCP: no scheduler round per read or write that need not wait
+        send_all = raw.send_all if raw is not None else stream.send_all
+        receive_some = raw.receive_some if raw is not None else stream.receive_some
         hs = ServerHandshake(s.private_key)
         if initial:
             hs.receive_data(initial)
+        # One cancel scope for the login (a fail_after costs a generator on top of the scope).
+        deadline = trio.CancelScope(deadline=trio.current_time() + s.login_timeout)
         try:
-            with trio.fail_after(s.login_timeout):
-                await stream.send_all(preamble + hs.server_key_frame())
+            with deadline:
+                await send_all(preamble + self._server_key_frame if preamble else self._server_key_frame)
                 event = hs.next_event()
                 received = len(initial)
                 while event is NEED_DATA:
-                    data = await stream.receive_some(RECV_SIZE)
+                    data = await receive_some(RECV_SIZE)
                     received = stream.wire_bytes_received if ws else received + len(data)
                     if received > LOGIN_BYTE_BUDGET:
                         raise RemoteProtocolError(f"over {LOGIN_BYTE_BUDGET} bytes before the login",
@@ -258,18 +275,18 @@ class RelayServer:
                     event = hs.next_event()
                 assert isinstance(event, ClientAuthenticated)
                 can_mesh = mesh_keys_equal(event.info.mesh_key, s.mesh_key)
-                if not can_mesh:
+                if not can_mesh and self.admission_checks:
                     ok, why = await self.admit(event.key, event.info, remote[0])
                     if not ok:
-                        self.stats.admission_refused[why] += 1
+                        stats.admission_refused[why] += 1
                         log.info("refused %s from %s: %s", event.key, remote[0], why)
                         return
         except RemoteProtocolError as e:
-            self.stats.handshake_failures[e.reason] += 1
+            stats.handshake_failures[e.reason] += 1
             log.debug("login from %s failed: %s", remote[0], e)
             return
-        except trio.TooSlowError:
-            self.stats.handshake_failures["login_timeout"] += 1
+        if deadline.cancelled_caught:
+            stats.handshake_failures["login_timeout"] += 1
             log.debug("login from %s timed out", remote[0])
             return
         conn = ClientConnection(
@@ -284,21 +301,26 @@ class RelayServer:
         if self.restarting_frame is not None:  # a login that finished while we shut down
             conn.send_control(self.restarting_frame)
         if not_ideal:
-            self.stats.current_notideal_connections += 1
+            stats.current_notideal_connections += 1
+        frame = hs.server_info_frame()
         try:
-            with trio.fail_after(s.login_timeout):
-                await stream.send_all(hs.server_info_frame())
-        except trio.TooSlowError:
-            self.stats.handshake_failures["login_timeout"] += 1
-            conn.closing = True
-            conn.teardown()
-            return
+            sent = raw.send_now(frame) if raw is not None else 0  # the usual case: no wait, no deadline
+            if sent < len(frame):
+                with trio.CancelScope(deadline=trio.current_time() + s.login_timeout) as deadline:
+                    await send_all(frame[sent:])
+                if deadline.cancelled_caught:
+                    stats.handshake_failures["login_timeout"] += 1
+                    conn.closing = True
+                    conn.teardown()
+                    return
         except BaseException:
             conn.teardown()
             raise
-        log.debug("client %s connected from %s", event.key.short(), remote[0])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected from %s", event.key.short(), remote[0])
         await conn.run(hs.decoder)
-        log.debug("client %s gone (%s)", event.key.short(), conn.close_reason or "eof")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s gone (%s)", event.key.short(), conn.close_reason or "eof")
 
     async def admit(self, key: NodePublic, info: object, ip: str) -> tuple[bool, str]:
         for check in self.admission_checks:

@@ -48,6 +48,23 @@ class DrainingSSLStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.ssl.send_all(data)
 
+    def takeover(self) -> tuple[int, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None:
+        """For the relay's compiled data plane: the socket's descriptor, the SSLObject and its
+        incoming and outgoing BIOs, once the handshake is done and nothing is waiting to be
+        sent; from then on the caller reads and writes the session.  None when this stream
+        cannot be taken over (not directly on a TCP socket, or trio's internals differ)."""
+        inner = self.ssl
+        obj = getattr(inner, "_ssl_object", None)
+        incoming = getattr(inner, "_incoming", None)
+        outgoing = getattr(inner, "_outgoing", None)
+        transport = inner.transport_stream
+        if not (isinstance(obj, ssl.SSLObject) and isinstance(incoming, ssl.MemoryBIO)
+                and isinstance(outgoing, ssl.MemoryBIO) and type(transport) is trio.SocketStream):
+            return None
+        if outgoing.pending or obj.version() is None:
+            return None
+        return transport.socket.fileno(), obj, incoming, outgoing
+
     async def wait_send_all_might_not_block(self) -> None:
         await self.ssl.wait_send_all_might_not_block()
 

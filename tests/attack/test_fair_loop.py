@@ -54,7 +54,15 @@ FLOODS = {
     "ping": repeated(encode_frame(FrameType.PING, bytes(8))),
     "unknown_frames": repeated(encode_header(0x7F, 0)),
     "packets_to_absent_keys": repeated(encode_frame(FrameType.SEND_PACKET, os.urandom(32) + b"p")),
+    # the smallest packets to a logged-in key: one that reads everything, and one that never reads
+    "tiny_packets_to_a_reader": None,
+    "tiny_packets_to_a_silent_receiver": None,
 }
+
+
+async def drain(s: trio.SocketStream) -> None:
+    while await s.receive_some(65536):
+        pass
 
 
 async def flood_one(relay: RelayProcess, kind: str) -> None:
@@ -65,6 +73,16 @@ async def flood_one(relay: RelayProcess, kind: str) -> None:
                 s = await trio.open_tcp_stream("127.0.0.1", relay.port)
                 await s.send_all(WS_UPGRADE)
                 data = tiny_ws_messages()
+            elif kind.startswith("tiny_packets"):
+                dst = NodePrivate.generate()
+                receiver = await logged_in_raw(relay.port, dst)
+                s = await logged_in_raw(relay.port)
+                data = repeated(encode_frame(FrameType.SEND_PACKET, dst.public.raw + b"p"))
+                async with receiver, s, trio.open_nursery() as nursery:
+                    if kind == "tiny_packets_to_a_reader":
+                        nursery.start_soon(drain, receiver)
+                    while True:
+                        await s.send_all(data)
             elif kind.startswith("ws_"):
                 url = relay.derp_url.replace("http://", "ws://")
                 async with derp_client.connect(url, NodePrivate.generate()) as c:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import resource
+import socket
 
 import trio
 import trio.testing
@@ -121,3 +124,53 @@ async def test_per_ip_connection_cap(nursery):
         while relay.server.connections_per_ip:  # the two clients' connections wind down
             await trio.testing.wait_all_tasks_blocked()
         assert (await probe(relay)).startswith(b"HTTP/1.1 200 ")  # slots free again
+
+
+async def test_accepted_connections_carry_keepalive_and_user_timeout(nursery):
+    """Set once on the listener (P-32): every accepted connection must still have them."""
+    relay = await start_relay(nursery, tcp_keepalive=37.0, tcp_user_timeout=9.0)
+    key = NodePrivate.generate()
+    with trio.fail_after(10):
+        async with derp_client.connect(relay.derp_url, key):
+            while key.public.raw not in relay.server.registry.active:
+                await trio.testing.wait_all_tasks_blocked()
+            sock = relay.server.registry.active[key.public.raw].stream.socket
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 37
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 37
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 9000
+
+
+async def test_out_of_descriptors_is_logged_once_and_accepting_resumes(nursery):
+    """EMFILE on accept: one error line, the connection waits in the backlog, and it is
+    served once descriptors are available again."""
+    relay = await start_relay(nursery)
+    logged = trio.Event()
+    lines: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            logged.set()
+
+    handler = Catch(logging.ERROR)
+    logger = logging.getLogger("derpd.relay")
+    logger.addHandler(handler)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with trio.fail_after(10):
+            sock = trio.socket.socket()  # its descriptor exists before the limit drops
+            resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor above 2
+            try:
+                await sock.connect(("127.0.0.1", relay.port))
+                stream = trio.SocketStream(sock)
+                await stream.send_all(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                await logged.wait()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        logger.removeHandler(handler)
+    assert len(lines) == 1 and "out of file descriptors" in lines[0]

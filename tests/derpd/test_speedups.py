@@ -37,10 +37,11 @@ def test_the_process_runs_the_path_it_was_asked_for():
     from derpd import accel
 
     if os.environ.get("DERPD_PURE", "") not in ("", "0"):
-        assert accel.speedups is None and stund.server._mmsg is None
+        assert accel.speedups is None and stund.server._mmsg is None and accel.dataplane is None
         assert frames_mod._split_frames is None and cc_mod._route_packets is None
     elif os.environ.get("DERPD_REQUIRE_SPEEDUPS") == "1":
         assert accel.speedups is _speedups and stund.server._mmsg is not None
+        assert accel.dataplane is not None, "derpd._dataplane is not built: install gcc and reinstall derpd"
         assert frames_mod._split_frames is _speedups.split_frames
     else:
         assert (accel.speedups is None) == (_speedups is None)
@@ -183,6 +184,7 @@ def route_trace(frames: list[tuple[int, bytes]], full_every: int, compiled: bool
     conn.server, conn.key, conn.can_mesh, conn.is_dup = server, SRC, False, False
     conn._congested = None
     conn._pong = None
+    conn._engine = None
     conn._parked = False
     conn._ctl_tokens = 0.0
     steps: list = []

@@ -1,0 +1,1514 @@
+/* derpd._dataplane: the relay's packet path for plain-TCP clients, in C (optional, Linux).
+ *
+ * One Engine per relay process owns an epoll set of logged-in plain-TCP client sockets.  The
+ * relay's Trio side (derpd/relay/dataplane.py) waits until the epoll descriptor is readable and
+ * calls poll(); poll() then, with no Python per packet:
+ *
+ *   - reads each ready socket once (at most recv_size bytes, after the slot's leftover partial
+ *     frame), splits every complete SendPacket, looks the destination up in the registry's
+ *     ``active`` dict, keeps the PeerGone bookkeeping (``dst.saw_src`` / ``watch(dst, src)``),
+ *     builds the RecvPacket frame and queues it on the destination: on its Engine slot, or
+ *     through ``dst.enqueue(frame, disco)`` for a connection the engine does not own (TLS,
+ *     WebSocket, mesh);
+ *   - writes each destination's queue (the partial frame first, then control frames, then
+ *     packets, then disco packets; the same order as ClientConnection's Python writer) with one
+ *     writev, and waits for EPOLLOUT when the kernel did not take everything.
+ *
+ * Anything else -- another frame type, a SendPacket that is too long or too short, one for a
+ * key with no local connection, EOF, or everything while a receive rate limit is configured
+ * ("passthrough") -- is handed back to Python with the raw bytes from that frame on: the slot
+ * stops reading until Python calls resume() with what its FrameDecoder did not consume.  So
+ * the Python code keeps every rule (control-frame budget, rate limit, mesh, NotHere, errors);
+ * the engine only moves the common packets.
+ *
+ * Queues: two rings of ``depth`` packets (other, disco) dropping the oldest when full, and a
+ * control list that is never dropped from; a frame the kernel took in part is kept whole-first
+ * (``partial``), so frames on the wire stay whole.  Counters (packets and bytes received and
+ * sent, drops by reason and kind) are added to the RelayStats object at the end of every call.
+ *
+ *   Engine(active, watch, note_activity, stats, disco_magic, disco_min_len, send_limit, depth, recv_size)
+ *   fileno() -> int           add(fd, conn) -> slot        resume(slot, leftover)
+ *   remove(slot)              enqueue(slot, frame, disco) -> full
+ *   send_control(slot, frame) pending(slot) -> bool       poll(passthrough) -> [(conn, kind, data)]
+ *   expire(timeout) -> [(conn, 2, "write_timeout")]     backlogged() -> poll() again without waiting
+ *
+ * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 2 =
+ * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout").
+ * Single-threaded: every call holds the GIL; nothing here runs on another thread.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HEADER_LEN 5
+#define KEY_LEN 32
+#define RECV_OVERHEAD (HEADER_LEN + KEY_LEN)
+#define MAX_EVENTS 256
+#define MAX_IOV 256
+#define POLL_BYTE_BUDGET (2 * 1024 * 1024)
+#define POLL_FRAME_BUDGET 2048 /* frames routed per poll(): a flood of tiny frames yields too */
+
+enum { S_FREE = 0, S_LIVE, S_DEAD };
+enum { DROP_QUEUE_HEAD = 0, DROP_GONE, DROP_WRITE_ERROR, DROP_REASONS };
+static const char *drop_names[DROP_REASONS] = {"queue_head", "gone_disconnected", "write_error"};
+
+typedef struct {
+    PyObject **items;
+    int head, len;
+} Ring;
+
+typedef struct {
+    int state;
+    int fd;
+    uint32_t gen;
+    int mask;       /* events registered in epoll; -1: not registered */
+    int reading;    /* EPOLLIN wanted: the engine reads this socket */
+    int blocked;    /* EPOLLOUT wanted: a write is waiting */
+    int dirty;      /* on the engine's flush list */
+    int backlog;    /* complete frames wait in ``left``: a destination was full (see process) */
+    PyObject *conn; /* strong */
+    PyObject *key;  /* strong: conn.key */
+    Ring q, dq;
+    PyObject *ctl;  /* list of bytes, or NULL */
+    PyObject *partial;
+    Py_ssize_t partial_off;
+    int partial_pkt;
+    int pass_once;  /* hand back everything the next read brings (Python is skipping a frame) */
+    PyObject *tls, *tls_in, *tls_out; /* TLS: the ssl.SSLObject and its two MemoryBIOs, or NULL */
+    unsigned char *left;
+    Py_ssize_t leftlen;
+    double blocked_since;
+    int next_free;
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    Slot *slots;
+    int nslots, cap, free_head;
+    int depth, flush_at;
+    Py_ssize_t recv_size;
+    long long send_limit;
+    Py_ssize_t disco_min;
+    PyObject *active, *watch, *note_activity, *stats, *magic;
+    unsigned char *buf;
+    Py_ssize_t bufcap;
+    unsigned char *raw; /* one TLS read of ciphertext */
+    int *dirty;
+    int ndirty;
+    int *backlog;
+    int nbacklog;
+    int in_poll;
+    int frames_left;
+    PyObject *events;
+    long long pk_recv, by_recv, disco_recv, pk_sent, by_sent;
+    long long drop_n[DROP_REASONS][2], drop_b[DROP_REASONS][2];
+} Engine;
+
+static PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_slot, *str_drop;
+static PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent,
+    *str_bytes_sent;
+static PyObject *reason_read, *reason_write, *reason_timeout;
+static PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
+
+static double
+now_mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------------ rings */
+
+static int
+ring_alloc(Ring *r, int depth)
+{
+    if (r->items == NULL) {
+        r->items = PyMem_Calloc((size_t)depth, sizeof(PyObject *));
+        if (r->items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static inline PyObject *
+ring_at(Ring *r, int depth, int i)
+{
+    return r->items[(r->head + i) % depth];
+}
+
+static inline PyObject *
+ring_pop(Ring *r, int depth)
+{
+    PyObject *o = r->items[r->head];
+    r->items[r->head] = NULL;
+    r->head = (r->head + 1) % depth;
+    r->len--;
+    return o;
+}
+
+static void
+ring_clear(Engine *e, Ring *r, int disco, int reason)
+{
+    while (r->len > 0) {
+        PyObject *o = ring_pop(r, e->depth);
+        e->drop_n[reason][disco]++;
+        e->drop_b[reason][disco] += PyBytes_GET_SIZE(o) - RECV_OVERHEAD;
+        Py_DECREF(o);
+    }
+    r->head = 0;
+}
+
+/* ------------------------------------------------------------------ slots and epoll */
+
+static Slot *
+get_slot(Engine *e, PyObject *arg)
+{
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= e->nslots || e->slots[i].state == S_FREE) {
+        PyErr_SetString(PyExc_ValueError, "no such slot");
+        return NULL;
+    }
+    return &e->slots[i];
+}
+
+static void
+set_mask(Engine *e, Slot *s)
+{
+    int want = (s->state == S_LIVE) ? ((s->reading && !s->backlog ? EPOLLIN : 0) | (s->blocked ? EPOLLOUT : 0)) : 0;
+    if (want == s->mask || (want == 0 && s->mask == -1))
+        return;
+    int idx = (int)(s - e->slots);
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = (uint32_t)want;
+    ev.data.u64 = ((uint64_t)s->gen << 32) | (uint32_t)idx;
+    if (want == 0) {
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, s->fd, &ev);
+        s->mask = -1;
+    } else if (s->mask == -1) {
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, s->fd, &ev) == 0)
+            s->mask = want;
+    } else if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, s->fd, &ev) == 0) {
+        s->mask = want;
+    }
+}
+
+static int
+post(Engine *e, Slot *s, int kind, PyObject *data)
+{
+    /* steals data */
+    if (data == NULL)
+        return -1;
+    if (e->events == NULL && (e->events = PyList_New(0)) == NULL) {
+        Py_DECREF(data);
+        return -1;
+    }
+    PyObject *t = Py_BuildValue("(OiN)", s->conn, kind, data);
+    if (t == NULL)
+        return -1;
+    int r = PyList_Append(e->events, t);
+    Py_DECREF(t);
+    return r;
+}
+
+static int
+kill_slot(Engine *e, Slot *s, PyObject *reason)
+{
+    if (s->state != S_LIVE)
+        return 0;
+    s->state = S_DEAD;
+    s->reading = s->blocked = 0;
+    set_mask(e, s);
+    Py_INCREF(reason);
+    return post(e, s, 2, reason);
+}
+
+/* ------------------------------------------------------------------ writing */
+
+/* Write what is queued on s with one writev (more if the iovec filled up).  Outside poll() a
+ * write error only arms EPOLLOUT, so that poll() sees it and reports the close. */
+static int tls_flush(Engine *e, Slot *s);
+
+static int
+flush_slot(Engine *e, Slot *s)
+{
+    if (s->state != S_LIVE)
+        return 0;
+    if (s->tls != NULL)
+        return tls_flush(e, s);
+    for (;;) {
+        struct iovec iov[MAX_IOV];
+        int n = 0;
+        int depth = e->depth;
+        if (s->partial != NULL) {
+            iov[n].iov_base = PyBytes_AS_STRING(s->partial) + s->partial_off;
+            iov[n].iov_len = (size_t)(PyBytes_GET_SIZE(s->partial) - s->partial_off);
+            n++;
+        }
+        Py_ssize_t nctl = s->ctl ? PyList_GET_SIZE(s->ctl) : 0;
+        for (Py_ssize_t i = 0; i < nctl && n < MAX_IOV; i++) {
+            PyObject *f = PyList_GET_ITEM(s->ctl, i);
+            iov[n].iov_base = PyBytes_AS_STRING(f);
+            iov[n].iov_len = (size_t)PyBytes_GET_SIZE(f);
+            n++;
+        }
+        for (int i = 0; i < s->q.len && n < MAX_IOV; i++) {
+            PyObject *f = ring_at(&s->q, depth, i);
+            iov[n].iov_base = PyBytes_AS_STRING(f);
+            iov[n].iov_len = (size_t)PyBytes_GET_SIZE(f);
+            n++;
+        }
+        for (int i = 0; i < s->dq.len && n < MAX_IOV; i++) {
+            PyObject *f = ring_at(&s->dq, depth, i);
+            iov[n].iov_base = PyBytes_AS_STRING(f);
+            iov[n].iov_len = (size_t)PyBytes_GET_SIZE(f);
+            n++;
+        }
+        if (n == 0) {
+            if (s->blocked) {
+                s->blocked = 0;
+                s->blocked_since = 0;
+                set_mask(e, s);
+            }
+            return 0;
+        }
+        ssize_t w = writev(s->fd, iov, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK && e->in_poll)
+                return kill_slot(e, s, reason_write);
+            w = 0;
+        }
+        size_t left = (size_t)w;
+        /* consume whole frames in the order they were put in the iovec */
+        if (s->partial != NULL) {
+            size_t len = (size_t)(PyBytes_GET_SIZE(s->partial) - s->partial_off);
+            if (left >= len) {
+                left -= len;
+                if (s->partial_pkt) {
+                    e->pk_sent++;
+                    e->by_sent += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
+                }
+                Py_CLEAR(s->partial);
+                s->partial_off = 0;
+            } else {
+                s->partial_off += (Py_ssize_t)left;
+                left = 0;
+                goto blocked;
+            }
+        }
+        while (s->ctl != NULL && PyList_GET_SIZE(s->ctl) > 0) {
+            PyObject *f = PyList_GET_ITEM(s->ctl, 0);
+            size_t len = (size_t)PyBytes_GET_SIZE(f);
+            if (left == 0)
+                break;
+            Py_INCREF(f);
+            if (PySequence_DelItem(s->ctl, 0) < 0) {
+                Py_DECREF(f);
+                return -1;
+            }
+            if (left >= len) {
+                left -= len;
+                Py_DECREF(f);
+            } else {
+                s->partial = f;
+                s->partial_off = (Py_ssize_t)left;
+                s->partial_pkt = 0;
+                left = 0;
+                goto blocked;
+            }
+        }
+        for (int k = 0; k < 2; k++) {
+            Ring *r = k ? &s->dq : &s->q;
+            while (r->len > 0 && left > 0) {
+                PyObject *f = ring_pop(r, depth);
+                size_t len = (size_t)PyBytes_GET_SIZE(f);
+                if (left >= len) {
+                    left -= len;
+                    e->pk_sent++;
+                    e->by_sent += (long long)len - RECV_OVERHEAD;
+                    Py_DECREF(f);
+                } else {
+                    s->partial = f;
+                    s->partial_off = (Py_ssize_t)left;
+                    s->partial_pkt = 1;
+                    left = 0;
+                    goto blocked;
+                }
+            }
+        }
+        if (w == 0)
+            goto blocked;
+        if (n == MAX_IOV)
+            continue; /* the iovec was full: more may be queued */
+        if ((s->ctl == NULL || PyList_GET_SIZE(s->ctl) == 0) && s->q.len == 0 && s->dq.len == 0 && s->partial == NULL) {
+            if (s->blocked) {
+                s->blocked = 0;
+                s->blocked_since = 0;
+                set_mask(e, s);
+            }
+            return 0;
+        }
+    }
+blocked:
+    if (!s->blocked) {
+        s->blocked = 1;
+        s->blocked_since = now_mono();
+        set_mask(e, s);
+    }
+    return 0;
+}
+
+static int mark_dirty(Engine *e, Slot *s);
+static int grow_buf(Engine *e, Py_ssize_t need);
+
+/* ------------------------------------------------------------------ TLS
+ *
+ * A TLS connection's SSLObject (with its MemoryBIOs) is taken over from trio's SSLStream once
+ * the login is done.  Reads: ciphertext from the socket into the incoming BIO, then every
+ * complete record decrypted straight into the engine's buffer.  Writes: everything queued is
+ * joined and encrypted with one SSLObject.write; the ciphertext (s->partial) is written first
+ * and nothing more is encrypted until it is out, so the rings keep their drop-oldest bound. */
+
+static int
+append_raw(Slot *s, PyObject *raw)
+{
+    /* steals raw; ciphertext that must go out before anything else (e.g. a TLS 1.3 KeyUpdate) */
+    if (PyBytes_GET_SIZE(raw) == 0) {
+        Py_DECREF(raw);
+        return 0;
+    }
+    if (s->partial == NULL) {
+        s->partial = raw;
+        s->partial_off = 0;
+        s->partial_pkt = 0;
+        return 0;
+    }
+    PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(s->partial) + s->partial_off,
+                                               PyBytes_GET_SIZE(s->partial) - s->partial_off);
+    if (rest == NULL) {
+        Py_DECREF(raw);
+        return -1;
+    }
+    PyBytes_ConcatAndDel(&rest, raw);
+    if (rest == NULL)
+        return -1;
+    Py_SETREF(s->partial, rest);
+    s->partial_off = 0;
+    return 0;
+}
+
+/* Collect what the SSLObject wrote into the outgoing BIO. */
+static int
+take_tls_output(Slot *s)
+{
+    PyObject *pending = PyObject_GetAttr(s->tls_out, str_pending);
+    if (pending == NULL)
+        return -1;
+    long n = PyLong_AsLong(pending);
+    Py_DECREF(pending);
+    if (n <= 0)
+        return n < 0 && PyErr_Occurred() ? -1 : 0;
+    PyObject *raw = PyObject_CallMethodNoArgs(s->tls_out, str_read);
+    if (raw == NULL || !PyBytes_Check(raw)) {
+        Py_XDECREF(raw);
+        return -1;
+    }
+    return append_raw(s, raw);
+}
+
+static int
+tls_flush(Engine *e, Slot *s)
+{
+    for (;;) {
+        if (s->partial != NULL) {
+            Py_ssize_t len = PyBytes_GET_SIZE(s->partial) - s->partial_off;
+            ssize_t w = write(s->fd, PyBytes_AS_STRING(s->partial) + s->partial_off, (size_t)len);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK && e->in_poll)
+                    return kill_slot(e, s, reason_write);
+                w = 0;
+            }
+            if (w < len) {
+                s->partial_off += w;
+                if (!s->blocked) {
+                    s->blocked = 1;
+                    s->blocked_since = now_mono();
+                    set_mask(e, s);
+                }
+                return 0;
+            }
+            Py_CLEAR(s->partial);
+            s->partial_off = 0;
+        }
+        Py_ssize_t nctl = s->ctl ? PyList_GET_SIZE(s->ctl) : 0;
+        if (nctl == 0 && s->q.len == 0 && s->dq.len == 0) {
+            if (s->blocked) {
+                s->blocked = 0;
+                s->blocked_since = 0;
+                set_mask(e, s);
+            }
+            return 0;
+        }
+        Py_ssize_t total = 0;
+        for (Py_ssize_t i = 0; i < nctl; i++)
+            total += PyBytes_GET_SIZE(PyList_GET_ITEM(s->ctl, i));
+        for (int k = 0; k < 2; k++) {
+            Ring *r = k ? &s->dq : &s->q;
+            for (int i = 0; i < r->len; i++)
+                total += PyBytes_GET_SIZE(ring_at(r, e->depth, i));
+        }
+        PyObject *plain = PyBytes_FromStringAndSize(NULL, total);
+        if (plain == NULL)
+            return -1;
+        char *out = PyBytes_AS_STRING(plain);
+        for (Py_ssize_t i = 0; i < nctl; i++) {
+            PyObject *f = PyList_GET_ITEM(s->ctl, i);
+            memcpy(out, PyBytes_AS_STRING(f), (size_t)PyBytes_GET_SIZE(f));
+            out += PyBytes_GET_SIZE(f);
+        }
+        if (nctl && PyList_SetSlice(s->ctl, 0, nctl, NULL) < 0) {
+            Py_DECREF(plain);
+            return -1;
+        }
+        for (int k = 0; k < 2; k++) {
+            Ring *r = k ? &s->dq : &s->q;
+            while (r->len > 0) {
+                PyObject *f = ring_pop(r, e->depth);
+                Py_ssize_t len = PyBytes_GET_SIZE(f);
+                memcpy(out, PyBytes_AS_STRING(f), (size_t)len);
+                out += len;
+                e->pk_sent++;
+                e->by_sent += len - RECV_OVERHEAD;
+                Py_DECREF(f);
+            }
+        }
+        PyObject *res = PyObject_CallMethodOneArg(s->tls, str_write, plain);
+        Py_DECREF(plain);
+        if (res == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_OSError))
+                return -1;
+            PyErr_Clear(); /* an ssl.SSLError: the session is broken */
+            if (e->in_poll)
+                return kill_slot(e, s, reason_write);
+            s->blocked = 1; /* poll() sees EPOLLOUT and reports it */
+            set_mask(e, s);
+            return 0;
+        }
+        Py_DECREF(res);
+        if (take_tls_output(s) < 0)
+            return -1;
+    }
+}
+
+/* Decrypt every complete record the SSLObject holds into e->buf[have:].  Returns the new end,
+ * -1 with an exception set, or -2 for the peer's close_notify (end in *eof_end). */
+static Py_ssize_t
+tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
+{
+    Py_ssize_t end = have;
+    for (;;) {
+        if (e->bufcap - end < 16 * 1024 + 64 && grow_buf(e, end + e->recv_size) < 0)
+            return -1;
+        PyObject *view = PyMemoryView_FromMemory((char *)e->buf + end, e->bufcap - end, PyBUF_WRITE);
+        if (view == NULL)
+            return -1;
+        PyObject *room = PyLong_FromSsize_t(e->bufcap - end);
+        PyObject *got = room == NULL ? NULL : PyObject_CallMethodObjArgs(s->tls, str_read, room, view, NULL);
+        Py_XDECREF(room);
+        /* the memoryview points into e->buf, which grow_buf may move: release it now */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyObject *rel = PyObject_CallMethod(view, "release", NULL);
+        if (rel == NULL)
+            PyErr_Clear();
+        Py_XDECREF(rel);
+        Py_DECREF(view);
+        PyErr_Restore(et, ev, tb);
+        if (got == NULL) {
+            if (PyErr_ExceptionMatches(exc_want_read)) {
+                PyErr_Clear();
+                break;
+            }
+            if (PyErr_ExceptionMatches(exc_zero_return)) {
+                PyErr_Clear();
+                *eof_end = end;
+                return -2;
+            }
+            if (PyErr_ExceptionMatches(PyExc_OSError)) {
+                PyErr_Clear();
+                *eof_end = -1; /* a broken record: close */
+                return -2;
+            }
+            return -1;
+        }
+        Py_ssize_t n = PyLong_AsSsize_t(got);
+        Py_DECREF(got);
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            break;
+        end += n;
+    }
+    if (take_tls_output(s) < 0) /* a KeyUpdate answer, for example */
+        return -1;
+    if (s->partial != NULL && !s->blocked && mark_dirty(e, s) < 0)
+        return -1;
+    return end;
+}
+
+static int
+mark_dirty(Engine *e, Slot *s)
+{
+    if (s->dirty)
+        return 0;
+    if (e->ndirty == e->cap) {
+        /* the dirty list holds each slot at most once, so cap entries always suffice */
+        PyErr_SetString(PyExc_RuntimeError, "dirty list overflow");
+        return -1;
+    }
+    s->dirty = 1;
+    e->dirty[e->ndirty++] = (int)(s - e->slots);
+    return 0;
+}
+
+static int
+flush_dirty(Engine *e)
+{
+    int rc = 0;
+    for (int i = 0; i < e->ndirty; i++) {
+        Slot *s = &e->slots[e->dirty[i]];
+        s->dirty = 0;
+        if (rc == 0 && !s->blocked && flush_slot(e, s) < 0)
+            rc = -1;
+    }
+    e->ndirty = 0;
+    return rc;
+}
+
+/* Queue a RecvPacket frame (a new reference is taken).  Returns 1 when the ring is now full. */
+static int
+enqueue_slot(Engine *e, Slot *s, PyObject *frame, int disco)
+{
+    if (s->state != S_LIVE) {
+        e->drop_n[DROP_GONE][disco]++;
+        e->drop_b[DROP_GONE][disco] += PyBytes_GET_SIZE(frame) - RECV_OVERHEAD;
+        return 0;
+    }
+    Ring *r = disco ? &s->dq : &s->q;
+    if (ring_alloc(r, e->depth) < 0)
+        return -1;
+    if (r->len >= e->depth) {
+        PyObject *old = ring_pop(r, e->depth);
+        e->drop_n[DROP_QUEUE_HEAD][disco]++;
+        e->drop_b[DROP_QUEUE_HEAD][disco] += PyBytes_GET_SIZE(old) - RECV_OVERHEAD;
+        Py_DECREF(old);
+    }
+    Py_INCREF(frame);
+    r->items[(r->head + r->len) % e->depth] = frame;
+    r->len++;
+    if (!s->blocked) {
+        if (!e->in_poll || r->len >= e->flush_at) {
+            if (flush_slot(e, s) < 0)
+                return -1;
+        } else if (mark_dirty(e, s) < 0) {
+            return -1;
+        }
+    }
+    return r->len >= e->depth;
+}
+
+/* ------------------------------------------------------------------ counters */
+
+static int
+add_attr(PyObject *obj, PyObject *name, long long v)
+{
+    if (v == 0)
+        return 0;
+    PyObject *cur = PyObject_GetAttr(obj, name);
+    if (cur == NULL)
+        return -1;
+    PyObject *inc = PyLong_FromLongLong(v);
+    if (inc == NULL) {
+        Py_DECREF(cur);
+        return -1;
+    }
+    PyObject *sum = PyNumber_Add(cur, inc);
+    Py_DECREF(cur);
+    Py_DECREF(inc);
+    if (sum == NULL)
+        return -1;
+    int r = PyObject_SetAttr(obj, name, sum);
+    Py_DECREF(sum);
+    return r;
+}
+
+static int
+flush_counters(Engine *e)
+{
+    int rc = 0;
+    if (add_attr(e->stats, str_packets_received, e->pk_recv) < 0 || add_attr(e->stats, str_bytes_received, e->by_recv) < 0
+        || add_attr(e->stats, str_disco_received, e->disco_recv) < 0 || add_attr(e->stats, str_packets_sent, e->pk_sent) < 0
+        || add_attr(e->stats, str_bytes_sent, e->by_sent) < 0)
+        rc = -1;
+    e->pk_recv = e->by_recv = e->disco_recv = e->pk_sent = e->by_sent = 0;
+    for (int r = 0; r < DROP_REASONS; r++) {
+        for (int d = 0; d < 2; d++) {
+            if (e->drop_n[r][d] == 0)
+                continue;
+            if (rc == 0) {
+                PyObject *res = PyObject_CallMethod(e->stats, "drop", "sOLL", drop_names[r], d ? Py_True : Py_False,
+                                                    e->drop_b[r][d], e->drop_n[r][d]);
+                if (res == NULL)
+                    rc = -1;
+                Py_XDECREF(res);
+            }
+            e->drop_n[r][d] = e->drop_b[r][d] = 0;
+        }
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------ reading */
+
+static int
+hand_back(Engine *e, Slot *s, int kind, const unsigned char *p, Py_ssize_t n)
+{
+    s->reading = 0;
+    s->pass_once = 0;
+    set_mask(e, s);
+    return post(e, s, kind, PyBytes_FromStringAndSize((const char *)p, n));
+}
+
+/* Python's answer for a destination the engine does not own; -1 on error, else "full". */
+static int
+enqueue_python(PyObject *conn, PyObject *frame, int disco)
+{
+    PyObject *args[3] = {conn, frame, disco ? Py_True : Py_False};
+    PyObject *r = PyObject_VectorcallMethod(str_enqueue, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r == NULL)
+        return -1;
+    int full = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return full;
+}
+
+static Slot *
+slot_of(Engine *e, PyObject *conn)
+{
+    PyObject *v = PyObject_GetAttr(conn, str_engine_slot);
+    if (v == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    long i = PyLong_Check(v) ? PyLong_AsLong(v) : -1;
+    Py_DECREF(v);
+    if (i < 0 || i >= e->nslots || e->slots[i].conn != conn || e->slots[i].state == S_FREE)
+        return NULL;
+    return &e->slots[i];
+}
+
+/* Route the frames of buf[0:end] (the slot's leftover, then what was read) for slot idx.
+ * Stops at the first frame the engine does not handle (handed back to Python with the rest),
+ * after a Python-side queue filled up (the same), or when an engine destination's queue is full
+ * while its socket is blocked: then the rest waits in the slot's leftover as a backlog, and the
+ * next poll() drains destinations before it goes on -- one round, like the Python reader's
+ * checkpoint, so a slow receiver neither stalls its senders nor makes the relay read (and drop)
+ * far faster than it can write.  A partial frame at the end is kept for the next read.
+ * Returns 0, or -1 with an exception set. */
+static int
+process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
+{
+    Slot *s = &e->slots[idx];
+    Py_ssize_t pos = 0;
+    PyObject *src = s->key, *sconn = s->conn;
+    Py_INCREF(src);
+    Py_INCREF(sconn);
+    const char *mag = PyBytes_AS_STRING(e->magic);
+    Py_ssize_t maglen = PyBytes_GET_SIZE(e->magic);
+    int handled = 0, rc = 0, backlog = 0;
+    while (end - pos >= HEADER_LEN) {
+        const unsigned char *h = buf + pos;
+        unsigned long long n = ((unsigned long long)h[1] << 24) | ((unsigned long long)h[2] << 16)
+                               | ((unsigned long long)h[3] << 8) | (unsigned long long)h[4];
+        if (h[0] != 4 || (long long)n > e->send_limit || n < KEY_LEN) {
+            rc = hand_back(e, &e->slots[idx], 0, h, end - pos);
+            pos = end;
+            break;
+        }
+        if ((unsigned long long)(end - pos - HEADER_LEN) < n)
+            break; /* a partial SendPacket: kept for the next read */
+        if (e->frames_left <= 0) {
+            backlog = 1; /* this poll's work is done: the rest goes on next round */
+            break;
+        }
+        const unsigned char *p = h + HEADER_LEN;
+        PyObject *dst = PyBytes_FromStringAndSize((const char *)p, KEY_LEN);
+        if (dst == NULL) {
+            rc = -1;
+            break;
+        }
+        PyObject *conn = PyDict_GetItemWithError(e->active, dst);
+        Py_DECREF(dst);
+        if (conn == NULL) {
+            if (PyErr_Occurred()) {
+                rc = -1;
+                break;
+            }
+            rc = hand_back(e, &e->slots[idx], 0, h, end - pos); /* no local destination: Python decides */
+            pos = end;
+            break;
+        }
+        Py_INCREF(conn);
+        Slot *d = slot_of(e, conn);
+        Py_ssize_t plen = (Py_ssize_t)n - KEY_LEN;
+        int disco = plen >= e->disco_min && plen >= maglen && memcmp(p + KEY_LEN, mag, (size_t)maglen) == 0;
+        if (d != NULL && d->blocked && (disco ? d->dq.len : d->q.len) >= e->depth && handled) {
+            /* full and waiting for the kernel: let it drain first (see above) */
+            Py_DECREF(conn);
+            backlog = 1;
+            break;
+        }
+        PyObject *saw = PyObject_GetAttr(conn, str_saw_src);
+        int seen = saw == NULL ? -1 : PySet_Contains(saw, src);
+        Py_XDECREF(saw);
+        if (seen == 0) {
+            PyObject *wargs[2] = {conn, src};
+            PyObject *w = PyObject_Vectorcall(e->watch, wargs, 2, NULL);
+            seen = w == NULL ? -1 : 1;
+            Py_XDECREF(w);
+        }
+        if (seen < 0) {
+            Py_DECREF(conn);
+            rc = -1;
+            break;
+        }
+        PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_LEN + (Py_ssize_t)n);
+        if (frame == NULL) {
+            Py_DECREF(conn);
+            rc = -1;
+            break;
+        }
+        unsigned char *f = (unsigned char *)PyBytes_AS_STRING(frame);
+        f[0] = 5;
+        memcpy(f + 1, h + 1, 4);
+        memcpy(f + HEADER_LEN, PyBytes_AS_STRING(src), KEY_LEN);
+        memcpy(f + RECV_OVERHEAD, p + KEY_LEN, (size_t)plen);
+        e->pk_recv++;
+        e->by_recv += plen;
+        e->disco_recv += disco;
+        e->frames_left--;
+        handled++;
+        pos += HEADER_LEN + (Py_ssize_t)n;
+        d = slot_of(e, conn); /* the watch callback ran Python */
+        int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(conn, frame, disco);
+        Py_DECREF(frame);
+        Py_DECREF(conn);
+        if (full < 0) {
+            rc = -1;
+            break;
+        }
+        if (full && d == NULL && pos < end) {
+            /* a Python-side queue filled up: let Python yield to its writer, then go on */
+            rc = hand_back(e, &e->slots[idx], 0, buf + pos, end - pos);
+            pos = end;
+            break;
+        }
+    }
+    s = &e->slots[idx];
+    if (rc == 0 && pos < end && s->state == S_LIVE) {
+        s->left = PyMem_Malloc((size_t)(end - pos));
+        if (s->left == NULL) {
+            PyErr_NoMemory();
+            rc = -1;
+        } else {
+            memcpy(s->left, buf + pos, (size_t)(end - pos));
+            s->leftlen = end - pos;
+        }
+    }
+    if (rc == 0 && backlog && s->state == S_LIVE && s->reading && !s->backlog) {
+        s->backlog = 1;
+        e->backlog[e->nbacklog++] = idx;
+        set_mask(e, s);
+    }
+    if (rc == 0 && handled) {
+        PyObject *dup = PyObject_GetAttr(sconn, str_is_dup);
+        int is_dup = dup == NULL ? -1 : PyObject_IsTrue(dup);
+        Py_XDECREF(dup);
+        if (is_dup < 0) {
+            rc = -1;
+        } else if (is_dup) {
+            PyObject *a = PyObject_CallOneArg(e->note_activity, sconn);
+            if (a == NULL)
+                rc = -1;
+            Py_XDECREF(a);
+        }
+    }
+    Py_DECREF(src);
+    Py_DECREF(sconn);
+    return rc;
+}
+
+static int
+grow_buf(Engine *e, Py_ssize_t need)
+{
+    if (need > e->bufcap) {
+        unsigned char *nb = PyMem_Realloc(e->buf, (size_t)need);
+        if (nb == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        e->buf = nb;
+        e->bufcap = need;
+    }
+    return 0;
+}
+
+/* Move the slot's leftover to the front of the engine's buffer; returns its length. */
+static Py_ssize_t
+take_left(Engine *e, Slot *s)
+{
+    Py_ssize_t have = s->leftlen;
+    if (have) {
+        memcpy(e->buf, s->left, (size_t)have);
+        PyMem_Free(s->left);
+        s->left = NULL;
+        s->leftlen = 0;
+    }
+    return have;
+}
+
+/* One read on slot idx and the packets in it.  Returns bytes read from the socket (>= 0)
+ * or -1 with an exception set. */
+static Py_ssize_t
+deliver(Engine *e, int idx, Py_ssize_t end, int passthrough)
+{
+    Slot *s = &e->slots[idx];
+    if (passthrough || s->pass_once)
+        return hand_back(e, s, 0, e->buf, end);
+    return process(e, idx, e->buf, end);
+}
+
+/* TLS: decrypt what the SSLObject holds after e->buf[0:have] (the leftover) and deliver it. */
+static int
+tls_deliver(Engine *e, int idx, Py_ssize_t have, int passthrough)
+{
+    Slot *s = &e->slots[idx];
+    Py_ssize_t eof_end = 0;
+    Py_ssize_t end = tls_decrypt(e, s, have, &eof_end);
+    if (end == -1)
+        return -1;
+    if (end == -2) {
+        if (eof_end < 0)
+            return kill_slot(e, s, reason_read);
+        return hand_back(e, s, 1, e->buf, eof_end);
+    }
+    if (end == 0)
+        return 0;
+    return deliver(e, idx, end, passthrough) < 0 ? -1 : 0;
+}
+
+static Py_ssize_t
+read_slot(Engine *e, int idx, int passthrough)
+{
+    Slot *s = &e->slots[idx];
+    if (grow_buf(e, s->leftlen + e->recv_size) < 0)
+        return -1;
+    Py_ssize_t have = s->leftlen;
+    unsigned char *into = e->buf + have;
+    if (s->tls != NULL) {
+        if (e->raw == NULL && (e->raw = PyMem_Malloc((size_t)e->recv_size)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        into = e->raw;
+    }
+    ssize_t r;
+    for (;;) {
+        r = read(s->fd, into, (size_t)e->recv_size);
+        if (r >= 0 || errno != EINTR)
+            break;
+    }
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        return kill_slot(e, s, reason_read) < 0 ? -1 : 0;
+    }
+    take_left(e, s);
+    if (r == 0)
+        return hand_back(e, s, 1, e->buf, have) < 0 ? -1 : 0;
+    if (s->tls != NULL) {
+        PyObject *chunk = PyBytes_FromStringAndSize((const char *)e->raw, r);
+        PyObject *res = chunk == NULL ? NULL : PyObject_CallMethodOneArg(s->tls_in, str_write, chunk);
+        Py_XDECREF(chunk);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+        return tls_deliver(e, idx, have, passthrough) < 0 ? -1 : r;
+    }
+    return deliver(e, idx, have + r, passthrough) < 0 ? -1 : r;
+}
+
+/* Go on with the frames that waited for a full destination (one round each). */
+static int
+drain_backlog(Engine *e, int passthrough)
+{
+    int n = e->nbacklog;
+    int rc = 0;
+    e->nbacklog = 0;
+    int *list = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int));
+    if (list == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(list, e->backlog, (size_t)n * sizeof(int));
+    for (int i = 0; i < n; i++) {
+        Slot *s = &e->slots[list[i]];
+        if (!s->backlog)
+            continue;
+        s->backlog = 0;
+        set_mask(e, s);
+        if (rc < 0 || s->state != S_LIVE || !s->reading)
+            continue;
+        if (grow_buf(e, s->leftlen) < 0) {
+            rc = -1;
+            continue;
+        }
+        Py_ssize_t have = take_left(e, s);
+        if (s->tls != NULL)
+            rc = tls_deliver(e, list[i], have, passthrough);
+        else if (have)
+            rc = deliver(e, list[i], have, passthrough) < 0 ? -1 : 0;
+    }
+    PyMem_Free(list);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ the type */
+
+static PyObject *
+take_events(Engine *e)
+{
+    PyObject *ev = e->events;
+    e->events = NULL;
+    if (ev == NULL)
+        Py_RETURN_NONE;
+    return ev;
+}
+
+static Slot *
+event_slot(Engine *e, struct epoll_event *ev)
+{
+    uint32_t idx = (uint32_t)ev->data.u64;
+    uint32_t gen = (uint32_t)(ev->data.u64 >> 32);
+    if ((int)idx >= e->nslots)
+        return NULL;
+    Slot *s = &e->slots[idx];
+    return s->state == S_LIVE && s->gen == gen ? s : NULL;
+}
+
+static PyObject *
+Engine_poll(Engine *e, PyObject *arg)
+{
+    int passthrough = PyObject_IsTrue(arg);
+    if (passthrough < 0)
+        return NULL;
+    if (e->in_poll) {
+        PyErr_SetString(PyExc_RuntimeError, "poll() is not reentrant");
+        return NULL;
+    }
+    struct epoll_event evs[MAX_EVENTS];
+    int n = epoll_wait(e->epfd, evs, MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR)
+            n = 0;
+        else
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    e->in_poll = 1;
+    e->frames_left = POLL_FRAME_BUDGET;
+    int rc = 0;
+    /* writes first: a destination that drains makes room for what the backlog holds */
+    for (int i = 0; i < n && rc == 0; i++) {
+        Slot *s = event_slot(e, &evs[i]);
+        if (s != NULL && s->blocked && (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && flush_slot(e, s) < 0)
+            rc = -1;
+    }
+    if (rc == 0 && e->nbacklog && drain_backlog(e, passthrough) < 0)
+        rc = -1;
+    Py_ssize_t budget = POLL_BYTE_BUDGET;
+    for (int i = 0; i < n && rc == 0 && budget > 0 && e->frames_left > 0; i++) {
+        Slot *s = event_slot(e, &evs[i]);
+        if (s == NULL)
+            continue;
+        uint32_t what = evs[i].events;
+        if (s->reading && !s->backlog && (what & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
+            Py_ssize_t got = read_slot(e, (int)(s - e->slots), passthrough);
+            if (got < 0)
+                rc = -1;
+            else
+                budget -= got;
+        } else if (!s->reading && !s->blocked && (what & (EPOLLERR | EPOLLHUP))) {
+            rc = kill_slot(e, s, reason_read);
+        }
+    }
+    if (flush_dirty(e) < 0)
+        rc = -1;
+    e->in_poll = 0;
+    if (flush_counters(e) < 0)
+        rc = -1;
+    if (rc < 0)
+        return NULL;
+    return take_events(e);
+}
+
+static PyObject *
+Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "add(fd, conn[, (sslobject, incoming, outgoing)])");
+        return NULL;
+    }
+    PyObject *tls = nargs == 3 && args[2] != Py_None ? args[2] : NULL;
+    if (tls != NULL && (!PyTuple_Check(tls) || PyTuple_GET_SIZE(tls) != 3)) {
+        PyErr_SetString(PyExc_TypeError, "add(): tls must be (sslobject, incoming, outgoing)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *key = PyObject_GetAttr(args[1], str_key);
+    if (key == NULL)
+        return NULL;
+    if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != KEY_LEN) {
+        Py_DECREF(key);
+        PyErr_SetString(PyExc_TypeError, "conn.key must be 32 bytes");
+        return NULL;
+    }
+    int idx;
+    if (e->free_head >= 0) {
+        idx = e->free_head;
+        e->free_head = e->slots[idx].next_free;
+    } else {
+        if (e->nslots == e->cap) {
+            int ncap = e->cap ? e->cap * 2 : 64;
+            Slot *ns = PyMem_Realloc(e->slots, (size_t)ncap * sizeof(Slot));
+            int *nd = PyMem_Realloc(e->dirty, (size_t)ncap * sizeof(int));
+            if (nd != NULL)
+                e->dirty = nd;
+            int *nb = PyMem_Realloc(e->backlog, (size_t)ncap * sizeof(int));
+            if (ns != NULL)
+                e->slots = ns;
+            if (nb != NULL)
+                e->backlog = nb;
+            if (ns == NULL || nd == NULL || nb == NULL) {
+                Py_DECREF(key);
+                return PyErr_NoMemory();
+            }
+            e->cap = ncap;
+        }
+        idx = e->nslots++;
+        e->slots[idx].gen = 0;
+    }
+    Slot *s = &e->slots[idx];
+    uint32_t gen = s->gen + 1;
+    memset(s, 0, sizeof *s);
+    s->gen = gen;
+    s->state = S_LIVE;
+    s->fd = fd;
+    s->mask = -1;
+    s->next_free = -1;
+    Py_INCREF(args[1]);
+    s->conn = args[1];
+    s->key = key;
+    if (tls != NULL) {
+        s->tls = Py_NewRef(PyTuple_GET_ITEM(tls, 0));
+        s->tls_in = Py_NewRef(PyTuple_GET_ITEM(tls, 1));
+        s->tls_out = Py_NewRef(PyTuple_GET_ITEM(tls, 2));
+    }
+    return PyLong_FromLong(idx);
+}
+
+static PyObject *
+Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "resume(slot, bytes[, pass_once])");
+        return NULL;
+    }
+    int pass_once = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (pass_once < 0)
+        return NULL;
+    Slot *s = get_slot(e, args[0]);
+    if (s == NULL)
+        return NULL;
+    if (s->state != S_LIVE)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
+    PyMem_Free(s->left);
+    s->left = NULL;
+    s->leftlen = 0;
+    if (n) {
+        s->left = PyMem_Malloc((size_t)n);
+        if (s->left == NULL)
+            return PyErr_NoMemory();
+        memcpy(s->left, PyBytes_AS_STRING(args[1]), (size_t)n);
+        s->leftlen = n;
+    }
+    s->reading = 1;
+    s->pass_once = pass_once;
+    if (s->tls != NULL && !s->backlog) {
+        /* records already in the SSLObject (read by trio before the takeover) need no socket
+         * event: let the next poll() decrypt them */
+        PyObject *p = PyObject_CallMethodNoArgs(s->tls, str_pending);
+        PyObject *q = p == NULL ? NULL : PyObject_GetAttr(s->tls_in, str_pending);
+        long more = (p == NULL || q == NULL) ? -1 : PyLong_AsLong(p) + PyLong_AsLong(q);
+        Py_XDECREF(p);
+        Py_XDECREF(q);
+        if (more < 0 && PyErr_Occurred())
+            return NULL;
+        if (more > 0) {
+            s->backlog = 1;
+            e->backlog[e->nbacklog++] = (int)(s - e->slots);
+        }
+    }
+    set_mask(e, s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_remove(Engine *e, PyObject *arg)
+{
+    Slot *s = get_slot(e, arg);
+    if (s == NULL)
+        return NULL;
+    int idx = (int)(s - e->slots);
+    s->state = S_DEAD;
+    s->reading = s->blocked = 0;
+    set_mask(e, s);
+    ring_clear(e, &s->q, 0, DROP_GONE);
+    ring_clear(e, &s->dq, 1, DROP_GONE);
+    if (s->partial != NULL && s->partial_pkt) {
+        e->drop_n[DROP_GONE][0]++;
+        e->drop_b[DROP_GONE][0] += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
+    }
+    PyMem_Free(s->q.items);
+    PyMem_Free(s->dq.items);
+    PyMem_Free(s->left);
+    Py_CLEAR(s->partial);
+    Py_CLEAR(s->ctl);
+    Py_CLEAR(s->conn);
+    Py_CLEAR(s->key);
+    Py_CLEAR(s->tls);
+    Py_CLEAR(s->tls_in);
+    Py_CLEAR(s->tls_out);
+    uint32_t gen = s->gen;
+    int dirty = s->dirty, backlog = s->backlog;
+    memset(s, 0, sizeof *s);
+    s->gen = gen;
+    s->state = S_FREE;
+    s->mask = -1;
+    if (dirty) {
+        for (int i = 0; i < e->ndirty; i++) {
+            if (e->dirty[i] == idx) {
+                e->dirty[i] = e->dirty[--e->ndirty];
+                break;
+            }
+        }
+    }
+    if (backlog) {
+        for (int i = 0; i < e->nbacklog; i++) {
+            if (e->backlog[i] == idx) {
+                e->backlog[i] = e->backlog[--e->nbacklog];
+                break;
+            }
+        }
+    }
+    s->next_free = e->free_head;
+    e->free_head = idx;
+    if (flush_counters(e) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_enqueue(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) < RECV_OVERHEAD) {
+        PyErr_SetString(PyExc_TypeError, "enqueue(slot, frame, disco)");
+        return NULL;
+    }
+    Slot *s = get_slot(e, args[0]);
+    if (s == NULL)
+        return NULL;
+    int disco = PyObject_IsTrue(args[2]);
+    if (disco < 0)
+        return NULL;
+    int full = enqueue_slot(e, s, args[1], disco);
+    if (flush_counters(e) < 0 || full < 0)
+        return NULL;
+    return PyBool_FromLong(full);
+}
+
+static PyObject *
+Engine_send_control(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "send_control(slot, frame)");
+        return NULL;
+    }
+    Slot *s = get_slot(e, args[0]);
+    if (s == NULL)
+        return NULL;
+    if (s->state != S_LIVE)
+        Py_RETURN_NONE;
+    if (s->ctl == NULL && (s->ctl = PyList_New(0)) == NULL)
+        return NULL;
+    if (PyList_Append(s->ctl, args[1]) < 0)
+        return NULL;
+    if (!s->blocked) {
+        if (e->in_poll) {
+            if (mark_dirty(e, s) < 0)
+                return NULL;
+        } else if (flush_slot(e, s) < 0) {
+            return NULL;
+        }
+    }
+    if (flush_counters(e) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_pending(Engine *e, PyObject *arg)
+{
+    Slot *s = get_slot(e, arg);
+    if (s == NULL)
+        return NULL;
+    int any = s->partial != NULL || (s->ctl != NULL && PyList_GET_SIZE(s->ctl) > 0) || s->q.len > 0 || s->dq.len > 0;
+    return PyBool_FromLong(any && s->state == S_LIVE);
+}
+
+static PyObject *
+Engine_expire(Engine *e, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    double now = now_mono();
+    for (int i = 0; i < e->nslots; i++) {
+        Slot *s = &e->slots[i];
+        if (s->state != S_LIVE || !s->blocked || s->blocked_since == 0 || now - s->blocked_since < timeout)
+            continue;
+        ring_clear(e, &s->q, 0, DROP_WRITE_ERROR);
+        ring_clear(e, &s->dq, 1, DROP_WRITE_ERROR);
+        if (s->partial != NULL && s->partial_pkt) {
+            e->drop_n[DROP_WRITE_ERROR][0]++;
+            e->drop_b[DROP_WRITE_ERROR][0] += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
+            s->partial_pkt = 0;
+        }
+        if (kill_slot(e, s, reason_timeout) < 0)
+            return NULL;
+    }
+    if (flush_counters(e) < 0)
+        return NULL;
+    return take_events(e);
+}
+
+static PyObject *
+Engine_backlogged(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(e->nbacklog > 0);
+}
+
+static PyObject *
+Engine_fileno(Engine *e, PyObject *unused)
+{
+    return PyLong_FromLong(e->epfd);
+}
+
+static PyObject *
+Engine_count(Engine *e, PyObject *unused)
+{
+    long live = 0;
+    for (int i = 0; i < e->nslots; i++)
+        live += e->slots[i].state != S_FREE;
+    return PyLong_FromLong(live);
+}
+
+static int
+Engine_init(Engine *e, PyObject *args, PyObject *kwds)
+{
+    PyObject *active, *watch, *note, *stats, *magic;
+    Py_ssize_t disco_min, recv_size;
+    long long send_limit;
+    int depth;
+    if (!PyArg_ParseTuple(args, "O!OOOO!nLin", &PyDict_Type, &active, &watch, &note, &stats, &PyBytes_Type, &magic,
+                          &disco_min, &send_limit, &depth, &recv_size))
+        return -1;
+    if (depth < 1 || recv_size < 1) {
+        PyErr_SetString(PyExc_ValueError, "depth and recv_size must be positive");
+        return -1;
+    }
+    if (e->epfd < 0) {
+        e->epfd = epoll_create1(EPOLL_CLOEXEC);
+        if (e->epfd < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    Py_INCREF(active);
+    Py_INCREF(watch);
+    Py_INCREF(note);
+    Py_INCREF(stats);
+    Py_INCREF(magic);
+    Py_XSETREF(e->active, active);
+    Py_XSETREF(e->watch, watch);
+    Py_XSETREF(e->note_activity, note);
+    Py_XSETREF(e->stats, stats);
+    Py_XSETREF(e->magic, magic);
+    e->disco_min = disco_min;
+    e->send_limit = send_limit;
+    e->depth = depth;
+    e->flush_at = depth / 2 > 0 ? depth / 2 : 1;
+    e->recv_size = recv_size;
+    return 0;
+}
+
+static PyObject *
+Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Engine *e = (Engine *)type->tp_alloc(type, 0);
+    if (e != NULL) {
+        e->epfd = -1;
+        e->free_head = -1;
+    }
+    return (PyObject *)e;
+}
+
+static void
+Engine_dealloc(Engine *e)
+{
+    for (int i = 0; i < e->nslots; i++) {
+        Slot *s = &e->slots[i];
+        if (s->state == S_FREE)
+            continue;
+        for (int k = 0; k < 2; k++) {
+            Ring *r = k ? &s->dq : &s->q;
+            while (r->len > 0)
+                Py_DECREF(ring_pop(r, e->depth));
+            PyMem_Free(r->items);
+        }
+        PyMem_Free(s->left);
+        Py_CLEAR(s->partial);
+        Py_CLEAR(s->ctl);
+        Py_CLEAR(s->conn);
+        Py_CLEAR(s->key);
+        Py_CLEAR(s->tls);
+        Py_CLEAR(s->tls_in);
+        Py_CLEAR(s->tls_out);
+    }
+    PyMem_Free(e->slots);
+    PyMem_Free(e->raw);
+    PyMem_Free(e->dirty);
+    PyMem_Free(e->backlog);
+    PyMem_Free(e->buf);
+    Py_CLEAR(e->events);
+    Py_CLEAR(e->active);
+    Py_CLEAR(e->watch);
+    Py_CLEAR(e->note_activity);
+    Py_CLEAR(e->stats);
+    Py_CLEAR(e->magic);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor (readable when poll() has work)."},
+    {"add", (PyCFunction)(void (*)(void))Engine_add, METH_FASTCALL, "add(fd, conn) -> slot (not reading yet)"},
+    {"resume", (PyCFunction)(void (*)(void))Engine_resume, METH_FASTCALL, "resume(slot, leftover): read again"},
+    {"remove", (PyCFunction)Engine_remove, METH_O, "remove(slot): forget it; queued packets count as dropped"},
+    {"enqueue", (PyCFunction)(void (*)(void))Engine_enqueue, METH_FASTCALL, "enqueue(slot, frame, disco) -> full"},
+    {"send_control", (PyCFunction)(void (*)(void))Engine_send_control, METH_FASTCALL, "send_control(slot, frame)"},
+    {"pending", (PyCFunction)Engine_pending, METH_O, "pending(slot) -> anything queued or being written"},
+    {"poll", (PyCFunction)Engine_poll, METH_O, "poll(passthrough) -> events or None"},
+    {"expire", (PyCFunction)Engine_expire, METH_O, "expire(timeout) -> events or None"},
+    {"count", (PyCFunction)Engine_count, METH_NOARGS, "slots in use"},
+    {"backlogged", (PyCFunction)Engine_backlogged, METH_NOARGS, "frames wait for a full destination: poll again soon"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "derpd._dataplane.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_doc = "The relay's packet path for plain-TCP clients (see derpd/relay/dataplane.py).",
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "derpd._dataplane", NULL, -1, NULL};
+
+#define INTERN(var, text)                                                                                        \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                                       \
+        return NULL;
+
+PyMODINIT_FUNC
+PyInit__dataplane(void)
+{
+    INTERN(str_saw_src, "saw_src");
+    INTERN(str_enqueue, "enqueue");
+    INTERN(str_key, "key");
+    INTERN(str_is_dup, "is_dup");
+    INTERN(str_engine_slot, "engine_slot");
+    INTERN(str_drop, "drop");
+    INTERN(str_packets_received, "packets_received");
+    INTERN(str_bytes_received, "bytes_received");
+    INTERN(str_disco_received, "disco_packets_received");
+    INTERN(str_packets_sent, "packets_sent");
+    INTERN(str_bytes_sent, "bytes_sent");
+    INTERN(reason_read, "read_error");
+    INTERN(reason_write, "write_error");
+    INTERN(reason_timeout, "write_timeout");
+    INTERN(str_write, "write");
+    INTERN(str_read, "read");
+    INTERN(str_pending, "pending");
+    PyObject *ssl = PyImport_ImportModule("ssl");
+    if (ssl == NULL)
+        return NULL;
+    exc_want_read = PyObject_GetAttrString(ssl, "SSLWantReadError");
+    exc_zero_return = PyObject_GetAttrString(ssl, "SSLZeroReturnError");
+    Py_DECREF(ssl);
+    if (exc_want_read == NULL || exc_zero_return == NULL)
+        return NULL;
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

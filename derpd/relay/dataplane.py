@@ -1,0 +1,124 @@
+"""``DataPlane``: the Trio side of the compiled packet path for plain-TCP clients.
+
+With the optional extension ``derpd._dataplane`` (derpd/_dataplane.c, Linux) a logged-in
+plain-TCP client no longer has a reader and a writer task.  Its socket joins one epoll set
+owned by the extension; one task here waits until that set has work and calls ``poll()``,
+which reads every ready socket once, routes each SendPacket to its destination and writes
+each destination's queue with one ``writev`` -- with no Python per packet.  A wakeup that
+finds packets from many clients handles them all.
+
+What the extension does not handle it hands back to the connection's own task as raw bytes
+(another frame type, a packet for a key with no local connection, EOF, and every byte while a
+receive rate limit is configured); that task runs the same Python code as a TLS client's
+reader (``ClientConnection``), then gives the socket back.  A socket whose path the extension
+closed (read or write error, write timeout) is closed through ``close(reason)``.
+
+Without the extension (no C compiler, not Linux, ``DERPD_PURE=1``) ``DataPlane.engine`` is
+None and every connection keeps its Python reader and writer.
+
+Dependencies: this module is below ``client_connection`` (which uses it) and knows
+connections only through the ``Handoff`` interface.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from ..accel import dataplane
+from ..metrics import RelayStats
+from ..protocol.messages import DISCO_MAGIC, DISCO_MIN_LEN
+
+log = logging.getLogger("derpd.relay")
+
+KIND_DATA, KIND_EOF, KIND_CLOSED = 0, 1, 2
+
+
+class Handoff(Protocol):
+    """A connection as the data plane sees it (``client_connection.ClientConnection``)."""
+
+    public: Any  # NodePublic
+
+    def engine_handoff(self, data: bytes, eof: bool) -> None:
+        """Bytes the engine did not handle; the engine stops reading until ``resume``."""
+        ...
+
+    def close(self, reason: str) -> None:
+        ...
+
+
+class DataPlane:
+    """One per relay process; ``engine`` is None without the compiled extension."""
+
+    def __init__(
+        self,
+        active: dict[bytes, Any],
+        watch: Callable[[Any, bytes], None],
+        note_activity: Callable[[Any], None],
+        stats: RelayStats,
+        *,
+        send_limit: int,
+        depth: int,
+        recv_size: int,
+        write_timeout: float,
+        passthrough: Callable[[], bool],
+    ) -> None:
+        self.stats = stats
+        self.write_timeout = write_timeout
+        self._passthrough = passthrough
+        self.engine: Any = None
+        if dataplane is not None:
+            self.engine = dataplane.Engine(active, watch, note_activity, stats, DISCO_MAGIC, DISCO_MIN_LEN,
+                                           send_limit, depth, recv_size)
+
+    async def run(self) -> None:
+        """Serve the engine's sockets until cancelled (and expire writes that wait too long)."""
+        if self.engine is None:
+            return
+        async with trio.open_nursery() as nursery:
+            if self.write_timeout:
+                nursery.start_soon(self._expire_loop)
+            await self._poll_loop()
+
+    async def _poll_loop(self) -> None:
+        engine = self.engine
+        fd = engine.fileno()
+        wait_readable = trio.lowlevel.wait_readable
+        poll = engine.poll
+        passthrough = self._passthrough
+        deliver = self._deliver
+        backlogged = engine.backlogged
+        checkpoint = trio.lowlevel.checkpoint
+        while True:
+            if backlogged():  # frames wait for a full destination: one round for the others first
+                await checkpoint()
+            else:
+                await wait_readable(fd)
+            events = poll(passthrough())
+            if events:
+                deliver(events)
+
+    async def _expire_loop(self) -> None:
+        timeout = self.write_timeout
+        tick = min(0.5, timeout / 4)
+        while True:
+            await trio.sleep(tick)
+            events = self.engine.expire(timeout)
+            if events:
+                self._deliver(events)
+
+    def _deliver(self, events: list[tuple[Handoff, int, Any]]) -> None:
+        for conn, kind, data in events:
+            if kind == KIND_CLOSED:
+                if data == "write_timeout":
+                    self.stats.write_timeouts += 1
+                    log.debug("write timeout to %s, closing", conn.public.short())
+                conn.close(data)
+            else:
+                conn.engine_handoff(data, kind == KIND_EOF)
+
+
+__all__ = ["DataPlane", "Handoff"]

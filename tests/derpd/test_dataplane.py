@@ -1,0 +1,142 @@
+"""The compiled packet path (derpd/_dataplane.c, derpd/relay/dataplane.py) and the Python one
+give the same bytes on the wire.  CI runs this file on both paths (``DERPD_PURE=1`` too); the
+first test checks which path each run actually took."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import trio
+
+from derpd import client as derp_client
+from derpd.accel import dataplane
+from derpd.keys import NodePrivate
+from derpd.protocol.frames import CLIENT_READ_LIMITS, FrameDecoder, FrameType, encode_frame
+from derpd.protocol.messages import DISCO_MAGIC, PeerGone, Pong, RecvPacket, parse_server_frame
+
+from .conftest import recv_skipping_keepalives, start_relay
+from .test_relay import raw_login
+
+PURE = os.environ.get("DERPD_PURE", "") not in ("", "0")
+
+
+async def test_plain_clients_take_the_path_this_run_asked_for(relay):
+    a, b = NodePrivate.generate(), NodePrivate.generate()
+    engine = relay.server.dataplane.engine
+    assert (engine is None) == (PURE or dataplane is None)
+    with trio.fail_after(10):
+        async with derp_client.connect(relay.derp_url, a) as ca, derp_client.connect(relay.derp_url, b) as cb:
+            await ca.send(b.public, b"hello")
+            assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"hello")
+            await cb.send(a.public, b"hello back")
+            assert await recv_skipping_keepalives(ca) == RecvPacket(b.public, b"hello back")
+            if engine is not None:
+                assert engine.count() == 2
+                conn = relay.server.registry.active[a.public.raw]
+                assert conn.engine_slot >= 0
+    if engine is not None:
+        with trio.fail_after(10):
+            while engine.count():  # both connections leave the engine when they close
+                await trio.sleep(0.01)
+
+
+async def test_a_mixed_stream_dribbled_in_odd_pieces(nursery):
+    """Packets, a Ping, an unknown frame type, a disco packet for an absent key and NotePreferred,
+    cut at random places (single bytes included): every packet arrives once, in order, and the
+    sender gets its Pong and its PeerGone(NotHere) -- whichever path reads the socket."""
+    relay = await start_relay(nursery)
+    a, b = NodePrivate.generate(), NodePrivate.generate()
+    absent = NodePrivate.generate().public
+    rng = random.Random(15)
+    with trio.fail_after(20):
+        async with derp_client.connect(relay.derp_url, b) as cb:
+            stream = await raw_login(relay, a)
+            wire = bytearray()
+            sent = []
+            for i in range(60):
+                body = b"p%03d" % i + bytes(rng.randrange(0, 1400))
+                sent.append(body)
+                wire += encode_frame(FrameType.SEND_PACKET, b.public.raw + body)
+                if i == 10:
+                    wire += encode_frame(FrameType.PING, b"12345678")
+                if i == 20:
+                    wire += encode_frame(0x7F, b"unknown frame type, skipped")
+                if i == 30:
+                    wire += encode_frame(FrameType.SEND_PACKET, absent.raw + DISCO_MAGIC + bytes(60))
+                if i == 40:
+                    wire += encode_frame(FrameType.NOTE_PREFERRED, b"\x01")
+            pos = 0
+            while pos < len(wire):
+                n = rng.choice([1, 2, 5, 37, 700, 4096])
+                await stream.send_all(bytes(wire[pos : pos + n]))
+                pos += n
+            got = []
+            while len(got) < len(sent):
+                ev = await recv_skipping_keepalives(cb)
+                assert isinstance(ev, RecvPacket) and ev.src == a.public
+                got.append(ev.data)
+            assert got == sent
+            # a's side: a Pong and a PeerGone(NotHere), in that order
+            dec = FrameDecoder(CLIENT_READ_LIMITS)
+            seen: list = []
+            while len(seen) < 2:
+                dec.receive_data(await stream.receive_some(4096))
+                for ftype, payload in dec.frames():
+                    ev = parse_server_frame(ftype, payload)
+                    if isinstance(ev, (Pong, PeerGone)):
+                        seen.append(ev)
+            assert isinstance(seen[0], Pong) and seen[0].data == b"12345678"
+            assert isinstance(seen[1], PeerGone) and seen[1].peer == absent
+            stats = relay.server.stats
+            assert stats.packets_received == len(sent) + 1  # + the one for the absent key
+            assert stats.packets_sent == len(sent)
+            assert stats.unknown_frames == 1 and stats.got_ping == 1 and stats.sent_pong == 1
+            assert stats.current_home_connections == 1
+            await stream.aclose()
+
+
+async def test_a_websocket_receiver_and_a_plain_sender(nursery):
+    """Across the two paths: a plain sender (engine) to a WebSocket receiver (Python writer)
+    and back; many packets in one burst arrive whole and in order."""
+    relay = await start_relay(nursery)
+    a, b = NodePrivate.generate(), NodePrivate.generate()
+    ws_url = relay.url.replace("http://", "ws://") + "/derp"
+    with trio.fail_after(20):
+        async with derp_client.connect(relay.derp_url, a) as ca, derp_client.connect(ws_url, b) as cb:
+            for i in range(20):
+                await ca.send(b.public, b"to-ws %d" % i)
+            for i in range(20):
+                assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"to-ws %d" % i)
+            for i in range(20):
+                await cb.send(a.public, b"to-plain %d" % i)
+            for i in range(20):
+                assert await recv_skipping_keepalives(ca) == RecvPacket(b.public, b"to-plain %d" % i)
+
+
+async def test_tls_clients_take_the_compiled_path_too(nursery, tmp_path):
+    """A TLS session is taken over after the login: packets, a Ping and an unknown frame in
+    many small TLS records, a burst of 30 packets the other way, and a KeepAlive-free close."""
+    relay = await start_relay(nursery, certmode="manual", certdir=tmp_path, hostname="127.0.0.1")
+    engine = relay.server.dataplane.engine
+    a, b = NodePrivate.generate(), NodePrivate.generate()
+    with trio.fail_after(20):
+        async with (
+            derp_client.connect(relay.derp_url, a, cert_pin=relay.cert_pin) as ca,
+            derp_client.connect(relay.derp_url, b, cert_pin=relay.cert_pin) as cb,
+        ):
+            await ca.send_raw(encode_frame(FrameType.SEND_PACKET, b.public.raw + b"one")
+                              + encode_frame(0x7F, b"skipped") + encode_frame(FrameType.PING, b"abcdefgh"))
+            for i in range(50):  # one TLS record each
+                await ca.send(b.public, b"tls %d" % i)
+            assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"one")
+            for i in range(50):
+                assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, b"tls %d" % i)
+            assert await recv_skipping_keepalives(ca) == Pong(b"abcdefgh")
+            await cb.send_many([(a.public, b"back %d" % i + bytes(1000)) for i in range(30)])
+            for i in range(30):
+                assert await recv_skipping_keepalives(ca) == RecvPacket(b.public, b"back %d" % i + bytes(1000))
+            if engine is not None:
+                assert all(relay.server.registry.active[k.public.raw].engine_slot >= 0 for k in (a, b))
+        stats = relay.server.stats
+        assert stats.unknown_frames == 1 and stats.sent_pong == 1 and stats.packets_sent == 81
