@@ -6,7 +6,9 @@ No server process and no event loop: one UDP socket on 127.0.0.1 receives ``k`` 
 binding requests (k = 1, 8, 64: the datagrams one wakeup finds), then the server side
 drains and answers them the way stund/server.py does, once with ``recvfrom``/``sendto``
 until EAGAIN and once with ``stund._mmsg``.  Prints process CPU microseconds per answered
-datagram (median and min-max over rounds, alternating the two paths).
+datagram (median and min-max over rounds, alternating the two paths).  Then the decision
+alone, per request: ``stund.binding.answer`` against ``stund._mmsg.answer`` (what the
+answering thread computes for each datagram, without the GIL).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import socket
 import sys
 import time
+import timeit
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -94,6 +97,14 @@ def main() -> int:
         med = {n: sorted(v)[len(v) // 2] for n, v in res.items()}
         cells = [f"{med[n]:.2f} ({min(v):.2f}-{max(v):.2f})" for n, v in res.items()]
         print(f"{k:>3} {cells[0]:>22} {cells[1]:>22} {med['pure'] / med['compiled']:>14.2f}")
+    ip = socket.inet_pton(socket.AF_INET, "127.0.0.1")
+    decide = {"binding.answer": lambda: answer(req, ip, 40000),
+              "_mmsg.answer": lambda: _mmsg.answer(req, ip, 40000, False)}
+    cost: dict[str, list[float]] = {n: [] for n in decide}
+    for _ in range(args.rounds):
+        for name, fn in decide.items():
+            cost[name].append(min(timeit.repeat(fn, number=args.iterations, repeat=3)) / args.iterations * 1e6)
+    print("decision per request, us: " + ", ".join(f"{n} {sorted(v)[len(v) // 2]:.2f}" for n, v in cost.items()))
     return 0
 
 

@@ -1,6 +1,8 @@
 """Fuzz target: the STUN codec (strict and lenient parsing, every attribute decoder) and the
 server's per-datagram decision.  Only ``stund.message.RemoteProtocolError`` may escape from
-the codec; ``stund.binding.answer`` must never raise."""
+the codec; ``stund.binding.answer`` must never raise; and whatever the compiled answering
+thread answers itself (``stund._mmsg.answer``, when built) is ``answer``'s reply, byte for
+byte."""
 
 from __future__ import annotations
 
@@ -19,8 +21,15 @@ def one_input(data: bytes) -> None:
     from stund import message as m
     from stund.binding import answer
 
-    answer(data, b"\xc0\x00\x02\x01", 54321)
-    answer(data, bytes(15) + b"\x01", 1, tailscale_only=True)
+    try:
+        from stund import _mmsg
+    except ImportError:  # no C compiler when the package was built: the Python checks only
+        _mmsg = None
+
+    for ip, port, tailscale_only in ((b"\xc0\x00\x02\x01", 54321, False), (bytes(15) + b"\x01", 1, True)):
+        want = answer(data, ip, port, tailscale_only=tailscale_only)
+        if _mmsg is not None and (got := _mmsg.answer(data, ip, port, tailscale_only)) is not None:
+            assert (got[0], ("tailscale", "rfc5389", "rfc3489")[got[1]]) == (want.data, want.kind), data.hex()
     for strict in (True, False):
         try:
             msg = m.parse_message(data, strict=strict)

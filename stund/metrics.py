@@ -5,8 +5,12 @@ registered once in prometheus_client's default REGISTRY turns them into counter 
 scrape time.  So the metrics appear on ``stund serve --metrics-addr`` and, when derpd runs
 :func:`stund.server.serve_stun` in-process, on derpd's own ``/metrics``.
 
-With ``--workers N`` every worker process counts into its own shared-memory array and the
+With ``--workers N`` every worker process counts into its own shared-memory arrays and the
 parent's collector adds them up.
+
+Each :class:`StunStats` has two arrays with the same layout: ``counts``, which Python code
+increments under the GIL, and ``shared``, 64-bit counters that only the compiled answering
+threads (``stund._mmsg.FastStun``) write, with atomic adds.  The collector sums both.
 
 Families (derper's equivalents from spec §13.3 in brackets):
 
@@ -24,6 +28,7 @@ Families (derper's equivalents from spec §13.3 in brackets):
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Iterator, MutableSequence
 
 from prometheus_client.core import REGISTRY, CounterMetricFamily
@@ -55,10 +60,12 @@ class StunStats:
     """Counters as plain integers.  Methods return slot indexes so the hot path can do
     ``stats.counts[idx] += 1`` with precomputed indexes."""
 
-    __slots__ = ("counts",)
+    __slots__ = ("counts", "shared")
 
-    def __init__(self, counts: MutableSequence[int] | None = None) -> None:
+    def __init__(self, counts: MutableSequence[int] | None = None, shared: MutableSequence[int] | None = None) -> None:
         self.counts: MutableSequence[int] = counts if counts is not None else [0] * _N_SLOTS
+        #: Counters of the compiled threads: a writable buffer of 64-bit integers.
+        self.shared: MutableSequence[int] = shared if shared is not None else array("Q", bytes(8 * _N_SLOTS))
 
     @staticmethod
     def request_slot(is_ipv6: bool, kind: str) -> int:
@@ -76,13 +83,13 @@ class StunStats:
     WRITE_ERROR = _WRITE
 
     def snapshot(self) -> list[int]:
-        return list(self.counts)
+        return [a + b for a, b in zip(self.counts, self.shared, strict=True)]
 
 
 #: Counters of every server running in this process.
 PROCESS_STATS = StunStats()
 
-_sources: list[MutableSequence[int]] = [PROCESS_STATS.counts]
+_sources: list[MutableSequence[int]] = [PROCESS_STATS.counts, PROCESS_STATS.shared]
 _sources_lock = threading.Lock()
 
 

@@ -11,6 +11,19 @@ With the optional compiled helper ``stund._mmsg`` (built by setup.py; ``DERPD_PU
 disables it) one ``recvmmsg`` takes up to 64 datagrams and one ``sendmmsg`` sends their
 replies, and the sender's address arrives packed (no text round trip).
 
+The answering thread: with the helper, every socket outside an RFC 5780 grid is served by a
+dedicated OS thread running ``stund._mmsg.FastStun.run``, which never takes the GIL for a
+plain Binding request: it waits in ``poll()`` (the socket and a wake-up eventfd), takes up
+to 64 datagrams with ``recvmmsg``, builds the replies :func:`stund.binding.answer` would
+build, byte for byte, and sends them with one ``sendmmsg``; so a request costs no trip
+through trio's run loop.  After a batch it keeps reading for up to 100 us before it sleeps
+again (adaptive; see ``SPIN_NS`` in stund/_mmsg.c).  Anything else in the batch (CHANGE-REQUEST, RESPONSE-PORT,
+unknown attributes, malformed input, responses, other methods) is handed, with the GIL, to
+the same Python code the trio path runs, before the batch's replies are sent.  The trio
+task that owns the socket starts the thread and, when cancelled, signals the eventfd and
+joins it; the thread is gone before the socket is closed.  The grid sockets stay on the trio
+path.
+
 Dual-stack: ``"::"`` binds one IPv6 socket with IPV6_V6ONLY off.  IPv4 clients then appear as
 ``::ffff:a.b.c.d``; we un-map them so they get a family-1 (IPv4) XOR-MAPPED-ADDRESS (P-26).
 
@@ -31,6 +44,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, MutableSequence, Sequence
 from functools import partial
 from typing import Any
@@ -155,12 +169,28 @@ class _Peer:
         return ip
 
 
+def _answers_in_thread(sock: socket.socket, grid_socks: dict[tuple[int, int], socket.socket] | None) -> bool:
+    return (
+        _mmsg is not None
+        and hasattr(_mmsg, "FastStun")
+        and grid_socks is None
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
 async def _serve_socket(
     sock: socket.socket,
     stats: StunStats,
     decide: Callable[..., Any],
     grid_socks: dict[tuple[int, int], socket.socket] | None,
+    tailscale_only: bool = False,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if _answers_in_thread(sock, grid_socks):
+        await _serve_socket_in_thread(sock, stats, decide, tailscale_only, task_status)
+        return
+    task_status.started()
     answerer = _Answerer(sock, stats, decide, grid_socks)
     batched = _mmsg is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
     drain = answerer.drain_batched if batched else answerer.drain
@@ -175,6 +205,59 @@ async def _serve_socket(
         else:
             await checkpoint()
         drained = drain(log.isEnabledFor(logging.DEBUG))
+
+
+async def _serve_socket_in_thread(
+    sock: socket.socket,
+    stats: StunStats,
+    decide: Callable[..., Any],
+    tailscale_only: bool,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Serves ``sock`` from an answering thread (module docstring) until cancelled."""
+    # What the thread hands over is answered by the trio path's code, counting into a list of
+    # its own that the thread folds into ``stats.shared`` (atomically) after each batch.
+    answerer = _Answerer(sock, StunStats(), decide, None)
+    slots = answerer.request_slots
+    fast = _mmsg.FastStun(
+        sock.fileno(),
+        stats.shared,
+        [slots[(v6, kind)] for v6 in (False, True) for kind in ("tailscale", "rfc5389", "rfc3489")],
+        answerer.ok_slot,
+        StunStats.READ_ERROR,
+        StunStats.WRITE_ERROR,
+        tailscale_only,
+        lambda batch: answerer.answer_batch(batch, log.isEnabledFor(logging.DEBUG)),
+        answerer.counts,
+    )
+    token = trio.lowlevel.current_trio_token()
+    finished = trio.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fast.run()
+        except BaseException as exc:  # handed to the trio task below
+            failure.append(exc)
+        finally:
+            try:
+                token.run_sync_soon(finished.set)
+            except trio.RunFinishedError:
+                pass
+
+    thread = threading.Thread(target=run, name=f"stun {_fmt(*sock.getsockname()[:2])}", daemon=True)
+    thread.start()
+    try:
+        task_status.started()
+        await finished.wait()
+    finally:
+        # Prompt: the thread checks the stop flag before every batch and spin step, and
+        # poll() watches the eventfd; join() releases the GIL, so a thread waiting for it to
+        # run the callback finishes that batch and then stops.
+        fast.stop()
+        thread.join()
+    if failure:
+        raise failure[0]
 
 
 class _Answerer:
@@ -247,10 +330,9 @@ class _Answerer:
         """``drain`` with one recvmmsg per batch of requests and one sendmmsg per batch of
         replies (stund._mmsg).  Replies to another port or from another grid socket take
         ``sendto``."""
-        sock, decide, grid_socks, counts = self.sock, self.decide, self.grid_socks, self.counts
-        request_slots, ok_slot, err_slot = self.request_slots, self.ok_slot, self.err_slot
+        sock, counts = self.sock, self.counts
         fd = sock.fileno()
-        recv_batch, send_batch, most = _mmsg.recv_batch, _mmsg.send_batch, _mmsg.MAX_BATCH
+        recv_batch, most = _mmsg.recv_batch, _mmsg.MAX_BATCH
         handled = 0
         while handled < BATCH:
             try:
@@ -264,39 +346,47 @@ class _Answerer:
                 # meanwhile were taken without a trip through epoll.
                 return True
             handled += len(got)
-            replies = []
-            nok = nerr = 0
-            for data, ip, port, name in got:
-                result = decide(data, ip, port)
-                if type(result) is Ignore:
-                    self._ignored(result, ip, len(data), ip.hex(), debug)
-                    continue
-                counts[request_slots[(len(ip) == 16, result.kind)]] += 1
-                out = sock if result.via is None or grid_socks is None else grid_socks[result.via]
-                if result.port == port and out is sock:
-                    replies.append((result.data, name))
-                    if result.error:
-                        nerr += 1
-                    else:
-                        nok += 1
-                    continue
-                try:
-                    out.sendto(result.data, _text_address(out, ip, result.port, name))
-                except OSError as exc:
-                    counts[StunStats.WRITE_ERROR] += 1
-                    if debug:
-                        log.debug("stun: send to %s failed: %s", ip.hex(), exc)
-                    continue
-                counts[err_slot if result.error else ok_slot] += 1
-            if replies:
-                failed = send_batch(fd, replies)
-                if failed:
-                    # Which ones failed is not known; count them against the answers.
-                    counts[StunStats.WRITE_ERROR] += failed
-                    nok -= min(failed, nok)
-                counts[ok_slot] += nok
-                counts[err_slot] += nerr
+            self.answer_batch(got, debug)
         return False
+
+    def answer_batch(self, got: list[tuple[bytes, bytes, int, bytes]], debug: bool) -> None:
+        """Answers ``(data, ip, port, sockaddr)`` datagrams as ``stund._mmsg.recv_batch``
+        returns them: one ``sendmmsg`` for the replies to their source, ``sendto`` for the
+        others."""
+        sock, decide, grid_socks, counts = self.sock, self.decide, self.grid_socks, self.counts
+        request_slots, ok_slot, err_slot = self.request_slots, self.ok_slot, self.err_slot
+        replies = []
+        nok = nerr = 0
+        for data, ip, port, name in got:
+            result = decide(data, ip, port)
+            if type(result) is Ignore:
+                self._ignored(result, ip, len(data), ip.hex(), debug)
+                continue
+            counts[request_slots[(len(ip) == 16, result.kind)]] += 1
+            out = sock if result.via is None or grid_socks is None else grid_socks[result.via]
+            if result.port == port and out is sock:
+                replies.append((result.data, name))
+                if result.error:
+                    nerr += 1
+                else:
+                    nok += 1
+                continue
+            try:
+                out.sendto(result.data, _text_address(out, ip, result.port, name))
+            except OSError as exc:
+                counts[StunStats.WRITE_ERROR] += 1
+                if debug:
+                    log.debug("stun: send to %s failed: %s", ip.hex(), exc)
+                continue
+            counts[err_slot if result.error else ok_slot] += 1
+        if replies:
+            failed = _mmsg.send_batch(sock.fileno(), replies)
+            if failed:
+                # Which ones failed is not known; count them against the answers.
+                counts[StunStats.WRITE_ERROR] += failed
+                nok -= min(failed, nok)
+            counts[ok_slot] += nok
+            counts[err_slot] += nerr
 
 
 def _text_address(sock: socket.socket, ip: bytes, port: int, name: bytes) -> tuple[Any, ...]:
@@ -424,7 +514,7 @@ async def _serve(
             bound.append((host, sock.getsockname()[1]))
         async with trio.open_nursery() as nursery:
             for sock, decide, table in socks:
-                nursery.start_soon(_serve_socket, sock, stats, decide, table)
+                await nursery.start(_serve_socket, sock, stats, decide, table, tailscale_only)
             log.info("stun: listening on %s", " ".join(_fmt(h, p) for h, p in bound))
             task_status.started(bound)
     finally:
@@ -443,6 +533,7 @@ def _worker_main(
     addrs: list[tuple[str, int]],
     options: dict[str, Any],
     counts: MutableSequence[int],
+    shared: MutableSequence[int],
     conn: Any,
     log_level: int,
 ) -> None:
@@ -452,7 +543,7 @@ def _worker_main(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(
-                    partial(_serve, addrs, reuse_port=True, stats=StunStats(counts), **options)
+                    partial(_serve, addrs, reuse_port=True, stats=StunStats(counts, shared), **options)
                 )
                 conn.send(bound)
                 conn.close()
@@ -499,11 +590,12 @@ def run_workers(
     level = logging.getLogger().getEffectiveLevel()
 
     def start(worker_addrs: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        counts = ctx.RawArray("Q", slot_count())
+        counts, shared = ctx.RawArray("Q", slot_count()), ctx.RawArray("Q", slot_count())
         add_source(counts)
+        add_source(shared)
         parent_end, child_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
-            target=_worker_main, args=(worker_addrs, options, counts, child_end, level), daemon=True
+            target=_worker_main, args=(worker_addrs, options, counts, shared, child_end, level), daemon=True
         )
         proc.start()
         child_end.close()
