@@ -121,6 +121,60 @@ def query_param(target: bytes, name: str) -> str:
 MAX_HEAD = 16 * 1024
 
 
+# What the strict reader below accepts of a header line (RFC 9110 token; field value: visible
+# characters, obs-text, and spaces or tabs inside): deleting them must leave nothing.
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VALUE_CHARS = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_LEAVE_TO_H11 = frozenset({b"content-length", b"transfer-encoding", b"expect"})
+_DERP_REQUEST_LINE = b"GET /derp HTTP/1.1"
+
+
+@dataclass(frozen=True, slots=True)
+class PlainDerpRequest:
+    """The one request a DERP client sends on plain TCP, read without h11 (see below)."""
+
+    upgrade: DerpUpgrade
+    trailing: bytes  # what followed the head (a fast-start ClientInfo)
+
+
+def read_plain_derp_request(data: bytes) -> PlainDerpRequest | None:
+    """``GET /derp HTTP/1.1`` with ``Upgrade: DERP``, complete in ``data``, read by a strict
+    subset of HTTP/1.1; None for anything else, which then goes through h11 as before.
+
+    Every login sends this exact request, and h11's general parser cost a sixth of a login's
+    CPU (docs/performance.md).  The subset: that exact request line; a complete head within
+    MAX_HEAD; header lines ``token ":" OWS value OWS`` with h11's value characters and no
+    continuation lines; exactly one Host; no Content-Length, Transfer-Encoding or Expect; an
+    Upgrade whose first value is ``DERP`` (case-insensitive).  For every input it accepts, h11
+    and ``route_request`` give the same request, route and trailing bytes
+    (tests/derpd/test_upgrade_fastpath.py checks that on generated input).
+    """
+    if not data.startswith(_DERP_REQUEST_LINE + b"\r\n"):
+        return None
+    end = data.find(b"\r\n\r\n", 0, MAX_HEAD)
+    if end < 0:
+        return None
+    first: dict[bytes, bytes] = {}
+    hosts = 0
+    for line in data[len(_DERP_REQUEST_LINE) + 2 : end].split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TOKEN_CHARS):
+            return None
+        value = value.strip(b" \t")
+        if value.translate(None, _VALUE_CHARS):
+            return None
+        key = name.lower()
+        if key in _LEAVE_TO_H11:
+            return None
+        if key == b"host":
+            hosts += 1
+        first.setdefault(key, value)
+    if hosts != 1 or first.get(b"upgrade", b"").lower() != b"derp":
+        return None
+    upgrade = DerpUpgrade(fast_start=first.get(b"derp-fast-start") == b"1", not_ideal=bool(first.get(b"ideal-node")))
+    return PlainDerpRequest(upgrade, data[end + 4 :])
+
+
 def request_framing_error(request: h11.Request) -> str | None:
     """A reason to refuse a request whose body framing is ambiguous, else None.
 

@@ -34,6 +34,7 @@ from ..protocol.upgrade import (
     Response,
     WebSocketUpgrade,
     derp_switching_protocols,
+    read_plain_derp_request,
     redirect_to_https,
     request_framing_error,
     route_request,
@@ -235,6 +236,13 @@ async def handle_connection(
         if raw is not None:  # the request is usually in the socket already: no wait, no deadline
             first = _read_now(stream)  # type: ignore[arg-type]
             if first is not None:
+                fast = None if behind_http_proxy or not settings.derp_enabled else read_plain_derp_request(first)
+                if fast is not None:  # a client's login request: no h11 (see read_plain_derp_request)
+                    stats.http_requests["derp"] += 1
+                    up = fast.upgrade
+                    preamble = b"" if up.fast_start else derp_switching_protocols(server.public_key)
+                    await server.serve_derp(stream, remote, fast.trailing, preamble=preamble, not_ideal=up.not_ideal)
+                    return
                 conn.receive_data(first)
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             reader = _RequestReader(conn)
