@@ -121,6 +121,11 @@ async def test_three_node_region_forwards_heals_and_follows_moves(nursery):
                     await wait_until(nodes, lambda: len(reg0.connections(b.public.raw)) == 1)
                     await cb.aclose()
                     await wait_until(nodes, lambda: b.public.raw not in nodes[1].running.server.registry.active)
+                    # node 3 forwards to the route it learned first (as derper's multiForwarder):
+                    # wait until node 2's PeerGone has removed the old route, leaving node 1's.
+                    fwds3 = nodes[2].running.server.registry.forwarders
+                    await wait_until(nodes, lambda: [f.target.host for f in fwds3.get(b.public.raw, ())]
+                                     == [f"127.0.0.1:{ports[0]}"])
                     await wait_mesh(nodes, [b])
                     await cc.send(b.public, b"after the move")
                     got = await recv_skipping_keepalives(cb2)
