@@ -130,11 +130,15 @@ class NodePrivate:
         """A box for messages between this key and ``peer``.
 
         Raises:
-            KeyFormatError: ``peer`` is the zero key (spec P-8).
+            KeyFormatError: ``peer`` is the zero key (spec P-8) or another point of small order,
+                for which the key agreement has no secret (libsodium refuses it).
         """
         if peer.is_zero():
             raise KeyFormatError("the zero key cannot open or seal a box")
-        return SealedBox(nacl.public.Box(self._nacl, nacl.public.PublicKey(peer.raw)))
+        try:
+            return SealedBox(nacl.public.Box(self._nacl, nacl.public.PublicKey(peer.raw)))
+        except nacl.exceptions.CryptoError as e:  # crypto_box_beforenm: a small-order point
+            raise KeyFormatError("a key of small order cannot open or seal a box") from e
 
 
 class BoxOpenError(ValueError):

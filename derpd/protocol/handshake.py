@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..keys import KEY_LEN, NONCE_LEN, BoxOpenError, NodePrivate, NodePublic, SealedBox
+from ..keys import KEY_LEN, NONCE_LEN, BoxOpenError, KeyFormatError, NodePrivate, NodePublic, SealedBox
 from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import (
     CLIENT_MAX_FRAME_LEN,
@@ -109,7 +109,7 @@ class ServerHandshake:
 
         Raises:
             RemoteProtocolError: reasons ``bad_frame_type``, ``bad_client_info``,
-                ``zero_key``, ``box_open_failed``, ``frame_too_large``, ``truncated_frame``,
+                ``zero_key``, ``small_order_key``, ``box_open_failed``, ``frame_too_large``, ``truncated_frame``,
                 ``eof``.
         """
         if self.client is not None:
@@ -134,6 +134,9 @@ class ServerHandshake:
             raise RemoteProtocolError("ClientInfo with the zero key", "zero_key")
         try:
             self._box = self._key.box(client_key)
+        except KeyFormatError as e:  # a point of small order: no shared secret (derper would accept it)
+            raise RemoteProtocolError("ClientInfo with a key of small order", "small_order_key") from e
+        try:
             plaintext = self._box.open(payload[KEY_LEN:])
         except BoxOpenError as e:
             raise RemoteProtocolError("ClientInfo box does not open", "box_open_failed") from e
@@ -188,9 +191,10 @@ class ClientHandshake:
             raise LocalProtocolError("ClientInfo needs the server key")
         if self._sent_info:
             raise LocalProtocolError("ClientInfo was already sent")
+        if self._box is None or key != self.server_key:
+            self._box = self._key.box(key)  # fast start: the key came from the caller
         self.server_key = key
         self._sent_info = True
-        self._box = self._key.box(key)
         sealed = self._box.seal(self._info.to_json(), self._nonce())
         return encode_frame(FrameType.CLIENT_INFO, self._key.public.raw + sealed)
 
@@ -215,6 +219,10 @@ class ClientHandshake:
                     if key != self.server_key:
                         raise RemoteProtocolError("ServerKey differs from the expected key", "server_key_mismatch")
                     continue  # fast start: the key was already known
+                try:
+                    self._box = self._key.box(key)  # here, so a bad key is the server's error
+                except KeyFormatError as e:
+                    raise RemoteProtocolError("ServerKey of small order", "bad_server_key") from e
                 self.server_key = key
                 return ServerKeyReceived(key)
             if ftype == FrameType.SERVER_INFO:

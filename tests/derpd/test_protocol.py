@@ -373,6 +373,10 @@ def test_fast_start_client_checks_server_key():
         (v.SEND_PACKET, "bad_frame_type"),
         (encode_frame(FrameType.CLIENT_INFO, bytes(55)), "bad_client_info"),
         (encode_frame(FrameType.CLIENT_INFO, bytes(32) + bytes(40)), "zero_key"),
+        # points of small order: libsodium refuses the key agreement (it used to escape as
+        # nacl's RuntimeError, which ended the whole relay); u = 1 and u = p - 1
+        (encode_frame(FrameType.CLIENT_INFO, b"\x01" + bytes(31) + bytes(40)), "small_order_key"),
+        (encode_frame(FrameType.CLIENT_INFO, bytes.fromhex("ec" + "ff" * 30 + "7f") + bytes(40)), "small_order_key"),
         (v.CLIENT_INFO[:-1] + b"\x00", "box_open_failed"),
         (b"\x02\x00\x04\x00\x01", "frame_too_large"),
     ],
@@ -383,6 +387,16 @@ def test_server_login_failures(data, reason):
     with pytest.raises(RemoteProtocolError) as e:
         s.next_event()
     assert e.value.reason == reason
+
+
+def test_client_refuses_a_server_key_of_small_order():
+    from derpd.protocol.frames import MAGIC
+
+    c = ClientHandshake(NodePrivate.generate(), ClientInfo())
+    c.receive_data(encode_frame(FrameType.SERVER_KEY, MAGIC + b"\x01" + bytes(31)))
+    with pytest.raises(RemoteProtocolError) as e:
+        c.next_event()
+    assert e.value.reason == "bad_server_key"
 
 
 def test_server_info_needs_login():

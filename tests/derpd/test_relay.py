@@ -398,7 +398,9 @@ async def test_bad_client_info_and_send_before_login(relay):
     bad_box = encode_frame(FrameType.CLIENT_INFO, key.public.raw + bytes(24) + bytes(40))
     zero_key = encode_frame(FrameType.CLIENT_INFO, bytes(32) + key.box(server_key).seal(b"{}"))
     send_first = encode_send_packet(key.public, b"too early")
-    for frame, reason in ((bad_box, "box_open_failed"), (zero_key, "zero_key"), (send_first, "bad_frame_type")):
+    small_order = encode_frame(FrameType.CLIENT_INFO, b"\x01" + bytes(31) + bytes(24) + bytes(40))
+    for frame, reason in ((bad_box, "box_open_failed"), (zero_key, "zero_key"), (send_first, "bad_frame_type"),
+                          (small_order, "small_order_key")):
         with trio.fail_after(10):
             stream = await raw_connect(relay)
             await stream.send_all(UPGRADE + frame)
