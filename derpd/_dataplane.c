@@ -793,6 +793,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
             PyObject *w = PyObject_Vectorcall(e->watch, wargs, 2, NULL);
             seen = w == NULL ? -1 : 1;
             Py_XDECREF(w);
+            d = slot_of(e, conn); /* the watch callback ran Python */
         }
         if (seen < 0) {
             Py_DECREF(conn);
@@ -816,7 +817,6 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         e->frames_left--;
         handled++;
         pos += HEADER_LEN + (Py_ssize_t)n;
-        d = slot_of(e, conn); /* the watch callback ran Python */
         int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(conn, frame, disco);
         Py_DECREF(frame);
         Py_DECREF(conn);
@@ -1197,6 +1197,54 @@ Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* Count every packet still queued on s (rings and a partly written packet) as dropped for
+ * ``reason`` and let them go. */
+static void
+drop_queued(Engine *e, Slot *s, int reason)
+{
+    ring_clear(e, &s->q, 0, reason);
+    ring_clear(e, &s->dq, 1, reason);
+    if (s->partial != NULL && s->partial_pkt) {
+        e->drop_n[reason][0]++;
+        e->drop_b[reason][0] += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
+        s->partial_pkt = 0;
+    }
+}
+
+/* Everything a slot owns (after drop_queued, the rings are empty). */
+static void
+release_slot(Engine *e, Slot *s)
+{
+    for (int k = 0; k < 2; k++) {
+        Ring *r = k ? &s->dq : &s->q;
+        while (r->len > 0)
+            Py_DECREF(ring_pop(r, e->depth));
+        PyMem_Free(r->items);
+        r->items = NULL;
+    }
+    PyMem_Free(s->left);
+    s->left = NULL;
+    Py_CLEAR(s->partial);
+    Py_CLEAR(s->ctl);
+    Py_CLEAR(s->conn);
+    Py_CLEAR(s->key);
+    Py_CLEAR(s->tls);
+    Py_CLEAR(s->tls_in);
+    Py_CLEAR(s->tls_out);
+}
+
+/* Take idx out of an unordered index list (the dirty and backlog lists). */
+static void
+list_discard(int *list, int *n, int idx)
+{
+    for (int i = 0; i < *n; i++) {
+        if (list[i] == idx) {
+            list[i] = list[--*n];
+            return;
+        }
+    }
+}
+
 static PyObject *
 Engine_remove(Engine *e, PyObject *arg)
 {
@@ -1207,44 +1255,18 @@ Engine_remove(Engine *e, PyObject *arg)
     s->state = S_DEAD;
     s->reading = s->blocked = 0;
     set_mask(e, s);
-    ring_clear(e, &s->q, 0, DROP_GONE);
-    ring_clear(e, &s->dq, 1, DROP_GONE);
-    if (s->partial != NULL && s->partial_pkt) {
-        e->drop_n[DROP_GONE][0]++;
-        e->drop_b[DROP_GONE][0] += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
-    }
-    PyMem_Free(s->q.items);
-    PyMem_Free(s->dq.items);
-    PyMem_Free(s->left);
-    Py_CLEAR(s->partial);
-    Py_CLEAR(s->ctl);
-    Py_CLEAR(s->conn);
-    Py_CLEAR(s->key);
-    Py_CLEAR(s->tls);
-    Py_CLEAR(s->tls_in);
-    Py_CLEAR(s->tls_out);
+    drop_queued(e, s, DROP_GONE);
+    release_slot(e, s);
     uint32_t gen = s->gen;
     int dirty = s->dirty, backlog = s->backlog;
     memset(s, 0, sizeof *s);
     s->gen = gen;
     s->state = S_FREE;
     s->mask = -1;
-    if (dirty) {
-        for (int i = 0; i < e->ndirty; i++) {
-            if (e->dirty[i] == idx) {
-                e->dirty[i] = e->dirty[--e->ndirty];
-                break;
-            }
-        }
-    }
-    if (backlog) {
-        for (int i = 0; i < e->nbacklog; i++) {
-            if (e->backlog[i] == idx) {
-                e->backlog[i] = e->backlog[--e->nbacklog];
-                break;
-            }
-        }
-    }
+    if (dirty)
+        list_discard(e->dirty, &e->ndirty, idx);
+    if (backlog)
+        list_discard(e->backlog, &e->nbacklog, idx);
     s->next_free = e->free_head;
     e->free_head = idx;
     if (flush_counters(e) < 0)
@@ -1321,13 +1343,7 @@ Engine_expire(Engine *e, PyObject *arg)
         Slot *s = &e->slots[i];
         if (s->state != S_LIVE || !s->blocked || s->blocked_since == 0 || now - s->blocked_since < timeout)
             continue;
-        ring_clear(e, &s->q, 0, DROP_WRITE_ERROR);
-        ring_clear(e, &s->dq, 1, DROP_WRITE_ERROR);
-        if (s->partial != NULL && s->partial_pkt) {
-            e->drop_n[DROP_WRITE_ERROR][0]++;
-            e->drop_b[DROP_WRITE_ERROR][0] += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
-            s->partial_pkt = 0;
-        }
+        drop_queued(e, s, DROP_WRITE_ERROR);
         if (kill_slot(e, s, reason_timeout) < 0)
             return NULL;
     }
@@ -1412,22 +1428,8 @@ Engine_dealloc(Engine *e)
 {
     for (int i = 0; i < e->nslots; i++) {
         Slot *s = &e->slots[i];
-        if (s->state == S_FREE)
-            continue;
-        for (int k = 0; k < 2; k++) {
-            Ring *r = k ? &s->dq : &s->q;
-            while (r->len > 0)
-                Py_DECREF(ring_pop(r, e->depth));
-            PyMem_Free(r->items);
-        }
-        PyMem_Free(s->left);
-        Py_CLEAR(s->partial);
-        Py_CLEAR(s->ctl);
-        Py_CLEAR(s->conn);
-        Py_CLEAR(s->key);
-        Py_CLEAR(s->tls);
-        Py_CLEAR(s->tls_in);
-        Py_CLEAR(s->tls_out);
+        if (s->state != S_FREE)
+            release_slot(e, s);
     }
     PyMem_Free(e->slots);
     PyMem_Free(e->raw);
