@@ -85,6 +85,11 @@ class Registry(GaugeSource):
         """Wait until the next registration, unregistration or forwarder change."""
         await self._changed.wait()
 
+    def change_event(self) -> trio.Event:
+        """The event the next change sets.  Take it *before* checking a condition, then wait
+        on it: a change between the check and the wait is not missed."""
+        return self._changed
+
     # ------------------------------------------------------------------ local clients
 
     def register(self, conn: Member) -> None:

@@ -46,12 +46,16 @@ async def start_node(nursery: trio.Nursery, key: NodePrivate, port: int, peers: 
 
 
 async def wait_until(nodes: list[Node], condition) -> None:
-    """Wait, without polling, until ``condition()`` holds after some registry change."""
-    while not condition():
+    """Wait, without polling, until ``condition()`` holds after some registry change.  The
+    change events are taken before each check, so a change racing the check is not missed."""
+    while True:
+        events = [n.running.server.registry.change_event() for n in nodes]
+        if condition():
+            return
         async with trio.open_nursery() as nursery:
-            for n in nodes:
-                async def one(reg=n.running.server.registry) -> None:
-                    await reg.wait_changed()
+            for ev in events:
+                async def one(ev=ev) -> None:
+                    await ev.wait()
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(one)
 

@@ -230,12 +230,16 @@ async def wait_for_registries(registries: list[Any], condition: Callable[[], boo
     relay registries (registration, unregistration, forwarder change); no polling."""
     import trio
 
-    while not condition():
+    while True:
+        # the events are taken before the check: a change racing the check is not missed
+        events = [registry.change_event() for registry in registries]
+        if condition():
+            return
         async with trio.open_nursery() as nursery:
-            for registry in registries:
+            for event in events:
 
-                async def changed(registry: Any = registry) -> None:
-                    await registry.wait_changed()
+                async def changed(event: Any = event) -> None:
+                    await event.wait()
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(changed)
