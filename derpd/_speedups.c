@@ -24,9 +24,16 @@
  *     first frame it does not handle (another type, a payload shorter than a key, an unknown
  *     destination) or after an enqueue that returns True (full = 1); ``index`` is the frame
  *     to resume at.
+ *
+ *   box_key(shared)
+ *     NaCl's crypto_box key from an X25519 shared secret: HSalsa20 of the 32-byte secret with
+ *     a zero 16-byte input and the "expand 32-byte k" constants (what crypto_box_beforenm does
+ *     after the scalar multiplication).  derpd/keys.py does the multiplication with OpenSSL
+ *     (via cryptography) when this function is there.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 #define HEADER_LEN 5
@@ -212,7 +219,76 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nnnni)", i, npk, nbytes, ndisco, full);
 }
 
+static inline uint32_t
+load_le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline void
+store_le32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+#define ROTL32(v, n) (((v) << (n)) | ((v) >> (32 - (n))))
+#define QUARTER(a, b, c, d)         \
+    do {                            \
+        b ^= ROTL32(a + d, 7);      \
+        c ^= ROTL32(b + a, 9);      \
+        d ^= ROTL32(c + b, 13);     \
+        a ^= ROTL32(d + c, 18);     \
+    } while (0)
+
+static PyObject *
+box_key(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len != KEY_LEN) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "box_key needs a 32-byte shared secret");
+        return NULL;
+    }
+    const unsigned char *k = (const unsigned char *)view.buf;
+    /* The Salsa20 state: constants on the diagonal, the key around them, the input (zero). */
+    uint32_t x[16];
+    x[0] = 0x61707865;  /* "expa" */
+    x[5] = 0x3320646e;  /* "nd 3" */
+    x[10] = 0x79622d32; /* "2-by" */
+    x[15] = 0x6b206574; /* "te k" */
+    for (int i = 0; i < 4; i++) {
+        x[1 + i] = load_le32(k + 4 * i);
+        x[11 + i] = load_le32(k + 16 + 4 * i);
+        x[6 + i] = 0;
+    }
+    PyBuffer_Release(&view);
+    for (int r = 0; r < 20; r += 2) {
+        /* column round */
+        QUARTER(x[0], x[4], x[8], x[12]);
+        QUARTER(x[5], x[9], x[13], x[1]);
+        QUARTER(x[10], x[14], x[2], x[6]);
+        QUARTER(x[15], x[3], x[7], x[11]);
+        /* row round */
+        QUARTER(x[0], x[1], x[2], x[3]);
+        QUARTER(x[5], x[6], x[7], x[4]);
+        QUARTER(x[10], x[11], x[8], x[9]);
+        QUARTER(x[15], x[12], x[13], x[14]);
+    }
+    /* HSalsa20 keeps the diagonal and the input words, without the final addition. */
+    static const int pick[8] = {0, 5, 10, 15, 6, 7, 8, 9};
+    unsigned char out[KEY_LEN];
+    for (int i = 0; i < 8; i++)
+        store_le32(out + 4 * i, x[pick[i]]);
+    return PyBytes_FromStringAndSize((const char *)out, KEY_LEN);
+}
+
 static PyMethodDef methods[] = {
+    {"box_key", box_key, METH_O, "box_key(shared) -> the crypto_box key (HSalsa20, zero input)"},
     {"split_frames", (PyCFunction)(void (*)(void))split_frames, METH_FASTCALL,
      "split_frames(buf, pos, limits, max_unknown, most) -> (frames, pos, skipped, skip, bad_type, bad_len)"},
     {"route_packets", (PyCFunction)(void (*)(void))route_packets, METH_FASTCALL,

@@ -10,6 +10,11 @@ identity is a node key too.  Text forms (spec 1.2):
 Sealed boxes are ``nonce(24) || tag(16) || ciphertext`` (spec 1.4), which is
 what PyNaCl's ``Box.encrypt`` returns.  The nonce can be injected so tests are
 deterministic.
+
+The key agreement (X25519, then HSalsa20: NaCl's ``crypto_box_beforenm``) runs once per
+login.  With the compiled speed-ups it is OpenSSL's X25519 (through cryptography) and
+``_speedups.box_key``, a little faster than libsodium's; otherwise libsodium's.  Both refuse
+a peer key of small order, and tests/derpd/test_keys.py checks that they agree.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ import hmac
 import os
 from dataclasses import dataclass, field
 
+import nacl.bindings
 import nacl.exceptions
-import nacl.public
 import nacl.utils
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from .accel import speedups
+
+_box_key = getattr(speedups, "box_key", None)  # None: libsodium does the whole key agreement
 
 KEY_LEN = 32
 NONCE_LEN = 24
@@ -28,6 +38,7 @@ NONCE_LEN = 24
 _NODE_PREFIX = "nodekey:"
 _PRIV_PREFIX = "privkey:"
 _HEXDIGITS = frozenset("0123456789abcdefABCDEF")
+_ZERO_KEY = bytes(KEY_LEN)
 
 
 class KeyFormatError(ValueError):
@@ -89,15 +100,16 @@ class NodePrivate:
     """A 32-byte Curve25519 private key."""
 
     raw: bytes
-    _nacl: nacl.public.PrivateKey = field(init=False, repr=False, compare=False)
     _public: NodePublic = field(init=False, repr=False, compare=False)
+    _x25519: X25519PrivateKey | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.raw, bytes) or len(self.raw) != KEY_LEN:
             raise KeyFormatError(f"a private key is {KEY_LEN} bytes")
-        key = nacl.public.PrivateKey(self.raw)  # computed once: the relay's key is used for every login
-        object.__setattr__(self, "_nacl", key)
-        object.__setattr__(self, "_public", NodePublic(bytes(key.public_key)))
+        # computed once: the relay's key is used for every login
+        object.__setattr__(self, "_public", NodePublic(nacl.bindings.crypto_scalarmult_base(self.raw)))
+        object.__setattr__(self, "_x25519",
+                           X25519PrivateKey.from_private_bytes(self.raw) if _box_key is not None else None)
 
     @classmethod
     def generate(cls) -> NodePrivate:
@@ -122,6 +134,9 @@ class NodePrivate:
     def __repr__(self) -> str:  # never print the secret by accident
         return f"NodePrivate(public={self.public})"
 
+    def __reduce__(self):  # pickled as its bytes (to worker processes): the rest is derived
+        return (NodePrivate, (self.raw,))
+
     @property
     def public(self) -> NodePublic:
         return self._public
@@ -133,11 +148,16 @@ class NodePrivate:
             KeyFormatError: ``peer`` is the zero key (spec P-8) or another point of small order,
                 for which the key agreement has no secret (libsodium refuses it).
         """
-        if peer.is_zero():
+        raw = peer.raw
+        if raw == _ZERO_KEY:
             raise KeyFormatError("the zero key cannot open or seal a box")
+        x25519 = self._x25519
         try:
-            return SealedBox(nacl.public.Box(self._nacl, nacl.public.PublicKey(peer.raw)))
-        except nacl.exceptions.CryptoError as e:  # crypto_box_beforenm: a small-order point
+            if x25519 is not None and _box_key is not None:
+                # OpenSSL refuses an all-zero shared secret: the peer is a point of small order
+                return SealedBox(_box_key(x25519.exchange(X25519PublicKey.from_public_bytes(raw))))
+            return SealedBox(nacl.bindings.crypto_box_beforenm(raw, self.raw))
+        except (ValueError, nacl.exceptions.CryptoError) as e:
             raise KeyFormatError("a key of small order cannot open or seal a box") from e
 
 
@@ -146,17 +166,19 @@ class BoxOpenError(ValueError):
 
 
 class SealedBox:
-    """NaCl ``crypto_box`` between two keys, in DERP's ``nonce || box`` layout."""
+    """NaCl ``crypto_box`` between two keys, in DERP's ``nonce || box`` layout.  Holds the
+    key agreement's result (the ``crypto_box_beforenm`` key), so each box costs only the
+    XSalsa20-Poly1305 pass."""
 
-    __slots__ = ("_box",)
+    __slots__ = ("_key",)
 
-    def __init__(self, box: nacl.public.Box) -> None:
-        self._box = box
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
     def seal(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
         if nonce is None:
             nonce = nacl.utils.random(NONCE_LEN)
-        return bytes(self._box.encrypt(plaintext, nonce))
+        return nonce + nacl.bindings.crypto_box_afternm(plaintext, nonce, self._key)
 
     def open(self, sealed: bytes) -> bytes:
         """Returns the plaintext.
@@ -167,7 +189,7 @@ class SealedBox:
         if len(sealed) < NONCE_LEN + 16:
             raise BoxOpenError("sealed box too short")
         try:
-            return bytes(self._box.decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN]))
+            return nacl.bindings.crypto_box_open_afternm(sealed[NONCE_LEN:], sealed[:NONCE_LEN], self._key)
         except nacl.exceptions.CryptoError as e:
             raise BoxOpenError("box does not open") from e
 

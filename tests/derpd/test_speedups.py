@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+import nacl.exceptions
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -237,3 +238,61 @@ def test_appendix_a_send_packet_routes_to_the_recv_packet_vector():
             assert conn._handle_frames(frames, 0) == 1
         assert log == [("watch", "client", v.SERVER_PUBLIC), ("enqueue", "client", v.RECV_PACKET, False)]
         assert server.stats.packets_received == 1 and server.stats.bytes_received == 5
+
+
+# Points of small order and their non-canonical encodings (u, u + p): no shared secret.
+SMALL_ORDER = [bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",  # u = 0
+    "0100000000000000000000000000000000000000000000000000000000000000",  # u = 1
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",  # order 8
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",  # order 8
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # u = p - 1
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # u = p (= 0)
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # u = p + 1 (= 1)
+)]
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(sk=st.binary(min_size=32, max_size=32), seed=st.binary(min_size=32, max_size=32))
+def test_box_key_after_openssl_x25519_is_crypto_box_beforenm(sk, seed):
+    """The compiled login's key agreement (OpenSSL X25519, then ``box_key``) gives libsodium's
+    ``crypto_box_beforenm`` key for any private key (clamped or not) and any public key."""
+    import nacl.bindings
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    pk = nacl.bindings.crypto_scalarmult_base(seed)
+    shared = X25519PrivateKey.from_private_bytes(sk).exchange(X25519PublicKey.from_public_bytes(pk))
+    assert _speedups.box_key(shared) == nacl.bindings.crypto_box_beforenm(pk, sk)
+
+
+@needs_c
+def test_box_key_refuses_anything_but_32_bytes():
+    for bad in (b"", bytes(31), bytes(33)):
+        with pytest.raises(ValueError):
+            _speedups.box_key(bad)
+
+
+@pytest.mark.parametrize("point", SMALL_ORDER)
+def test_both_key_agreements_refuse_points_of_small_order(point, monkeypatch):
+    """Whichever path ``NodePrivate.box`` takes, a small-order peer key is a KeyFormatError
+    (libsodium checks a list of such points; OpenSSL refuses the all-zero secret they give)."""
+    import nacl.bindings
+
+    from derpd import keys
+    from derpd.keys import KeyFormatError, NodePrivate, NodePublic
+
+    me = NodePrivate.generate()
+    peer = NodePrivate.generate().public
+    with pytest.raises(nacl.exceptions.CryptoError):
+        nacl.bindings.crypto_box_beforenm(point, me.raw)
+    paths = [None] + ([_speedups.box_key] if _speedups is not None else [])
+    boxes = []
+    for box_key in paths:
+        monkeypatch.setattr(keys, "_box_key", box_key)
+        key = NodePrivate(me.raw)  # built under the patched path
+        assert (key._x25519 is not None) == (box_key is not None)
+        with pytest.raises(KeyFormatError):
+            key.box(NodePublic(point))
+        boxes.append(key.box(peer).seal(b"same box", bytes(24)))
+    assert len(set(boxes)) == 1 and len(boxes) == len(paths)
