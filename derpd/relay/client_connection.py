@@ -116,6 +116,7 @@ class ClientConnection:
         public: NodePublic,
         info: object,
         remote: tuple[str, int],
+        scope: trio.CancelScope,
         *,
         can_mesh: bool,
         is_prober: bool,
@@ -146,7 +147,9 @@ class ClientConnection:
         self._lot = trio.lowlevel.ParkingLot()
         self._nothere_tokens = 3.0
         self._nothere_stamp = self.connected_at
-        self._cancel = trio.CancelScope()  # close() may cancel it before run() enters it
+        # The caller's scope, already entered, around run() (RelayServer.serve_derp: one scope
+        # for the login and the connection); close() cancels it, before run() starts or after.
+        self._cancel = scope
         self.saw_src: set[bytes] = set()  # senders whose PeerGone this connection should hear
         self.rate_limiter = None
         self._writing = False
@@ -225,8 +228,8 @@ class ClientConnection:
 
     def close(self, reason: str) -> None:
         """End this connection from outside (ClosePeer, shutdown).  Takes effect whenever it
-        comes after the registration: before ``run`` starts (while ServerInfo is being written)
-        the cancel scope is cancelled ahead, and ``run`` then ends at once."""
+        comes after the registration: the scope is the login's, so a ServerInfo still being
+        written is abandoned, and ``run`` ends at its first checkpoint."""
         self.close_reason = reason
         self._cancel.cancel()
 
@@ -236,14 +239,13 @@ class ClientConnection:
         """Serve until EOF, a protocol error, a write failure or ``close()``."""
         engine = self.server.dataplane.engine
         try:
-            with self._cancel:
-                if engine is not None and not self.can_mesh and self._start_engine(engine):
+            if engine is not None and not self.can_mesh and self._start_engine(engine):
+                await self._read_loop(decoder)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
                     await self._read_loop(decoder)
-                else:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                        await self._read_loop(decoder)
-                        nursery.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()
         finally:
             self.teardown()
 

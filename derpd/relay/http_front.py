@@ -33,7 +33,6 @@ from ..protocol.upgrade import (
     Metrics,
     Response,
     WebSocketUpgrade,
-    derp_switching_protocols,
     read_plain_derp_request,
     redirect_to_https,
     request_framing_error,
@@ -229,21 +228,30 @@ async def handle_connection(
     peer = remote
     if tls is not None:
         stream = DrainingSSLStream(stream, tls, server_side=True)
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     raw = raw_io_for(stream)  # plain TCP (not TLS, not behind a PROXY header): cheaper reads
     receive_some = raw.receive_some if raw is not None else stream.receive_some
-    try:
-        if raw is not None:  # the request is usually in the socket already: no wait, no deadline
+    first = None
+    if raw is not None:  # the request is usually in the socket already: no wait, no deadline
+        try:
             first = _read_now(stream)  # type: ignore[arg-type]
-            if first is not None:
-                fast = None if behind_http_proxy or not settings.derp_enabled else read_plain_derp_request(first)
-                if fast is not None:  # a client's login request: no h11 (see read_plain_derp_request)
-                    stats.http_requests["derp"] += 1
-                    up = fast.upgrade
-                    preamble = b"" if up.fast_start else derp_switching_protocols(server.public_key)
-                    await server.serve_derp(stream, remote, fast.trailing, preamble=preamble, not_ideal=up.not_ideal)
-                    return
-                conn.receive_data(first)
+        except trio.BrokenResourceError:
+            return
+        if first is not None:
+            fast = None if behind_http_proxy or not settings.derp_enabled else read_plain_derp_request(first)
+            if fast is not None:  # a client's login request: no h11 (see read_plain_derp_request)
+                stats.http_requests["derp"] += 1
+                up = fast.upgrade
+                preamble = b"" if up.fast_start else server.derp_101
+                try:
+                    await server.serve_derp(stream, remote, fast.trailing, preamble=preamble,
+                                            not_ideal=up.not_ideal)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                return
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    if first is not None:
+        conn.receive_data(first)
+    try:
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             reader = _RequestReader(conn)
             request = reader.advance()
@@ -315,7 +323,7 @@ async def _upgrade(server: RelayServer, stream: trio.abc.Stream, conn: h11.Conne
     """Answer an upgrade and serve DERP (binary or inside WebSocket) on ``stream``."""
     initial, _ = conn.trailing_data
     if isinstance(route, DerpUpgrade):
-        preamble = b"" if route.fast_start else derp_switching_protocols(server.public_key)
+        preamble = b"" if route.fast_start else server.derp_101
         await server.serve_derp(stream, remote, initial, preamble=preamble, not_ideal=route.not_ideal)
         return
     await _write(stream, websocket_switching_protocols(route.accept_token), server.settings.http_write_timeout)

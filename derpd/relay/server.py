@@ -11,6 +11,7 @@ This module never imports ``listener`` or ``http_front``; it implements
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from ..protocol.errors import RemoteProtocolError
 from ..protocol.frames import SERVER_READ_LIMITS, FrameType
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
+from ..protocol.upgrade import derp_switching_protocols
 from ..ratelimit import ClientRateLimits
 from ..settings import RelaySettings, SettingsError
 from ..transport.raw_socket import raw_io_for
@@ -81,7 +83,10 @@ class RelayServer:
         self.started = time.monotonic()  # for /debug/ uptime
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
-        self._server_key_frame = ServerHandshake(settings.private_key).server_key_frame()  # the same every login
+        # the same every login: ServerKey, and the 101 of a binary upgrade with it (one write)
+        self._server_key_frame = ServerHandshake(settings.private_key).server_key_frame()
+        self.derp_101 = derp_switching_protocols(settings.private_key.public)
+        self._derp_101_and_key = self.derp_101 + self._server_key_frame
 
     # ------------------------------------------------------------------ TLS
 
@@ -258,11 +263,19 @@ class RelayServer:
         hs = ServerHandshake(s.private_key)
         if initial:
             hs.receive_data(initial)
-        # One cancel scope for the login (a fail_after costs a generator on top of the scope).
-        deadline = trio.CancelScope(deadline=trio.current_time() + s.login_timeout)
-        try:
-            with deadline:
-                await send_all(preamble + self._server_key_frame if preamble else self._server_key_frame)
+        elif raw is not None:
+            raw.mark_drained()  # the client answers ServerKey first: wait before reading
+        # One cancel scope per connection (each costs a few microseconds): the login deadline
+        # first, then, with the deadline lifted, the scope that close() cancels.
+        scope = trio.CancelScope(deadline=trio.current_time() + s.login_timeout)
+        conn: ClientConnection | None = None
+        running = False
+        with scope:
+            try:
+                if preamble is self.derp_101:
+                    await send_all(self._derp_101_and_key)
+                else:
+                    await send_all(preamble + self._server_key_frame if preamble else self._server_key_frame)
                 event = hs.next_event()
                 received = len(initial)
                 while event is NEED_DATA:
@@ -281,46 +294,44 @@ class RelayServer:
                         stats.admission_refused[why] += 1
                         log.info("refused %s from %s: %s", event.key, remote[0], why)
                         return
-        except RemoteProtocolError as e:
-            stats.handshake_failures[e.reason] += 1
-            log.debug("login from %s failed: %s", remote[0], e)
-            return
-        if deadline.cancelled_caught:
+            except RemoteProtocolError as e:
+                stats.handshake_failures[e.reason] += 1
+                log.debug("login from %s failed: %s", remote[0], e)
+                return
+            conn = ClientConnection(
+                self, stream, event.key, event.info, remote, scope,
+                can_mesh=can_mesh, is_prober=event.info.is_prober, not_ideal=not_ideal,
+            )
+            if not can_mesh:  # mesh peers are exempt from the receive rate limit (spec 5.9)
+                conn.rate_limiter = self.client_rate_limits.limiter()
+            # Register before ServerInfo (packets may queue from now on), but start the writer only
+            # after ServerInfo is out, so it is the first frame after ServerKey (P-3).
+            self.registry.register(conn)
+            if self.restarting_frame is not None:  # a login that finished while we shut down
+                conn.send_control(self.restarting_frame)
+            if not_ideal:
+                stats.current_notideal_connections += 1
+            frame = hs.server_info_frame()
+            try:
+                sent = raw.send_now(frame) if raw is not None else 0  # the usual case: no wait
+                if sent < len(frame):  # a fresh login_timeout for the rest of ServerInfo
+                    scope.deadline = trio.current_time() + s.login_timeout
+                    await send_all(frame[sent:])
+            except BaseException:
+                conn.closing = True
+                conn.teardown()
+                raise
+            scope.deadline = math.inf
+            running = True
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("client %s connected from %s", event.key.short(), remote[0])
+            await conn.run(hs.decoder)  # tears the connection down when it ends
+        if running:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("client %s gone (%s)", event.key.short(), conn.close_reason or "eof")
+        elif scope.cancelled_caught and (conn is None or not conn.close_reason):
             stats.handshake_failures["login_timeout"] += 1
             log.debug("login from %s timed out", remote[0])
-            return
-        conn = ClientConnection(
-            self, stream, event.key, event.info, remote,
-            can_mesh=can_mesh, is_prober=event.info.is_prober, not_ideal=not_ideal,
-        )
-        if not can_mesh:  # mesh peers are exempt from the receive rate limit (spec 5.9)
-            conn.rate_limiter = self.client_rate_limits.limiter()
-        # Register before ServerInfo (packets may queue from now on), but start the writer only
-        # after ServerInfo is out, so it is the first frame after ServerKey (P-3).
-        self.registry.register(conn)
-        if self.restarting_frame is not None:  # a login that finished while we shut down
-            conn.send_control(self.restarting_frame)
-        if not_ideal:
-            stats.current_notideal_connections += 1
-        frame = hs.server_info_frame()
-        try:
-            sent = raw.send_now(frame) if raw is not None else 0  # the usual case: no wait, no deadline
-            if sent < len(frame):
-                with trio.CancelScope(deadline=trio.current_time() + s.login_timeout) as deadline:
-                    await send_all(frame[sent:])
-                if deadline.cancelled_caught:
-                    stats.handshake_failures["login_timeout"] += 1
-                    conn.closing = True
-                    conn.teardown()
-                    return
-        except BaseException:
-            conn.teardown()
-            raise
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("client %s connected from %s", event.key.short(), remote[0])
-        await conn.run(hs.decoder)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("client %s gone (%s)", event.key.short(), conn.close_reason or "eof")
 
     async def admit(self, key: NodePublic, info: object, ip: str) -> tuple[bool, str]:
         for check in self.admission_checks:

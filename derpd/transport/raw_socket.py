@@ -58,6 +58,11 @@ class RawSocketIO:
             self._drained = len(data) < max_bytes
             return data
 
+    def mark_drained(self) -> None:
+        """The next read waits for the socket first (no read attempt that would fail with
+        EAGAIN, no extra yield): for a read of what the peer sends only after our write."""
+        self._drained = True
+
     def send_now(self, data: bytes) -> int:
         """Write what the kernel takes now, without waiting: the number of bytes written.
 

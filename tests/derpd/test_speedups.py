@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-import nacl.exceptions
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -278,6 +277,7 @@ def test_both_key_agreements_refuse_points_of_small_order(point, monkeypatch):
     """Whichever path ``NodePrivate.box`` takes, a small-order peer key is a KeyFormatError
     (libsodium checks a list of such points; OpenSSL refuses the all-zero secret they give)."""
     import nacl.bindings
+    import nacl.exceptions
 
     from derpd import keys
     from derpd.keys import KeyFormatError, NodePrivate, NodePublic
