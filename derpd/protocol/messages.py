@@ -169,6 +169,8 @@ class ClientInfo:
             RemoteProtocolError: not JSON, not an object, a wrongly typed field, or a
                 ``meshKey`` that is not 64 hex digits (reason ``bad_client_info``).
         """
+        if raw == _last_client_info[0]:  # every client of one build sends the same bytes
+            return _last_client_info[1]
         obj = _decode_object(raw, "ClientInfo")
         mesh_key: bytes | None = None
         version = 0
@@ -189,7 +191,16 @@ class ClientInfo:
                     app_name = _typed(v, str, "AppName", app_name)
         if mesh_key == _ZERO_KEY:
             mesh_key = None
-        return cls(mesh_key, version, can_ack, is_prober, app_name)
+        info = cls(mesh_key, version, can_ack, is_prober, app_name)
+        if cls is ClientInfo and len(raw) <= _REMEMBER_CLIENT_INFO:
+            _last_client_info[:] = (bytes(raw), info)
+        return info
+
+
+# The last ClientInfo decoded and its JSON: one entry, replaced by the next different one (a
+# ClientInfo is immutable, so equal bytes give an equal value; no state grows).
+_last_client_info: list[Any] = [None, None]
+_REMEMBER_CLIENT_INFO = 256
 
 
 @dataclass(frozen=True, slots=True)

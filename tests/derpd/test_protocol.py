@@ -455,3 +455,19 @@ def test_protocol_core_is_sans_io():
         "import derpd.protocol.frames, derpd.protocol.messages, derpd.protocol.handshake, derpd.protocol.upgrade\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_client_info_remembers_only_the_last_json_and_only_equal_bytes():
+    """from_json keeps one (bytes, value) pair: equal bytes give the remembered value, other
+    bytes are decoded (a mesh key never carries over to another client's JSON)."""
+    mesh = bytes(range(1, 33))
+    with_key = ClientInfo(mesh_key=mesh, version=2, can_ack_pings=True).to_json()
+    plain = ClientInfo(version=2, can_ack_pings=True).to_json()
+    a = ClientInfo.from_json(with_key)
+    assert ClientInfo.from_json(with_key) is a and a.mesh_key == mesh
+    b = ClientInfo.from_json(plain)
+    assert b.mesh_key is None and b.version == 2
+    assert ClientInfo.from_json(bytearray(with_key)) == a  # a new decode, the same value
+    with pytest.raises(RemoteProtocolError):
+        ClientInfo.from_json(b'{"version": "2"}')
+    assert ClientInfo.from_json(plain) == b
