@@ -436,6 +436,32 @@ async def test_slowloris_head_and_silent_login_time_out(nursery):
     assert stats.handshake_failures["http_timeout"] == 1 and stats.handshake_failures["login_timeout"] == 1
 
 
+async def test_login_request_arriving_after_the_accept_skips_h11(nursery, monkeypatch):
+    """Across a network the request lands after the connection is accepted: the front door
+    waits for it once and still reads it with the strict login reader, not h11; a connection
+    that never sends a byte is closed at --http-timeout and counted once."""
+    from derpd.relay import http_front
+
+    relay = await start_relay(nursery, http_timeout=0.5)
+    seen = []
+    strict = http_front.read_plain_derp_request
+    monkeypatch.setattr(http_front, "read_plain_derp_request", lambda data: seen.append(strict(data)) or seen[-1])
+    with trio.fail_after(10):
+        stream = await raw_connect(relay)
+        await trio.testing.wait_all_tasks_blocked()  # accepted, found nothing, waiting for the socket
+        assert seen == []
+        await stream.send_all(UPGRADE)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < 5 + 8 + 32:
+            got += await stream.receive_some(4096)
+        assert got.startswith(b"HTTP/1.1 101 ")
+        assert got.partition(b"\r\n\r\n")[2][0] == FrameType.SERVER_KEY
+        assert len(seen) == 1 and seen[0] is not None
+        silent = await raw_connect(relay)
+        assert await read_until_closed(silent) == b""
+    assert relay.server.stats.handshake_failures["http_timeout"] == 1
+
+
 async def test_receiver_that_never_reads(nursery):
     """The sender is never blocked, the stuck receiver's queue drops the oldest and its
     connection ends on the write deadline; memory stays bounded by the queue depth."""
