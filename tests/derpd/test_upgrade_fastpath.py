@@ -34,6 +34,21 @@ def test_the_go_clients_request():
     assert h11_view(GO_REQUEST + b"\x02\x00\x00\x00\x05hello") == (got.upgrade, got.trailing)
 
 
+def test_a_repeated_head_reads_the_same():
+    """The last accepted head is remembered (one entry): the same head again, with other
+    trailing bytes, and a different head in between, each read as h11 reads them."""
+    not_ideal = GO_REQUEST.replace(b"Upgrade: DERP\r\n", b"Upgrade: DERP\r\nIdeal-Node: x\r\n")
+    for data in (GO_REQUEST + b"a", GO_REQUEST + b"bc", not_ideal, GO_REQUEST, GO_REQUEST + b"Upgrade: no\r\n\r\n",
+                 not_ideal + b"d", GO_REQUEST[:-2], GO_REQUEST.replace(b"Upgrade: DERP", b"Upgrade: websocket")):
+        got = read_plain_derp_request(data)
+        if data.endswith((b"\r\n\r\n", b"a", b"bc", b"d")) and b"websocket" not in data:
+            assert got is not None and h11_view(data) == (got.upgrade, got.trailing), data
+        else:
+            assert got is None, data
+    assert read_plain_derp_request(not_ideal).upgrade.not_ideal
+    assert not read_plain_derp_request(GO_REQUEST).upgrade.not_ideal
+
+
 def test_what_it_leaves_to_h11():
     for data in (
         GO_REQUEST[:-2],  # incomplete head
