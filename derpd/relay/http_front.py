@@ -16,7 +16,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import h11
@@ -253,14 +253,53 @@ async def handle_connection(
             fast = None if behind_http_proxy or not settings.derp_enabled else read_plain_derp_request(first)
             if fast is not None:  # a client's login request: no h11 (see read_plain_derp_request)
                 stats.http_requests["derp"] += 1
-                up = fast.upgrade
+                up, trailing = fast.upgrade, fast.trailing
+                first = fast = None  # up to 16 KiB that the session need not keep
                 preamble = b"" if up.fast_start else server.derp_101
                 try:
-                    await server.serve_derp(stream, remote, fast.trailing, preamble=preamble,
-                                            not_ideal=up.not_ideal)
+                    await server.serve_derp(stream, remote, trailing, preamble=preamble, not_ideal=up.not_ideal)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
                 return
+    try:
+        upgrade = await _serve_http(server, stream, peer, first, deadline, receive_some,
+                                    behind_http_proxy=behind_http_proxy, via_proxy=via_proxy)
+        first = None
+        if upgrade is None:
+            return
+        # The HTTP state (h11's connection, the request: about 2.4 KB) went with _serve_http's
+        # frame; a DERP session that lasts days keeps only what it needs.
+        route, initial, remote = upgrade
+        if not behind_http_proxy:
+            await _upgrade(server, stream, route, initial, remote)
+        elif server.enter_ip(remote[0]):
+            try:
+                await _upgrade(server, stream, route, initial, remote)
+            finally:
+                server.leave_ip(remote[0])
+    except _WriteTimedOut:
+        stats.handshake_failures["http_write_timeout"] += 1
+        log.debug("HTTP response to %s not read within %ss, closing", remote[0], settings.http_write_timeout)
+    except trio.BrokenResourceError as e:
+        cause = e.__cause__
+        if isinstance(cause, ssl.SSLError):
+            stats.handshake_failures["tls"] += 1
+            log.debug("TLS failure from %s: %s", remote[0], cause)
+    except (trio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+
+
+async def _serve_http(
+    server: RelayServer, stream: trio.abc.Stream, peer: tuple[str, int], first: bytes | None,
+    deadline: float | None, receive_some: Callable[[int], Awaitable[bytes]], *,
+    behind_http_proxy: bool, via_proxy: bool,
+) -> tuple[DerpUpgrade | WebSocketUpgrade, bytes, tuple[str, int]] | None:
+    """Answer HTTP requests (keep-alive) until one upgrades: then (its route, the bytes read
+    past its head, the client's address), else None when the connection is done.  A bad
+    request is answered 400 here; I/O errors propagate."""
+    settings = server.settings
+    stats = server.stats
+    remote = peer
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     if first is not None:
         conn.receive_data(first)
@@ -277,25 +316,17 @@ async def handle_connection(
                 if scope.cancelled_caught:
                     stats.handshake_failures["http_timeout"] += 1
                     log.debug("no complete request from %s within %ss, closing", remote[0], settings.http_timeout)
-                    return
+                    return None
             assert not isinstance(request, type)
             if request is None:
-                return
+                return None
             route = route_request(request, home=settings.home, derp_enabled=settings.derp_enabled)
             stats.http_requests[_route_label(request)] += 1
             remote, relayed = _forwarded(server, request, peer, behind_http_proxy)
             relayed = relayed or via_proxy
             match route:
-                case DerpUpgrade() | WebSocketUpgrade() if behind_http_proxy:
-                    if server.enter_ip(remote[0]):
-                        try:
-                            await _upgrade(server, stream, conn, route, remote)
-                        finally:
-                            server.leave_ip(remote[0])
-                    return
                 case DerpUpgrade() | WebSocketUpgrade():
-                    await _upgrade(server, stream, conn, route, remote)
-                    return
+                    return route, conn.trailing_data[0], remote
                 case Metrics():
                     if settings.serve_metrics and not relayed and is_loopback(remote[0]):
                         response = Response(200, ((b"Content-Type", CONTENT_TYPE_LATEST.encode()),),
@@ -310,7 +341,7 @@ async def handle_connection(
                 case Response() as response:
                     await _send_response(stream, conn, response, settings.http_write_timeout)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
+                return None
             conn.start_next_cycle()
             deadline = None
     except _BadRequest as e:
@@ -322,22 +353,13 @@ async def handle_connection(
                                                             headers=((b"Connection", b"close"),)), 1.0)
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, _WriteTimedOut):
                 pass
-    except _WriteTimedOut:
-        stats.handshake_failures["http_write_timeout"] += 1
-        log.debug("HTTP response to %s not read within %ss, closing", remote[0], settings.http_write_timeout)
-    except trio.BrokenResourceError as e:
-        cause = e.__cause__
-        if isinstance(cause, ssl.SSLError):
-            stats.handshake_failures["tls"] += 1
-            log.debug("TLS failure from %s: %s", remote[0], cause)
-    except (trio.ClosedResourceError, h11.LocalProtocolError):
-        pass
+    return None
 
 
-async def _upgrade(server: RelayServer, stream: trio.abc.Stream, conn: h11.Connection,
-                   route: DerpUpgrade | WebSocketUpgrade, remote: tuple[str, int]) -> None:
-    """Answer an upgrade and serve DERP (binary or inside WebSocket) on ``stream``."""
-    initial, _ = conn.trailing_data
+async def _upgrade(server: RelayServer, stream: trio.abc.Stream, route: DerpUpgrade | WebSocketUpgrade,
+                   initial: bytes, remote: tuple[str, int]) -> None:
+    """Answer an upgrade and serve DERP (binary or inside WebSocket) on ``stream``; ``initial``
+    holds the bytes read past the request's head."""
     if isinstance(route, DerpUpgrade):
         preamble = b"" if route.fast_start else server.derp_101
         await server.serve_derp(stream, remote, initial, preamble=preamble, not_ideal=route.not_ideal)

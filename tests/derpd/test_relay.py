@@ -462,6 +462,41 @@ async def test_login_request_arriving_after_the_accept_skips_h11(nursery, monkey
     assert relay.server.stats.handshake_failures["http_timeout"] == 1
 
 
+async def test_a_derp_session_keeps_no_http_state(nursery):
+    """What the front door needed to read the request (h11's connection, the request) is not
+    kept for the DERP session, on h11's path (a Content-Length leaves a request to it) as on
+    the strict reader's."""
+    import gc
+
+    import h11
+
+    def live_h11() -> int:
+        gc.collect()
+        return sum(isinstance(o, h11.Connection) for o in gc.get_objects())
+
+    relay = await start_relay(nursery)
+    before = live_h11()
+    streams = []
+    with trio.fail_after(20):
+        for request in (UPGRADE, UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\nX-Pad: " + b"p" * 8000 + b"\r\n\r\n")):
+            for _ in range(5):
+                stream = await raw_connect(relay)
+                await stream.send_all(request)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(4096)
+                head, rest = head.split(b"\r\n\r\n", 1)
+                assert head.startswith(b"HTTP/1.1 101 ")
+                hs = ClientHandshake(NodePrivate.generate(), ClientInfo())
+                hs.receive_data(rest)
+                await drive_login(stream, hs)
+                streams.append(stream)
+        assert relay.server.stats.current_connections == 10  # registered before ServerInfo
+        assert live_h11() <= before
+    for stream in streams:
+        await stream.aclose()
+
+
 async def test_receiver_that_never_reads(nursery):
     """The sender is never blocked, the stuck receiver's queue drops the oldest and its
     connection ends on the write deadline; memory stays bounded by the queue depth."""
