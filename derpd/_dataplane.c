@@ -33,6 +33,10 @@
  *   send_control(slot, frame) pending(slot) -> bool       poll(passthrough) -> [(conn, kind, data)]
  *   expire(timeout) -> [(conn, 2, "write_timeout")]     backlogged() -> poll() again without waiting
  *
+ * The epoll set also holds an eventfd: resume() writes to it when the slot it resumes has TLS
+ * records already read (so no socket event will come for them), which makes the epoll
+ * descriptor readable and the Trio side call poll() for them.
+ *
  * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 2 =
  * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout").
  * Single-threaded: every call holds the GIL; nothing here runs on another thread.
@@ -43,6 +47,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -91,6 +96,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int epfd;
+    int wakefd; /* eventfd in the epoll set (WAKE_TOKEN): work that no socket event announces */
     Slot *slots;
     int nslots, cap, free_head;
     int depth, flush_at;
@@ -1014,12 +1020,23 @@ take_events(Engine *e)
     return ev;
 }
 
+#define WAKE_TOKEN UINT64_MAX
+
+/* Make the epoll descriptor readable, so that the Trio side calls poll(). */
+static void
+wake(Engine *e)
+{
+    uint64_t one = 1;
+    ssize_t r = write(e->wakefd, &one, sizeof one); /* EAGAIN: the counter is already set */
+    (void)r;
+}
+
 static Slot *
 event_slot(Engine *e, struct epoll_event *ev)
 {
     uint32_t idx = (uint32_t)ev->data.u64;
     uint32_t gen = (uint32_t)(ev->data.u64 >> 32);
-    if ((int)idx >= e->nslots)
+    if (idx >= (uint32_t)e->nslots) /* also WAKE_TOKEN */
         return NULL;
     Slot *s = &e->slots[idx];
     return s->state == S_LIVE && s->gen == gen ? s : NULL;
@@ -1042,6 +1059,13 @@ Engine_poll(Engine *e, PyObject *arg)
             n = 0;
         else
             return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (int i = 0; i < n; i++) {
+        if (evs[i].data.u64 == WAKE_TOKEN) {
+            uint64_t v;
+            ssize_t r = read(e->wakefd, &v, sizeof v); /* reset: the work is done below */
+            (void)r;
+        }
     }
     e->in_poll = 1;
     e->frames_left = POLL_FRAME_BUDGET;
@@ -1191,6 +1215,9 @@ Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
         if (more > 0) {
             s->backlog = 1;
             e->backlog[e->nbacklog++] = (int)(s - e->slots);
+            /* the Trio side may be waiting for the epoll descriptor, and no socket event will
+             * come for these records: without this they waited for another client's traffic */
+            wake(e);
         }
     }
     set_mask(e, s);
@@ -1394,6 +1421,23 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
             return -1;
         }
     }
+    if (e->wakefd < 0) {
+        e->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (e->wakefd < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = EPOLLIN;
+        ev.data.u64 = WAKE_TOKEN;
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wakefd, &ev) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            close(e->wakefd);
+            e->wakefd = -1;
+            return -1;
+        }
+    }
     Py_INCREF(active);
     Py_INCREF(watch);
     Py_INCREF(note);
@@ -1418,6 +1462,7 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (e != NULL) {
         e->epfd = -1;
+        e->wakefd = -1;
         e->free_head = -1;
     }
     return (PyObject *)e;
@@ -1444,6 +1489,8 @@ Engine_dealloc(Engine *e)
     Py_CLEAR(e->magic);
     if (e->epfd >= 0)
         close(e->epfd);
+    if (e->wakefd >= 0)
+        close(e->wakefd);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 

@@ -41,6 +41,66 @@ async def test_plain_clients_take_the_path_this_run_asked_for(relay):
                 await trio.sleep(0.01)
 
 
+class _Corked(trio.abc.Stream):
+    """A TCP stream whose writes wait in a buffer while ``corked``: several TLS records of
+    one client leave in one segment, as a fast client's often do."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner, self.corked, self.held = inner, False, b""
+
+    async def send_all(self, data) -> None:
+        if self.corked:
+            self.held += bytes(data)
+        else:
+            await self.inner.send_all(data)
+
+    async def uncork(self) -> None:
+        self.corked, held, self.held = False, self.held, b""
+        await self.inner.send_all(held)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_fast_start_tls_client_that_sends_at_once_is_relayed(nursery, tmp_path):
+    """A TLS client that knows the relay's key (from the meta-certificate) sends its request,
+    ClientInfo and a burst of packets in its first flight.  The front door reads at most
+    16 KiB of it, so TLS records the session has already received are left in the SSLObject
+    when the data plane takes the session over: they are relayed at once, not after some
+    other client's traffic wakes the relay (a lone sender used to stall for good)."""
+    import ssl
+
+    from derpd.protocol.handshake import ClientHandshake
+    from derpd.protocol.messages import ClientInfo
+
+    relay = await start_relay(nursery, certmode="manual", certdir=tmp_path, hostname="127.0.0.1")
+    a, b = NodePrivate.generate(), NodePrivate.generate()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # a test of the relay, not of TLS
+    burst = [b"first flight %d " % i + bytes(1200) for i in range(40)]  # about 50 KB: past 16 KiB
+    with trio.fail_after(10):
+        async with derp_client.connect(relay.derp_url, b, cert_pin=relay.cert_pin) as cb:
+            corked = _Corked(await trio.open_tcp_stream("127.0.0.1", relay.port))
+            tls = trio.SSLStream(corked, ctx, server_hostname="127.0.0.1")
+            await tls.do_handshake()
+            corked.corked = True
+            await tls.send_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
+                               b"Derp-Fast-Start: 1\r\n\r\n")
+            await tls.send_all(ClientHandshake(a, ClientInfo()).client_info_frame(relay.server.settings.private_key.public))
+            for payload in burst:  # a TLS record each
+                await tls.send_all(encode_frame(FrameType.SEND_PACKET, b.public.raw + payload))
+            await corked.uncork()
+            for payload in burst:
+                assert await recv_skipping_keepalives(cb) == RecvPacket(a.public, payload)
+            await trio.aclose_forcefully(tls)
+
+
 async def test_a_mixed_stream_dribbled_in_odd_pieces(nursery):
     """Packets, a Ping, an unknown frame type, a disco packet for an absent key and NotePreferred,
     cut at random places (single bytes included): every packet arrives once, in order, and the
