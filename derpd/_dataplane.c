@@ -1060,21 +1060,19 @@ Engine_poll(Engine *e, PyObject *arg)
         else
             return PyErr_SetFromErrno(PyExc_OSError);
     }
-    for (int i = 0; i < n; i++) {
-        if (evs[i].data.u64 == WAKE_TOKEN) {
-            uint64_t v;
-            ssize_t r = read(e->wakefd, &v, sizeof v); /* reset: the work is done below */
-            (void)r;
-        }
-    }
     e->in_poll = 1;
     e->frames_left = POLL_FRAME_BUDGET;
     int rc = 0;
     /* writes first: a destination that drains makes room for what the backlog holds */
     for (int i = 0; i < n && rc == 0; i++) {
         Slot *s = event_slot(e, &evs[i]);
-        if (s != NULL && s->blocked && (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && flush_slot(e, s) < 0)
+        if (s == NULL && evs[i].data.u64 == WAKE_TOKEN) {
+            uint64_t v;
+            ssize_t r = read(e->wakefd, &v, sizeof v); /* reset: the backlog is served below */
+            (void)r;
+        } else if (s != NULL && s->blocked && (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && flush_slot(e, s) < 0) {
             rc = -1;
+        }
     }
     if (rc == 0 && e->nbacklog && drain_backlog(e, passthrough) < 0)
         rc = -1;

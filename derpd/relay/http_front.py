@@ -244,8 +244,7 @@ async def handle_connection(
                     await trio.lowlevel.wait_readable(stream.socket)  # type: ignore[attr-defined]
                     first = _read_now(stream)  # type: ignore[arg-type]
                 if waited.cancelled_caught:
-                    stats.handshake_failures["http_timeout"] += 1
-                    log.debug("no complete request from %s within %ss, closing", remote[0], settings.http_timeout)
+                    _head_timed_out(server, remote[0])
                     return
         except trio.BrokenResourceError:
             return
@@ -289,6 +288,11 @@ async def handle_connection(
         pass
 
 
+def _head_timed_out(server: RelayServer, ip: str) -> None:
+    server.stats.handshake_failures["http_timeout"] += 1
+    log.debug("no complete request from %s within %ss, closing", ip, server.settings.http_timeout)
+
+
 async def _serve_http(
     server: RelayServer, stream: trio.abc.Stream, peer: tuple[str, int], first: bytes | None,
     deadline: float | None, receive_some: Callable[[int], Awaitable[bytes]], *,
@@ -314,8 +318,7 @@ async def _serve_http(
                     while (request := reader.advance()) is h11.NEED_DATA:
                         reader.feed(await receive_some(_READ))
                 if scope.cancelled_caught:
-                    stats.handshake_failures["http_timeout"] += 1
-                    log.debug("no complete request from %s within %ss, closing", remote[0], settings.http_timeout)
+                    _head_timed_out(server, remote[0])
                     return None
             assert not isinstance(request, type)
             if request is None:

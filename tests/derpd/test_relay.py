@@ -25,7 +25,6 @@ from .conftest import (
     raw_connect,
     read_until_closed,
     recv_skipping_keepalives,
-    replace_settings,
     start_relay,
 )
 
@@ -33,15 +32,17 @@ DISCO = b"TS\xf0\x9f\x92\xac" + bytes(56)
 UPGRADE = b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
 
 
-async def raw_login(relay, key: NodePrivate | None = None, *, info: ClientInfo | None = None):
-    """Log in by hand; returns the raw stream, positioned after ServerInfo."""
+async def raw_login(relay, key: NodePrivate | None = None, *, info: ClientInfo | None = None,
+                    request: bytes = UPGRADE):
+    """Log in by hand with ``request``; returns the raw stream, positioned after ServerInfo."""
     key = key or NodePrivate.generate()
     stream = await raw_connect(relay)
-    await stream.send_all(UPGRADE)
+    await stream.send_all(request)
     head = b""
     while b"\r\n\r\n" not in head:
         head += await stream.receive_some(4096)
     head, rest = head.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 101 "), head
     hs = ClientHandshake(key, info or ClientInfo(can_ack_pings=True))
     if rest:
         hs.receive_data(rest)
@@ -480,17 +481,7 @@ async def test_a_derp_session_keeps_no_http_state(nursery):
     with trio.fail_after(20):
         for request in (UPGRADE, UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\nX-Pad: " + b"p" * 8000 + b"\r\n\r\n")):
             for _ in range(5):
-                stream = await raw_connect(relay)
-                await stream.send_all(request)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += await stream.receive_some(4096)
-                head, rest = head.split(b"\r\n\r\n", 1)
-                assert head.startswith(b"HTTP/1.1 101 ")
-                hs = ClientHandshake(NodePrivate.generate(), ClientInfo())
-                hs.receive_data(rest)
-                await drive_login(stream, hs)
-                streams.append(stream)
+                streams.append(await raw_login(relay, request=request))
         assert relay.server.stats.current_connections == 10  # registered before ServerInfo
         assert live_h11() <= before
     for stream in streams:
