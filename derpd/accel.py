@@ -27,4 +27,25 @@ def _load(name: str) -> ModuleType | None:
 speedups: ModuleType | None = _load("_speedups")
 dataplane: ModuleType | None = _load("_dataplane")
 
-__all__ = ["PURE", "dataplane", "speedups"]
+
+def data_plane() -> str:
+    """Which packet path this process runs, for ``derpd serve``'s start-up line:
+    ``compiled (...)`` naming the extensions loaded, ``partly compiled (...)``, or
+    ``pure Python (why)``.  Also asks ``stund.server`` (imported here, not at module load:
+    this module stays free of trio for the sans-IO core)."""
+    from stund.server import COMPILED as stun_compiled
+
+    if PURE:
+        return "pure Python (DERPD_PURE is set)"
+    loaded = {"derpd._dataplane": dataplane is not None, "derpd._speedups": speedups is not None,
+              "stund._mmsg": stun_compiled}
+    have = [name for name, ok in loaded.items() if ok]
+    lack = [name for name, ok in loaded.items() if not ok]
+    if not lack:
+        return f"compiled ({', '.join(have)})"
+    if not have:
+        return "pure Python (no compiled extension is built: install a wheel built with a C compiler)"
+    return f"partly compiled ({', '.join(have)}; not built: {', '.join(lack)})"
+
+
+__all__ = ["PURE", "data_plane", "dataplane", "speedups"]

@@ -29,6 +29,7 @@ import trio
 from stund.oneline import format_addr, listen_error
 
 from . import __version__
+from .accel import data_plane
 from .derperflags import cert_settings, default_key_file, default_mesh_psk_file
 from .keyfile import load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
@@ -404,6 +405,7 @@ def announce_node(options: ServeOptions, running: RunningRelay, stun_port: int) 
     scheme = "TLS" if settings.tls else "plain HTTP"
     startup.info("derpd %s: relay %s on %s (%s), key %s", __version__, running.derp_url,
                  ", ".join(f"{h}:{p}" for h, p in running.addresses), scheme, running.public_key)
+    startup.info("data plane: %s", data_plane())
     if not settings.tls:
         startup.warning("serving plain HTTP without TLS: fine for tests and behind a TLS proxy; "
                         "clients need TLS otherwise (port 443 gets Let's Encrypt, or see --certmode)")

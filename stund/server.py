@@ -68,6 +68,8 @@ try:
     from . import _mmsg  # type: ignore[attr-defined,no-redef]
 except ImportError:
     _mmsg = None
+#: Whether the compiled helper is loaded (``derpd serve`` names it in its start-up line).
+COMPILED = _mmsg is not None
 
 #: Datagrams handled per wakeup before yielding to other tasks.
 BATCH = 256
