@@ -1,7 +1,8 @@
 """deploy/container: build the image with buildah (chroot isolation) on a Debian bookworm base
 (debootstrap + Debian's python3, imported as BASE), then run `derpd serve` inside it on
 loopback and check it from outside with `derpd check` (TLS, pinned self-signed certificate)
-and a STUN request, and from inside with the image's HEALTHCHECK command."""
+and a STUN request, and from inside with the image's HEALTHCHECK command.  The image runs the
+compiled data plane (built in the Containerfile's build stage) and holds no compiler."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def image() -> Iterator[str]:
             _run([buildah, "commit", "--quiet", ctr, BASE_IMAGE], timeout=300)
         finally:
             subprocess.run([buildah, "rm", ctr], capture_output=True)
-    build = [buildah, "bud", "--isolation", "chroot", "--format", "docker", "--pull-never",
+    # --layers: the compiler and dependency layers are reused by the next build on this machine
+    # (CI's second pass, DERPD_PURE=1, rebuilds nothing).
+    build = [buildah, "bud", "--isolation", "chroot", "--format", "docker", "--pull-never", "--layers",
              "--build-arg", f"BASE={BASE_IMAGE}", "-f", "deploy/container/Containerfile", "-t", IMAGE]
     if HOST_CA.is_file():
         # pip in the build stage trusts the same CAs as this machine (a TLS-inspecting proxy's
@@ -115,3 +118,45 @@ def test_relay_in_container_serves_derp_and_stun(container: str, processes: Any)
     r = subprocess.run(["buildah", "run", "--isolation", "chroot", container, "--", "derpd-entrypoint"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "DERPD_HOSTNAME" in r.stderr
+
+
+IN_IMAGE_PYTHON = "/opt/derpd/bin/python"
+COMPILED = "compiled (derpd._dataplane, derpd._speedups, stund._mmsg)"
+
+
+def test_image_runs_the_compiled_data_plane_and_holds_no_compiler(container: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # The extensions import in the image (not only in the build stage) and the selector picks them.
+    r = _run(["buildah", "run", "--isolation", "chroot", container, "--", IN_IMAGE_PYTHON, "-c",
+              "import derpd._dataplane, derpd._speedups, stund._mmsg, derpd.accel; "
+              "print(derpd.accel.data_plane()); print(derpd._dataplane.__file__)"])
+    line, path = r.stdout.splitlines()
+    assert line == COMPILED
+    assert path.startswith("/opt/derpd/lib/python3") and path.endswith(".so"), path
+    # No compiler and no Python headers: they stayed in the build stage.
+    probe = ("import glob, shutil; print(sorted({shutil.which(c) or '' for c in "
+             "('gcc', 'cc', 'c89', 'c99', 'clang', 'tcc', 'ld', 'as')} - {''}) + glob.glob('/usr/bin/*-gcc*') "
+             "+ glob.glob('/usr/include/python3*/Python.h') + glob.glob('/usr/local/include/python3*/Python.h'))")
+    r = _run(["buildah", "run", "--isolation", "chroot", container, "--", IN_IMAGE_PYTHON, "-c", probe])
+    assert r.stdout.strip() == "[]", f"build tools in the final image: {r.stdout}"
+    # Its size, for deploy/README.md: the BASE plus the venv, which stays small.
+    size = _run(["buildah", "images", "--noheading", "--format", "{{.Size}}", IMAGE]).stdout.strip()
+    venv = ("import os; print(sum(os.lstat(os.path.join(d, f)).st_size "
+            "for d, _, fs in os.walk('/opt/derpd') for f in fs))")
+    venv_mb = int(_run(["buildah", "run", "--isolation", "chroot", container, "--", IN_IMAGE_PYTHON, "-c",
+                        venv]).stdout) / 1e6
+    with capsys.disabled():
+        print(f"\n{IMAGE}: {size} (BASE {BASE_IMAGE} and the venv /opt/derpd, {venv_mb:.0f} MB)", end=" ")
+    assert venv_mb < 100
+
+
+def test_relay_in_container_relays_on_the_compiled_data_plane(container: str, processes: Any) -> None:
+    # Plain TCP (no TLS): the clients' packets take the compiled path (derpd._dataplane).
+    port = free_port()
+    relay = processes(["buildah", "run", "--isolation", "chroot", container, "--", "derpd", "serve",
+                       "-a", f"127.0.0.1:{port}", "--http-port", "-1", "--stun-port", "-1",
+                       "-c", "/var/lib/derpd/derper.key"], name="container-plain-relay")
+    relay.expect(r"relay http://127\.0\.0\.1:\d+/derp", timeout=60)
+    assert f"data plane: {COMPILED}" in relay.output()
+    r = _run([derpd_bin(), "check", f"http://127.0.0.1:{port}/derp", "-n", "200"])
+    assert "delivered 200/200" in r.stdout, r.stdout
