@@ -49,3 +49,13 @@ def test_locks_pin_what_pyproject_requires_with_hashes() -> None:
         assert name in pins, f"{name} is not locked: run `make lock`"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} not in {spec}: make lock"
     assert "derpd" not in runtime and len(runtime) > len(doc["project"]["dependencies"])  # transitive ones too
+
+
+def test_no_instruction_installs_derpd_from_a_package_index() -> None:
+    # derpd is not published: `pip install derpd` would fail, or install whoever took the name.
+    root = PYPROJECT.parent
+    docs = [root / "README.md", *(root / "docs").rglob("*.md"), *(root / "deploy").rglob("*")]
+    bad = re.compile(r"pip3? install (?:-\S+ )*['\"]?derpd(?![\w./-])")
+    found = [f"{p.relative_to(root)}: {m.group(0)}" for p in docs if p.is_file()
+             for m in bad.finditer(p.read_text(errors="replace"))]
+    assert not found, found
