@@ -59,7 +59,8 @@ trap 'rm -rf "$root"' EXIT
 url=$(mirror)
 echo "deploy tools: debootstrap bookworm from $url"
 start=$(date +%s)
-# minbase + python3 (with venv/pip for the image's builder stage) and CA certificates.
+# minbase + python3 (with venv/pip for the image's builder stage) and CA certificates; no
+# compiler: the build stage installs gcc and python3-dev itself, the final image has none.
 debootstrap --variant=minbase \
     --include=python3,python3-venv,python3-pip,ca-certificates \
     bookworm "$root" "$url" >/dev/null

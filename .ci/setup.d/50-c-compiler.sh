@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A C compiler and Python's headers, so `make test` builds derpd's optional compiled speed-ups
-# (derpd/_speedups.c, stund/_mmsg.c; see setup.py) and CI tests them next to the pure path.
+# (derpd/_speedups.c, stund/_mmsg.c; see setup.py) and CI tests them next to the pure path;
+# tests/deploy/test_wheel.py builds the release wheel with them (deploy/build-wheel.sh).
 # Runs as root on Debian. Idempotent: does nothing (and no apt-get update) when both are there.
 set -euo pipefail
 
