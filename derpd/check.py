@@ -168,6 +168,9 @@ def explain_failure(exc: BaseException, url: str, *, server_name: str | None = N
         if isinstance(e, trio.TooSlowError):
             return f"{host}:{port} did not answer in time; is the address right and the relay up?"
     for e in chain:
+        if isinstance(e, h11.RemoteProtocolError):
+            return f"{host}:{port} does not answer in HTTP/1.1 ({e}); is it a DERP relay?"
+    for e in chain:
         if isinstance(e, (trio.BrokenResourceError, trio.EndOfChannel)) or (
                 getattr(e, "reason", None) == "eof"):
             return f"{host}:{port} closed the connection ({e or 'end of stream'}); is it a DERP relay?"
@@ -203,9 +206,10 @@ async def open_stream(host: str, port: int, *, tls: bool, ssl_context: ssl.SSLCo
 
 
 async def http_exchange(stream: trio.abc.Stream, host_header: str, target: str,
-                        headers: Sequence[tuple[str, str]] = (), max_body: int = 1 << 20) -> HTTPAnswer:
-    """Send one GET, read the answer: the head of a 101, or a whole response (at most
-    ``max_body`` bytes of body).
+                        headers: Sequence[tuple[str, str]] = (), max_body: int = 1 << 20,
+                        head_only: bool = False) -> HTTPAnswer:
+    """Send one GET, read the answer: the head of a 101 (or of any answer with ``head_only``),
+    or a whole response (at most ``max_body`` bytes of body).
 
     Raises:
         DerpClientError: the server closed the connection before answering, or sent more than ``max_body``.
@@ -231,6 +235,8 @@ async def http_exchange(stream: trio.abc.Stream, host_header: str, target: str,
             head = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
             if isinstance(event, h11.InformationalResponse) and status == 101:
                 return HTTPAnswer(status, head, b"", conn.trailing_data[0])
+            if head_only and isinstance(event, h11.Response):
+                return HTTPAnswer(status, head, b"")
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > max_body:
@@ -359,7 +365,7 @@ async def _log_in(stack: AsyncExitStack, url: str, key: NodePrivate, timeout: fl
         return await stack.enter_async_context(
             derp_client.connect(url, key, timeout=timeout, **options))  # type: ignore[arg-type]
     except (derp_client.DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError,
-            RemoteProtocolError) as e:
+            RemoteProtocolError, h11.RemoteProtocolError) as e:
         name = options.get("server_name")
         raise derp_client.DerpClientError(
             f"cannot log in to {url}: {explain_failure(e, url, server_name=name)}") from e  # type: ignore[arg-type]

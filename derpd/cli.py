@@ -244,6 +244,8 @@ def check(url: str, count: int, size: int | None, timeout: float, ca_file: str |
 
     URL is the relay's DERP URL, e.g. https://derp.example.com/derp or http://127.0.0.1:3340/derp.
     """
+    import h11
+
     from .check import explain_failure, run_check
     from .client import DerpClientError, make_ssl_context
     from .protocol.errors import RemoteProtocolError
@@ -264,7 +266,8 @@ def check(url: str, count: int, size: int | None, timeout: float, ca_file: str |
         try:
             run = run_trio(partial(run_throughput, url, throughput, via=via, size=size or 1200, timeout=timeout,
                                    metrics_urls=metrics, **options))
-        except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError,
+                h11.RemoteProtocolError) as e:
             _fail(f"cannot measure the throughput: {explain_failure(e, url, server_name=server_name)}", 1)
         click.echo("\n".join(throughput_lines(url, via, run)))
         sys.exit(0 if run.received else 1)
@@ -272,7 +275,8 @@ def check(url: str, count: int, size: int | None, timeout: float, ca_file: str |
         _fail("--via and --metrics-url go with --throughput DURATION")
     try:
         result = run_trio(lambda: run_check(url, count=count, size=size or 256, timeout=timeout, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError,
+            h11.RemoteProtocolError) as e:
         _fail(f"cannot log in to {url}: {explain_failure(e, url, server_name=server_name)}", 1)
     p50, p99 = result.percentile(50), result.percentile(99)
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.2f}ms"  # noqa: E731
@@ -313,9 +317,10 @@ def doctor(url: str, timeout: float, ca_file: str | None, cert_pin: str | None, 
     URL is the relay's DERP URL (https://derp.example.com/derp) or just its host name.
     """
     from .coordinator.announce import split_coordinator_urls
-    from .doctor import FAIL, DoctorOptions, KeyArgError, parse_key_arg, run_doctor
+    from .doctor import FAIL, DoctorOptions, KeyArgError, check_url, parse_key_arg, run_doctor
 
     try:
+        check_url(url)
         key = parse_key_arg(key_arg) if key_arg else None
         mesh_key = parse_mesh_key(mesh_psk_file.read_text()) if mesh_psk_file else None
         urls = [u for c in coordinators for u in split_coordinator_urls(c)]

@@ -206,19 +206,35 @@ def _days(delta: dt.timedelta) -> str:
     return f"{days:.0f} days" if abs(days) >= 2 else f"{delta.total_seconds() / 3600:.0f} hours"
 
 
+def check_url(url: str) -> str:
+    """The DERP URL the doctor examines: ``HOST`` alone means ``https://HOST/derp``.
+
+    Raises:
+        ValueError: not an http(s):// or ws(s):// URL with a host and a valid port.
+    """
+    full = url if "://" in url else f"https://{url}/derp"
+    bad = ValueError(f"{url!r} is not a relay URL: give https://HOST[:PORT]/derp (or http://, ws://, wss://), "
+                     "or just HOST")
+    try:
+        parts = urlsplit(full)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise bad
+    return full
+
+
 class Doctor:
     def __init__(self, opts: DoctorOptions) -> None:
+        """Raises ValueError for a URL that is not a relay URL (``check_url``)."""
         self.opts = opts
-        url = opts.url if "://" in opts.url else f"https://{opts.url}/derp"
-        self.url = url
+        self.url = url = check_url(opts.url)
         parts = urlsplit(url)
         self.s = _State()
         self.s.tls = parts.scheme in ("https", "wss")
         self.s.host = parts.hostname or ""
-        try:
-            self.s.port = parts.port or (443 if self.s.tls else 80)
-        except ValueError:
-            self.s.port = 0
+        self.s.port = parts.port or (443 if self.s.tls else 80)
         self.path = parts.path or "/derp"
         self.derp_url = f"{'https' if self.s.tls else 'http'}://{parts.netloc}{self.path}"
 
@@ -279,8 +295,8 @@ class Doctor:
             try:
                 return await fn()
             except trio.TooSlowError:
-                return Finding(name, FAIL, f"no answer within {self.opts.timeout:g}s; is the address right, "
-                                           "and is a firewall dropping the packets?")
+                return Finding(name, FAIL, f"no answer within {self.opts.timeout:g}s: is the relay overloaded, or "
+                                           "another program (or a proxy) listening there?")
             except Exception as e:  # noqa: BLE001 - the doctor reports, it never raises
                 text = _why(e, self.derp_url, self.opts)
                 return Finding(name, FAIL, text if text else type(e).__name__)
@@ -523,7 +539,7 @@ class Doctor:
                 try:
                     sent = time.time()
                     answer = await http_exchange(stream, host_header(self.s.host, self.s.port, self.s.tls), "/",
-                                                 max_body=1 << 16)
+                                                 head_only=True)
                     self._note_date(answer.headers, sent, time.time())
                 finally:
                     await trio.aclose_forcefully(stream)
@@ -696,5 +712,5 @@ async def run_doctor(opts: DoctorOptions,
     return await Doctor(opts).run(report)
 
 
-__all__ = ["Doctor", "DoctorOptions", "Finding", "KeyArgError", "parse_key_arg", "run_doctor",
+__all__ = ["Doctor", "DoctorOptions", "Finding", "KeyArgError", "check_url", "parse_key_arg", "run_doctor",
            "OK", "WARN", "FAIL", "SKIP"]

@@ -297,3 +297,44 @@ async def test_the_command_prints_one_line_per_check_and_exits_1_on_a_failure(re
     argv[argv.index("--stun-port") + 1] = "-1"
     result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(main, argv))
     assert result.exit_code == 0 and "fail " not in result.output, result.output
+
+
+async def hostile_server(nursery: trio.Nursery, answer: bytes | None) -> int:
+    """Sends ``answer`` (garbage) to every connection, or with None holds it silently."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(20):
+            try:
+                if answer is not None:
+                    await stream.send_all(answer)
+                await trio.sleep_forever()
+            except trio.BrokenResourceError:
+                pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1]
+
+
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.6\r\n" + b"x" * 70000, None], ids=["garbage", "silent"])
+async def test_a_server_that_is_no_relay_never_hangs_the_doctor(nursery, answer):
+    port = await hostile_server(nursery, answer)
+    key = NodePrivate.generate()
+    start = trio.current_time()
+    found = await doctor(f"http://127.0.0.1:{port}/derp", timeout=0.5, key=key, mesh_key=MESH_KEY, http_port=port)
+    for check in ("upgrade", "websocket", "port80", "key", "mesh"):
+        assert found[check].status == FAIL, found[check].line()
+    words = "does not answer in HTTP/1.1" if answer else "no answer within 0.5s"
+    assert words in found["key"].text, found["key"].line()
+    assert trio.current_time() - start < 30
+    # derpd check names the same cause in one line
+    result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(
+        main, ["check", f"http://127.0.0.1:{port}/derp", "--timeout", "0.5"]))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and result.exception.__class__ is SystemExit, \
+        result.output
+
+
+@pytest.mark.parametrize("url", ["https://[::1/derp", "ftp://127.0.0.1/derp", "https://127.0.0.1:99999/derp",
+                                 "http://:80/derp", ""])
+def test_a_url_that_is_no_relay_url_is_a_usage_error(url):
+    result = CliRunner().invoke(main, ["doctor", url])
+    assert result.exit_code == 2 and "is not a relay URL" in result.stderr and result.stdout == "", result.output
