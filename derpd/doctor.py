@@ -692,7 +692,8 @@ class Doctor:
             regions = json.loads(answer.body)["Regions"]
             nodes = [(r, n) for r in regions.values() for n in r.get("Nodes") or []]
         except (ValueError, KeyError, TypeError, AttributeError):
-            return Finding("coordinator", FAIL, f"{map_url} is not a DERP map")
+            return Finding("coordinator", FAIL, f"{map_url} is not a DERP map: is {coordinator} the "
+                                                "coordinator's URL?")
         host, port = self.s.host, self.s.port
         for region, node in nodes:
             names = {node.get("HostName"), node.get("IPv4"), node.get("IPv6")}
