@@ -148,7 +148,8 @@ async def test_a_chain_trusted_through_the_ca_file_and_a_plain_node(tls_relay, r
     ca = str(tls_relay.server.cert.cert_path)
     found = await doctor(tls_relay.derp_url, ca_file=ca)
     assert_status(found, "tls", OK, "trusted for '127.0.0.1' (by --ca-file)")
-    found = await doctor(relay.derp_url, http_port=relay.port)
+    found = await doctor(f"http://localhost:{relay.port}/derp", http_port=relay.port)
+    assert_status(found, "dns", OK, "localhost -> ", "127.0.0.1")
     assert_status(found, "tls", SKIP, "http://")
     assert_status(found, "fast start", SKIP)
     for check in ("upgrade", "websocket", "port80", "clock"):

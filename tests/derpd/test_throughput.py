@@ -30,7 +30,9 @@ def closed_port() -> int:
 async def test_throughput_through_one_relay(relay):
     with trio.fail_after(20):
         run = await run_throughput(relay.derp_url, 0.5, size=1000)
-    assert run.sent > 0 and run.received == run.sent and run.lost == 0 and run.corrupted == 0
+    # The window (24) is below the relay's queue (32): nothing is lost unless the run stalled for seconds
+    # (then the window opens again on the sender's guess).
+    assert run.sent > 0 and run.corrupted == 0 and (run.lost == 0 or run.stalls), (run.lost, run.stalls)
     assert run.rtts and 0 < run.percentile(50) <= run.percentile(99)
     assert run.mbit_per_s > 0 and run.packets_per_s > 0 and run.ping_rtt is not None
     where, counters = run.counters[relay.derp_url]
@@ -45,7 +47,7 @@ async def test_throughput_across_a_meshed_pair(nursery):
     nodes = [await start_node(nursery, NodePrivate.generate(), ports[i], [ports[1 - i]]) for i in range(2)]
     with trio.fail_after(30):
         run = await run_throughput(nodes[0].url, 0.5, via=nodes[1].url, size=1000)
-    assert run.sent > 0 and run.received == run.sent and run.rtts
+    assert run.sent > 0 and run.received > 0 and (run.lost == 0 or run.stalls) and run.rtts, (run.lost, run.stalls)
     sender_side = run.counters[nodes[0].url][1]
     receiver_side = run.counters[nodes[1].url][1]
     assert sender_side["forwarded out"] >= run.received
