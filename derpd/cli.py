@@ -293,7 +293,7 @@ def check(url: str, count: int, size: int | None, timeout: float, ca_file: str |
 @click.argument("url")
 @click.option("--timeout", type=GoDuration(), default="5s", show_default=True, help="Time for each network step.")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Trust this CA bundle (PEM) besides the system roots.")
+              help="Trust this CA bundle (PEM) besides the system roots (the relay's and coordinators' TLS).")
 @click.option("--cert-pin", default=None, metavar="sha256-raw:HEX", help="The node's CertName pin, if it has one.")
 @click.option("--server-name", default=None, help="TLS SNI / verified name, if not the URL host.")
 @click.option("--http-port", type=GoInt(), default=80, show_default=True,

@@ -55,6 +55,7 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 EXPIRY_WARN_DAYS = 14  # an ACME certificate is renewed 30 days ahead: 14 left means renewal is failing
 SKEW_WARN = 5.0  # seconds
 SKEW_FAIL = 60.0
+MAX_PRESENT = 100_000  # PeerPresent frames kept from one WatchConns flood
 PRESENT_QUIET = 0.2  # seconds to wait after the Pong for a late part of the WatchConns flood
 
 _CONNECT_ERRORS = (OSError, trio.TooSlowError, trio.BrokenResourceError, derp_client.DerpClientError,
@@ -372,7 +373,9 @@ class Doctor:
             how = "the leaf matches the pin"
         else:
             name = o.server_name or self.s.host
-            ctx = ssl.create_default_context(cafile=o.ca_file)
+            ctx = ssl.create_default_context()  # the system roots, as Go clients use, and the CA file too
+            if o.ca_file:
+                ctx.load_verify_locations(cafile=o.ca_file)
             try:
                 with trio.fail_after(o.timeout):
                     await _tls_handshake(self.s.host, self.s.port, ctx, name)
@@ -639,9 +642,11 @@ class Doctor:
                                 async for ev in c:
                                     if isinstance(ev, PeerPresent) and ev.peer != me.public:
                                         seen.append(ev)
+                                        if len(seen) >= MAX_PRESENT:  # a relay flooding us gets no more memory
+                                            break
                             except (RemoteProtocolError, trio.BrokenResourceError):
                                 pass
-                            closed = True
+                            closed = len(seen) < MAX_PRESENT
                             nursery.cancel_scope.cancel()
 
                         nursery.start_soon(read)
@@ -677,13 +682,13 @@ class Doctor:
 
     async def check_coordinator(self, coordinator: str) -> Finding:
         from .coordinator.announce import registration_url
-        from .coordinator.httpclient import HTTPError, request
+        from .coordinator.httpclient import HTTPError, client_ssl_context, request
 
         base = registration_url(coordinator)[: -len("/v1/nodes")]
         map_url = base + "/derpmap/default"
         try:
             with trio.fail_after(self.opts.timeout):
-                answer = await request(map_url)
+                answer = await request(map_url, ssl_context=client_ssl_context(cafile=self.opts.ca_file))
         except HTTPError as e:
             return Finding("coordinator", FAIL, f"{map_url}: {e}; is the coordinator up and the URL right?")
         if answer.status != 200:
