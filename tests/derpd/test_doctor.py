@@ -187,6 +187,48 @@ async def test_a_tls_terminator_without_the_meta_certificate_and_no_relay_behind
     assert_status(found, "websocket", FAIL, "no 101")
 
 
+async def tls_proxy(nursery: trio.Nursery, backend: int, ctx: ssl.SSLContext) -> int:
+    """A TLS terminator in front of the plain relay port ``backend``; returns its port."""
+
+    async def pipe(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await trio.aclose_forcefully(dst)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        front = trio.SSLStream(stream, ctx, server_side=True)
+        with trio.move_on_after(20):
+            back = await trio.open_tcp_stream("127.0.0.1", backend)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(pipe, front, back)
+                inner.start_soon(pipe, back, front)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1]
+
+
+@pytest.mark.parametrize("meta", [None, "another node's"], ids=["no meta-certificate", "another node's"])
+async def test_fast_start_behind_a_tls_terminator(nursery, tmp_path, relay, meta):
+    from derpd.relay.tls import make_meta_cert
+
+    write_cert(tmp_path, days_left=60)
+    chain = tmp_path / "chain.pem"
+    extra = make_meta_cert(NodePrivate.generate().public).decode() if meta else ""
+    chain.write_text((tmp_path / "127.0.0.1.crt").read_text() + extra)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(chain), str(tmp_path / "127.0.0.1.key"))
+    port = await tls_proxy(nursery, relay.port, ctx)
+    found = await doctor(f"https://127.0.0.1:{port}/derp", ca_file=str(tmp_path / "127.0.0.1.crt"))
+    assert_status(found, "upgrade", OK, str(relay.public_key))
+    if meta:
+        assert_status(found, "fast start", FAIL, "names [", f"relay is {relay.public_key.short()}")
+    else:
+        assert_status(found, "fast start", WARN, "no meta-certificate", "pass TLS through")
+
+
 # ---------------------------------------------------------------------------- reachability
 
 
