@@ -222,19 +222,30 @@ def genkey(config: Path | None) -> None:
 @click.argument("url")
 @click.option("-n", "--count", type=click.IntRange(1, 1_000_000), default=100, show_default=True,
               help="Packets to relay each way.")
-@click.option("--size", type=click.IntRange(12, 65536), default=256, show_default=True, help="Packet size in bytes.")
+@click.option("--size", type=click.IntRange(12, 65536), default=None, help="Packet size in bytes [default: 256; "
+              "with --throughput 1200].")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds for login and for the run.")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trust this CA bundle (PEM) instead of the system roots.")
 @click.option("--cert-pin", default=None, metavar="sha256-raw:HEX", help="Accept only this certificate (DERP map CertName).")
 @click.option("--insecure", is_flag=True, help="Skip TLS verification (tests only).")
 @click.option("--server-name", default=None, help="TLS SNI / verified name, if not the URL host.")
-def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, cert_pin: str | None,
-          insecure: bool, server_name: str | None) -> None:
+@click.option("--throughput", type=GoDuration(), default=None, metavar="DURATION",
+              help="Instead: send as fast as the path allows for DURATION (e.g. 5s) and print Mbit/s, "
+                   "packets/s, loss, RTT under load and the relay's counters for the run.")
+@click.option("--via", default=None, metavar="URL",
+              help="With --throughput: the receiver logs in here, a second node of the same meshed region.")
+@click.option("--metrics-url", default=None, metavar="URL",
+              help="With --throughput: read URL's counters here (default: its /metrics, then /debug/varz).")
+def check(url: str, count: int, size: int | None, timeout: float, ca_file: str | None, cert_pin: str | None,
+          insecure: bool, server_name: str | None, throughput: float | None, via: str | None,
+          metrics_url: str | None) -> None:
     """Log two clients in to URL, relay packets both ways, print loss and RTT; exit 1 on failure.
 
     URL is the relay's DERP URL, e.g. https://derp.example.com/derp or http://127.0.0.1:3340/derp.
     """
+    import h11
+
     from .check import explain_failure, run_check
     from .client import DerpClientError, make_ssl_context
     from .protocol.errors import RemoteProtocolError
@@ -244,9 +255,28 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
         options["ssl_context"] = make_ssl_context(ca_file=ca_file)
     if "://" not in url:
         url = f"https://{url}/derp"
+    if via is not None and "://" not in via:
+        via = f"https://{via}/derp"
+    if throughput is not None:
+        from .check import run_throughput, throughput_lines
+
+        if throughput <= 0:
+            _fail("--throughput needs a duration above zero, e.g. 5s")
+        metrics = {url: metrics_url} if metrics_url else None
+        try:
+            run = run_trio(partial(run_throughput, url, throughput, via=via, size=size or 1200, timeout=timeout,
+                                   metrics_urls=metrics, **options))
+        except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError,
+                h11.RemoteProtocolError) as e:
+            _fail(f"cannot measure the throughput: {explain_failure(e, url, server_name=server_name)}", 1)
+        click.echo("\n".join(throughput_lines(url, via, run)))
+        sys.exit(0 if run.received else 1)
+    if via is not None or metrics_url is not None:
+        _fail("--via and --metrics-url go with --throughput DURATION")
     try:
-        result = run_trio(lambda: run_check(url, count=count, size=size, timeout=timeout, **options))
-    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
+        result = run_trio(lambda: run_check(url, count=count, size=size or 256, timeout=timeout, **options))
+    except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError,
+            h11.RemoteProtocolError) as e:
         _fail(f"cannot log in to {url}: {explain_failure(e, url, server_name=server_name)}", 1)
     p50, p99 = result.percentile(50), result.percentile(99)
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.2f}ms"  # noqa: E731
@@ -254,6 +284,55 @@ def check(url: str, count: int, size: int, timeout: float, ca_file: str | None, 
                f"corrupted {result.corrupted}, rtt p50 {ms(p50)} p99 {ms(p99)}, ping {ms(result.ping_rtt)}")
     if result.lost or result.corrupted or result.sent != count:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+@main.command()
+@click.argument("url")
+@click.option("--timeout", type=GoDuration(), default="5s", show_default=True, help="Time for each network step.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Trust this CA bundle (PEM) besides the system roots (the relay's and coordinators' TLS).")
+@click.option("--cert-pin", default=None, metavar="sha256-raw:HEX", help="The node's CertName pin, if it has one.")
+@click.option("--server-name", default=None, help="TLS SNI / verified name, if not the URL host.")
+@click.option("--http-port", type=GoInt(), default=80, show_default=True,
+              help="The relay's plain-HTTP port (/generate_204); -1 skips the check.")
+@click.option("--stun-port", type=GoInt(), default=3478, show_default=True, help="The STUN port; -1 skips the check.")
+@click.option("--key", "key_arg", default=None, metavar="KEY|FILE",
+              help="Is this client admitted? privkey:<hex> or a key file logs in briefly as it; nodekey:<hex> "
+                   "(with --mesh-psk-file) looks for it among the connected clients.")
+@click.option("--mesh-psk-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The region's mesh key file: lists the mesh peers connected to the node.")
+@click.option("--coordinator", "coordinators", multiple=True, metavar="URL[,URL...]",
+              help="Is the node in this coordinator's published map? (repeatable)")
+@click.option("--metrics-url", default=None, metavar="URL",
+              help="The relay's metrics (to name why a key is refused); default: /metrics on the relay port.")
+def doctor(url: str, timeout: float, ca_file: str | None, cert_pin: str | None, server_name: str | None,
+           http_port: int, stun_port: int, key_arg: str | None, mesh_psk_file: Path | None,
+           coordinators: tuple[str, ...], metrics_url: str | None) -> None:
+    """Check what an operator checks by hand on the relay at URL, one line each (ok, warn, fail,
+    skip, and what to do); exit 1 if any check failed.
+
+    URL is the relay's DERP URL (https://derp.example.com/derp) or just its host name.
+    """
+    from .coordinator.announce import split_coordinator_urls
+    from .doctor import FAIL, DoctorOptions, KeyArgError, check_url, parse_key_arg, run_doctor
+
+    try:
+        check_url(url)
+        key = parse_key_arg(key_arg) if key_arg else None
+        mesh_key = parse_mesh_key(mesh_psk_file.read_text()) if mesh_psk_file else None
+        urls = [u for c in coordinators for u in split_coordinator_urls(c)]
+    except (KeyArgError, KeyFormatError, ValueError, OSError) as e:
+        _fail(f"{e}")
+    if timeout <= 0:
+        _fail("--timeout needs a duration above zero, e.g. 5s")
+    opts = DoctorOptions(url, timeout=timeout, ca_file=ca_file, cert_pin=cert_pin, server_name=server_name,
+                         http_port=http_port, stun_port=stun_port, key=key, mesh_key=mesh_key, coordinators=urls,
+                         metrics_url=metrics_url)
+    findings = run_trio(partial(run_doctor, opts, lambda f: click.echo(f.line())))
+    sys.exit(1 if any(f.status == FAIL for f in findings) else 0)
 
 
 main.add_command(coordinator_command, "coordinator")

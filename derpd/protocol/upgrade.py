@@ -19,6 +19,7 @@ is WebSocket; ``Upgrade: derp`` or a bare ``Upgrade: websocket`` is binary DERP 
 from __future__ import annotations
 
 import re
+from email.utils import formatdate
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -77,9 +78,10 @@ class Response:
     head_only: bool = field(default=False)
 
     def to_h11(self) -> tuple[h11.Response, h11.Data | None, h11.EndOfMessage]:
-        """The response as h11 events, with its reason phrase ("200 OK") and a Content-Length,
-        except on 204 and 304, which must not carry one (RFC 9110 §8.6)."""
-        headers = list(self.headers)
+        """The response as h11 events, with its reason phrase ("200 OK"), a Date (as Go's
+        net/http sends, so clients and ``derpd doctor`` can see a skewed clock) and a
+        Content-Length, except on 204 and 304, which must not carry one (RFC 9110 §8.6)."""
+        headers = [*self.headers, (b"Date", formatdate(usegmt=True).encode())]
         if self.status not in (204, 304):
             headers.append((b"Content-Length", str(len(self.body)).encode()))
         body = None if self.head_only or not self.body else h11.Data(data=self.body)
