@@ -26,6 +26,9 @@ from derpd.keys import KeyFormatError, parse_mesh_key
 from .model import DerpMap, DerpNode, DerpRegion, map_problems
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_NODE_TTL = 60.0
+#: ``derpd serve --heartbeat-interval``'s default
+DEFAULT_HEARTBEAT_INTERVAL = 15.0
 
 
 class ConfigError(Exception):
@@ -49,7 +52,10 @@ class CoordinatorConfig:
     token: str | None = None
     probe_interval: float = 10.0
     probe_timeout: float = 8.0
-    node_ttl: float = 60.0
+    node_ttl: float = DEFAULT_NODE_TTL
+    #: the relays' heartbeat before they hear the coordinator's (``derpd serve --heartbeat-interval``);
+    #: node_ttl must be at least twice this.  Relays are told min(this, node_ttl / 3).
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     keep_region_when_down: bool = True
     ca_file: Path | None = None
     max_body_bytes: int = 16 * 1024
@@ -105,6 +111,7 @@ _COORD_KEYS: dict[str, tuple[type, ...]] = {
     "probe_interval": (int, float),
     "probe_timeout": (int, float),
     "node_ttl": (int, float),
+    "heartbeat_interval": (int, float),
     "keep_region_when_down": (bool,),
     "omit_default_regions": (bool,),
     "ca_file": (str,),
@@ -234,7 +241,8 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
     kw: dict[str, Any] = {"source": file}
     if "listen" in opts:
         kw["listen"] = opts["listen"]
-    for key in ("probe_interval", "probe_timeout", "node_ttl", "min_heartbeat_interval", "body_timeout"):
+    for key in ("probe_interval", "probe_timeout", "node_ttl", "heartbeat_interval", "min_heartbeat_interval",
+                "body_timeout"):
         if key in opts:
             value = float(opts[key])
             if not math.isfinite(value) or value <= 0 or value > 86400:
@@ -247,6 +255,16 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
         raise ld.error(("coordinator", "probe_timeout"), f"must not exceed probe_interval ({interval:g} s)")
     if "node_ttl" in kw and kw["node_ttl"] < kw.get("min_heartbeat_interval", 1.0):
         raise ld.error(("coordinator", "node_ttl"), "must be at least min_heartbeat_interval")
+    heartbeat = kw.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
+    if heartbeat < kw.get("min_heartbeat_interval", 1.0):
+        raise ld.error(("coordinator", "heartbeat_interval"), "must be at least min_heartbeat_interval")
+    ttl = kw.get("node_ttl", DEFAULT_NODE_TTL)
+    if ttl < 2 * heartbeat:
+        where = ("coordinator", "node_ttl") if "node_ttl" in kw else ("coordinator", "heartbeat_interval")
+        raise ld.error(where, f"node_ttl must be at least twice heartbeat_interval "
+                              f"({ttl:g} s < 2 x {heartbeat:g} s), or registered nodes drop out between heartbeats: set node_ttl = {2 * heartbeat:g} "
+                              f"or more, or heartbeat_interval = {ttl / 2:g} and start the relays with "
+                              f"--heartbeat-interval {ttl / 2:g}s")
     for key, lo, hi in (("max_body_bytes", 1024, 1 << 20), ("max_registered_nodes", 0, 100_000),
                         ("history", 1, 1000), ("status_refresh", 1, 3600), ("max_parallel_probes", 1, 1024)):
         if key in opts:

@@ -315,8 +315,11 @@ class CoordinatorState:
         return min(CHANGE_BURST, entry.change_tokens + refill)
 
     def heartbeat_interval(self) -> float:
-        """How often relays are told to heartbeat (in every registration answer)."""
-        return max(self.config.min_heartbeat_interval, self.config.node_ttl / 3)
+        """How often relays are told to heartbeat (in every registration answer): a third of
+        ``node_ttl``, so two heartbeats may be lost before a node expires, and never slower than
+        the relays' own ``heartbeat_interval``."""
+        cfg = self.config
+        return max(cfg.min_heartbeat_interval, min(cfg.heartbeat_interval, cfg.node_ttl / 3))
 
     def ready(self, now: float) -> bool:
         """True once the map is complete: restored from the state file, or registrations are
