@@ -20,7 +20,6 @@ request carries the registration token.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -30,6 +29,7 @@ import trio
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .config import UNSCOPED
 from .registration import RegistrationError, parse_registration
 from .state import CoordinatorState
 from .status import render_status
@@ -121,15 +121,20 @@ class CoordinatorApp:
 
     async def register(self, scope: Scope, receive: Receive, send: Send) -> None:
         m = self.state.metrics.registrations
+        refusals = self.state.metrics.auth_refusals
         cfg = self.state.config
         peer = str((scope.get("client") or ("", 0))[0] or "")
         try:
-            if cfg.token is None:
+            if not cfg.registration_enabled:
                 m.labels("disabled").inc()
+                refusals.labels("disabled").inc()
                 raise RegistrationError(403, "registration is disabled on this coordinator: "
                                              "set coordinator.token_file in its config")
-            if not self._authorized(scope):
+            given = self._bearer(scope)
+            token = cfg.find_token(given) if given is not None else None
+            if token is None:
                 m.labels("unauthorized").inc()
+                refusals.labels("missing" if given is None else "wrong").inc()
                 raise RegistrationError(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                                              "with the content of the coordinator's token file")
             try:
@@ -147,9 +152,12 @@ class CoordinatorApp:
                 return
             try:
                 reg = parse_registration(body)
-                created = self.state.register(reg, self.clock(), peer)
+                created = self.state.register(reg, self.clock(), peer, None if token is UNSCOPED else token)
             except RegistrationError as exc:
-                result = {400: "bad_request", 403: "forbidden", 409: "conflict"}.get(exc.status)
+                if exc.reason in ("region", "node"):
+                    refusals.labels(exc.reason).inc()
+                result = ("out_of_scope" if exc.reason in ("region", "node")
+                          else {400: "bad_request", 403: "forbidden", 409: "conflict"}.get(exc.status))
                 if result is None:
                     result = "full" if "max_registered_nodes" in exc.message else "rate_limited"
                 m.labels(result).inc()
@@ -170,14 +178,16 @@ class CoordinatorApp:
             "heartbeat_interval": self.state.heartbeat_interval(),
         }), b"application/json")
 
+    @staticmethod
+    def _bearer(scope: Scope) -> bytes | None:
+        """The token of ``Authorization: Bearer <token>``, or None without one."""
+        scheme, _, given = (_header(scope, b"authorization") or b"").partition(b" ")
+        return given.strip() if scheme.lower() == b"bearer" and given.strip() else None
+
     def _authorized(self, scope: Scope) -> bool:
-        """True when the request carries the registration token (``Authorization: Bearer``)."""
-        token = self.state.config.token
-        if token is None:
-            return False
-        auth = _header(scope, b"authorization") or b""
-        scheme, _, given = auth.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token.encode())
+        """True when the request carries a registration token (``Authorization: Bearer``)."""
+        given = self._bearer(scope)
+        return given is not None and self.state.config.find_token(given) is not None
 
     # ---- people and machines -------------------------------------------------------
 

@@ -80,7 +80,7 @@ def coordinator_command(config_path: Path | None, listen: str | None, token_file
         sys.stdout.flush()
         return
     try:
-        stopped_by = run_trio(_run, config, config_path, address, state_dir)
+        stopped_by = run_trio(_run, config, config_path, token_file, address, state_dir)
     except KeyboardInterrupt:  # Ctrl-C before the signal handler is in place
         stopped_by = "interrupted"
     except StateDirError as exc:
@@ -110,7 +110,8 @@ def check_listen(listen: str, where: str) -> str:
     return listen
 
 
-async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str, state_dir: Path) -> str:
+async def _run(config: CoordinatorConfig, config_path: Path | None, token_file: Path | None, listen: str,
+               state_dir: Path) -> str:
     """Serve until SIGINT or SIGTERM; SIGHUP reloads the config.  Returns the signal's name."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
@@ -121,6 +122,6 @@ async def _run(config: CoordinatorConfig, config_path: Path | None, listen: str,
                 if signum != signal.SIGHUP:
                     nursery.cancel_scope.cancel()
                     return signal.Signals(signum).name
-                if config_path is not None:
-                    running.reload_from(config_path)
+                if config_path is not None or token_file is not None:
+                    running.reload_from(config_path, token_file)
     return "stopped"

@@ -12,6 +12,7 @@ See ``deploy/coordinator.example.toml`` for a complete example.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import math
 import re
@@ -44,12 +45,35 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenScope:
+    """A registration token from ``[[tokens]]``: it may register only nodes of ``regions``
+    (None: every region) and, when ``nodes`` is given, only nodes with those names.  ``name``
+    is its file."""
+
+    token: str = field(repr=False)
+    regions: frozenset[int] | None = None
+    nodes: frozenset[str] | None = None
+    name: str = ""
+
+    def refusal(self, region_id: int, node_name: str) -> tuple[str, str] | None:
+        """Returns ``(reason, message)`` if this token may not register ``node_name`` in
+        ``region_id`` (reason ``region`` or ``node``), else None."""
+        if self.regions is not None and region_id not in self.regions:
+            allowed = ", ".join(str(r) for r in sorted(self.regions))
+            return "region", f"this token may register nodes of region {allowed} only, not of region {region_id}"
+        if self.nodes is not None and node_name not in self.nodes:
+            return "node", f"this token may register the nodes {', '.join(sorted(self.nodes))} only"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
     """Everything the coordinator needs, validated.  Durations are in seconds."""
 
     static_map: DerpMap = field(default_factory=DerpMap)
     listen: str = DEFAULT_LISTEN
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # for every region (token_file, --token-file)
+    tokens: tuple[TokenScope, ...] = ()  # bound to regions and nodes ([[tokens]])
     probe_interval: float = 10.0
     probe_timeout: float = 8.0
     node_ttl: float = DEFAULT_NODE_TTL
@@ -74,10 +98,28 @@ class CoordinatorConfig:
     max_parallel_probes: int = 32
     source: str = "<defaults>"
 
+    @property
+    def registration_enabled(self) -> bool:
+        return self.token is not None or bool(self.tokens)
+
+    def find_token(self, given: bytes) -> TokenScope | None:
+        """Returns the token ``given`` matches (:data:`UNSCOPED` for ``token``), or None.  Every token is compared, each in constant
+        time, so the time taken says nothing about which one nearly matched."""
+        found: TokenScope | None = None
+        if self.token is not None and hmac.compare_digest(given, self.token.encode()):
+            found = UNSCOPED
+        for scope in self.tokens:
+            if hmac.compare_digest(given, scope.token.encode()) and found is None:
+                found = scope
+        return found
+
     def mesh_key_for(self, region_id: int) -> bytes | None:
         """Returns the mesh key the DERP probe uses in a region (its own, else the global one)."""
         return self.region_mesh_keys.get(region_id, self.mesh_key)
 
+
+#: what :meth:`CoordinatorConfig.find_token` returns for the unscoped token
+UNSCOPED = TokenScope("", name="token_file")
 
 # TOML key -> (model attribute, expected python types) for [[regions.nodes]].
 _NODE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
@@ -230,7 +272,7 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(file, int(m.group(1)) if m else None, "", f"not valid TOML: {exc}") from None
     ld = _Loader(file, text)
-    ld.table((), doc, {"coordinator": 1, "regions": 1})
+    ld.table((), doc, {"coordinator": 1, "regions": 1, "tokens": 1})
     coord = ld.table(("coordinator",), doc.get("coordinator", {}), _COORD_KEYS)
     opts: dict[str, Any] = {}
     for key, types in _COORD_KEYS.items():
@@ -337,7 +379,46 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
             path = ("regions", p.region, _REGION_ATTR_TO_KEY.get(p.attr, p.attr))
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ld.error(path, p.message + more)
+    kw["tokens"] = _parse_tokens(ld, doc.get("tokens", []), base, kw.get("token"))
     return CoordinatorConfig(static_map=dmap, region_mesh_keys=region_mesh_keys, **kw)
+
+
+_TOKEN_KEYS = {"file": 1, "regions": 1, "nodes": 1}
+
+
+def _parse_tokens(ld: _Loader, raw: Any, base: Path, unscoped: str | None) -> tuple[TokenScope, ...]:
+    """``[[tokens]]``: ``file`` (required), ``regions`` (required, region IDs), ``nodes`` (names)."""
+    if not isinstance(raw, list):
+        raise ld.error(("tokens",), "must be an array of tables: write [[tokens]]")
+    out: list[TokenScope] = []
+    seen = {unscoped} if unscoped else set()
+    for i, entry in enumerate(raw):
+        path: tuple[Any, ...] = ("tokens", i)
+        t = ld.table(path, entry, _TOKEN_KEYS)
+        for key in ("file", "regions"):
+            if key not in t:
+                what = ("the token's file (head -c 32 /dev/urandom | base64 > FILE)" if key == "file"
+                        else "the region IDs this token may register nodes in, e.g. regions = [901]")
+                raise ld.error((*path, key), f"is required: {what}")
+        file_name = ld.typed((*path, "file"), t["file"], (str,))
+        regions = ld.typed((*path, "regions"), t["regions"], (list,))
+        if not regions or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 1 << 31
+                                  for r in regions):
+            raise ld.error((*path, "regions"), f"must be a non-empty list of region IDs such as [901] (got {regions!r})")
+        nodes = None
+        if "nodes" in t:
+            names = ld.typed((*path, "nodes"), t["nodes"], (list,))
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ld.error((*path, "nodes"), f"must be a non-empty list of node names such as [\"901a\"] "
+                                                 f"(got {names!r})")
+            nodes = frozenset(names)
+        token = read_token_file(base / file_name, lambda msg, p=path: ld.error((*p, "file"), msg))
+        if token in seen:
+            raise ld.error((*path, "file"), f"{base / file_name} holds the same token as another entry; "
+                                            "give every scope its own token")
+        seen.add(token)
+        out.append(TokenScope(token, frozenset(regions), nodes, file_name))
+    return tuple(out)
 
 
 def read_mesh_key_file(path: Path, error: Any) -> bytes:

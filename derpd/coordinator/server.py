@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
@@ -18,7 +18,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .app import CoordinatorApp
-from .config import ConfigError, CoordinatorConfig, load_config
+from .config import ConfigError, CoordinatorConfig, load_config, read_token_file
 from .persist import StateStore
 from .prober import NodeProber, ProbeFn, Prober
 from .state import CoordinatorState
@@ -34,28 +34,27 @@ class RunningCoordinator:
     prober: Prober
     app: CoordinatorApp
 
-    def reload_from(self, path: Path) -> bool:
-        """Reloads the config file; on error logs it and keeps serving the last good map.
+    def reload_from(self, path: Path | None, token_file: Path | None = None) -> bool:
+        """Reloads the config file and ``token_file`` (``--token-file``, which wins over the
+        config's); on error logs it and keeps serving the last good map and tokens.  Tokens
+        are rotated this way: registered nodes stay, and new heartbeats need a new token.
 
         Returns:
             True if the new config is in force.
         """
         try:
-            config = load_config(path)
+            config = load_config(path) if path is not None else self.state.config
+            if token_file is not None:
+                config = replace(config, token=read_token_file(token_file))
+            elif config.token is None and self.state.config.token is not None:
+                config = replace(config, token=self.state.config.token)  # given at start, not in the file
         except ConfigError as exc:
             self.state.metrics.reloads.labels("error").inc()
             log.error("config reload failed, still serving the last good map: %s", exc)
             return False
-        if config.token is None and self.state.config.token is not None:
-            config = _with_token(config, self.state.config.token)
         self.state.reload(config)
-        log.info("config reloaded from %s", path)
+        log.info("config reloaded from %s", path or token_file)
         return True
-
-
-def _with_token(config: CoordinatorConfig, token: str) -> CoordinatorConfig:
-    from dataclasses import replace
-    return replace(config, token=token)
 
 
 def hypercorn_config(listen: str) -> HypercornConfig:

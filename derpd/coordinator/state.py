@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import CoordinatorConfig
+from .config import CoordinatorConfig, TokenScope
 from .metrics import PROBE_KINDS, CoordinatorMetrics
 from .model import DerpMap, DerpNode, DerpRegion
 from .persist import StateStore
@@ -231,18 +231,28 @@ class CoordinatorState:
         self.metrics.reloads.labels("ok").inc()
         self._rebuild()
 
-    def register(self, reg: Registration, now: float, source: str = "") -> bool:
-        """Adds or refreshes a self-registered node; ``source`` is the registrant's IP address.
+    def register(self, reg: Registration, now: float, source: str = "", scope: TokenScope | None = None) -> bool:
+        """Adds or refreshes a self-registered node; ``source`` is the registrant's IP address
+        and ``scope`` the token it came with (None: any region, any node).
 
         Returns:
             True if the node is new or changed, False for a plain heartbeat.
         Raises:
-            RegistrationError: 403 for an address the prober may not be aimed at, 409 for a
+            RegistrationError: 403 for a node or region outside the token's scope (``reason``
+            ``region`` or ``node``; a node registered in another region counts as that region's),
+            403 for an address the prober may not be aimed at, 409 for a
             name/region conflict or a name held by another key, 429 for a too-fast heartbeat
             or when ``max_registered_nodes`` is reached.
         """
         node = reg.node
         rid = node.region_id
+        if scope is not None:
+            held = self.entries.get(node.name)
+            for region_id in (rid, held.node.region_id) if held is not None else (rid,):
+                refused = scope.refusal(region_id, node.name)
+                if refused:
+                    raise RegistrationError(403, refused[1], "Name" if refused[0] == "node" else "RegionID",
+                                            reason=refused[0])
         for key, value in (("IPv4", node.ipv4), ("IPv6", node.ipv6), ("STUNTestIP", node.stun_test_ip),
                            ("HostName", node.host_name)):
             why = address_problem(value, source, self.config.probe_allow)
@@ -324,7 +334,7 @@ class CoordinatorState:
     def ready(self, now: float) -> bool:
         """True once the map is complete: restored from the state file, or registrations are
         off, or every relay has had a heartbeat interval (plus a little) to register."""
-        return (self.restored or self.config.token is None
+        return (self.restored or not self.config.registration_enabled
                 or now - self.started_at >= self.heartbeat_interval() + 2.0)
 
     def _registered_count(self) -> int:
