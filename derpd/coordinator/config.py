@@ -91,9 +91,11 @@ class CoordinatorConfig:
     #: admission (--verify-client-url, --allow-keys) lets through; per region it may differ.
     mesh_key: bytes | None = field(default=None, repr=False)
     region_mesh_keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
-    #: networks a registered node may advertise besides public addresses (and loopback when
-    #: the registration itself comes from loopback, as with ``derpd dev``).
+    #: networks a registered node may advertise besides public addresses
     probe_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: registered nodes may advertise loopback addresses (``derpd dev``; never inferred from
+    #: where a registration comes from, which behind a proxy on the same host is loopback)
+    allow_loopback_nodes: bool = False
     body_timeout: float = 10.0
     max_parallel_probes: int = 32
     source: str = "<defaults>"
@@ -164,6 +166,7 @@ _COORD_KEYS: dict[str, tuple[type, ...]] = {
     "status_refresh": (int,),
     "mesh_key_file": (str,),
     "probe_allow": (list,),
+    "allow_loopback_nodes": (bool,),
     "body_timeout": (int, float),
     "max_parallel_probes": (int,),
 }
@@ -313,8 +316,9 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
             if not lo <= opts[key] <= hi:
                 raise ld.error(("coordinator", key), f"must be in {lo}..{hi} (got {opts[key]})")
             kw[key] = opts[key]
-    if "keep_region_when_down" in opts:
-        kw["keep_region_when_down"] = opts["keep_region_when_down"]
+    for key in ("keep_region_when_down", "allow_loopback_nodes"):
+        if key in opts:
+            kw[key] = opts[key]
     if "token_file" in opts:
         kw["token"] = read_token_file(base / opts["token_file"], lambda msg: ld.error(("coordinator", "token_file"), msg))
     if "mesh_key_file" in opts:
