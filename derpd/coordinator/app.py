@@ -29,6 +29,7 @@ import trio
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..relay.client_address import IPNetwork, client_from_forwarded_for, is_trusted
 from .config import UNSCOPED
 from .registration import RegistrationError, parse_registration
 from .state import CoordinatorState
@@ -58,9 +59,24 @@ class _Truncated(Exception):
 class CoordinatorApp:
     """ASGI callable over a :class:`CoordinatorState`."""
 
-    def __init__(self, state: CoordinatorState, *, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, state: CoordinatorState, *, clock: Callable[[], float] = trio.current_time,
+                 trusted_proxies: tuple[IPNetwork, ...] = ()) -> None:
         self.state = state
         self.clock = clock
+        self.trusted_proxies = trusted_proxies
+
+    def client_address(self, scope: Scope) -> str:
+        """The registrant's address: the connection's peer (as a PROXY header named it), or,
+        from a ``--trusted-proxies`` peer, the right-most untrusted ``X-Forwarded-For`` entry.
+        A forwarding header from anyone else is ignored and counted."""
+        peer = str((scope.get("client") or ("", 0))[0] or "")
+        forwarded = [v for k, v in scope["headers"] if k.lower() == b"x-forwarded-for"]
+        if self.trusted_proxies and is_trusted(peer, self.trusted_proxies):
+            return (client_from_forwarded_for(forwarded, self.trusted_proxies) or peer) if forwarded else peer
+        if forwarded or any(k.lower() in (b"forwarded", b"x-real-ip") for k, _ in scope["headers"]):
+            self.state.metrics.proxy_refusals.labels("forwarded_untrusted").inc()
+            log.debug("ignoring forwarding headers from %s, which is not in --trusted-proxies", peer)
+        return peer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -123,7 +139,7 @@ class CoordinatorApp:
         m = self.state.metrics.registrations
         refusals = self.state.metrics.auth_refusals
         cfg = self.state.config
-        peer = str((scope.get("client") or ("", 0))[0] or "")
+        peer = self.client_address(scope)
         try:
             if not cfg.registration_enabled:
                 m.labels("disabled").inc()
