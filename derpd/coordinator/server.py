@@ -72,6 +72,7 @@ def hypercorn_config(listen: str) -> HypercornConfig:
     hc.errorlog = None
     hc.graceful_timeout = 2.0
     hc.keep_alive_timeout = 30.0
+    hc.ssl_handshake_timeout = 10.0
     hc.h11_max_incomplete_size = 16 * 1024
     return hc
 

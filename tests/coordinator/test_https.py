@@ -131,3 +131,53 @@ def test_check_needs_usable_certificate_files(tmp_path: Path, ca: trustme.CA) ->
     assert CliRunner().invoke(coordinator_command, args).exit_code == 0
     result = CliRunner().invoke(coordinator_command, ["--hostname", HOST, "--check", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2 and "add --certmode" in result.output
+
+
+async def test_the_command_serves_https_and_reloads_on_sighup(nursery: trio.Nursery, tmp_path: Path,
+                                                              ca: trustme.CA) -> None:
+    """`derpd coordinator --certmode manual` as a process: HTTPS on the port it prints, a new
+    certificate after SIGHUP; and without --certmode one line says it is plain HTTP."""
+    import signal
+    import subprocess
+    import sys
+
+    first = write_cert(ca, tmp_path)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    argv = [sys.executable, "-m", "derpd", "coordinator", "-a", "127.0.0.1:0", "--state-dir", str(tmp_path / "s")]
+    for extra, scheme in ((["--certmode", "manual", "--certdir", str(tmp_path), "--hostname", HOST], "https"),
+                          ([], "http")):
+        proc = await trio.lowlevel.open_process(argv + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            with trio.fail_after(30):
+                out = b""
+                assert proc.stdout is not None
+                while b"/status\n" not in out:
+                    data = await proc.stdout.receive_some(4096)
+                    assert data, out
+                    out += data
+                lines = out.decode().splitlines()
+                assert (len(lines), lines[0].startswith("derpd coordinator: plain HTTP")) == (
+                    (1, False) if scheme == "https" else (2, True)), lines
+                url = lines[-1].split("map at ")[1].split("/derpmap")[0]
+                assert url.startswith(f"{scheme}://")
+                port = int(url.rsplit(":", 1)[1])
+                if scheme == "https":
+                    stream = await open_https(port, ctx)
+                    assert stream.getpeercert(binary_form=True) == first
+                    assert (await get(stream, "/healthz", close=True)).startswith(b"HTTP/1.1 200 ")
+                    second = write_cert(ca, tmp_path)
+                    proc.send_signal(signal.SIGHUP)
+                    await stream.aclose()
+                    while True:
+                        stream = await open_https(port, ctx)
+                        served = stream.getpeercert(binary_form=True)
+                        await stream.aclose()
+                        if served == second:
+                            break
+                        await trio.sleep(0.05)  # the reload happens once the signal is read
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                await proc.wait()
+        assert proc.returncode == 0
