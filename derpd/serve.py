@@ -245,7 +245,8 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
         raise SettingsError(f"cannot read {token_file}: {e.strerror}") from e
     if not token:
         raise SettingsError(f"{token_file} is empty; it must hold the coordinator's registration token")
-    interval = float(opts.get("heartbeat_interval") or 15.0)  # type: ignore[arg-type]
+    value = opts.get("heartbeat_interval")
+    interval = 15.0 if value is None else float(value)  # type: ignore[arg-type]
     if not 1.0 <= interval <= 3600:
         raise SettingsError(f"--heartbeat-interval {interval:g}s: give a duration from 1s to 1h, e.g. 15s")
     from .coordinator.announce import split_coordinator_urls

@@ -105,8 +105,9 @@ class CoordinatorConfig:
         return self.token is not None or bool(self.tokens)
 
     def find_token(self, given: bytes) -> TokenScope | None:
-        """Returns the token ``given`` matches (:data:`UNSCOPED` for ``token``), or None.  Every token is compared, each in constant
-        time, so the time taken says nothing about which one nearly matched."""
+        """Returns the token ``given`` matches (:data:`UNSCOPED` for ``token``), or None.
+        Every token is compared, each in constant time, so the time taken says nothing about
+        which one nearly matched."""
         found: TokenScope | None = None
         if self.token is not None and hmac.compare_digest(given, self.token.encode()):
             found = UNSCOPED
@@ -307,9 +308,9 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
     if ttl < 2 * heartbeat:
         where = ("coordinator", "node_ttl") if "node_ttl" in kw else ("coordinator", "heartbeat_interval")
         raise ld.error(where, f"node_ttl must be at least twice heartbeat_interval "
-                              f"({ttl:g} s < 2 x {heartbeat:g} s), or registered nodes drop out between heartbeats: set node_ttl = {2 * heartbeat:g} "
-                              f"or more, or heartbeat_interval = {ttl / 2:g} and start the relays with "
-                              f"--heartbeat-interval {ttl / 2:g}s")
+                              f"({ttl:g} s < 2 x {heartbeat:g} s), or registered nodes drop out between "
+                              f"heartbeats: set node_ttl = {2 * heartbeat:g} or more, or heartbeat_interval = "
+                              f"{ttl / 2:g} and start the relays with --heartbeat-interval {ttl / 2:g}s")
     for key, lo, hi in (("max_body_bytes", 1024, 1 << 20), ("max_registered_nodes", 0, 100_000),
                         ("history", 1, 1000), ("status_refresh", 1, 3600), ("max_parallel_probes", 1, 1024)):
         if key in opts:
@@ -408,7 +409,8 @@ def _parse_tokens(ld: _Loader, raw: Any, base: Path, unscoped: str | None) -> tu
         regions = ld.typed((*path, "regions"), t["regions"], (list,))
         if not regions or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 1 << 31
                                   for r in regions):
-            raise ld.error((*path, "regions"), f"must be a non-empty list of region IDs such as [901] (got {regions!r})")
+            raise ld.error((*path, "regions"),
+                           f"must be a non-empty list of region IDs such as [901] (got {regions!r})")
         nodes = None
         if "nodes" in t:
             names = ld.typed((*path, "nodes"), t["nodes"], (list,))

@@ -134,7 +134,8 @@ async def _serve(config: CoordinatorConfig, state: CoordinatorState, app: Coordi
             sock.listen(hc.backlog)
         if opts.tls and opts.http_port >= 0:
             host = split_host_port(listen or config.listen, default_port=8080)[0]
-            plain = hypercorn_config(f"[{host}]:{opts.http_port}" if ":" in host else f"{host}:{opts.http_port}").create_sockets().insecure_sockets
+            bind = f"[{host}]:{opts.http_port}" if ":" in host else f"{host}:{opts.http_port}"
+            plain = hypercorn_config(bind).create_sockets().insecure_sockets
             for sock in plain:
                 sock.listen(hc.backlog)
     except BaseException:

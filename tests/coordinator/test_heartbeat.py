@@ -107,3 +107,24 @@ async def test_a_relay_deaf_to_the_answer_flaps(nursery: trio.Nursery, clock: tr
             await trio.sleep(3.0)
             coord.state.expire(trio.current_time())
     assert coord.state.metrics.expired._value.get() >= 3
+
+
+def test_serve_heartbeat_interval_flag(tmp_path: Path) -> None:
+    from derpd.cli import main
+    from derpd.serve import registration_from_flags
+    from derpd.settings import SettingsError
+
+    token = tmp_path / "token"
+    token.write_text("test-token-0123456789abcdef\n")
+    result = CliRunner().invoke(main, ["serve", "--dev", "-a", "127.0.0.1:0", "--coordinator", "http://127.0.0.1:1",
+                                       "--coordinator-token-file", str(token), "--heartbeat-interval", "soon"])
+    assert result.exit_code == 2 and "--heartbeat-interval" in result.output and "Traceback" not in result.output
+    opts: dict[str, object] = {
+        "advertise_ipv4": None, "advertise_ipv6": None, "coordinator": "http://c:8080", "hostname": "h", "dev": True,
+        "coordinator_token_file": token, "region_id": 901, "region_code": None, "region_name": None,
+        "node_name": None, "heartbeat_interval": 5.0}
+    reg = registration_from_flags(opts)
+    assert reg is not None and reg["interval"] == 5.0
+    for bad in (0.0, 0.5, 7200.0):
+        with pytest.raises(SettingsError, match="--heartbeat-interval"):
+            registration_from_flags({**opts, "heartbeat_interval": bad})
