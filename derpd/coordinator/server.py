@@ -8,6 +8,7 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -121,13 +122,31 @@ async def serve_coordinator(
                 await node_prober.aclose()
 
 
+async def _bind(hc: HypercornConfig) -> list[socket.socket]:
+    """Binds ``hc.bind``.  A coordinator that was cancelled in this process (a restart in
+    place) may still be closing its listener on the same port: wait for it a little.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    with trio.move_on_after(1.0):
+        while True:
+            try:
+                return hc.create_sockets().insecure_sockets
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+            await trio.sleep(0.01)
+    return hc.create_sockets().insecure_sockets
+
+
 async def _serve(config: CoordinatorConfig, state: CoordinatorState, app: CoordinatorApp, prober: Prober,
                  listen: str | None, probing: bool, shutdown_trigger: Callable[[], Awaitable[None]] | None,
                  front: Front, task_status: trio.TaskStatus[RunningCoordinator]) -> None:
     opts = front.options
     hc = hypercorn_config(listen or config.listen)
     front.load()
-    sockets = hc.create_sockets().insecure_sockets  # bound and listening before anything is reported
+    sockets = await _bind(hc)  # bound and listening before anything is reported
     plain: list[socket.socket] = []
     try:
         for sock in sockets:
