@@ -153,6 +153,9 @@ class WorkerCount(click.ParamType):
                    "for replicas) and keep heartbeating; a certificate reload is announced at once.")
 @click.option("--coordinator-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="File holding the coordinator's shared registration token.")
+@click.option("--heartbeat-interval", type=GoDuration(), default="15s", show_default=True,
+              help="How often to re-register with --coordinator until it answers; then each coordinator's "
+                   "answer sets the pace (a third of its node_ttl).")
 @click.option("--region-id", type=click.IntRange(1), default=900, show_default=True, help="Region to register in.")
 @click.option("--region-code", default=None, help="Short region code (when the coordinator does not know the region).")
 @click.option("--region-name", default=None, help="Human region name (likewise).")

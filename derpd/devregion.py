@@ -203,6 +203,7 @@ async def serve_dev_region(
             listen=f"127.0.0.1:{map_port}",
             probe_interval=probe_interval,
             probe_timeout=probe_interval * 0.8,
+            allow_loopback_nodes=True,  # every node of a dev region is on loopback
             source="derpd dev",
         )
         try:

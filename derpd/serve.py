@@ -246,6 +246,10 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
         raise SettingsError(f"cannot read {token_file}: {e.strerror}") from e
     if not token:
         raise SettingsError(f"{token_file} is empty; it must hold the coordinator's registration token")
+    value = opts.get("heartbeat_interval")
+    interval = 15.0 if value is None else float(value)  # type: ignore[arg-type]
+    if not 1.0 <= interval <= 3600:
+        raise SettingsError(f"--heartbeat-interval {interval:g}s: give a duration from 1s to 1h, e.g. 15s")
     from .coordinator.announce import split_coordinator_urls
 
     try:
@@ -264,7 +268,7 @@ def registration_from_flags(opts: dict[str, object]) -> dict[str, object] | None
             raise SettingsError(f"--coordinator {one!r} has no host; give http(s)://HOST[:PORT]")
     return {"url": urls, "token": token, "region_id": opts["region_id"], "region_code": opts["region_code"],
             "region_name": opts["region_name"], "node_name": opts["node_name"],
-            "ipv4": opts["advertise_ipv4"], "ipv6": opts["advertise_ipv6"]}
+            "ipv4": opts["advertise_ipv4"], "ipv6": opts["advertise_ipv6"], "interval": interval}
 
 
 def node_registration(reg: dict[str, object], running: RunningRelay, settings: RelaySettings,
@@ -373,7 +377,8 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
 
             reg = options.registration
             announcer = Announcer(reg["url"], str(reg["token"]),  # type: ignore[arg-type]
-                                  partial(node_registration, reg, running, settings, stun_port))
+                                  partial(node_registration, reg, running, settings, stun_port),
+                                  interval=float(reg.get("interval", 15.0)))  # type: ignore[arg-type]
             server.cert_hooks.append(announcer.notify)  # a new pin goes out at once, not at the next heartbeat
             nursery.start_soon(announcer.run)  # never holds up the relay's start
         await handle_signals(signals, running, settings, nursery.cancel_scope)

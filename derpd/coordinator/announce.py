@@ -2,7 +2,10 @@
 
 The node POSTs its DERPNode entry (see :mod:`derpd.coordinator.registration`) to
 ``<coordinator>/v1/nodes`` of every coordinator listed, with ``Authorization: Bearer
-<token>``, then repeats it every ``interval`` seconds as a heartbeat.  The entry is built
+<token>``, then repeats it as a heartbeat: every ``interval`` seconds (``derpd serve
+--heartbeat-interval``) until a coordinator answers, then at the pace that coordinator asks
+for in its answer (``heartbeat_interval``, a third of its ``node_ttl``), each coordinator
+at its own pace.  The entry is built
 by a callable at each send, so it always carries what the relay serves now (the
 ``CertName`` pin of the current certificate); :meth:`Announcer.notify` sends it at once
 to every coordinator (the relay calls it after a certificate reload), not at the next
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -102,6 +106,20 @@ async def announce_once(coordinator_url: str, token: str, node_info: dict[str, A
     return doc if isinstance(doc, dict) else {}
 
 
+#: the slowest heartbeat a coordinator may ask for
+MAX_HEARTBEAT_INTERVAL = 3600.0
+
+
+def asked_interval(answer: dict[str, Any], own: float) -> float | None:
+    """The heartbeat interval a coordinator's answer asks for, bounded to [min(1 s, ``own``),
+    1 h] so a hostile or broken coordinator cannot make the relay flood it; None if the
+    answer names none (an older coordinator: keep ``own``)."""
+    value = answer.get("heartbeat_interval")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return min(max(float(value), min(1.0, own)), MAX_HEARTBEAT_INTERVAL)
+
+
 class Announcer:
     """Registers one node with every coordinator listed and keeps it registered."""
 
@@ -112,6 +130,8 @@ class Announcer:
         self.interval = interval
         self.sent = 0  # successful registrations, all coordinators together
         self._wake = [trio.Event() for _ in self.urls]
+        #: per coordinator: the heartbeat interval in force (``interval`` until it answers)
+        self.intervals = [interval] * len(self.urls)
 
     def notify(self) -> None:
         """The node's entry changed (a new certificate): send it to every coordinator now."""
@@ -138,12 +158,16 @@ class Announcer:
         last_error = ""
         while True:
             self._wake[index] = trio.Event()
-            delay = self.interval
+            delay = self.intervals[index]
             info = self.node_info()
             try:
                 with trio.fail_after(max(5.0, min(self.interval, 10.0))):
-                    await announce_once(url, self.token, info, client=client)
+                    answer = await announce_once(url, self.token, info, client=client)
                 self.sent += 1
+                asked = asked_interval(answer, self.interval)
+                if asked is not None and asked != self.intervals[index]:
+                    log.info("coordinator %s asks for a heartbeat every %g s", url, asked)
+                    self.intervals[index] = delay = asked
                 if last_error:
                     log.info("registered with coordinator %s again", url)
                 elif not started:
@@ -153,7 +177,7 @@ class Announcer:
             except (HTTPError, trio.TooSlowError) as exc:
                 msg = str(exc) or "timed out"
                 if isinstance(exc, AnnounceRefused):
-                    delay = 1.0 if exc.status == 429 else self.interval  # up; it told us what is wrong
+                    delay = 1.0 if exc.status == 429 else self.intervals[index]  # up; it told us what is wrong
                 else:
                     delay = backoff
                     backoff = min(backoff * 2, self.interval)

@@ -20,7 +20,6 @@ request carries the registration token.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -30,6 +29,8 @@ import trio
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..relay.client_address import IPNetwork, client_from_forwarded_for, is_trusted
+from .config import UNSCOPED
 from .registration import RegistrationError, parse_registration
 from .state import CoordinatorState
 from .status import render_status
@@ -58,9 +59,24 @@ class _Truncated(Exception):
 class CoordinatorApp:
     """ASGI callable over a :class:`CoordinatorState`."""
 
-    def __init__(self, state: CoordinatorState, *, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, state: CoordinatorState, *, clock: Callable[[], float] = trio.current_time,
+                 trusted_proxies: tuple[IPNetwork, ...] = ()) -> None:
         self.state = state
         self.clock = clock
+        self.trusted_proxies = trusted_proxies
+
+    def client_address(self, scope: Scope) -> str:
+        """The registrant's address: the connection's peer (as a PROXY header named it), or,
+        from a ``--trusted-proxies`` peer, the right-most untrusted ``X-Forwarded-For`` entry.
+        A forwarding header from anyone else is ignored and counted."""
+        peer = str((scope.get("client") or ("", 0))[0] or "")
+        forwarded = [v for k, v in scope["headers"] if k.lower() == b"x-forwarded-for"]
+        if self.trusted_proxies and is_trusted(peer, self.trusted_proxies):
+            return (client_from_forwarded_for(forwarded, self.trusted_proxies) or peer) if forwarded else peer
+        if forwarded or any(k.lower() in (b"forwarded", b"x-real-ip") for k, _ in scope["headers"]):
+            self.state.metrics.proxy_refusals.labels("forwarded_untrusted").inc()
+            log.debug("ignoring forwarding headers from %s, which is not in --trusted-proxies", peer)
+        return peer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -121,15 +137,20 @@ class CoordinatorApp:
 
     async def register(self, scope: Scope, receive: Receive, send: Send) -> None:
         m = self.state.metrics.registrations
+        refusals = self.state.metrics.auth_refusals
         cfg = self.state.config
-        peer = str((scope.get("client") or ("", 0))[0] or "")
+        peer = self.client_address(scope)
         try:
-            if cfg.token is None:
+            if not cfg.registration_enabled:
                 m.labels("disabled").inc()
+                refusals.labels("disabled").inc()
                 raise RegistrationError(403, "registration is disabled on this coordinator: "
                                              "set coordinator.token_file in its config")
-            if not self._authorized(scope):
+            given = self._bearer(scope)
+            token = cfg.find_token(given) if given is not None else None
+            if token is None:
                 m.labels("unauthorized").inc()
+                refusals.labels("missing" if given is None else "wrong").inc()
                 raise RegistrationError(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                                              "with the content of the coordinator's token file")
             try:
@@ -147,9 +168,12 @@ class CoordinatorApp:
                 return
             try:
                 reg = parse_registration(body)
-                created = self.state.register(reg, self.clock(), peer)
+                created = self.state.register(reg, self.clock(), peer, None if token is UNSCOPED else token)
             except RegistrationError as exc:
-                result = {400: "bad_request", 403: "forbidden", 409: "conflict"}.get(exc.status)
+                if exc.reason in ("region", "node"):
+                    refusals.labels(exc.reason).inc()
+                result = ("out_of_scope" if exc.reason in ("region", "node")
+                          else {400: "bad_request", 403: "forbidden", 409: "conflict"}.get(exc.status))
                 if result is None:
                     result = "full" if "max_registered_nodes" in exc.message else "rate_limited"
                 m.labels(result).inc()
@@ -170,14 +194,16 @@ class CoordinatorApp:
             "heartbeat_interval": self.state.heartbeat_interval(),
         }), b"application/json")
 
+    @staticmethod
+    def _bearer(scope: Scope) -> bytes | None:
+        """The token of ``Authorization: Bearer <token>``, or None without one."""
+        scheme, _, given = (_header(scope, b"authorization") or b"").partition(b" ")
+        return given.strip() if scheme.lower() == b"bearer" and given.strip() else None
+
     def _authorized(self, scope: Scope) -> bool:
-        """True when the request carries the registration token (``Authorization: Bearer``)."""
-        token = self.state.config.token
-        if token is None:
-            return False
-        auth = _header(scope, b"authorization") or b""
-        scheme, _, given = auth.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token.encode())
+        """True when the request carries a registration token (``Authorization: Bearer``)."""
+        given = self._bearer(scope)
+        return given is not None and self.state.config.find_token(given) is not None
 
     # ---- people and machines -------------------------------------------------------
 

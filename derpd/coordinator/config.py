@@ -12,6 +12,7 @@ See ``deploy/coordinator.example.toml`` for a complete example.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import math
 import re
@@ -26,6 +27,9 @@ from derpd.keys import KeyFormatError, parse_mesh_key
 from .model import DerpMap, DerpNode, DerpRegion, map_problems
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_NODE_TTL = 60.0
+#: ``derpd serve --heartbeat-interval``'s default
+DEFAULT_HEARTBEAT_INTERVAL = 15.0
 
 
 class ConfigError(Exception):
@@ -41,15 +45,41 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenScope:
+    """A registration token from ``[[tokens]]``: it may register only nodes of ``regions``
+    (None: every region) and, when ``nodes`` is given, only nodes with those names.  ``name``
+    is its file."""
+
+    token: str = field(repr=False)
+    regions: frozenset[int] | None = None
+    nodes: frozenset[str] | None = None
+    name: str = ""
+
+    def refusal(self, region_id: int, node_name: str) -> tuple[str, str] | None:
+        """Returns ``(reason, message)`` if this token may not register ``node_name`` in
+        ``region_id`` (reason ``region`` or ``node``), else None."""
+        if self.regions is not None and region_id not in self.regions:
+            allowed = ", ".join(str(r) for r in sorted(self.regions))
+            return "region", f"this token may register nodes of region {allowed} only, not of region {region_id}"
+        if self.nodes is not None and node_name not in self.nodes:
+            return "node", f"this token may register the nodes {', '.join(sorted(self.nodes))} only"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
     """Everything the coordinator needs, validated.  Durations are in seconds."""
 
     static_map: DerpMap = field(default_factory=DerpMap)
     listen: str = DEFAULT_LISTEN
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # for every region (token_file, --token-file)
+    tokens: tuple[TokenScope, ...] = ()  # bound to regions and nodes ([[tokens]])
     probe_interval: float = 10.0
     probe_timeout: float = 8.0
-    node_ttl: float = 60.0
+    node_ttl: float = DEFAULT_NODE_TTL
+    #: the relays' heartbeat before they hear the coordinator's (``derpd serve --heartbeat-interval``);
+    #: node_ttl must be at least twice this.  Relays are told min(this, node_ttl / 3).
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     keep_region_when_down: bool = True
     ca_file: Path | None = None
     max_body_bytes: int = 16 * 1024
@@ -61,17 +91,38 @@ class CoordinatorConfig:
     #: admission (--verify-client-url, --allow-keys) lets through; per region it may differ.
     mesh_key: bytes | None = field(default=None, repr=False)
     region_mesh_keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
-    #: networks a registered node may advertise besides public addresses (and loopback when
-    #: the registration itself comes from loopback, as with ``derpd dev``).
+    #: networks a registered node may advertise besides public addresses
     probe_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: registered nodes may advertise loopback addresses (``derpd dev``; never inferred from
+    #: where a registration comes from, which behind a proxy on the same host is loopback)
+    allow_loopback_nodes: bool = False
     body_timeout: float = 10.0
     max_parallel_probes: int = 32
     source: str = "<defaults>"
+
+    @property
+    def registration_enabled(self) -> bool:
+        return self.token is not None or bool(self.tokens)
+
+    def find_token(self, given: bytes) -> TokenScope | None:
+        """Returns the token ``given`` matches (:data:`UNSCOPED` for ``token``), or None.
+        Every token is compared, each in constant time, so the time taken says nothing about
+        which one nearly matched."""
+        found: TokenScope | None = None
+        if self.token is not None and hmac.compare_digest(given, self.token.encode()):
+            found = UNSCOPED
+        for scope in self.tokens:
+            if hmac.compare_digest(given, scope.token.encode()) and found is None:
+                found = scope
+        return found
 
     def mesh_key_for(self, region_id: int) -> bytes | None:
         """Returns the mesh key the DERP probe uses in a region (its own, else the global one)."""
         return self.region_mesh_keys.get(region_id, self.mesh_key)
 
+
+#: what :meth:`CoordinatorConfig.find_token` returns for the unscoped token
+UNSCOPED = TokenScope("", name="token_file")
 
 # TOML key -> (model attribute, expected python types) for [[regions.nodes]].
 _NODE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
@@ -105,6 +156,7 @@ _COORD_KEYS: dict[str, tuple[type, ...]] = {
     "probe_interval": (int, float),
     "probe_timeout": (int, float),
     "node_ttl": (int, float),
+    "heartbeat_interval": (int, float),
     "keep_region_when_down": (bool,),
     "omit_default_regions": (bool,),
     "ca_file": (str,),
@@ -115,6 +167,7 @@ _COORD_KEYS: dict[str, tuple[type, ...]] = {
     "status_refresh": (int,),
     "mesh_key_file": (str,),
     "probe_allow": (list,),
+    "allow_loopback_nodes": (bool,),
     "body_timeout": (int, float),
     "max_parallel_probes": (int,),
 }
@@ -223,7 +276,7 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(file, int(m.group(1)) if m else None, "", f"not valid TOML: {exc}") from None
     ld = _Loader(file, text)
-    ld.table((), doc, {"coordinator": 1, "regions": 1})
+    ld.table((), doc, {"coordinator": 1, "regions": 1, "tokens": 1})
     coord = ld.table(("coordinator",), doc.get("coordinator", {}), _COORD_KEYS)
     opts: dict[str, Any] = {}
     for key, types in _COORD_KEYS.items():
@@ -234,7 +287,8 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
     kw: dict[str, Any] = {"source": file}
     if "listen" in opts:
         kw["listen"] = opts["listen"]
-    for key in ("probe_interval", "probe_timeout", "node_ttl", "min_heartbeat_interval", "body_timeout"):
+    for key in ("probe_interval", "probe_timeout", "node_ttl", "heartbeat_interval", "min_heartbeat_interval",
+                "body_timeout"):
         if key in opts:
             value = float(opts[key])
             if not math.isfinite(value) or value <= 0 or value > 86400:
@@ -247,14 +301,25 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
         raise ld.error(("coordinator", "probe_timeout"), f"must not exceed probe_interval ({interval:g} s)")
     if "node_ttl" in kw and kw["node_ttl"] < kw.get("min_heartbeat_interval", 1.0):
         raise ld.error(("coordinator", "node_ttl"), "must be at least min_heartbeat_interval")
+    heartbeat = kw.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
+    if heartbeat < kw.get("min_heartbeat_interval", 1.0):
+        raise ld.error(("coordinator", "heartbeat_interval"), "must be at least min_heartbeat_interval")
+    ttl = kw.get("node_ttl", DEFAULT_NODE_TTL)
+    if ttl < 2 * heartbeat:
+        where = ("coordinator", "node_ttl") if "node_ttl" in kw else ("coordinator", "heartbeat_interval")
+        raise ld.error(where, f"node_ttl must be at least twice heartbeat_interval "
+                              f"({ttl:g} s < 2 x {heartbeat:g} s), or registered nodes drop out between "
+                              f"heartbeats: set node_ttl = {2 * heartbeat:g} or more, or heartbeat_interval = "
+                              f"{ttl / 2:g} and start the relays with --heartbeat-interval {ttl / 2:g}s")
     for key, lo, hi in (("max_body_bytes", 1024, 1 << 20), ("max_registered_nodes", 0, 100_000),
                         ("history", 1, 1000), ("status_refresh", 1, 3600), ("max_parallel_probes", 1, 1024)):
         if key in opts:
             if not lo <= opts[key] <= hi:
                 raise ld.error(("coordinator", key), f"must be in {lo}..{hi} (got {opts[key]})")
             kw[key] = opts[key]
-    if "keep_region_when_down" in opts:
-        kw["keep_region_when_down"] = opts["keep_region_when_down"]
+    for key in ("keep_region_when_down", "allow_loopback_nodes"):
+        if key in opts:
+            kw[key] = opts[key]
     if "token_file" in opts:
         kw["token"] = read_token_file(base / opts["token_file"], lambda msg: ld.error(("coordinator", "token_file"), msg))
     if "mesh_key_file" in opts:
@@ -319,7 +384,47 @@ def parse_config(text: str, file: str = "<config>", *, base_dir: Path | None = N
             path = ("regions", p.region, _REGION_ATTR_TO_KEY.get(p.attr, p.attr))
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ld.error(path, p.message + more)
+    kw["tokens"] = _parse_tokens(ld, doc.get("tokens", []), base, kw.get("token"))
     return CoordinatorConfig(static_map=dmap, region_mesh_keys=region_mesh_keys, **kw)
+
+
+_TOKEN_KEYS = {"file": 1, "regions": 1, "nodes": 1}
+
+
+def _parse_tokens(ld: _Loader, raw: Any, base: Path, unscoped: str | None) -> tuple[TokenScope, ...]:
+    """``[[tokens]]``: ``file`` (required), ``regions`` (required, region IDs), ``nodes`` (names)."""
+    if not isinstance(raw, list):
+        raise ld.error(("tokens",), "must be an array of tables: write [[tokens]]")
+    out: list[TokenScope] = []
+    seen = {unscoped} if unscoped else set()
+    for i, entry in enumerate(raw):
+        path: tuple[Any, ...] = ("tokens", i)
+        t = ld.table(path, entry, _TOKEN_KEYS)
+        for key in ("file", "regions"):
+            if key not in t:
+                what = ("the token's file (head -c 32 /dev/urandom | base64 > FILE)" if key == "file"
+                        else "the region IDs this token may register nodes in, e.g. regions = [901]")
+                raise ld.error((*path, key), f"is required: {what}")
+        file_name = ld.typed((*path, "file"), t["file"], (str,))
+        regions = ld.typed((*path, "regions"), t["regions"], (list,))
+        if not regions or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 1 << 31
+                                  for r in regions):
+            raise ld.error((*path, "regions"),
+                           f"must be a non-empty list of region IDs such as [901] (got {regions!r})")
+        nodes = None
+        if "nodes" in t:
+            names = ld.typed((*path, "nodes"), t["nodes"], (list,))
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ld.error((*path, "nodes"), f"must be a non-empty list of node names such as [\"901a\"] "
+                                                 f"(got {names!r})")
+            nodes = frozenset(names)
+        token = read_token_file(base / file_name, lambda msg, p=path: ld.error((*p, "file"), msg))
+        if token in seen:
+            raise ld.error((*path, "file"), f"{base / file_name} holds the same token as another entry; "
+                                            "give every scope its own token")
+        seen.add(token)
+        out.append(TokenScope(token, frozenset(regions), nodes, file_name))
+    return tuple(out)
 
 
 def read_mesh_key_file(path: Path, error: Any) -> bytes:

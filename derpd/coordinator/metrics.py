@@ -16,8 +16,14 @@ PROBE_KINDS = ("https", "derp", "stun")
 #: Results of POST /v1/nodes: the ``result`` label.
 REGISTRATION_RESULTS = (
     "created", "refreshed", "unauthorized", "bad_request", "too_large", "slow_body", "truncated",
-    "forbidden", "conflict", "rate_limited", "full", "disabled",
+    "forbidden", "conflict", "rate_limited", "full", "disabled", "out_of_scope",
 )
+
+#: Why a request's token was refused: the ``reason`` label of ``auth_refusals``.
+AUTH_REFUSALS = ("missing", "wrong", "region", "node", "disabled")
+
+#: Why a proxy header was refused or ignored: the ``reason`` label of ``proxy_refusals``.
+PROXY_REFUSALS = ("proxy_header_untrusted", "proxy_header", "eof", "timeout", "forwarded_untrusted")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -52,6 +58,24 @@ class CoordinatorMetrics:
             "derpd_coordinator_registrations", "POST /v1/nodes requests by result.", ["result"], registry=r)
         for result in REGISTRATION_RESULTS:
             self.registrations.labels(result)
+        self.auth_refusals = Counter(
+            "derpd_coordinator_auth_refusals",
+            "Registrations refused for their token: missing, wrong, outside its regions or nodes, "
+            "or registration disabled.", ["reason"], registry=r)
+        for reason in AUTH_REFUSALS:
+            self.auth_refusals.labels(reason)
+        self.proxy_refusals = Counter(
+            "derpd_coordinator_proxy_refusals",
+            "Proxy headers refused: a PROXY header from an address outside --trusted-proxies "
+            "(proxy_header_untrusted), none or a bad one from a trusted proxy (proxy_header), none in "
+            "time (timeout), or X-Forwarded-For from an untrusted peer, ignored (forwarded_untrusted).",
+            ["reason"], registry=r)
+        for reason in PROXY_REFUSALS:
+            self.proxy_refusals.labels(reason)
+        self.tls_reloads = Counter(
+            "derpd_coordinator_tls_reloads", "Certificate reloads by result.", ["result"], registry=r)
+        for result in ("ok", "error"):
+            self.tls_reloads.labels(result)
         self.expired = Counter(
             "derpd_coordinator_nodes_expired", "Registered nodes dropped after their TTL.", registry=r)
         self.reloads = Counter(

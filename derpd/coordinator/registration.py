@@ -28,10 +28,11 @@ from .model import NODE_JSON_KEYS, DerpNode, node_problems
 class RegistrationError(Exception):
     """A registration was refused.  ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str, field: str = "") -> None:
+    def __init__(self, status: int, message: str, field: str = "", *, reason: str = "") -> None:
         self.status = status
         self.message = message
         self.field = field
+        self.reason = reason  # the metrics' label, when the status alone does not say it
         super().__init__(f"{field}: {message}" if field else message)
 
     def to_json(self) -> dict[str, Any]:

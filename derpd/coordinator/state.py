@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import CoordinatorConfig
+from .config import CoordinatorConfig, TokenScope
 from .metrics import PROBE_KINDS, CoordinatorMetrics
 from .model import DerpMap, DerpNode, DerpRegion
 from .persist import StateStore
@@ -140,27 +140,27 @@ class PublishedMap:
     etag: str
 
 
-def address_problem(text: str, source: str, allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-                    ) -> str | None:
-    """Returns why a registration may not advertise the IP literal ``text``, or None.
+def address_problem(text: str, allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+                    allow_loopback: bool = False) -> str | None:
+    """Returns why a registration may not make the prober dial the IP literal ``text``, or None.
 
     Allowed: public (globally routable) addresses, addresses inside a ``probe_allow``
-    network, and loopback when the registration itself comes from loopback (``derpd dev``).
+    network, and loopback with ``allow_loopback_nodes`` (``derpd dev``).  Where the
+    registration comes from never matters: behind a proxy on the same host that is loopback.
     """
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
         return None  # not an IP literal ("" or "none", or a DNS name in HostName)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
     if any(addr in net for net in allow):
         return None
     if addr.is_loopback:
-        try:
-            if ipaddress.ip_address(source).is_loopback:
-                return None
-        except ValueError:
-            pass
-        return (f"{addr} is a loopback address, allowed only in registrations that come from loopback "
-                "(derpd dev); advertise a public address")
+        if allow_loopback:
+            return None
+        return (f"{addr} is a loopback address, allowed only with allow_loopback_nodes = true in the "
+                "coordinator's config (derpd dev); advertise a public address")
     if addr.is_global and not addr.is_multicast:
         return None
     return (f"{addr} is not a public address; the coordinator probes only public addresses unless its "
@@ -231,23 +231,39 @@ class CoordinatorState:
         self.metrics.reloads.labels("ok").inc()
         self._rebuild()
 
-    def register(self, reg: Registration, now: float, source: str = "") -> bool:
-        """Adds or refreshes a self-registered node; ``source`` is the registrant's IP address.
+    def register(self, reg: Registration, now: float, source: str = "", scope: TokenScope | None = None) -> bool:
+        """Adds or refreshes a self-registered node; ``source`` is the registrant's IP address
+        and ``scope`` the token it came with (None: any region, any node).
 
         Returns:
             True if the node is new or changed, False for a plain heartbeat.
         Raises:
-            RegistrationError: 403 for an address the prober may not be aimed at, 409 for a
+            RegistrationError: 403 for a node or region outside the token's scope (``reason``
+            ``region`` or ``node``; a node registered in another region counts as that region's),
+            403 for an address the prober may not be aimed at, 409 for a
             name/region conflict or a name held by another key, 429 for a too-fast heartbeat
             or when ``max_registered_nodes`` is reached.
         """
         node = reg.node
         rid = node.region_id
+        if scope is not None:
+            held = self.entries.get(node.name)
+            for region_id in (rid, held.node.region_id) if held is not None else (rid,):
+                refused = scope.refusal(region_id, node.name)
+                if refused:
+                    raise RegistrationError(403, refused[1], "Name" if refused[0] == "node" else "RegionID",
+                                            reason=refused[0])
+        allow, loopback = self.config.probe_allow, self.config.allow_loopback_nodes
         for key, value in (("IPv4", node.ipv4), ("IPv6", node.ipv6), ("STUNTestIP", node.stun_test_ip),
                            ("HostName", node.host_name)):
-            why = address_problem(value, source, self.config.probe_allow)
+            why = address_problem(value, allow, loopback)
             if why:
                 raise RegistrationError(403, why, key)
+        if not (_literal(node.ipv4, 4) or _literal(node.ipv6, 6)) and source:
+            why = address_problem(source, allow, loopback)  # the prober would dial where it came from
+            if why:
+                raise RegistrationError(403, f"the registration names no IPv4 or IPv6, so the prober would dial "
+                                             f"where it came from, and {why} (--advertise-ipv4)", "IPv4")
         region = self._regions.get(rid) or self._registered_regions.get(rid)
         if region is not None and reg.region_code and reg.region_code != region.region_code:
             raise RegistrationError(
@@ -315,13 +331,16 @@ class CoordinatorState:
         return min(CHANGE_BURST, entry.change_tokens + refill)
 
     def heartbeat_interval(self) -> float:
-        """How often relays are told to heartbeat (in every registration answer)."""
-        return max(self.config.min_heartbeat_interval, self.config.node_ttl / 3)
+        """How often relays are told to heartbeat (in every registration answer): a third of
+        ``node_ttl``, so two heartbeats may be lost before a node expires, and never slower than
+        the relays' own ``heartbeat_interval``."""
+        cfg = self.config
+        return max(cfg.min_heartbeat_interval, min(cfg.heartbeat_interval, cfg.node_ttl / 3))
 
     def ready(self, now: float) -> bool:
         """True once the map is complete: restored from the state file, or registrations are
         off, or every relay has had a heartbeat interval (plus a little) to register."""
-        return (self.restored or self.config.token is None
+        return (self.restored or not self.config.registration_enabled
                 or now - self.started_at >= self.heartbeat_interval() + 2.0)
 
     def _registered_count(self) -> int:

@@ -30,14 +30,14 @@ from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
 from ..protocol.upgrade import derp_switching_protocols
 from ..ratelimit import ClientRateLimits
-from ..settings import RelaySettings, SettingsError
+from ..settings import RelaySettings
 from ..transport.raw_socket import raw_io_for
 from ..transport.websocket_stream import WebSocketStream
 from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
 from .dataplane import DataPlane
 from .registry import Forwarder, Registry
-from .tls import CertError, ChallengeResponder, ServerCert, load_manual_cert, server_context
+from .tls import CertificateFiles, ChallengeResponder, ServerCert
 
 log = logging.getLogger("derpd.relay")
 
@@ -67,7 +67,7 @@ class RelayServer:
         self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
         self.mesh_peers_configured = 0
         self.mesh_links: list = []  # derpd.mesh.MeshPeer, for metrics
-        self._cert_stamp: tuple[float, float] | None = None
+        self.tls_files: CertificateFiles | None = None  # set by load_tls
         self.reload_hooks: list[Callable[[], None]] = []
         self.cert_hooks: list[Callable[[], None]] = []  # after a new certificate is in use
         self.client_rate_limits = ClientRateLimits(self.stats)  # --rate-config (derpd.ratelimit)
@@ -98,30 +98,14 @@ class RelayServer:
             CertError: the files are missing or unusable (``--certmode manual``).
         """
         s = self.settings
-        if s.tls and s.certmode == "manual" and s.certdir is not None:
-            self.cert = load_manual_cert(s.certdir, s.hostname)
-            self.ssl_context = server_context(self.cert, self.public_key)
-            self._cert_stamp = self._stamp()
-        elif s.acme and s.certdir is not None:
-            try:
-                cert = load_manual_cert(s.certdir, s.hostname, self_sign_ip=False)
-                self.ssl_context = server_context(cert, self.public_key)
-            except CertError as e:
-                log.info("no usable cached certificate yet (%s); ACME will obtain one", e)
-            else:
-                self.cert = cert
-                self._cert_stamp = self._stamp()
-
-    def _stamp(self) -> tuple[float, float] | None:
-        if self.cert is None:
-            return None
-        try:
-            return self.cert.cert_path.stat().st_mtime, self.cert.key_path.stat().st_mtime
-        except OSError:
-            return None
+        if s.certdir is None or not (s.acme or (s.tls and s.certmode == "manual")):
+            return
+        self.tls_files = CertificateFiles(s.certdir, s.hostname, acme=s.acme, server_key=self.public_key)
+        self.tls_files.load()
+        self.cert, self.ssl_context = self.tls_files.cert, self.tls_files.context
 
     def cert_files_changed(self) -> bool:
-        return self.cert is not None and self._stamp() not in (None, self._cert_stamp)
+        return self.tls_files is not None and self.tls_files.changed()
 
     def reload_tls(self) -> bool:
         """Load the certificate files again (SIGHUP, or they changed).  New connections use the
@@ -130,25 +114,14 @@ class RelayServer:
 
         Returns True if the new certificate is in use.
         """
-        s = self.settings
-        if s.certdir is None or (self.cert is None and not s.acme):
+        files = self.tls_files
+        if files is None or (files.cert is None and not files.acme):
             return False
-        self._cert_stamp = self._stamp()
-        try:
-            cert = load_manual_cert(s.certdir, s.hostname, self_sign_ip=not s.acme)
-            ctx = server_context(cert, self.public_key)
-        except SettingsError as e:
+        if not files.reload():
             self.stats.tls_reloads["error"] += 1
-            log.error("TLS reload failed, keeping the current certificate: %s", e)
             return False
-        self.cert, self.ssl_context = cert, ctx
-        self._cert_stamp = self._stamp()
+        self.cert, self.ssl_context = files.cert, files.context
         self.stats.tls_reloads["ok"] += 1
-        if s.acme:  # publicly trusted: no pin to publish
-            log.warning("TLS certificate reloaded: %s, valid until %s", cert.cert_path, cert.not_after.isoformat())
-        else:
-            log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
-                        cert.not_after.isoformat(), cert.pin)
         for hook in self.cert_hooks:
             hook()
         return True

@@ -159,8 +159,9 @@ def load_manual_cert(certdir: Path, hostname: str, *, self_sign_ip: bool = True)
     return ServerCert(cert_path, key_path, pin, leaf.not_valid_after_utc, generated)
 
 
-def server_context(cert: ServerCert, server_key: NodePublic) -> ssl.SSLContext:
-    """An SSLContext serving ``cert``'s chain with the meta-certificate appended.
+def server_context(cert: ServerCert, server_key: NodePublic | None) -> ssl.SSLContext:
+    """An SSLContext serving ``cert``'s chain, with the meta-certificate appended for a relay
+    (``server_key``; None: the chain alone, as the coordinator serves it).
 
     Raises:
         CertError: OpenSSL refused the certificate or the key.
@@ -168,7 +169,9 @@ def server_context(cert: ServerCert, server_key: NodePublic) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["http/1.1"])
-    chain = cert.cert_path.read_bytes().rstrip(b"\n") + b"\n" + make_meta_cert(server_key)
+    chain = cert.cert_path.read_bytes().rstrip(b"\n") + b"\n"
+    if server_key is not None:
+        chain += make_meta_cert(server_key)
     with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as f:
         f.write(chain)
         tmp = f.name
@@ -185,6 +188,80 @@ def server_context(cert: ServerCert, server_key: NodePublic) -> ssl.SSLContext:
     finally:
         os.unlink(tmp)
     return ctx
+
+
+class CertificateFiles:
+    """The certificate in use from ``<certdir>/<hostname>.crt`` and ``.key``, and its reload:
+    the one certificate loader of ``derpd serve`` and ``derpd coordinator``.
+
+    With ``acme`` (``--certmode letsencrypt``/``gcp``: :mod:`derpd.acme` writes the files)
+    missing files are not an error at start and no self-signed certificate is made; without
+    it (``manual``) the files must be there, or an IP hostname gets a self-signed one.
+    ``context`` is the SSLContext for new connections (None until there is a certificate);
+    a reload makes a new one, so open connections keep theirs.  ``server_key`` appends the
+    relay's meta-certificate.
+    """
+
+    def __init__(self, certdir: Path, hostname: str, *, acme: bool = False,
+                 server_key: NodePublic | None = None) -> None:
+        self.certdir = certdir
+        self.hostname = hostname
+        self.acme = acme
+        self.server_key = server_key
+        self.cert: ServerCert | None = None
+        self.context: ssl.SSLContext | None = None
+        self._stamp: tuple[float, float] | None = None
+
+    def load(self) -> None:
+        """Loads the certificate at start.
+
+        Raises:
+            CertError: the files are missing or unusable (not with ``acme``: then it is logged
+            and the ACME client obtains one).
+        """
+        try:
+            cert = load_manual_cert(self.certdir, self.hostname, self_sign_ip=not self.acme)
+            ctx = server_context(cert, self.server_key)
+        except CertError as e:
+            if not self.acme:
+                raise
+            log.info("no usable cached certificate yet (%s); ACME will obtain one", e)
+            return
+        self.cert, self.context = cert, ctx
+        self._stamp = self.stamp()
+
+    def stamp(self) -> tuple[float, float] | None:
+        if self.cert is None:
+            return None
+        try:
+            return self.cert.cert_path.stat().st_mtime, self.cert.key_path.stat().st_mtime
+        except OSError:
+            return None
+
+    def changed(self) -> bool:
+        """True when the files in use were replaced since they were loaded (or last tried)."""
+        return self.cert is not None and self.stamp() not in (None, self._stamp)
+
+    def reload(self) -> bool:
+        """Loads the files again (SIGHUP, a change, a new ACME certificate).  A bad new
+        certificate keeps the old one and logs why.  Returns True if the new one is in use."""
+        if self.cert is None and not self.acme:
+            return False
+        self._stamp = self.stamp()
+        try:
+            cert = load_manual_cert(self.certdir, self.hostname, self_sign_ip=not self.acme)
+            ctx = server_context(cert, self.server_key)
+        except SettingsError as e:
+            log.error("TLS reload failed, keeping the current certificate: %s", e)
+            return False
+        self.cert, self.context = cert, ctx
+        self._stamp = self.stamp()
+        if self.acme:  # publicly trusted: no pin to publish
+            log.warning("TLS certificate reloaded: %s, valid until %s", cert.cert_path, cert.not_after.isoformat())
+        else:
+            log.warning("TLS certificate reloaded: %s, valid until %s, pin %s", cert.cert_path,
+                        cert.not_after.isoformat(), cert.pin)
+        return True
 
 
 ACME_TLS_ALPN = b"acme-tls/1"

@@ -25,6 +25,7 @@ probe_interval = 5
 node_ttl = 30
 min_heartbeat_interval = 1
 omit_default_regions = true
+allow_loopback_nodes = true
 
 [[regions]]
 id = 900

@@ -32,8 +32,10 @@ async def start_relay(nursery: trio.Nursery, certdir: Path, **overrides: Any) ->
     return await nursery.start(serve_relay, settings)
 
 
-async def start_coordinator(nursery: trio.Nursery, text: str, tmp_path: Path) -> RunningCoordinator:
-    config = replace(parse_config(text, "live.toml", base_dir=tmp_path), token=TOKEN)
+async def start_coordinator(nursery: trio.Nursery, text: str, tmp_path: Path,
+                            loopback: bool = True) -> RunningCoordinator:
+    """A coordinator whose registered relays may be on loopback (``loopback``), as these are."""
+    config = replace(parse_config(text, "live.toml", base_dir=tmp_path), token=TOKEN, allow_loopback_nodes=loopback)
     return await nursery.start(lambda task_status: serve_coordinator(
         config, listen="127.0.0.1:0", probing=False, task_status=task_status))
 
@@ -150,7 +152,8 @@ code = "dev"
 async def test_prober_goes_only_where_it_is_allowed(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(30):
         coord = await start_coordinator(nursery, '[coordinator]\nprobe_allow = ["10.0.0.0/8"]\n'
-                                                 '[[regions]]\nid = 900\ncode = "dev"\n', tmp_path)
+                                                 '[[regions]]\nid = 900\ncode = "dev"\n', tmp_path,
+                                        loopback=False)
         base = {"Name": "900p", "RegionID": 900, "HostName": "relay.example.net", "DERPPort": 443}
         for field, value in (("IPv4", "192.168.1.10"), ("IPv6", "fd00::1"), ("STUNTestIP", "169.254.169.254"),
                              ("HostName", "172.16.0.1")):
@@ -159,6 +162,11 @@ async def test_prober_goes_only_where_it_is_allowed(nursery: trio.Nursery, tmp_p
             doc = json.loads(resp.body)
             assert doc["field"] == field and "probe_allow" in doc["error"]
         assert (await register(coord.url, {**base, "IPv4": "10.1.2.3"})).status == 200  # probe_allow
+        # loopback, and no address at all from loopback, only with allow_loopback_nodes (derpd dev)
+        for doc in ({**base, "Name": "900q", "IPv4": "127.0.0.1"}, {**base, "Name": "900t"}):
+            resp = await register(coord.url, doc)
+            assert resp.status == 403 and "allow_loopback_nodes" in json.loads(resp.body)["error"]
+        coord.state.reload(replace(coord.state.config, allow_loopback_nodes=True))
         assert (await register(coord.url, {**base, "Name": "900q", "IPv4": "127.0.0.1"})).status == 200  # dev
         assert (await register(coord.url, {**base, "Name": "900r", "IPv4": "198.51.100.7"})).status == 403
         assert (await register(coord.url, {**base, "Name": "900s", "IPv4": "8.8.8.8"})).status == 200
@@ -169,7 +177,7 @@ async def test_prober_goes_only_where_it_is_allowed(nursery: trio.Nursery, tmp_p
         assert coord.state.probe_targets()[-1].node.name == "900t"
         assert {t.node.name: t.dial for t in coord.state.probe_targets()}["900t"] == "127.0.0.1"
         metrics = (await http(coord.url + "/metrics")).body.decode()
-    assert 'derpd_coordinator_registrations_total{result="forbidden"} 5.0' in metrics
+    assert 'derpd_coordinator_registrations_total{result="forbidden"} 7.0' in metrics  # 5 + 2 loopback
 
 
 async def test_probe_latency_measures_the_relay(nursery: trio.Nursery, tmp_path: Path) -> None:
