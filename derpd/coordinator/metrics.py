@@ -41,11 +41,6 @@ class CoordinatorMetrics:
         r = self.registry
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)
-
-        class _BuildInfo:
-            def collect(self) -> list:
-                return [build_info()]
-
         r.register(_BuildInfo())  # type: ignore[arg-type]
         self.probe_success = Gauge(
             "derpd_coordinator_probe_success",
@@ -91,6 +86,13 @@ class CoordinatorMetrics:
             _remove(self.probe_latency, name, probe)
         _remove(self.probe_last_success, name)
         _remove(self.node_up, name, str(region))
+
+
+class _BuildInfo:
+    """``derpd_build_info``, as the relay exports it."""
+
+    def collect(self) -> list:
+        return [build_info()]
 
 
 def _remove(metric: Gauge | Histogram, *labels: str) -> None:

@@ -221,8 +221,8 @@ class Registry(GaugeSource):
         internal = self.internal_keys
         dup_keys = [m for k, m in self._members.items() if len(m) > 1 and k not in internal]
         local = len(self._members) - sum(1 for k in internal if k in self._members)
-        remote = sum(1 for k, fwds in self.forwarders.items()
-                     if k not in self._members and k not in internal and any(not getattr(f, "internal", False) for f in fwds))
+        remote = sum(1 for k, fwds in self.forwarders.items() if k not in self._members and k not in internal
+                     and any(not getattr(f, "internal", False) for f in fwds))
         return {
             "derp_clients_local": ("Distinct keys with local connections.", local),
             "derp_clients_remote": ("Distinct keys known only through mesh peers.", remote),
