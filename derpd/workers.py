@@ -88,7 +88,7 @@ def _bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 
 # ---------------------------------------------------------------------------- metrics
 
-# How the processes' series merge into one exposition (docs/operations.md, "Metrics").
+# How the processes' series merge into one exposition (docs/operations.md, "Metrics in every mode").
 # process_* and python_* (``PER_PROCESS_PREFIXES``) carry each process's own ``worker`` label,
 # as they do without --workers, and stay apart.  Counters are summed, and so are gauges that
 # count (connections, clients held); these gauges take the minimum or the maximum instead:
