@@ -97,7 +97,7 @@ MIN_GAUGES = frozenset({
     "derp_mesh_peers_connected", "derp_mesh_peer_up",  # the worker that has lost a peer
 })
 MAX_GAUGES = frozenset({
-    "derp_tls_cert_pinned", "derpd_build_info",  # the same in every worker
+    "derp_tls_cert_pinned", "derpd_build_info", "derp_bootstrap_dns_names",  # the same in every worker
     "derp_clients_remote", "derp_mesh_peers_configured", "derp_mesh_peer_keys",  # every worker sees the region
 })
 

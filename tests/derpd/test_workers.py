@@ -183,6 +183,25 @@ def test_merged_metrics_sum_counters_and_connections_and_take_the_earliest_expir
     assert "derp_accepts_total 10.0" in text
 
 
+def test_merged_metrics_keep_per_process_series_apart_and_count_clients_once():
+    from derpd.workers import aggregate_metrics
+
+    def worker(name: str, local: int, remote: int, fds: int) -> str:
+        return (f"# HELP derp_clients_local L.\n# TYPE derp_clients_local gauge\nderp_clients_local {local}\n"
+                f"# HELP derp_clients_remote R.\n# TYPE derp_clients_remote gauge\nderp_clients_remote {remote}\n"
+                f"# HELP derp_clients C.\n# TYPE derp_clients gauge\nderp_clients {local + remote}\n"
+                f"# HELP derp_bootstrap_dns_names N.\n# TYPE derp_bootstrap_dns_names gauge\n"
+                f'derp_bootstrap_dns_names{{list="published"}} 2\n'
+                f"# HELP process_open_fds F.\n# TYPE process_open_fds gauge\n"
+                f'process_open_fds{{worker="{name}"}} {fds}\n')
+
+    text = aggregate_metrics([worker("0", 3, 5, 20), worker("1", 4, 5, 30)]).decode()
+    assert "derp_clients_local 7.0" in text and "derp_clients_remote 5.0" in text
+    assert "derp_clients 12.0" in text  # local keys of both workers, the region's remote keys once
+    assert 'derp_bootstrap_dns_names{list="published"} 2.0' in text
+    assert 'process_open_fds{worker="0"} 20.0' in text and 'process_open_fds{worker="1"} 30.0' in text
+
+
 def test_workers_auto_is_one_per_available_cpu():
     from derpd.cli import WorkerCount
 
