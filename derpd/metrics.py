@@ -15,6 +15,7 @@ label in every mode: ``"0"`` for a single process, ``"0"``..``"N-1"`` and ``"par
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -75,6 +76,7 @@ class ProcessMetrics(Collector):
     def collect(self) -> Iterable[Any]:
         for fam in self._source.collect():
             if fam.name.startswith(PER_PROCESS_PREFIXES):
+                fam = copy.copy(fam)  # a collector may hand out the same family every time (python_info)
                 fam.samples = [s._replace(labels={**s.labels, "worker": self.worker}) for s in fam.samples]
             yield fam
 

@@ -32,6 +32,7 @@ Families (derper's equivalents from spec §13.3 in brackets):
 
 from __future__ import annotations
 
+import copy
 import threading
 from array import array
 from collections.abc import Iterator, MutableSequence
@@ -181,6 +182,7 @@ class _ProcessLabelled(Collector):
                     s._replace(labels={**s.labels, "worker": name}) for s in fam.samples)
         for fam in REGISTRY.collect():
             if fam.name.startswith(_PER_PROCESS):
+                fam = copy.copy(fam)  # a collector may hand out the same family every time (python_info)
                 fam.samples = [s._replace(labels={**s.labels, "worker": self.own_name}) for s in fam.samples]
                 fam.samples.extend(extra.get(fam.name, ()))  # type: ignore[arg-type]
             yield fam

@@ -136,3 +136,15 @@ def test_coordinator_metrics_have_no_created_series_and_no_stun():
     assert "derpd_build_info" in samples and "process_open_fds" in samples
     assert samples["derpd_coordinator_map_requests_total"] == {
         (("format", f), ("status", s)): 0.0 for f in ("json", "yaml") for s in ("200", "304")}
+
+
+async def test_labelling_leaves_the_default_registry_untouched(relay):
+    """The coordinator (in the same process, as under ``derpd dev``) serves the same
+    prometheus-client collectors without a worker label, however often the relay is scraped."""
+    from prometheus_client import REGISTRY
+
+    relay.server.process_metrics.worker = "7"
+    relay.server.metrics_text()
+    relay.server.metrics_text()
+    samples, _ = parse(generate_latest(REGISTRY))
+    assert samples["python_info"] and all("worker" not in dict(labels) for labels in samples["python_info"])
