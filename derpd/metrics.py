@@ -1,7 +1,7 @@
 """Relay statistics, counted in plain ints on the hot path and exported to Prometheus by a
 custom collector at scrape time (design rule 5: no prometheus-client call per packet).
 
-Names: ``derp_`` for the relay (derper's names where derper has the metric), ``stun_`` for
+Names: ``derp_`` for the relay (the prefix derper uses for the same counters), ``stun_`` for
 the STUN server (the same in derpd and stund), ``derpd_`` for the program itself
 (``derpd_build_info``) and its coordinator (``derpd_coordinator_``); ``process_`` and
 ``python_`` are prometheus-client's.  Counters end in ``_total``, gauges never do.  Label
@@ -221,4 +221,3 @@ class GaugeSource:
     def internal_connections(self) -> int:
         """Connections that are plumbing, not clients (the links between ``--workers``)."""
         return 0
-
