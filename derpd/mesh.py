@@ -121,6 +121,7 @@ class MeshPeer:
         client_key: NodePrivate | None = None,
         ssl_context: ssl.SSLContext | None = None,
         skip_self_check: bool = False,
+        internal: bool = False,
     ) -> None:
         self.server = server
         self.target = target
@@ -129,6 +130,7 @@ class MeshPeer:
         self.client_key = client_key or server.settings.private_key
         self.ssl_context = ssl_context
         self.skip_self_check = skip_self_check
+        self.internal = internal  # a link between --workers: not a mesh peer in the metrics
         self.keys: set[bytes] = set()
         self.connected = False
         self.reconnects = 0
@@ -196,7 +198,8 @@ class MeshPeer:
     async def _serve(self, c: derp_client.DerpClient) -> None:
         await c.watch_conns()
         self.connected = True
-        self.server.mesh_peers_connected += 1
+        if not self.internal:
+            self.server.mesh_peers_connected += 1
         log.info("mesh %s connected (%s)", self.target.host, c.server_key.short())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, c, nursery.cancel_scope)
@@ -236,7 +239,7 @@ class MeshPeer:
             scope.cancel()
 
     def _disconnected(self) -> None:
-        if self.connected:
+        if self.connected and not self.internal:
             self.server.mesh_peers_connected -= 1
         self.connected = False
         self._drained.unpark_all()
@@ -259,21 +262,24 @@ async def run_mesh(
     ssl_context: ssl.SSLContext | None = None,
     skip_self_check: bool = False,
     scheme: str | None = None,
+    internal: bool = False,
     task_status: trio.TaskStatus[list[MeshPeer]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Hold a mesh link to every target (except our own hostname) until cancelled.
 
     ``scheme`` defaults to ``https`` when this relay serves TLS (the region's nodes are alike),
-    else ``http``."""
+    else ``http``.  ``internal`` links (between ``--workers`` of one node) are not mesh peers:
+    they stay out of ``mesh_peers_*`` and the per-peer metrics."""
     scheme = scheme or ("https" if server.settings.tls else "http")
     peers = [
         MeshPeer(server, t, mesh_key, scheme=scheme, client_key=client_key, ssl_context=ssl_context,
-                 skip_self_check=skip_self_check)
+                 skip_self_check=skip_self_check, internal=internal)
         for t in targets
         if t.host != own_hostname
     ]
-    server.mesh_peers_configured = len(peers)
-    server.mesh_links = peers
+    if not internal:
+        server.mesh_peers_configured = len(peers)
+        server.mesh_links = peers
     async with trio.open_nursery() as nursery:
         for p in peers:
             nursery.start_soon(p.run)

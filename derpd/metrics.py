@@ -1,18 +1,29 @@
 """Relay statistics, counted in plain ints on the hot path and exported to Prometheus by a
 custom collector at scrape time (design rule 5: no prometheus-client call per packet).
 
-Every metric is prefixed ``derp_``; counters end in ``_total``.  Label values come from
-closed vocabularies (``DROP_REASONS``, ``KINDS``), pre-created at zero so dashboards and
-alerts see every series from the start.
+Names: ``derp_`` for the relay (the prefix derper uses for the same counters), ``stun_`` for
+the STUN server (the same in derpd and stund), ``derpd_`` for the program itself
+(``derpd_build_info``) and its coordinator (``derpd_coordinator_``); ``process_`` and
+``python_`` are prometheus-client's.  Counters end in ``_total``, gauges never do.  Label
+values come from closed vocabularies (``DROP_REASONS``, ``KINDS``, ``HTTP_ROUTES``, ...),
+pre-created at zero so dashboards and alerts see every series from the start.
+
+Per-process series (``process_*``, ``python_*``, see ``ProcessMetrics``) carry a ``worker``
+label in every mode: ``"0"`` for a single process, ``"0"``..``"N-1"`` and ``"parent"`` with
+``--workers N``.  Every other series is one per relay (``derpd.workers`` merges them).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from . import __version__, accel
 
 DROP_REASONS = (
     "unknown_dest",
@@ -24,6 +35,50 @@ DROP_REASONS = (
     "dup_client",
 )
 KINDS = ("disco", "other")
+# Plain-HTTP routes (``http_front``'s table, plus /debug and everything else, "home").
+HTTP_ROUTES = ("derp", "probe", "generate_204", "robots", "metrics", "bootstrap_dns", "debug", "home")
+# Control frames a logged-in client sends (SendPacket and ForwardPacket are counted as packets).
+FRAME_TYPES = ("ping", "pong", "note_preferred", "watch_conns", "close_peer")
+# Reasons of admission control (derpd.admission, derpd.localapi).
+ADMISSION_REASONS = ("not_allowed", "verify_denied", "verify_status", "verify_bad_response", "verify_unreachable",
+                     "admission_busy_source", "admission_busy_key")
+# The usual reasons of failed upgrades and logins; rarer ones appear at their first event.
+HANDSHAKE_REASONS = ("tls", "http_timeout", "http_write_timeout", "bad_http", "head_too_large", "login_timeout",
+                     "login_too_large", "eof", "bad_client_info", "box_open_failed", "websocket_subprotocol")
+# The usual reasons a logged-in connection is closed for a protocol violation.
+CONNECTION_ERRORS = ("frame_too_large", "truncated_frame", "control_flood", "mesh_only_frame", "bad_send_packet")
+
+# Families one per process: they carry a ``worker`` label (``ProcessMetrics``).
+PER_PROCESS_PREFIXES = ("process_", "python_")
+
+
+def data_plane() -> str:
+    """Which packet path runs: ``compiled`` (derpd/_dataplane.c) or ``pure`` (Python)."""
+    return "compiled" if accel.dataplane is not None else "pure"
+
+
+def build_info() -> GaugeMetricFamily:
+    """``derpd_build_info{version, data_plane} 1``."""
+    fam = GaugeMetricFamily("derpd_build_info", "derpd's version and data plane (compiled or pure); always 1.",
+                            labels=["version", "data_plane"])
+    fam.add_metric([__version__, data_plane()], 1)
+    return fam
+
+
+class ProcessMetrics(Collector):
+    """The families of ``source`` (prometheus-client's default registry: process, Python, and
+    in-process STUN), with ``worker="<worker>"`` added to the per-process ones."""
+
+    def __init__(self, source: Any, worker: str) -> None:
+        self._source = source
+        self.worker = worker
+
+    def collect(self) -> Iterable[Any]:
+        for fam in self._source.collect():
+            if fam.name.startswith(PER_PROCESS_PREFIXES):
+                fam = copy.copy(fam)  # a collector may hand out the same family every time (python_info)
+                fam.samples = [s._replace(labels={**s.labels, "worker": self.worker}) for s in fam.samples]
+            yield fam
 
 
 class RelayStats:
@@ -52,12 +107,12 @@ class RelayStats:
         self.write_timeouts = 0
         self.unknown_frames = 0
         self.rate_limit_waits = 0
-        self.frames_received: Counter[str] = Counter()
-        self.handshake_failures: Counter[str] = Counter()
-        self.connection_errors: Counter[str] = Counter()
-        self.http_requests: Counter[str] = Counter()
+        self.frames_received: Counter[str] = Counter(dict.fromkeys(FRAME_TYPES, 0))
+        self.handshake_failures: Counter[str] = Counter(dict.fromkeys(HANDSHAKE_REASONS, 0))
+        self.connection_errors: Counter[str] = Counter(dict.fromkeys(CONNECTION_ERRORS, 0))
+        self.http_requests: Counter[str] = Counter(dict.fromkeys(HTTP_ROUTES, 0))
         self.peer_gone_sent: Counter[str] = Counter({"disconnected": 0, "not_here": 0})
-        self.admission_refused: Counter[str] = Counter()
+        self.admission_refused: Counter[str] = Counter(dict.fromkeys(ADMISSION_REASONS, 0))
         self.throttled: Counter[str] = Counter({"control_frames": 0})
         self.accepts_rejected: Counter[str] = Counter({"rate_limit": 0, "per_ip_limit": 0})
         self.tls_reloads: Counter[str] = Counter({"ok": 0, "error": 0})
@@ -86,8 +141,9 @@ class RelayCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
 
+        yield build_info()
         yield gauge("derp_current_connections", "Logged-in DERP connections (incl. duplicates and mesh peers).",
-                    s.current_connections)
+                    s.current_connections - self._g.internal_connections())
         yield gauge("derp_current_home_connections", "Connections whose last NotePreferred was true.",
                     s.current_home_connections)
         yield gauge("derp_current_notideal_connections", "Connections that sent an Ideal-Node header.",
@@ -124,7 +180,7 @@ class RelayCollector(Collector):
         yield counter("derp_rate_limit_waits", "Times a client's reader waited for its receive rate limit.",
                       s.rate_limit_waits)
         for name, doc, label, values in (
-            ("derp_frames_received", "Frames received after login, by type.", "type", s.frames_received),
+            ("derp_frames_received", "Control frames received after login, by type.", "type", s.frames_received),
             ("derp_handshake_failures", "Failed HTTP upgrades and logins, by reason.", "reason",
              s.handshake_failures),
             ("derp_connection_errors", "Logged-in connections closed for a protocol violation, by reason.",
@@ -162,3 +218,6 @@ class GaugeSource:
     def extra_families(self) -> list:
         return []
 
+    def internal_connections(self) -> int:
+        """Connections that are plumbing, not clients (the links between ``--workers``)."""
+        return 0

@@ -91,6 +91,14 @@ def install_bootstrap_dns(options: ServeOptions, server: RelayServer, nursery: t
         nursery.start_soon(names.run)
 
 
+def install_cert_pin_check(options: ServeOptions, server: RelayServer) -> None:
+    """``derp_tls_cert_pinned``: the served certificate is pinned in the DERP map exactly when
+    the node this relay prints and registers carries a ``sha256-raw:`` CertName."""
+    settings = options.settings
+    server.cert_pinned = lambda: (server.cert is not None and not settings.acme
+                                  and needs_pin(server.cert, settings.hostname))
+
+
 def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     """Build ``ServeOptions`` from the parsed ``derpd serve`` flags (click's keyword names),
     reading the key file, the mesh key and the coordinator token.
@@ -343,6 +351,7 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
 
         running = await nursery.start(relay_then_stop)
         server = running.server
+        install_cert_pin_check(options, server)
         stun_bound = await start_stun(nursery, settings, stun_port)
         if stun_bound:
             stun_port = stun_bound[0][1]  # the port bound, also for --stun-port 0
@@ -460,6 +469,7 @@ async def handle_signals(signals: AsyncIterator[int], running: RunningRelay, set
             return
 
 
-__all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals", "needs_pin",
+__all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals",
+           "install_cert_pin_check", "needs_pin",
            "node_registration", "open_signals", "options_from_flags", "start_stun",
            "registration_from_flags", "run_serve", "setup_logging"]

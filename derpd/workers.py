@@ -17,7 +17,9 @@ The parent process:
 
 Every worker is a complete relay with the same key and holds a mesh link (a generated mesh
 key) to every other worker's private port, so a client on worker 1 reaches a client on worker 2
-through one ForwardPacket hop.
+through one ForwardPacket hop.  These links log in with client keys the parent generates
+(``link_keys``), so every worker can leave them out of its metrics: they are not clients,
+connections, watchers or mesh peers.
 
 Dependencies: ``derpd.cli`` imports this module; it builds each worker from ``derpd.serve``
 (options, signals, logging) and ``derpd.relay``, and never imports ``derpd.cli``.
@@ -42,7 +44,8 @@ from .keys import NodePrivate
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
 from .serve import (ServeOptions, announce_node, bind_error_message, handle_signals, install_bootstrap_dns,
-                    node_registration, open_signals, protection_from_flags, setup_logging, start_stun)
+                    install_cert_pin_check, node_registration, open_signals, protection_from_flags, setup_logging,
+                    start_stun)
 from .settings import SettingsError
 
 log = logging.getLogger("derpd.workers")
@@ -85,51 +88,56 @@ def _bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 
 # ---------------------------------------------------------------------------- metrics
 
-# Gauges whose sum over the workers means something: connections, clients held, memory.
-SUMMED_GAUGES = frozenset({
-    "derp_current_connections", "derp_current_home_connections", "derp_current_notideal_connections",
-    "derp_clients_local", "derp_current_dup_client_keys", "derp_current_dup_client_conns",
-    "process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds",
+# How the processes' series merge into one exposition (docs/operations.md, "Metrics in every mode").
+# process_* and python_* (``PER_PROCESS_PREFIXES``) carry each process's own ``worker`` label,
+# as they do without --workers, and stay apart.  Counters are summed, and so are gauges that
+# count (connections, clients held); these gauges take the minimum or the maximum instead:
+MIN_GAUGES = frozenset({
+    "derp_tls_cert_not_after_seconds",  # the certificate that expires first
+    "derp_mesh_peers_connected", "derp_mesh_peer_up",  # the worker that has lost a peer
 })
-# Gauges that are times: the earliest one is the one to alert on (certificate expiry, start).
-MIN_GAUGES = frozenset({"derp_tls_cert_not_after_seconds", "process_start_time_seconds"})
+MAX_GAUGES = frozenset({
+    "derp_tls_cert_pinned", "derpd_build_info", "derp_bootstrap_dns_names",  # the same in every worker
+    "derp_clients_remote", "derp_mesh_peers_configured", "derp_mesh_peer_keys",  # every worker sees the region
+})
 
 
-def aggregate_metrics(texts: list[str], names: list[str] | None = None) -> bytes:
-    """Merge Prometheus text from several processes (``names[i]`` names ``texts[i]``, default
-    its index), and expose the result with prometheus-client's own writer (so counter TYPE
-    lines keep their ``_total`` names).
+def aggregate_metrics(texts: list[str]) -> bytes:
+    """Merge Prometheus text from several processes of one relay (each labels its own
+    per-process series with its ``worker`` name), and expose the result with prometheus-client's
+    own writer (so counter TYPE lines keep their ``_total`` names).
 
-    Counters (and histogram and summary series) are summed.  Gauges are summed only where the
-    sum means something (``SUMMED_GAUGES``: connections, memory); times take the minimum
-    (``MIN_GAUGES``: the certificate that expires first); every other gauge is reported once
-    per process with a ``worker`` label, since a sum of, say, mesh peers or clients known in the
-    region would be wrong.
+    Series that carry a ``worker`` label (``process_*``, ``python_*``) stay one per process.
+    Everything else is merged into one series, as a single process reports it: counters (and
+    histogram and summary series) and counting gauges are summed, ``MIN_GAUGES`` and
+    ``MAX_GAUGES`` take the minimum or the maximum, and ``derp_clients`` is the merged
+    ``derp_clients_local + derp_clients_remote``.
     """
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.samples import Sample
 
-    names = names if names is not None else [str(i) for i in range(len(texts))]
     families: dict[str, Any] = {}
     merged: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = defaultdict(dict)
-    for name, text in zip(names, texts, strict=True):
+    for text in texts:
         for fam in text_string_to_metric_families(text):
             families.setdefault(fam.name, fam)
             out = merged[fam.name]
-            per_worker = fam.type in ("gauge", "unknown", "info", "stateset") and fam.name not in SUMMED_GAUGES \
-                and fam.name not in MIN_GAUGES
+            pick = min if fam.name in MIN_GAUGES else max if fam.name in MAX_GAUGES else None
             for sample in fam.samples:
-                labels = dict(sample.labels)
-                if per_worker:
-                    labels["worker"] = name
-                key = (sample.name, tuple(sorted(labels.items())))
+                key = (sample.name, tuple(sorted(sample.labels.items())))
                 if key not in out:
                     out[key] = sample.value
-                elif fam.name in MIN_GAUGES:
-                    out[key] = min(out[key], sample.value)
+                elif pick is not None:
+                    out[key] = pick(out[key], sample.value)
                 else:
                     out[key] += sample.value
+    clients = merged.get("derp_clients")
+    if clients:
+        local = sum(merged.get("derp_clients_local", {}).values())
+        remote = sum(merged.get("derp_clients_remote", {}).values())
+        for key in clients:
+            clients[key] = local + remote
     for fam_name, fam in families.items():
         fam.samples = [Sample(sname, dict(labels), value) for (sname, labels), value in merged[fam_name].items()]
 
@@ -165,7 +173,7 @@ async def _scrape(port: int) -> str | None:
 
 def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, object] | None,
                  main_sock: socket.socket, mesh_sock: socket.socket, peer_ports: list[int], mesh_key: bytes,
-                 conn: Any) -> None:
+                 link_keys: list[bytes], conn: Any) -> None:
     """A worker process: serve until a signal stops it.  Tells the parent ("ready", info) once
     it serves, or ("error", one line) if it cannot start."""
     setup_logging(options.verbose)
@@ -176,7 +184,7 @@ def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, 
         if protection_flags is not None:
             protection = protection_from_flags(protection_flags)
         run_trio(_worker, index, dataclasses.replace(options, protection=protection), main_sock, mesh_sock,
-                 peer_ports, mesh_key, conn)
+                 peer_ports, mesh_key, link_keys, conn)
     except KeyboardInterrupt:
         pass
     except BindError as e:  # worker 0's --http-port
@@ -188,7 +196,7 @@ def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, 
 
 
 async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, mesh_sock: socket.socket,
-                  peer_ports: list[int], mesh_key: bytes, conn: Any) -> None:
+                  peer_ports: list[int], mesh_key: bytes, link_keys: list[bytes], conn: Any) -> None:
     from .mesh import MeshTarget, run_mesh
 
     settings = dataclasses.replace(options.settings, mesh_key=options.settings.mesh_key or mesh_key)
@@ -202,12 +210,16 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
                 nursery.cancel_scope.cancel()
 
             running = await nursery.start(relay_then_stop)
+            link_key = NodePrivate(link_keys[index])
+            running.server.process_metrics.worker = str(index)
+            running.server.registry.internal_keys = frozenset(NodePrivate(k).public.raw for k in link_keys)
+            install_cert_pin_check(options, running.server)
             if options.protection is not None:
                 options.protection.install(running.server, nursery)
             install_bootstrap_dns(options, running.server, nursery)
             await nursery.start(partial(
                 run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
-                client_key=NodePrivate.generate(), skip_self_check=True, scheme="http"))
+                client_key=link_key, skip_self_check=True, scheme="http", internal=True))
             conn.send(("ready", {"url": running.url, "http_port": running.http_port}))
             await handle_signals(signals, running, settings, nursery.cancel_scope)
 
@@ -246,6 +258,7 @@ class Supervisor:
         self.mesh_socks = mesh_socks
         self.mesh_ports = [s.getsockname()[1] for s in mesh_socks]
         self.mesh_key = os.urandom(32)
+        self.link_keys = [NodePrivate.generate().raw for _ in range(count)]  # each worker's links log in with its own
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: dict[int, Any] = {}
         self.ready_info: dict[int, dict[str, Any]] = {}
@@ -266,7 +279,7 @@ class Supervisor:
         proc = self.ctx.Process(
             target=_worker_main, name=f"derpd-worker-{index}", daemon=False,
             args=(index, self.options, self.protection_flags, sock, self.mesh_socks[index], others, self.mesh_key,
-                  child_end))
+                  self.link_keys, child_end))
         try:
             proc.start()
         finally:
@@ -352,15 +365,15 @@ class Supervisor:
     async def metrics_text(self) -> bytes:
         from prometheus_client import REGISTRY, generate_latest
 
-        texts, names = [], []
-        for index, port in enumerate(self.mesh_ports):
+        from .metrics import ProcessMetrics
+
+        texts = []
+        for port in self.mesh_ports:
             text = await _scrape(port)
             if text is not None:
                 texts.append(text)
-                names.append(str(index))
-        texts.append(generate_latest(REGISTRY).decode())  # this process: STUN, process metrics
-        names.append("parent")
-        return aggregate_metrics(texts, names)
+        texts.append(generate_latest(ProcessMetrics(REGISTRY, "parent")).decode())  # type: ignore[arg-type]
+        return aggregate_metrics(texts)
 
 
 def run_workers(options: ServeOptions, count: int, protection_flags: dict[str, object] | None = None) -> int:

@@ -37,14 +37,18 @@ def _alt_hostport(_ctx: click.Context, _param: click.Parameter, value: str | Non
         raise click.BadParameter(str(exc)) from None
 
 
-def _start_metrics(addr: tuple[str, int] | None) -> None:
+def _start_metrics(addr: tuple[str, int] | None, process: str = "0") -> None:
+    """Serve /metrics on ``addr``; ``process`` labels this process's ``process_*`` series
+    (``"parent"`` with ``--workers``)."""
     if addr is None:
         return
     from prometheus_client import start_http_server
 
+    from .metrics import registry
+
     host, port = addr
     try:
-        server, _thread = start_http_server(port, addr=host)
+        server, _thread = start_http_server(port, addr=host, registry=registry(process))
     except OSError as exc:
         raise StartupError(listen_error(exc, format_addr(host, port), "--metrics-addr")) from None
     bound = server.server_port
@@ -90,7 +94,7 @@ def serve(addrs: list[tuple[str, int]], alternate_addr: tuple[str, int] | None,
 
     try:
         if workers > 1:
-            _start_metrics(metrics_addr)
+            _start_metrics(metrics_addr, "parent")
             # A worker's bind error arrives as it was raised there: inside trio's exception group.
             stopped_by = unwrapping(partial(run_workers, list(addrs), workers, alternate_ip=alt_ip,
                                             alternate_port=alt_port, tailscale_only=tailscale_only,

@@ -8,6 +8,11 @@ scrape time.  So the metrics appear on ``stund serve --metrics-addr`` and, when 
 With ``--workers N`` every worker process counts into its own shared-memory arrays and the
 parent's collector adds them up.
 
+``stund serve --metrics-addr`` serves :func:`registry`: the ``process_*`` and ``python_*``
+series carry a ``worker`` label, as derpd's do: ``"0"`` for a single process; with
+``--workers N``, ``"parent"`` for this process and ``"0"``..``"N-1"`` for the workers
+(``process_*`` read from ``/proc/<pid>``: each has its own descriptors and core).
+
 Each :class:`StunStats` has two arrays with the same layout: ``counts``, which Python code
 increments under the GIL, and ``shared``, 64-bit counters that only the compiled answering
 threads (``stund._mmsg.FastStun``) write, with atomic adds.  The collector sums both.
@@ -27,16 +32,19 @@ Families (derper's equivalents from spec §13.3 in brackets):
 
 from __future__ import annotations
 
+import copy
 import threading
 from array import array
 from collections.abc import Iterator, MutableSequence
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import REGISTRY, CounterMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from .binding import IGNORE_REASONS, KIND_RFC3489, KIND_RFC5389, KIND_TAILSCALE
 
-__all__ = ["FAMILIES", "KINDS", "RESULTS", "StunStats", "PROCESS_STATS", "add_source", "slot_count"]
+__all__ = ["FAMILIES", "KINDS", "RESULTS", "StunStats", "PROCESS_STATS", "add_source", "add_worker_process",
+           "registry", "slot_count"]
 
 FAMILIES = ("ipv4", "ipv6")
 KINDS = (KIND_TAILSCALE, KIND_RFC5389, KIND_RFC3489)
@@ -143,3 +151,46 @@ class _StunCollector(Collector):
 
 _COLLECTOR = _StunCollector()
 REGISTRY.register(_COLLECTOR)
+
+
+# ---------------------------------------------------------------------------- per-process series
+
+_PER_PROCESS = ("process_", "python_")
+_workers: list[tuple[str, int]] = []  # (worker name, pid) of the --workers processes
+
+
+def add_worker_process(name: str, pid: int) -> None:
+    """A ``--workers`` process whose ``process_*`` series the parent exports (``registry``)."""
+    with _sources_lock:
+        _workers.append((name, pid))
+
+
+class _ProcessLabelled(Collector):
+    """The default registry's families, ``worker`` added to the per-process ones, and the
+    ``process_*`` of every worker process."""
+
+    def __init__(self, own_name: str) -> None:
+        self.own_name = own_name
+
+    def collect(self) -> Iterator[object]:
+        with _sources_lock:
+            workers = list(_workers)
+        extra: dict[str, list[object]] = {}
+        for name, pid in workers:
+            for fam in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+                extra.setdefault(fam.name, []).extend(
+                    s._replace(labels={**s.labels, "worker": name}) for s in fam.samples)
+        for fam in REGISTRY.collect():
+            if fam.name.startswith(_PER_PROCESS):
+                fam = copy.copy(fam)  # a collector may hand out the same family every time (python_info)
+                fam.samples = [s._replace(labels={**s.labels, "worker": self.own_name}) for s in fam.samples]
+                fam.samples.extend(extra.get(fam.name, ()))  # type: ignore[arg-type]
+            yield fam
+
+
+def registry(own_name: str) -> CollectorRegistry:
+    """What ``stund serve --metrics-addr`` serves: every metric of this process, with the
+    per-process series labelled ``worker=own_name`` (and those of ``add_worker_process``)."""
+    out = CollectorRegistry(auto_describe=False)
+    out.register(_ProcessLabelled(own_name))
+    return out

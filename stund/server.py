@@ -53,7 +53,7 @@ import trio
 
 from .binding import Grid, Ignore, answer
 from .message import StunError
-from .metrics import PROCESS_STATS, StunStats, add_source, slot_count
+from .metrics import PROCESS_STATS, StunStats, add_source, add_worker_process, slot_count
 
 __all__ = ["BATCH", "RCVBUF", "StunConfigError", "serve_stun", "run_workers", "parse_hostport"]
 
@@ -601,6 +601,7 @@ def run_workers(
         )
         proc.start()
         child_end.close()
+        add_worker_process(str(len(procs)), proc.pid)
         procs.append(proc)
         try:
             result = parent_end.recv()

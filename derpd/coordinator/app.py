@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import trio
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..relay.client_address import IPNetwork, client_from_forwarded_for, is_trusted
@@ -224,7 +224,7 @@ class CoordinatorApp:
                     [(b"cache-control", b"no-store")])
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = generate_latest(self.state.metrics.registry) + generate_latest(REGISTRY)
+        body = generate_latest(self.state.metrics.registry)
         await _send(send, 200, body, CONTENT_TYPE_LATEST.encode())
 
     async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:

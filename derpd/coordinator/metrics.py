@@ -1,17 +1,28 @@
 """Prometheus metrics of one coordinator, in their own registry (served at ``/metrics``).
 
 A registry per coordinator keeps tests that run several coordinators in one process
-independent.  Label values come from closed sets, except ``node`` and ``region``, which
-are bounded by the config plus ``max_registered_nodes``; a node's series are removed
-when the node leaves.
+independent; it holds the process and Python collectors too, and nothing else of the
+process (no ``stun_*`` of a STUN server that does not run here).  Label values come from
+closed sets, pre-created at zero, except ``node`` and ``region``, which are bounded by the
+config plus ``max_registered_nodes``; a node's series are removed when the node leaves.
+No ``*_created`` series: nothing derpd serves has them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter,
+                               Gauge, Histogram, disable_created_metrics)
+
+from ..metrics import build_info
+
+disable_created_metrics()
 
 #: Probe kinds: the ``probe`` label.
 PROBE_KINDS = ("https", "derp", "stun")
+
+#: Map formats and the statuses a map request is answered with: the ``format`` and ``status`` labels.
+MAP_FORMATS = ("json", "yaml")
+MAP_STATUSES = ("200", "304")
 
 #: Results of POST /v1/nodes: the ``result`` label.
 REGISTRATION_RESULTS = (
@@ -34,6 +45,9 @@ class CoordinatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        r.register(_BuildInfo())  # type: ignore[arg-type]
         self.probe_success = Gauge(
             "derpd_coordinator_probe_success",
             "1 if the node's last probe of this kind succeeded, else 0.",
@@ -85,6 +99,9 @@ class CoordinatorMetrics:
         self.map_requests = Counter(
             "derpd_coordinator_map_requests", "Map requests by format and response status.",
             ["format", "status"], registry=r)
+        for fmt in MAP_FORMATS:
+            for status in MAP_STATUSES:
+                self.map_requests.labels(fmt, status)
 
     def forget_node(self, name: str, region: int) -> None:
         """Removes a departed node's series."""
@@ -93,6 +110,13 @@ class CoordinatorMetrics:
             _remove(self.probe_latency, name, probe)
         _remove(self.probe_last_success, name)
         _remove(self.node_up, name, str(region))
+
+
+class _BuildInfo:
+    """``derpd_build_info``, as the relay exports it."""
+
+    def collect(self) -> list:
+        return [build_info()]
 
 
 def _remove(metric: Gauge | Histogram, *labels: str) -> None:

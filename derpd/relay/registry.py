@@ -52,6 +52,7 @@ class Forwarder(Protocol):
     """Something that can carry a packet to a mesh peer that holds the destination."""
 
     congested: bool  # past the high-water mark: senders should wait for ``wait_drained``
+    internal: bool  # a link between ``--workers`` of one node, not a mesh peer (left out of metrics)
 
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Queue the packet; returns False if it had to be dropped."""
@@ -75,6 +76,9 @@ class Registry(GaugeSource):
         # as derper's sawSrc): an entry dies with its receiver or when src leaves the region, so
         # this holds at most one entry per (live receiver, live sender), never history.
         self.peer_gone_watchers: dict[bytes, set[Member]] = {}
+        # The client keys of the links between ``--workers`` (derpd.workers): plumbing of one
+        # node, left out of the connection, client and watcher gauges.
+        self.internal_keys: frozenset[bytes] = frozenset()
         self._changed = trio.Event()
 
     def _notify(self) -> None:
@@ -209,17 +213,25 @@ class Registry(GaugeSource):
 
     # ------------------------------------------------------------------ gauges
 
+    def internal_connections(self) -> int:
+        """Local connections of the links between ``--workers`` (``internal_keys``)."""
+        return sum(len(self._members.get(k, ())) for k in self.internal_keys)
+
     def gauge_values(self) -> dict[str, tuple[str, float]]:
-        dup_keys = [m for m in self._members.values() if len(m) > 1]
-        remote = sum(1 for k in self.forwarders if k not in self._members)
+        internal = self.internal_keys
+        dup_keys = [m for k, m in self._members.items() if len(m) > 1 and k not in internal]
+        local = len(self._members) - sum(1 for k in internal if k in self._members)
+        remote = sum(1 for k, fwds in self.forwarders.items() if k not in self._members and k not in internal
+                     and any(not getattr(f, "internal", False) for f in fwds))
         return {
-            "derp_clients_local": ("Distinct keys with local connections.", len(self._members)),
+            "derp_clients_local": ("Distinct keys with local connections.", local),
             "derp_clients_remote": ("Distinct keys known only through mesh peers.", remote),
-            "derp_clients_total": ("Distinct keys known in the region.", len(self._members) + remote),
+            "derp_clients": ("Distinct keys known in the region (local and through mesh peers).", local + remote),
             "derp_current_dup_client_keys": ("Keys with two or more connections.", len(dup_keys)),
             "derp_current_dup_client_conns": ("Connections of keys with two or more connections.",
                                               sum(len(m) for m in dup_keys)),
-            "derp_watchers": ("Mesh peers watching connections.", len(self.watchers)),
+            "derp_watchers": ("Mesh peers watching connections.",
+                              sum(1 for w in self.watchers if w.key not in internal)),
             "derp_peer_gone_senders": ("Senders whose departure some live receiver will hear of (PeerGone).",
                                        len(self.peer_gone_watchers)),
         }

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from ..keys import NodePublic, mesh_keys_equal
 
-from ..metrics import RelayCollector, RelayStats
+from ..metrics import ProcessMetrics, RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.frames import SERVER_READ_LIMITS, FrameType
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
@@ -83,6 +83,11 @@ class RelayServer:
         self.started = time.monotonic()  # for /debug/ uptime
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics_registry.register(RelayCollector(self.stats, self))
+        # process_* and python_* of this process, labelled worker="0" (``--workers`` sets its index)
+        self.process_metrics = ProcessMetrics(REGISTRY, "0")
+        # Whether the DERP map pins the served certificate (CertName "sha256-raw:..."); derpd.serve
+        # installs the full check (a certificate that does not chain to a trusted root is pinned too).
+        self.cert_pinned: Callable[[], bool] = lambda: self.cert is not None and self.cert.self_signed_generated
         # the same every login: ServerKey, and the 101 of a binary upgrade with it (one write)
         self._server_key_frame = ServerHandshake(settings.private_key).server_key_frame()
         self.derp_101 = derp_switching_protocols(settings.private_key.public)
@@ -137,10 +142,16 @@ class RelayServer:
         if self.cert is not None:
             g["derp_tls_cert_not_after_seconds"] = (
                 "Expiry of the served TLS certificate, as a Unix time.", self.cert.not_after.timestamp())
+            g["derp_tls_cert_pinned"] = (
+                "1 if the DERP map pins the served certificate (a sha256-raw CertName): a new certificate "
+                "needs a new pin in the map.", 1 if self.cert_pinned() else 0)
         g["derp_mesh_peers_connected"] = ("Mesh peers this relay is logged in to.", self.mesh_peers_connected)
         g["derp_mesh_peers_configured"] = ("Mesh peers this relay should be logged in to.",
                                            self.mesh_peers_configured)
         return g
+
+    def internal_connections(self) -> int:
+        return self.registry.internal_connections()
 
     def extra_families(self) -> list:
         """Labelled metrics about the mesh links."""
@@ -347,8 +358,8 @@ class RelayServer:
 
     def metrics_text(self) -> bytes:
         """Prometheus text: this relay's metrics plus the process-wide default registry
-        (process, Python, and in-process STUN)."""
-        return generate_latest(self.metrics_registry) + generate_latest(REGISTRY)
+        (process and Python, labelled with ``worker``, and in-process STUN)."""
+        return generate_latest(self.metrics_registry) + generate_latest(self.process_metrics)  # type: ignore[arg-type]
 
 
 __all__ = ["AdmissionCheck", "RelayServer"]

@@ -176,11 +176,30 @@ def test_merged_metrics_sum_counters_and_connections_and_take_the_earliest_expir
                 f"derp_mesh_peers_connected {mesh}\n"
                 f"# HELP derp_accepts_total Accepts.\n# TYPE derp_accepts_total counter\nderp_accepts_total 5.0\n")
 
-    text = aggregate_metrics([worker(2e9, 3, 1), worker(1.9e9, 4, 0)], ["0", "1"]).decode()
+    text = aggregate_metrics([worker(2e9, 3, 1), worker(1.9e9, 4, 0)]).decode()
     assert "derp_tls_cert_not_after_seconds 1.9e+09" in text  # the first to expire, not the sum
     assert "derp_current_connections 7.0" in text
-    assert 'derp_mesh_peers_connected{worker="0"} 1.0' in text and 'derp_mesh_peers_connected{worker="1"} 0.0' in text
+    assert "derp_mesh_peers_connected 0.0" in text  # the worker that lost its peer
     assert "derp_accepts_total 10.0" in text
+
+
+def test_merged_metrics_keep_per_process_series_apart_and_count_clients_once():
+    from derpd.workers import aggregate_metrics
+
+    def worker(name: str, local: int, remote: int, fds: int) -> str:
+        return (f"# HELP derp_clients_local L.\n# TYPE derp_clients_local gauge\nderp_clients_local {local}\n"
+                f"# HELP derp_clients_remote R.\n# TYPE derp_clients_remote gauge\nderp_clients_remote {remote}\n"
+                f"# HELP derp_clients C.\n# TYPE derp_clients gauge\nderp_clients {local + remote}\n"
+                f"# HELP derp_bootstrap_dns_names N.\n# TYPE derp_bootstrap_dns_names gauge\n"
+                f'derp_bootstrap_dns_names{{list="published"}} 2\n'
+                f"# HELP process_open_fds F.\n# TYPE process_open_fds gauge\n"
+                f'process_open_fds{{worker="{name}"}} {fds}\n')
+
+    text = aggregate_metrics([worker("0", 3, 5, 20), worker("1", 4, 5, 30)]).decode()
+    assert "derp_clients_local 7.0" in text and "derp_clients_remote 5.0" in text
+    assert "derp_clients 12.0" in text  # local keys of both workers, the region's remote keys once
+    assert 'derp_bootstrap_dns_names{list="published"} 2.0' in text
+    assert 'process_open_fds{worker="0"} 20.0' in text and 'process_open_fds{worker="1"} 30.0' in text
 
 
 def test_workers_auto_is_one_per_available_cpu():
@@ -188,3 +207,58 @@ def test_workers_auto_is_one_per_available_cpu():
 
     assert WorkerCount().convert("auto", None, None) == min(64, len(os.sched_getaffinity(0)))
     assert WorkerCount().convert("3", None, None) == 3
+
+
+async def _scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The parent's /metrics, parsed: family -> (sorted labels) -> value (counters under their
+    ``_total`` sample name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    body = bytes(data).partition(b"\r\n\r\n")[2].decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+async def test_worker_links_are_not_mesh_peers_and_process_series_are_per_worker(nursery):
+    """Three clients on a --workers 2 relay: the merged metrics count three connections and
+    three clients, no mesh peer, watcher or remote client (the links between the workers are
+    plumbing), and every process_* series, descriptors included, is one per process with a
+    ``worker`` label, as a single process reports it (worker "0")."""
+    with trio.fail_after(90):
+        parent, port, _pids = await start_workers(nursery, "--dev", "-a", "127.0.0.1:0", "--stun-port", "-1",
+                                                  "--metrics-addr", "127.0.0.1:0")
+        metrics_port = int((await parent.wait_for(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics")).group(1))
+        keys = [NodePrivate.generate() for _ in range(3)]
+        async with held_clients(f"http://127.0.0.1:{port}/derp", keys) as clients:
+            await relay_in_a_ring(keys, clients, b"counted")
+            while True:  # the parent refreshes its merged copy every 2 s: wait for one after the ring
+                m = await _scrape(metrics_port)
+                if m.get("derp_packets_received_total", {}).get((), 0) >= len(keys):
+                    break
+                await trio.sleep(0.2)
+        assert m["derp_current_connections"][()] == 3
+        assert m.get("derp_clients", {}).get(()) == 3
+        for name in ("derp_clients_local", "derp_clients_remote", "derp_watchers", "derp_mesh_peers_connected",
+                     "derp_mesh_peers_configured"):
+            assert list(m[name]) == [()], f"{name} is one series, as without --workers: {m[name]}"
+        assert m["derp_clients_local"][()] == 3
+        assert m["derp_clients_remote"][()] == 0
+        assert m["derp_watchers"][()] == 0
+        assert m["derp_mesh_peers_configured"][()] == 0 and m["derp_mesh_peers_connected"][()] == 0
+        assert "derp_mesh_peer_up" not in m and "derp_mesh_reconnects_total" not in m
+        workers = {(("worker", "0"),), (("worker", "1"),), (("worker", "parent"),)}
+        for name in ("process_open_fds", "process_max_fds", "process_cpu_seconds_total",
+                     "process_resident_memory_bytes", "process_start_time_seconds"):
+            assert set(m[name]) == workers, f"{name}: {sorted(m[name])}"
+        assert not [n for n in m if n.endswith("_created")]
+        parent.proc.send_signal(signal.SIGTERM)
+        assert await parent.proc.wait() == 0

@@ -64,6 +64,31 @@ async def test_serve_with_workers_and_metrics():
             # The parent adds up both workers' shared counters.
             assert total(text, "stun_requests_total") == before + n
             assert 'stun_responses_total{result="success"}' in text
+            # Descriptors and CPU are per process: the workers', each labelled, and the parent's.
+            for name in ("process_open_fds", "process_max_fds", "process_cpu_seconds_total"):
+                assert workers_of(text, name) == {"0", "1", "parent"}, name
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+def workers_of(text, name):
+    """The ``worker`` labels of the samples of ``name``; "" for a sample without one."""
+    return {(re.search(r'worker="([^"]*)"', labels or "") or [None, ""])[1]
+            for labels in re.findall(rf"^{name}(\{{[^}}]*\}})? \S+$", text, re.M)}
+
+
+async def test_single_process_labels_its_process_series_worker_0():
+    """As derpd does: process_* carry worker="0" without --workers, so one alert fits both."""
+    argv = [sys.executable, "-m", "stund", "serve", "-a", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+        try:
+            m = await read_lines_until(proc.stdout, {"metrics": r"stund metrics on (http://\S+)"})
+            text = await trio.to_thread.run_sync(scrape, m["metrics"].group(1))
+            for name in ("process_open_fds", "process_max_fds", "process_cpu_seconds_total", "python_info"):
+                assert workers_of(text, name) == {"0"}, name
+            assert 'stun_requests_total{family="ipv4",kind="tailscale"} 0.0' in text  # no worker label
         finally:
             proc.terminate()
             await proc.wait()
