@@ -37,8 +37,11 @@
  * records already read (so no socket event will come for them), which makes the epoll
  * descriptor readable and the Trio side call poll() for them.
  *
- * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 2 =
- * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout").
+ * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 3 = an
+ * exception raised while serving that connection (data: the exception; only its path is closed,
+ * see contain()), kind 2 =
+ * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout",
+ * "tls_output_limit").
  * Single-threaded: every call holds the GIL; nothing here runs on another thread.
  */
 #define PY_SSIZE_T_CLEAN
@@ -59,6 +62,9 @@
 #define MAX_IOV 256
 #define POLL_BYTE_BUDGET (2 * 1024 * 1024)
 #define POLL_FRAME_BUDGET 2048 /* frames routed per poll(): a flood of tiny frames yields too */
+/* TLS: ciphertext OpenSSL makes on its own (a KeyUpdate answer) while the client does not read
+ * what waits already; a client that asks for more than this is closed ("tls_output_limit") */
+#define TLS_MORE_MAX (64 * 1024)
 
 enum { S_FREE = 0, S_LIVE, S_DEAD };
 enum { DROP_QUEUE_HEAD = 0, DROP_GONE, DROP_WRITE_ERROR, DROP_REASONS };
@@ -86,7 +92,9 @@ typedef struct {
     Py_ssize_t partial_off;
     int partial_pkt;
     int pass_once;  /* hand back everything the next read brings (Python is skipping a frame) */
+    int broken;     /* a write failed outside poll(): the next poll() closes the path */
     PyObject *tls, *tls_in, *tls_out; /* TLS: the ssl.SSLObject and its two MemoryBIOs, or NULL */
+    PyObject *tls_more; /* TLS: a bytearray of ciphertext made while ``partial`` waits, or NULL */
     unsigned char *left;
     Py_ssize_t leftlen;
     double blocked_since;
@@ -112,6 +120,7 @@ typedef struct {
     int *backlog;
     int nbacklog;
     int in_poll;
+    int nbroken; /* slots marked broken since the last poll() */
     int frames_left;
     PyObject *events;
     long long pk_recv, by_recv, disco_recv, pk_sent, by_sent;
@@ -121,7 +130,7 @@ typedef struct {
 static PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_slot, *str_drop;
 static PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent,
     *str_bytes_sent;
-static PyObject *reason_read, *reason_write, *reason_timeout;
+static PyObject *reason_read, *reason_write, *reason_timeout, *reason_tls_limit;
 static PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
 
 static double
@@ -244,8 +253,32 @@ kill_slot(Engine *e, Slot *s, PyObject *reason)
 
 /* ------------------------------------------------------------------ writing */
 
+static void wake(Engine *e);
+
+/* A write on s failed for good.  Inside poll() the path is closed now; outside (enqueue,
+ * send_control from Python) there is no event list to report it on, so the slot is marked
+ * broken and poll() is woken to close it (and, should poll() not run, the write timeout
+ * fires: blocked_since is set). */
+static int
+broken_slot(Engine *e, Slot *s)
+{
+    if (e->in_poll)
+        return kill_slot(e, s, reason_write);
+    if (!s->broken) {
+        s->broken = 1;
+        e->nbroken++;
+    }
+    if (!s->blocked) {
+        s->blocked = 1;
+        s->blocked_since = now_mono();
+        set_mask(e, s);
+    }
+    wake(e);
+    return 0;
+}
+
 /* Write what is queued on s with one writev (more if the iovec filled up).  Outside poll() a
- * write error only arms EPOLLOUT, so that poll() sees it and reports the close. */
+ * write error marks the slot broken (see broken_slot), and poll() reports the close. */
 static int tls_flush(Engine *e, Slot *s);
 
 static int
@@ -253,6 +286,8 @@ flush_slot(Engine *e, Slot *s)
 {
     if (s->state != S_LIVE)
         return 0;
+    if (s->broken)
+        return e->in_poll ? kill_slot(e, s, reason_write) : 0;
     if (s->tls != NULL)
         return tls_flush(e, s);
     for (;;) {
@@ -295,8 +330,8 @@ flush_slot(Engine *e, Slot *s)
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK && e->in_poll)
-                return kill_slot(e, s, reason_write);
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return broken_slot(e, s);
             w = 0;
         }
         size_t left = (size_t)w;
@@ -390,11 +425,15 @@ static int grow_buf(Engine *e, Py_ssize_t need);
  * joined and encrypted with one SSLObject.write; the ciphertext (s->partial) is written first
  * and nothing more is encrypted until it is out, so the rings keep their drop-oldest bound. */
 
+/* Steals raw: ciphertext that must go out before anything else is encrypted (e.g. a TLS 1.3
+ * KeyUpdate answer).  While ``partial`` is still being written it waits in ``tls_more``, at
+ * most TLS_MORE_MAX bytes (amortised appends, no copy of ``partial``).  Returns 0, 1 when the
+ * bound is reached (raw dropped: the caller closes the path), -1 with an exception set. */
 static int
 append_raw(Slot *s, PyObject *raw)
 {
-    /* steals raw; ciphertext that must go out before anything else (e.g. a TLS 1.3 KeyUpdate) */
-    if (PyBytes_GET_SIZE(raw) == 0) {
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    if (n == 0) {
         Py_DECREF(raw);
         return 0;
     }
@@ -404,18 +443,35 @@ append_raw(Slot *s, PyObject *raw)
         s->partial_pkt = 0;
         return 0;
     }
-    PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(s->partial) + s->partial_off,
-                                               PyBytes_GET_SIZE(s->partial) - s->partial_off);
-    if (rest == NULL) {
+    if (s->tls_more == NULL && (s->tls_more = PyByteArray_FromStringAndSize(NULL, 0)) == NULL) {
         Py_DECREF(raw);
         return -1;
     }
-    PyBytes_ConcatAndDel(&rest, raw);
-    if (rest == NULL)
+    Py_ssize_t have = PyByteArray_GET_SIZE(s->tls_more);
+    if (n > TLS_MORE_MAX - have) {
+        Py_DECREF(raw);
+        return 1;
+    }
+    if (PyByteArray_Resize(s->tls_more, have + n) < 0) {
+        Py_DECREF(raw);
         return -1;
-    Py_SETREF(s->partial, rest);
-    s->partial_off = 0;
+    }
+    memcpy(PyByteArray_AS_STRING(s->tls_more) + have, PyBytes_AS_STRING(raw), (size_t)n);
+    Py_DECREF(raw);
     return 0;
+}
+
+/* ``partial`` is out: what waited behind it goes next.  -1 with an exception set. */
+static int
+next_partial(Slot *s)
+{
+    Py_CLEAR(s->partial);
+    s->partial_off = 0;
+    if (s->tls_more == NULL || PyByteArray_GET_SIZE(s->tls_more) == 0)
+        return 0;
+    s->partial = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(s->tls_more), PyByteArray_GET_SIZE(s->tls_more));
+    Py_CLEAR(s->tls_more);
+    return s->partial == NULL ? -1 : 0;
 }
 
 /* Collect what the SSLObject wrote into the outgoing BIO. */
@@ -447,8 +503,8 @@ tls_flush(Engine *e, Slot *s)
             if (w < 0) {
                 if (errno == EINTR)
                     continue;
-                if (errno != EAGAIN && errno != EWOULDBLOCK && e->in_poll)
-                    return kill_slot(e, s, reason_write);
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    return broken_slot(e, s);
                 w = 0;
             }
             if (w < len) {
@@ -460,8 +516,10 @@ tls_flush(Engine *e, Slot *s)
                 }
                 return 0;
             }
-            Py_CLEAR(s->partial);
-            s->partial_off = 0;
+            if (next_partial(s) < 0)
+                return -1;
+            if (s->partial != NULL)
+                continue;
         }
         Py_ssize_t nctl = s->ctl ? PyList_GET_SIZE(s->ctl) : 0;
         if (nctl == 0 && s->q.len == 0 && s->dq.len == 0) {
@@ -493,6 +551,7 @@ tls_flush(Engine *e, Slot *s)
             Py_DECREF(plain);
             return -1;
         }
+        long long pk[2] = {0, 0}, by[2] = {0, 0};
         for (int k = 0; k < 2; k++) {
             Ring *r = k ? &s->dq : &s->q;
             while (r->len > 0) {
@@ -500,24 +559,27 @@ tls_flush(Engine *e, Slot *s)
                 Py_ssize_t len = PyBytes_GET_SIZE(f);
                 memcpy(out, PyBytes_AS_STRING(f), (size_t)len);
                 out += len;
-                e->pk_sent++;
-                e->by_sent += len - RECV_OVERHEAD;
+                pk[k]++;
+                by[k] += len - RECV_OVERHEAD;
                 Py_DECREF(f);
             }
         }
         PyObject *res = PyObject_CallMethodOneArg(s->tls, str_write, plain);
         Py_DECREF(plain);
         if (res == NULL) {
+            /* the packets taken from the rings never left: drops, not sends */
+            for (int k = 0; k < 2; k++) {
+                e->drop_n[DROP_WRITE_ERROR][k] += pk[k];
+                e->drop_b[DROP_WRITE_ERROR][k] += by[k];
+            }
             if (!PyErr_ExceptionMatches(PyExc_OSError))
                 return -1;
             PyErr_Clear(); /* an ssl.SSLError: the session is broken */
-            if (e->in_poll)
-                return kill_slot(e, s, reason_write);
-            s->blocked = 1; /* poll() sees EPOLLOUT and reports it */
-            set_mask(e, s);
-            return 0;
+            return broken_slot(e, s);
         }
         Py_DECREF(res);
+        e->pk_sent += pk[0] + pk[1];
+        e->by_sent += by[0] + by[1];
         if (take_tls_output(s) < 0)
             return -1;
     }
@@ -572,8 +634,15 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
             break;
         end += n;
     }
-    if (take_tls_output(s) < 0) /* a KeyUpdate answer, for example */
+    int more = take_tls_output(s); /* a KeyUpdate answer, for example */
+    if (more < 0)
         return -1;
+    if (more > 0) { /* the client asks for answers and does not read them */
+        if (kill_slot(e, s, reason_tls_limit) < 0)
+            return -1;
+        *eof_end = -1;
+        return -2;
+    }
     if (s->partial != NULL && !s->blocked && mark_dirty(e, s) < 0)
         return -1;
     return end;
@@ -594,6 +663,32 @@ mark_dirty(Engine *e, Slot *s)
     return 0;
 }
 
+/* An exception was raised while poll() served s (a callback, an SSLObject method, memory):
+ * close s's path alone and hand the exception to Python with it (kind 3), so that one
+ * connection's failure does not end every other's.  -1 (exception still set) when it cannot
+ * be pinned on a connection or is not an Exception (KeyboardInterrupt, SystemExit). */
+static int
+contain(Engine *e, Slot *s)
+{
+    if (s == NULL || s->conn == NULL || !PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (ev != NULL && tb != NULL)
+        PyException_SetTraceback(ev, tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    if (ev == NULL)
+        ev = Py_NewRef(Py_None);
+    if (s->state == S_LIVE) {
+        s->state = S_DEAD;
+        s->reading = s->blocked = 0;
+        set_mask(e, s);
+    }
+    return post(e, s, 3, ev);
+}
+
 static int
 flush_dirty(Engine *e)
 {
@@ -602,7 +697,7 @@ flush_dirty(Engine *e)
         Slot *s = &e->slots[e->dirty[i]];
         s->dirty = 0;
         if (rc == 0 && !s->blocked && flush_slot(e, s) < 0)
-            rc = -1;
+            rc = contain(e, s);
     }
     e->ndirty = 0;
     return rc;
@@ -1001,6 +1096,8 @@ drain_backlog(Engine *e, int passthrough)
             rc = tls_deliver(e, list[i], have, passthrough);
         else if (have)
             rc = deliver(e, list[i], have, passthrough) < 0 ? -1 : 0;
+        if (rc < 0)
+            rc = contain(e, s);
         if (rc == 0 && e->ndirty && flush_dirty(e) < 0)
             rc = -1;
     }
@@ -1009,6 +1106,32 @@ drain_backlog(Engine *e, int passthrough)
 }
 
 /* ------------------------------------------------------------------ the type */
+
+/* An Engine made with Engine.__new__ and never initialised (or whose __init__ failed) has no
+ * depth, no buffers and no epoll set: every method refuses it. */
+static int
+not_ready(Engine *e)
+{
+    if (e->depth > 0 && e->active != NULL)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised");
+    return 1;
+}
+
+#define REQUIRE_READY(e)                                                                                         \
+    if (not_ready(e))                                                                                            \
+        return NULL;
+
+/* The rule for callbacks: what poll() calls (watch, note_activity, a connection's enqueue and
+ * attributes, the SSLObject) never re-enters the engine in a way that changes its slots --
+ * add(), remove(), resume(), expire(), poll() -- since poll() holds pointers into the slot
+ * table and add() may move it.  Enforced: those methods raise inside poll(), and the
+ * exception closes the connection being served (see contain()). */
+#define NOT_IN_POLL(e, name)                                                                                    \
+    if ((e)->in_poll) {                                                                                         \
+        PyErr_SetString(PyExc_RuntimeError, name "(): callbacks of poll() must not re-enter the engine");     \
+        return NULL;                                                                                            \
+    }
 
 static PyObject *
 take_events(Engine *e)
@@ -1045,13 +1168,11 @@ event_slot(Engine *e, struct epoll_event *ev)
 static PyObject *
 Engine_poll(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
     int passthrough = PyObject_IsTrue(arg);
     if (passthrough < 0)
         return NULL;
-    if (e->in_poll) {
-        PyErr_SetString(PyExc_RuntimeError, "poll() is not reentrant");
-        return NULL;
-    }
+    NOT_IN_POLL(e, "poll");
     struct epoll_event evs[MAX_EVENTS];
     int n = epoll_wait(e->epfd, evs, MAX_EVENTS, 0);
     if (n < 0) {
@@ -1071,8 +1192,14 @@ Engine_poll(Engine *e, PyObject *arg)
             ssize_t r = read(e->wakefd, &v, sizeof v); /* reset: the backlog is served below */
             (void)r;
         } else if (s != NULL && s->blocked && (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && flush_slot(e, s) < 0) {
-            rc = -1;
+            rc = contain(e, s);
         }
+    }
+    if (e->nbroken) { /* writes that failed outside poll(): close their paths now */
+        e->nbroken = 0;
+        for (int i = 0; i < e->nslots && rc == 0; i++)
+            if (e->slots[i].state == S_LIVE && e->slots[i].broken)
+                rc = kill_slot(e, &e->slots[i], reason_write);
     }
     if (rc == 0 && e->nbacklog && drain_backlog(e, passthrough) < 0)
         rc = -1;
@@ -1085,7 +1212,7 @@ Engine_poll(Engine *e, PyObject *arg)
         if (s->reading && !s->backlog && (what & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
             Py_ssize_t got = read_slot(e, (int)(s - e->slots), passthrough);
             if (got < 0)
-                rc = -1;
+                rc = contain(e, s);
             else
                 budget -= got;
             /* this sender's packets go out now, not after every other socket's: latency */
@@ -1108,6 +1235,8 @@ Engine_poll(Engine *e, PyObject *arg)
 static PyObject *
 Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "add");
     if (nargs < 2 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "add(fd, conn[, (sslobject, incoming, outgoing)])");
         return NULL;
@@ -1175,6 +1304,8 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "resume");
     if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "resume(slot, bytes[, pass_once])");
         return NULL;
@@ -1256,6 +1387,7 @@ release_slot(Engine *e, Slot *s)
     Py_CLEAR(s->tls);
     Py_CLEAR(s->tls_in);
     Py_CLEAR(s->tls_out);
+    Py_CLEAR(s->tls_more);
 }
 
 /* Take idx out of an unordered index list (the dirty and backlog lists). */
@@ -1273,6 +1405,8 @@ list_discard(int *list, int *n, int idx)
 static PyObject *
 Engine_remove(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "remove");
     Slot *s = get_slot(e, arg);
     if (s == NULL)
         return NULL;
@@ -1302,6 +1436,7 @@ Engine_remove(Engine *e, PyObject *arg)
 static PyObject *
 Engine_enqueue(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
     if (nargs != 3 || !PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) < RECV_OVERHEAD) {
         PyErr_SetString(PyExc_TypeError, "enqueue(slot, frame, disco)");
         return NULL;
@@ -1321,6 +1456,7 @@ Engine_enqueue(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Engine_send_control(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
     if (nargs != 2 || !PyBytes_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "send_control(slot, frame)");
         return NULL;
@@ -1350,6 +1486,7 @@ Engine_send_control(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Engine_pending(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
     Slot *s = get_slot(e, arg);
     if (s == NULL)
         return NULL;
@@ -1360,6 +1497,8 @@ Engine_pending(Engine *e, PyObject *arg)
 static PyObject *
 Engine_expire(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "expire");
     double timeout = PyFloat_AsDouble(arg);
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
@@ -1380,18 +1519,21 @@ Engine_expire(Engine *e, PyObject *arg)
 static PyObject *
 Engine_backlogged(Engine *e, PyObject *Py_UNUSED(ignored))
 {
+    REQUIRE_READY(e);
     return PyBool_FromLong(e->nbacklog > 0);
 }
 
 static PyObject *
 Engine_fileno(Engine *e, PyObject *unused)
 {
+    REQUIRE_READY(e);
     return PyLong_FromLong(e->epfd);
 }
 
 static PyObject *
 Engine_count(Engine *e, PyObject *unused)
 {
+    REQUIRE_READY(e);
     long live = 0;
     for (int i = 0; i < e->nslots; i++)
         live += e->slots[i].state != S_FREE;
@@ -1408,6 +1550,12 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTuple(args, "O!OOOO!nLin", &PyDict_Type, &active, &watch, &note, &stats, &PyBytes_Type, &magic,
                           &disco_min, &send_limit, &depth, &recv_size))
         return -1;
+    if (e->depth != 0) {
+        /* the rings were sized for the first depth: a second __init__ would index them with
+         * the new one */
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
     if (depth < 1 || recv_size < 1) {
         PyErr_SetString(PyExc_ValueError, "depth and recv_size must be positive");
         return -1;
@@ -1541,6 +1689,7 @@ PyInit__dataplane(void)
     INTERN(reason_read, "read_error");
     INTERN(reason_write, "write_error");
     INTERN(reason_timeout, "write_timeout");
+    INTERN(reason_tls_limit, "tls_output_limit");
     INTERN(str_write, "write");
     INTERN(str_read, "read");
     INTERN(str_pending, "pending");

@@ -16,6 +16,13 @@ closed (read or write error, write timeout) is closed through ``close(reason)``.
 Without the extension (no C compiler, not Linux, ``DERPD_PURE=1``) ``DataPlane.engine`` is
 None and every connection keeps its Python reader and writer.
 
+Failure policy: an exception raised while the engine serves one connection (a callback, an
+``SSLObject`` method, memory) closes that connection alone ("engine_error"), counted in
+``derp_dataplane_errors`` with one warning line; an exception out of ``poll()`` that belongs to
+no connection is counted and logged the same way and the loop goes on (the engine keeps the
+events it had not returned for the next call).  No failure of the engine ends the relay's
+other connections, as none does on the Python path.
+
 Dependencies: this module is below ``client_connection`` (which uses it) and knows
 connections only through the ``Handoff`` interface.
 """
@@ -34,7 +41,10 @@ from ..protocol.messages import DISCO_MAGIC, DISCO_MIN_LEN
 
 log = logging.getLogger("derpd.relay")
 
-KIND_DATA, KIND_EOF, KIND_CLOSED = 0, 1, 2
+#: After an exception out of poll() that no connection caused, the loop waits this long.
+ERROR_PAUSE = 0.01
+
+KIND_DATA, KIND_EOF, KIND_CLOSED, KIND_FAILED = 0, 1, 2, 3
 
 
 class Handoff(Protocol):
@@ -97,7 +107,12 @@ class DataPlane:
                 await checkpoint()
             else:
                 await wait_readable(fd)
-            events = poll(passthrough())
+            try:
+                events = poll(passthrough())
+            except Exception as e:  # no connection to pin it on: count it and go on
+                self._failed(None, e)
+                await trio.sleep(ERROR_PAUSE)  # a failure that repeats costs no busy loop
+                continue
             if events:
                 deliver(events)
 
@@ -106,9 +121,18 @@ class DataPlane:
         tick = min(0.5, timeout / 4)
         while True:
             await trio.sleep(tick)
-            events = self.engine.expire(timeout)
+            try:
+                events = self.engine.expire(timeout)
+            except Exception as e:
+                self._failed(None, e)
+                continue
             if events:
                 self._deliver(events)
+
+    def _failed(self, conn: Handoff | None, exc: object) -> None:
+        self.stats.dataplane_errors += 1
+        who = conn.public.short() if conn is not None else "no connection"
+        log.warning("data plane error (%s): %r%s", who, exc, ", closing it" if conn is not None else "")
 
     def _deliver(self, events: list[tuple[Handoff, int, Any]]) -> None:
         for conn, kind, data in events:
@@ -116,7 +140,13 @@ class DataPlane:
                 if data == "write_timeout":
                     self.stats.write_timeouts += 1
                     log.debug("write timeout to %s, closing", conn.public.short())
+                elif data == "tls_output_limit":
+                    self.stats.connection_errors[data] += 1
+                    log.debug("%s asks for TLS answers it does not read, closing", conn.public.short())
                 conn.close(data)
+            elif kind == KIND_FAILED:
+                self._failed(conn, data)
+                conn.close("engine_error")
             else:
                 conn.engine_handoff(data, kind == KIND_EOF)
 
