@@ -23,7 +23,9 @@
  *     first passed to ``watch(dst_conn, src)`` (PeerGone bookkeeping).  Stops at the
  *     first frame it does not handle (another type, a payload shorter than a key, an unknown
  *     destination) or after an enqueue that returns True (full = 1); ``index`` is the frame
- *     to resume at.
+ *     to resume at.  The callbacks may do anything, ``frames`` and ``active`` included (no
+ *     borrowed reference is held across them); route_packets keeps no state between calls,
+ *     so calling it again from a callback is safe too.
  *
  *   box_key(shared)
  *     NaCl's crypto_box key from an X25519 shared secret: HSalsa20 of the 32-byte secret with
@@ -145,8 +147,10 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t maglen = PyBytes_GET_SIZE(magic);
     Py_ssize_t npk = 0, nbytes = 0, ndisco = 0;
     int full = 0;
-    Py_ssize_t nframes = PyList_GET_SIZE(frames);
-    while (i < nframes) {
+    /* The callbacks (saw_src, watch, enqueue) run Python, which may change ``frames``: the
+     * list's size is read again for every frame, and the frame's tuple (so its payload) is
+     * held with a reference of our own until the frame is done. */
+    while (i >= 0 && i < PyList_GET_SIZE(frames)) {
         PyObject *item = PyList_GET_ITEM(frames, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
             break;
@@ -156,13 +160,17 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t n = PyBytes_GET_SIZE(payload);
         if (n < KEY_LEN)
             break;
+        Py_INCREF(item);
         const char *p = PyBytes_AS_STRING(payload);
         PyObject *dst = PyBytes_FromStringAndSize(p, KEY_LEN);
-        if (dst == NULL)
+        if (dst == NULL) {
+            Py_DECREF(item);
             return NULL;
+        }
         PyObject *conn = PyDict_GetItemWithError(active, dst);
         if (conn == NULL) {
             Py_DECREF(dst);
+            Py_DECREF(item);
             if (PyErr_Occurred())
                 return NULL;
             break;
@@ -182,11 +190,13 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (seen < 0) {
             Py_DECREF(conn);
+            Py_DECREF(item);
             return NULL;
         }
         PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_LEN + n);
         if (frame == NULL) {
             Py_DECREF(conn);
+            Py_DECREF(item);
             return NULL;
         }
         unsigned char *f = (unsigned char *)PyBytes_AS_STRING(frame);
@@ -197,6 +207,7 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         f[4] = (unsigned char)n;
         memcpy(f + HEADER_LEN, src, KEY_LEN);
         memcpy(f + HEADER_LEN + KEY_LEN, p + KEY_LEN, (size_t)(n - KEY_LEN));
+        Py_DECREF(item);
         npk++;
         nbytes += n - KEY_LEN;
         ndisco += disco;
