@@ -1,6 +1,6 @@
-/* derpd._dataplane: the relay's packet path for plain-TCP clients, in C (optional, Linux).
+/* derpd._dataplane: the relay's packet path for plain-TCP and TLS clients, in C (optional, Linux).
  *
- * One Engine per relay process owns an epoll set of logged-in plain-TCP client sockets.  The
+ * One Engine per relay process owns an epoll set of logged-in plain-TCP and TLS client sockets.  The
  * relay's Trio side (derpd/relay/dataplane.py) waits until the epoll descriptor is readable and
  * calls poll(); poll() then, with no Python per packet:
  *
@@ -101,8 +101,19 @@ typedef struct {
     int next_free;
 } Slot;
 
+/* Module state: the names and exception types the engine uses, one set per module object
+ * (multi-phase init); an Engine reaches them through ``st`` (its type holds the module). */
+typedef struct {
+    PyObject *engine_type;
+    PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_slot, *str_drop;
+    PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent, *str_bytes_sent;
+    PyObject *reason_read, *reason_write, *reason_timeout, *reason_tls_limit;
+    PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
+} dp_state;
+
 typedef struct {
     PyObject_HEAD
+    dp_state *st;
     int epfd;
     int wakefd; /* eventfd in the epoll set (WAKE_TOKEN): work that no socket event announces */
     Slot *slots;
@@ -127,11 +138,6 @@ typedef struct {
     long long drop_n[DROP_REASONS][2], drop_b[DROP_REASONS][2];
 } Engine;
 
-static PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_slot, *str_drop;
-static PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent,
-    *str_bytes_sent;
-static PyObject *reason_read, *reason_write, *reason_timeout, *reason_tls_limit;
-static PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
 
 static double
 now_mono(void)
@@ -263,7 +269,7 @@ static int
 broken_slot(Engine *e, Slot *s)
 {
     if (e->in_poll)
-        return kill_slot(e, s, reason_write);
+        return kill_slot(e, s, e->st->reason_write);
     if (!s->broken) {
         s->broken = 1;
         e->nbroken++;
@@ -287,7 +293,7 @@ flush_slot(Engine *e, Slot *s)
     if (s->state != S_LIVE)
         return 0;
     if (s->broken)
-        return e->in_poll ? kill_slot(e, s, reason_write) : 0;
+        return e->in_poll ? kill_slot(e, s, e->st->reason_write) : 0;
     if (s->tls != NULL)
         return tls_flush(e, s);
     for (;;) {
@@ -476,16 +482,16 @@ next_partial(Slot *s)
 
 /* Collect what the SSLObject wrote into the outgoing BIO. */
 static int
-take_tls_output(Slot *s)
+take_tls_output(Engine *e, Slot *s)
 {
-    PyObject *pending = PyObject_GetAttr(s->tls_out, str_pending);
+    PyObject *pending = PyObject_GetAttr(s->tls_out, e->st->str_pending);
     if (pending == NULL)
         return -1;
     long n = PyLong_AsLong(pending);
     Py_DECREF(pending);
     if (n <= 0)
         return n < 0 && PyErr_Occurred() ? -1 : 0;
-    PyObject *raw = PyObject_CallMethodNoArgs(s->tls_out, str_read);
+    PyObject *raw = PyObject_CallMethodNoArgs(s->tls_out, e->st->str_read);
     if (raw == NULL || !PyBytes_Check(raw)) {
         Py_XDECREF(raw);
         return -1;
@@ -564,7 +570,7 @@ tls_flush(Engine *e, Slot *s)
                 Py_DECREF(f);
             }
         }
-        PyObject *res = PyObject_CallMethodOneArg(s->tls, str_write, plain);
+        PyObject *res = PyObject_CallMethodOneArg(s->tls, e->st->str_write, plain);
         Py_DECREF(plain);
         if (res == NULL) {
             /* the packets taken from the rings never left: drops, not sends */
@@ -580,7 +586,7 @@ tls_flush(Engine *e, Slot *s)
         Py_DECREF(res);
         e->pk_sent += pk[0] + pk[1];
         e->by_sent += by[0] + by[1];
-        if (take_tls_output(s) < 0)
+        if (take_tls_output(e, s) < 0)
             return -1;
     }
 }
@@ -598,7 +604,7 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
         if (view == NULL)
             return -1;
         PyObject *room = PyLong_FromSsize_t(e->bufcap - end);
-        PyObject *got = room == NULL ? NULL : PyObject_CallMethodObjArgs(s->tls, str_read, room, view, NULL);
+        PyObject *got = room == NULL ? NULL : PyObject_CallMethodObjArgs(s->tls, e->st->str_read, room, view, NULL);
         Py_XDECREF(room);
         /* the memoryview points into e->buf, which grow_buf may move: release it now */
         PyObject *et, *ev, *tb;
@@ -610,11 +616,11 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
         Py_DECREF(view);
         PyErr_Restore(et, ev, tb);
         if (got == NULL) {
-            if (PyErr_ExceptionMatches(exc_want_read)) {
+            if (PyErr_ExceptionMatches(e->st->exc_want_read)) {
                 PyErr_Clear();
                 break;
             }
-            if (PyErr_ExceptionMatches(exc_zero_return)) {
+            if (PyErr_ExceptionMatches(e->st->exc_zero_return)) {
                 PyErr_Clear();
                 *eof_end = end;
                 return -2;
@@ -634,11 +640,11 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
             break;
         end += n;
     }
-    int more = take_tls_output(s); /* a KeyUpdate answer, for example */
+    int more = take_tls_output(e, s); /* a KeyUpdate answer, for example */
     if (more < 0)
         return -1;
     if (more > 0) { /* the client asks for answers and does not read them */
-        if (kill_slot(e, s, reason_tls_limit) < 0)
+        if (kill_slot(e, s, e->st->reason_tls_limit) < 0)
             return -1;
         *eof_end = -1;
         return -2;
@@ -764,9 +770,9 @@ static int
 flush_counters(Engine *e)
 {
     int rc = 0;
-    if (add_attr(e->stats, str_packets_received, e->pk_recv) < 0 || add_attr(e->stats, str_bytes_received, e->by_recv) < 0
-        || add_attr(e->stats, str_disco_received, e->disco_recv) < 0 || add_attr(e->stats, str_packets_sent, e->pk_sent) < 0
-        || add_attr(e->stats, str_bytes_sent, e->by_sent) < 0)
+    if (add_attr(e->stats, e->st->str_packets_received, e->pk_recv) < 0 || add_attr(e->stats, e->st->str_bytes_received, e->by_recv) < 0
+        || add_attr(e->stats, e->st->str_disco_received, e->disco_recv) < 0 || add_attr(e->stats, e->st->str_packets_sent, e->pk_sent) < 0
+        || add_attr(e->stats, e->st->str_bytes_sent, e->by_sent) < 0)
         rc = -1;
     e->pk_recv = e->by_recv = e->disco_recv = e->pk_sent = e->by_sent = 0;
     for (int r = 0; r < DROP_REASONS; r++) {
@@ -799,10 +805,10 @@ hand_back(Engine *e, Slot *s, int kind, const unsigned char *p, Py_ssize_t n)
 
 /* Python's answer for a destination the engine does not own; -1 on error, else "full". */
 static int
-enqueue_python(PyObject *conn, PyObject *frame, int disco)
+enqueue_python(Engine *e, PyObject *conn, PyObject *frame, int disco)
 {
     PyObject *args[3] = {conn, frame, disco ? Py_True : Py_False};
-    PyObject *r = PyObject_VectorcallMethod(str_enqueue, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *r = PyObject_VectorcallMethod(e->st->str_enqueue, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     if (r == NULL)
         return -1;
     int full = PyObject_IsTrue(r);
@@ -813,7 +819,7 @@ enqueue_python(PyObject *conn, PyObject *frame, int disco)
 static Slot *
 slot_of(Engine *e, PyObject *conn)
 {
-    PyObject *v = PyObject_GetAttr(conn, str_engine_slot);
+    PyObject *v = PyObject_GetAttr(conn, e->st->str_engine_slot);
     if (v == NULL) {
         PyErr_Clear();
         return NULL;
@@ -886,7 +892,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
             backlog = 1;
             break;
         }
-        PyObject *saw = PyObject_GetAttr(conn, str_saw_src);
+        PyObject *saw = PyObject_GetAttr(conn, e->st->str_saw_src);
         int seen = saw == NULL ? -1 : PySet_Contains(saw, src);
         Py_XDECREF(saw);
         if (seen == 0) {
@@ -918,7 +924,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         e->frames_left--;
         handled++;
         pos += HEADER_LEN + (Py_ssize_t)n;
-        int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(conn, frame, disco);
+        int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(e, conn, frame, disco);
         Py_DECREF(frame);
         Py_DECREF(conn);
         if (full < 0) {
@@ -949,7 +955,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         set_mask(e, s);
     }
     if (rc == 0 && handled) {
-        PyObject *dup = PyObject_GetAttr(sconn, str_is_dup);
+        PyObject *dup = PyObject_GetAttr(sconn, e->st->str_is_dup);
         int is_dup = dup == NULL ? -1 : PyObject_IsTrue(dup);
         Py_XDECREF(dup);
         if (is_dup < 0) {
@@ -1017,7 +1023,7 @@ tls_deliver(Engine *e, int idx, Py_ssize_t have, int passthrough)
         return -1;
     if (end == -2) {
         if (eof_end < 0)
-            return kill_slot(e, s, reason_read);
+            return kill_slot(e, s, e->st->reason_read);
         return hand_back(e, s, 1, e->buf, eof_end);
     }
     if (end == 0)
@@ -1049,14 +1055,14 @@ read_slot(Engine *e, int idx, int passthrough)
     if (r < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return 0;
-        return kill_slot(e, s, reason_read) < 0 ? -1 : 0;
+        return kill_slot(e, s, e->st->reason_read) < 0 ? -1 : 0;
     }
     take_left(e, s);
     if (r == 0)
         return hand_back(e, s, 1, e->buf, have) < 0 ? -1 : 0;
     if (s->tls != NULL) {
         PyObject *chunk = PyBytes_FromStringAndSize((const char *)e->raw, r);
-        PyObject *res = chunk == NULL ? NULL : PyObject_CallMethodOneArg(s->tls_in, str_write, chunk);
+        PyObject *res = chunk == NULL ? NULL : PyObject_CallMethodOneArg(s->tls_in, e->st->str_write, chunk);
         Py_XDECREF(chunk);
         if (res == NULL)
             return -1;
@@ -1199,7 +1205,7 @@ Engine_poll(Engine *e, PyObject *arg)
         e->nbroken = 0;
         for (int i = 0; i < e->nslots && rc == 0; i++)
             if (e->slots[i].state == S_LIVE && e->slots[i].broken)
-                rc = kill_slot(e, &e->slots[i], reason_write);
+                rc = kill_slot(e, &e->slots[i], e->st->reason_write);
     }
     if (rc == 0 && e->nbacklog && drain_backlog(e, passthrough) < 0)
         rc = -1;
@@ -1219,7 +1225,7 @@ Engine_poll(Engine *e, PyObject *arg)
             if (rc == 0 && e->ndirty && flush_dirty(e) < 0)
                 rc = -1;
         } else if (!s->reading && !s->blocked && (what & (EPOLLERR | EPOLLHUP))) {
-            rc = kill_slot(e, s, reason_read);
+            rc = kill_slot(e, s, e->st->reason_read);
         }
     }
     if (flush_dirty(e) < 0)
@@ -1249,7 +1255,7 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     int fd = (int)PyLong_AsLong(args[0]);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *key = PyObject_GetAttr(args[1], str_key);
+    PyObject *key = PyObject_GetAttr(args[1], e->st->str_key);
     if (key == NULL)
         return NULL;
     if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != KEY_LEN) {
@@ -1334,8 +1340,8 @@ Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     if (s->tls != NULL && !s->backlog) {
         /* records already in the SSLObject (read by trio before the takeover) need no socket
          * event: let the next poll() decrypt them */
-        PyObject *p = PyObject_CallMethodNoArgs(s->tls, str_pending);
-        PyObject *q = p == NULL ? NULL : PyObject_GetAttr(s->tls_in, str_pending);
+        PyObject *p = PyObject_CallMethodNoArgs(s->tls, e->st->str_pending);
+        PyObject *q = p == NULL ? NULL : PyObject_GetAttr(s->tls_in, e->st->str_pending);
         long more = (p == NULL || q == NULL) ? -1 : PyLong_AsLong(p) + PyLong_AsLong(q);
         Py_XDECREF(p);
         Py_XDECREF(q);
@@ -1508,7 +1514,7 @@ Engine_expire(Engine *e, PyObject *arg)
         if (s->state != S_LIVE || !s->blocked || s->blocked_since == 0 || now - s->blocked_since < timeout)
             continue;
         drop_queued(e, s, DROP_WRITE_ERROR);
-        if (kill_slot(e, s, reason_timeout) < 0)
+        if (kill_slot(e, s, e->st->reason_timeout) < 0)
             return NULL;
     }
     if (flush_counters(e) < 0)
@@ -1602,11 +1608,17 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+static struct PyModuleDef module;
+
 static PyObject *
 Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
+    PyObject *m = PyType_GetModuleByDef(type, &module);
+    if (m == NULL)
+        return NULL;
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (e != NULL) {
+        e->st = PyModule_GetState(m);
         e->epfd = -1;
         e->wakefd = -1;
         e->free_head = -1;
@@ -1614,30 +1626,70 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)e;
 }
 
-static void
-Engine_dealloc(Engine *e)
+/* The garbage collector's view.  An Engine holds its connections, which (through the relay
+ * that owns the engine) hold it: a cycle the collector must be able to see and break. */
+static int
+Engine_traverse(Engine *e, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(e));
+    Py_VISIT(e->active);
+    Py_VISIT(e->watch);
+    Py_VISIT(e->note_activity);
+    Py_VISIT(e->stats);
+    Py_VISIT(e->events);
+    for (int i = 0; i < e->nslots; i++) {
+        Slot *s = &e->slots[i];
+        if (s->state == S_FREE)
+            continue;
+        Py_VISIT(s->conn);
+        Py_VISIT(s->ctl);
+        Py_VISIT(s->tls);
+        Py_VISIT(s->tls_in);
+        Py_VISIT(s->tls_out);
+    }
+    return 0;
+}
+
+/* Break the cycles: every slot let go, the callbacks dropped.  Afterwards the engine refuses
+ * every method (not_ready), as one never initialised does; poll() is never running here (a
+ * running poll() keeps the engine reachable). */
+static int
+Engine_clear(Engine *e)
 {
     for (int i = 0; i < e->nslots; i++) {
         Slot *s = &e->slots[i];
         if (s->state != S_FREE)
             release_slot(e, s);
+        s->state = S_FREE;
     }
-    PyMem_Free(e->slots);
-    PyMem_Free(e->raw);
-    PyMem_Free(e->dirty);
-    PyMem_Free(e->backlog);
-    PyMem_Free(e->buf);
+    e->nslots = e->ndirty = e->nbacklog = 0;
+    e->free_head = -1;
     Py_CLEAR(e->events);
     Py_CLEAR(e->active);
     Py_CLEAR(e->watch);
     Py_CLEAR(e->note_activity);
     Py_CLEAR(e->stats);
     Py_CLEAR(e->magic);
+    return 0;
+}
+
+static void
+Engine_dealloc(Engine *e)
+{
+    PyTypeObject *tp = Py_TYPE(e);
+    PyObject_GC_UnTrack(e);
+    Engine_clear(e);
+    PyMem_Free(e->slots);
+    PyMem_Free(e->raw);
+    PyMem_Free(e->dirty);
+    PyMem_Free(e->backlog);
+    PyMem_Free(e->buf);
     if (e->epfd >= 0)
         close(e->epfd);
     if (e->wakefd >= 0)
         close(e->wakefd);
-    Py_TYPE(e)->tp_free((PyObject *)e);
+    tp->tp_free((PyObject *)e);
+    Py_DECREF(tp);
 }
 
 static PyMethodDef Engine_methods[] = {
@@ -1655,26 +1707,32 @@ static PyMethodDef Engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "derpd._dataplane.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = Engine_new,
-    .tp_init = (initproc)Engine_init,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-    .tp_doc = "The relay's packet path for plain-TCP clients (see derpd/relay/dataplane.py).",
+static PyType_Slot Engine_slots[] = {
+    {Py_tp_doc, "The relay's packet path for plain-TCP and TLS clients (see derpd/relay/dataplane.py)."},
+    {Py_tp_new, Engine_new},
+    {Py_tp_init, Engine_init},
+    {Py_tp_dealloc, Engine_dealloc},
+    {Py_tp_traverse, Engine_traverse},
+    {Py_tp_clear, Engine_clear},
+    {Py_tp_methods, Engine_methods},
+    {0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "derpd._dataplane", NULL, -1, NULL};
+static PyType_Spec Engine_spec = {
+    .name = "derpd._dataplane.Engine",
+    .basicsize = sizeof(Engine),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Engine_slots,
+};
 
-#define INTERN(var, text)                                                                                        \
-    if ((var = PyUnicode_InternFromString(text)) == NULL)                                                       \
-        return NULL;
+#define INTERN(field, text)                                                                                      \
+    if ((st->field = PyUnicode_InternFromString(text)) == NULL)                                                 \
+        return -1;
 
-PyMODINIT_FUNC
-PyInit__dataplane(void)
+static int
+dp_exec(PyObject *m)
 {
+    dp_state *st = PyModule_GetState(m);
     INTERN(str_saw_src, "saw_src");
     INTERN(str_enqueue, "enqueue");
     INTERN(str_key, "key");
@@ -1695,22 +1753,71 @@ PyInit__dataplane(void)
     INTERN(str_pending, "pending");
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (ssl == NULL)
-        return NULL;
-    exc_want_read = PyObject_GetAttrString(ssl, "SSLWantReadError");
-    exc_zero_return = PyObject_GetAttrString(ssl, "SSLZeroReturnError");
+        return -1;
+    st->exc_want_read = PyObject_GetAttrString(ssl, "SSLWantReadError");
+    st->exc_zero_return = PyObject_GetAttrString(ssl, "SSLZeroReturnError");
     Py_DECREF(ssl);
-    if (exc_want_read == NULL || exc_zero_return == NULL)
-        return NULL;
-    if (PyType_Ready(&EngineType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL)
-        return NULL;
-    Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
-        Py_DECREF(&EngineType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    if (st->exc_want_read == NULL || st->exc_zero_return == NULL)
+        return -1;
+    st->engine_type = PyType_FromModuleAndSpec(m, &Engine_spec, NULL);
+    if (st->engine_type == NULL)
+        return -1;
+    return PyModule_AddType(m, (PyTypeObject *)st->engine_type);
+}
+
+#define STATE_FIELDS(X)                                                                                          \
+    X(engine_type) X(str_saw_src) X(str_enqueue) X(str_key) X(str_is_dup) X(str_engine_slot) X(str_drop)         \
+    X(str_packets_received) X(str_bytes_received) X(str_disco_received) X(str_packets_sent) X(str_bytes_sent)   \
+    X(reason_read) X(reason_write) X(reason_timeout) X(reason_tls_limit) X(str_write) X(str_read)              \
+    X(str_pending) X(exc_want_read) X(exc_zero_return)
+
+static int
+dp_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    dp_state *st = PyModule_GetState(m);
+#define VISIT(f) Py_VISIT(st->f);
+    STATE_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+dp_clear(PyObject *m)
+{
+    dp_state *st = PyModule_GetState(m);
+#define CLEAR(f) Py_CLEAR(st->f);
+    STATE_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+dp_free(void *m)
+{
+    dp_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot dp_slots[] = {
+    {Py_mod_exec, dp_exec},
+#ifdef Py_mod_gil
+    /* every Engine call relies on the GIL: one thread at a time in the engine */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "derpd._dataplane",
+    .m_size = sizeof(dp_state),
+    .m_slots = dp_slots,
+    .m_traverse = dp_traverse,
+    .m_clear = dp_clear,
+    .m_free = dp_free,
+};
+
+PyMODINIT_FUNC
+PyInit__dataplane(void)
+{
+    return PyModuleDef_Init(&module);
 }

@@ -1,7 +1,7 @@
 """The optional compiled speed-ups, or ``None``.
 
 ``derpd._speedups`` (derpd/_speedups.c) and, on Linux, ``derpd._dataplane``
-(derpd/_dataplane.c, the plain-TCP packet path) are built by setup.py when a C compiler is there.
+(derpd/_dataplane.c, the packet path of plain-TCP and TLS clients) are built by setup.py when a C compiler is there.
 Every caller keeps a pure-Python path that behaves the same; ``DERPD_PURE=1`` in the
 environment forces that path even when the module was built (CI runs the suite both ways).
 """

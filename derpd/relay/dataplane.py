@@ -1,7 +1,7 @@
-"""``DataPlane``: the Trio side of the compiled packet path for plain-TCP clients.
+"""``DataPlane``: the Trio side of the compiled packet path for plain-TCP and TLS clients.
 
 With the optional extension ``derpd._dataplane`` (derpd/_dataplane.c, Linux) a logged-in
-plain-TCP client no longer has a reader and a writer task.  Its socket joins one epoll set
+plain-TCP or TLS-on-TCP client no longer has a reader and a writer task.  Its socket joins one epoll set
 owned by the extension; one task here waits until that set has work and calls ``poll()``,
 which reads every ready socket once, routes each SendPacket to its destination and writes
 each destination's queue with one ``writev`` -- with no Python per packet.  A wakeup that

@@ -272,3 +272,155 @@ def test_tls_output_a_client_does_not_read_is_bounded(rig):
             break
     assert events == [(conn, KIND_CLOSED, "tls_output_limit")]
     assert i < 100  # closed once 64 KiB wait, not after every answer was kept
+
+
+# ------------------------------------------------------------------ the modules
+
+
+def test_an_engine_in_a_reference_cycle_is_collected():
+    """An Engine holds its connections, and a relay's connections lead back to the engine:
+    the garbage collector sees the engine's references and breaks the cycle."""
+    import gc
+    import weakref
+
+    class Owner(Conn):
+        pass
+
+    stats = RelayStats()
+    engine = _dataplane.Engine({}, print, print, stats, DISCO_MAGIC, DISCO_MIN_LEN, SEND_LIMIT, 4, 65536)
+    assert gc.is_tracked(engine)
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        conn = Owner(key(1))
+        conn.engine = engine  # the cycle: engine -> slot -> conn -> engine
+        conn.engine_slot = engine.add(ours.fileno(), conn)
+        alive = weakref.ref(conn)
+        del conn, engine
+        gc.collect()
+        assert alive() is None
+
+
+@pytest.mark.parametrize("name", ["derpd._speedups", "derpd._dataplane", "stund._mmsg"])
+def test_each_import_of_an_extension_has_its_own_state(name):
+    """Multi-phase initialisation: a second module object made from the same extension has
+    types and state of its own (nothing mutable lives in C globals), and works."""
+    import importlib
+    import importlib.util
+
+    try:
+        first = importlib.import_module(name)
+    except ImportError:
+        pytest.skip(f"{name} not built")
+    spec = importlib.util.find_spec(name)
+    second = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(second)
+    assert second is not first
+    if name == "derpd._dataplane":
+        assert second.Engine is not first.Engine
+        e = second.Engine({}, print, print, RelayStats(), DISCO_MAGIC, DISCO_MIN_LEN, SEND_LIMIT, 4, 65536)
+        assert e.count() == 0 and e.poll(False) is None
+    elif name == "stund._mmsg":
+        assert second.FastStun is not first.FastStun
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            assert second.recv_batch(s.fileno(), 4) == []
+    else:
+        dst = bytes(32)
+        assert second.split_frames(b"\x04\x00\x00\x00\x21" + dst + b"x", 0, (64,) * 256, -1, -1)[0] == [(4, dst + b"x")]
+
+
+
+def _openssl_key_update():
+    """``key_update(sslobject)``: OpenSSL's SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED) on the
+    SSL* under a Python ``ssl.SSLObject`` (Python's ssl module has no call for it), or None
+    where the SSL* cannot be found safely.  CPython keeps the SSL* right after the object head
+    and a weak reference (PySSLSocket, Modules/_ssl.c); the pointer is checked before use."""
+    import ctypes
+
+    try:
+        libssl = ctypes.CDLL(next(line.split()[-1] for line in open("/proc/self/maps") if "/libssl" in line))
+    except (OSError, StopIteration):
+        return None
+    libssl.SSL_is_server.argtypes = [ctypes.c_void_p]
+    libssl.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    libssl.SSL_get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    libssl.SSL_get_ex_data.restype = ctypes.c_void_p
+    head = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
+
+    def ssl_pointer(obj: ssl.SSLObject) -> int | None:
+        inner = obj._sslobj  # the _ssl._SSLSocket
+        ptr = ctypes.c_void_p.from_address(id(inner) + head + ctypes.sizeof(ctypes.c_void_p)).value
+        # _ssl stores the _SSLSocket itself as the SSL's application data (index 0)
+        if not ptr or libssl.SSL_get_ex_data(ptr, 0) != id(inner):
+            return None
+        return ptr
+
+    def key_update(obj: ssl.SSLObject) -> bool:
+        ptr = ssl_pointer(obj)
+        return ptr is not None and libssl.SSL_key_update(ptr, 1) == 1
+
+    return key_update
+
+
+def test_a_tls_client_asking_for_key_updates_it_never_reads_is_closed(rig):
+    """A TLS 1.3 client that reads nothing asks, again and again, for a KeyUpdate (OpenSSL's
+    own KeyUpdate with update_requested): each request makes the relay's OpenSSL answer, behind
+    ciphertext the client does not take.  The engine closes it once 64 KiB of answers wait,
+    instead of keeping them all (and copying the pending record for each)."""
+    import select
+    import tempfile
+
+    import trustme
+
+    key_update = _openssl_key_update()
+    ca = trustme.CA()
+    server_ctx, client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with tempfile.TemporaryDirectory() as d:
+        pem = os.path.join(d, "server.pem")
+        ca.issue_cert("derp.test").private_key_and_cert_chain_pem.write_to_path(pem)
+        server_ctx.load_cert_chain(pem)
+    ca.configure_trust(client_ctx)
+    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    sin, sout, cin, cout = (ssl.MemoryBIO() for _ in range(4))
+    srv = server_ctx.wrap_bio(sin, sout, server_side=True)
+    cli = client_ctx.wrap_bio(cin, cout, server_hostname="derp.test")
+    for _ in range(10):  # the handshake, in memory
+        for obj in (cli, srv):
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        if cout.pending:
+            sin.write(cout.read())
+        if sout.pending:
+            cin.write(sout.read())
+    assert srv.version() == "TLSv1.3"
+    if key_update is None or not key_update(cli):
+        pytest.skip("cannot reach OpenSSL's SSL* under this Python's ssl.SSLObject")
+    r = rig(depth=4)
+    ours, peer = socket.socketpair()
+    r.socks += [ours, peer]
+    ours.setblocking(False)
+    peer.settimeout(5)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    conn = Conn(key(2))
+    conn.engine_slot = r.engine.add(ours.fileno(), conn, (srv, sin, sout))
+    r.active[conn.key] = conn
+    r.engine.resume(conn.engine_slot, b"")
+    for _ in range(100):  # the client reads nothing: fill its socket until the engine's writes wait
+        r.engine.enqueue(conn.engine_slot, recv_packet(key(1), bytes(60000)), False)
+        if r.engine.pending(conn.engine_slot) and not select.select([], [ours], [], 0.05)[1]:
+            break
+    events: list = []
+    for i in range(10000):
+        if i:
+            assert key_update(cli)
+        cli.do_handshake()  # sends the KeyUpdate
+        peer.sendall(cout.read())
+        assert select.select([ours], [], [], 5)[0]
+        events = r.engine.poll(False) or []
+        if events:
+            break
+    assert events == [(conn, KIND_CLOSED, "tls_output_limit")]
+    assert 1000 < i < 5000  # each answer is a few dozen bytes: closed at 64 KiB of them
