@@ -37,11 +37,10 @@
  * records already read (so no socket event will come for them), which makes the epoll
  * descriptor readable and the Trio side call poll() for them.
  *
- * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 3 = an
- * exception raised while serving that connection (data: the exception; only its path is closed,
- * see contain()), kind 2 =
+ * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 2 =
  * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout",
- * "tls_output_limit").
+ * "tls_output_limit"), kind 3 = an exception raised while serving that connection (data: the
+ * exception; only that connection's path is closed, see contain()).
  * Single-threaded: every call holds the GIL; nothing here runs on another thread.
  */
 #define PY_SSIZE_T_CLEAN
