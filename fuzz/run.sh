@@ -9,6 +9,8 @@
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]      (needs the venv with atheris, and clang:
 #                                           .ci/setup.d/60-clang.sh)
+#   FUZZ_MERGE=1 fuzz/run.sh ...           also merges what the run found into fuzz/corpus/<target>
+#                                           (libFuzzer's -merge=1: only inputs with new coverage)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -21,7 +23,7 @@ cc=${FUZZ_CC:-$(command -v clang || ls /usr/bin/clang-[0-9]* 2>/dev/null | sort 
 [ -n "$cc" ] || { echo "fuzz: no clang: run .ci/setup.d/60-clang.sh" >&2; exit 2; }
 atheris_dir=$("$py" -c 'import atheris; print(atheris.path())')
 work=$(mktemp -d "${TMPDIR:-/tmp}/derpd-fuzz.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+[ "${FUZZ_KEEP:-0}" = 1 ] || trap 'rm -rf "$work"' EXIT
 
 tar -C "$root" --exclude=.git --exclude=.venv --exclude='*.so' --exclude=build --exclude='__pycache__' \
     --exclude=.hypothesis --exclude=.pytest_cache -cf - . | tar -C "$work" -xf -
@@ -50,6 +52,17 @@ for t in "${targets[@]}"; do
             [ -e "$f" ] && { echo "input $(basename "$f"):"; od -An -tx1 "$f" | head -20; }
         done
         rc=1
+    elif [ "${FUZZ_MERGE:-0}" = 1 ]; then
+        # libFuzzer's merge runs the target again as a command (argv[0]): make the copy one
+        sed -i "1i #!$py" "$work/fuzz/$t.py"
+        chmod +x "$work/fuzz/$t.py"
+        (
+            cd "$work/out-$t"
+            export LD_PRELOAD="$atheris_dir/asan_with_fuzzer.so"
+            export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1"
+            "$py" "$work/fuzz/$t.py" -merge=1 "$root/fuzz/corpus/$t" "$work/corpus-$t"
+        ) >"$work/out-$t/merge.log" 2>&1 || { tail -20 "$work/out-$t/merge.log"; rc=1; }
+        grep -E 'MERGE-OUTER: [0-9]+ new files' "$work/out-$t/merge.log" | sed "s/^/fuzz $t: /" || true
     fi
 done
 exit $rc
