@@ -21,7 +21,10 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(engine stun)
 cc=${FUZZ_CC:-$(command -v clang || ls /usr/bin/clang-[0-9]* 2>/dev/null | sort -V | tail -1)}
 [ -n "$cc" ] || { echo "fuzz: no clang: run .ci/setup.d/60-clang.sh" >&2; exit 2; }
-atheris_dir=$("$py" -c 'import atheris; print(atheris.path())')
+atheris_dir=$("$py" -c 'import atheris; print(atheris.path())' 2>/dev/null) || {
+    echo "fuzz: atheris is not installed in $py (pip install -e '.[test]'; atheris supports CPython 3.11)" >&2
+    exit 2
+}
 work=$(mktemp -d "${TMPDIR:-/tmp}/derpd-fuzz.XXXXXX")
 [ "${FUZZ_KEEP:-0}" = 1 ] || trap 'rm -rf "$work"' EXIT
 
