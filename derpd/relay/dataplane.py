@@ -23,6 +23,11 @@ no connection is counted and logged the same way and the loop goes on (the engin
 events it had not returned for the next call).  No failure of the engine ends the relay's
 other connections, as none does on the Python path.
 
+The engine calls back into Python while it routes (the registry's ``watch_peer_gone`` and
+``note_activity``, a connection's ``enqueue`` and attributes, an ``SSLObject``); those callbacks
+never re-enter the engine to add, remove or resume a slot or to poll (the engine raises there,
+and the failure policy above closes the connection being served).
+
 Dependencies: this module is below ``client_connection`` (which uses it) and knows
 connections only through the ``Handoff`` interface.
 """
