@@ -1,6 +1,6 @@
-/* derpd._dataplane: the relay's packet path for plain-TCP clients, in C (optional, Linux).
+/* derpd._dataplane: the relay's packet path for plain-TCP and TLS clients, in C (optional, Linux).
  *
- * One Engine per relay process owns an epoll set of logged-in plain-TCP client sockets.  The
+ * One Engine per relay process owns an epoll set of logged-in plain-TCP and TLS client sockets.  The
  * relay's Trio side (derpd/relay/dataplane.py) waits until the epoll descriptor is readable and
  * calls poll(); poll() then, with no Python per packet:
  *
@@ -38,7 +38,9 @@
  * descriptor readable and the Trio side call poll() for them.
  *
  * Events: kind 0 = bytes handed back, kind 1 = EOF (data: the bytes still buffered), kind 2 =
- * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout").
+ * the engine closed the socket's path (data: "read_error", "write_error", "write_timeout",
+ * "tls_output_limit"), kind 3 = an exception raised while serving that connection (data: the
+ * exception; only that connection's path is closed, see contain()).
  * Single-threaded: every call holds the GIL; nothing here runs on another thread.
  */
 #define PY_SSIZE_T_CLEAN
@@ -59,6 +61,9 @@
 #define MAX_IOV 256
 #define POLL_BYTE_BUDGET (2 * 1024 * 1024)
 #define POLL_FRAME_BUDGET 2048 /* frames routed per poll(): a flood of tiny frames yields too */
+/* TLS: ciphertext OpenSSL makes on its own (a KeyUpdate answer) while the client does not read
+ * what waits already; a client that asks for more than this is closed ("tls_output_limit") */
+#define TLS_MORE_MAX (64 * 1024)
 
 enum { S_FREE = 0, S_LIVE, S_DEAD };
 enum { DROP_QUEUE_HEAD = 0, DROP_GONE, DROP_WRITE_ERROR, DROP_REASONS };
@@ -86,15 +91,28 @@ typedef struct {
     Py_ssize_t partial_off;
     int partial_pkt;
     int pass_once;  /* hand back everything the next read brings (Python is skipping a frame) */
+    int broken;     /* a write failed outside poll(): the next poll() closes the path */
     PyObject *tls, *tls_in, *tls_out; /* TLS: the ssl.SSLObject and its two MemoryBIOs, or NULL */
+    PyObject *tls_more; /* TLS: a bytearray of ciphertext made while ``partial`` waits, or NULL */
     unsigned char *left;
     Py_ssize_t leftlen;
     double blocked_since;
     int next_free;
 } Slot;
 
+/* Module state: the names and exception types the engine uses, one set per module object
+ * (multi-phase init); an Engine reaches them through ``st`` (its type holds the module). */
+typedef struct {
+    PyObject *engine_type;
+    PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_slot, *str_drop;
+    PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent, *str_bytes_sent;
+    PyObject *reason_read, *reason_write, *reason_timeout, *reason_tls_limit;
+    PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
+} dp_state;
+
 typedef struct {
     PyObject_HEAD
+    dp_state *st;
     int epfd;
     int wakefd; /* eventfd in the epoll set (WAKE_TOKEN): work that no socket event announces */
     Slot *slots;
@@ -112,17 +130,13 @@ typedef struct {
     int *backlog;
     int nbacklog;
     int in_poll;
+    int nbroken; /* slots marked broken since the last poll() */
     int frames_left;
     PyObject *events;
     long long pk_recv, by_recv, disco_recv, pk_sent, by_sent;
     long long drop_n[DROP_REASONS][2], drop_b[DROP_REASONS][2];
 } Engine;
 
-static PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_slot, *str_drop;
-static PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent,
-    *str_bytes_sent;
-static PyObject *reason_read, *reason_write, *reason_timeout;
-static PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
 
 static double
 now_mono(void)
@@ -244,8 +258,32 @@ kill_slot(Engine *e, Slot *s, PyObject *reason)
 
 /* ------------------------------------------------------------------ writing */
 
+static void wake(Engine *e);
+
+/* A write on s failed for good.  Inside poll() the path is closed now; outside (enqueue,
+ * send_control from Python) there is no event list to report it on, so the slot is marked
+ * broken and poll() is woken to close it (and, should poll() not run, the write timeout
+ * fires: blocked_since is set). */
+static int
+broken_slot(Engine *e, Slot *s)
+{
+    if (e->in_poll)
+        return kill_slot(e, s, e->st->reason_write);
+    if (!s->broken) {
+        s->broken = 1;
+        e->nbroken++;
+    }
+    if (!s->blocked) {
+        s->blocked = 1;
+        s->blocked_since = now_mono();
+        set_mask(e, s);
+    }
+    wake(e);
+    return 0;
+}
+
 /* Write what is queued on s with one writev (more if the iovec filled up).  Outside poll() a
- * write error only arms EPOLLOUT, so that poll() sees it and reports the close. */
+ * write error marks the slot broken (see broken_slot), and poll() reports the close. */
 static int tls_flush(Engine *e, Slot *s);
 
 static int
@@ -253,6 +291,8 @@ flush_slot(Engine *e, Slot *s)
 {
     if (s->state != S_LIVE)
         return 0;
+    if (s->broken)
+        return e->in_poll ? kill_slot(e, s, e->st->reason_write) : 0;
     if (s->tls != NULL)
         return tls_flush(e, s);
     for (;;) {
@@ -295,8 +335,8 @@ flush_slot(Engine *e, Slot *s)
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK && e->in_poll)
-                return kill_slot(e, s, reason_write);
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return broken_slot(e, s);
             w = 0;
         }
         size_t left = (size_t)w;
@@ -390,11 +430,15 @@ static int grow_buf(Engine *e, Py_ssize_t need);
  * joined and encrypted with one SSLObject.write; the ciphertext (s->partial) is written first
  * and nothing more is encrypted until it is out, so the rings keep their drop-oldest bound. */
 
+/* Steals raw: ciphertext that must go out before anything else is encrypted (e.g. a TLS 1.3
+ * KeyUpdate answer).  While ``partial`` is still being written it waits in ``tls_more``, at
+ * most TLS_MORE_MAX bytes (amortised appends, no copy of ``partial``).  Returns 0, 1 when the
+ * bound is reached (raw dropped: the caller closes the path), -1 with an exception set. */
 static int
 append_raw(Slot *s, PyObject *raw)
 {
-    /* steals raw; ciphertext that must go out before anything else (e.g. a TLS 1.3 KeyUpdate) */
-    if (PyBytes_GET_SIZE(raw) == 0) {
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    if (n == 0) {
         Py_DECREF(raw);
         return 0;
     }
@@ -404,32 +448,49 @@ append_raw(Slot *s, PyObject *raw)
         s->partial_pkt = 0;
         return 0;
     }
-    PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(s->partial) + s->partial_off,
-                                               PyBytes_GET_SIZE(s->partial) - s->partial_off);
-    if (rest == NULL) {
+    if (s->tls_more == NULL && (s->tls_more = PyByteArray_FromStringAndSize(NULL, 0)) == NULL) {
         Py_DECREF(raw);
         return -1;
     }
-    PyBytes_ConcatAndDel(&rest, raw);
-    if (rest == NULL)
+    Py_ssize_t have = PyByteArray_GET_SIZE(s->tls_more);
+    if (n > TLS_MORE_MAX - have) {
+        Py_DECREF(raw);
+        return 1;
+    }
+    if (PyByteArray_Resize(s->tls_more, have + n) < 0) {
+        Py_DECREF(raw);
         return -1;
-    Py_SETREF(s->partial, rest);
-    s->partial_off = 0;
+    }
+    memcpy(PyByteArray_AS_STRING(s->tls_more) + have, PyBytes_AS_STRING(raw), (size_t)n);
+    Py_DECREF(raw);
     return 0;
+}
+
+/* ``partial`` is out: what waited behind it goes next.  -1 with an exception set. */
+static int
+next_partial(Slot *s)
+{
+    Py_CLEAR(s->partial);
+    s->partial_off = 0;
+    if (s->tls_more == NULL || PyByteArray_GET_SIZE(s->tls_more) == 0)
+        return 0;
+    s->partial = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(s->tls_more), PyByteArray_GET_SIZE(s->tls_more));
+    Py_CLEAR(s->tls_more);
+    return s->partial == NULL ? -1 : 0;
 }
 
 /* Collect what the SSLObject wrote into the outgoing BIO. */
 static int
-take_tls_output(Slot *s)
+take_tls_output(Engine *e, Slot *s)
 {
-    PyObject *pending = PyObject_GetAttr(s->tls_out, str_pending);
+    PyObject *pending = PyObject_GetAttr(s->tls_out, e->st->str_pending);
     if (pending == NULL)
         return -1;
     long n = PyLong_AsLong(pending);
     Py_DECREF(pending);
     if (n <= 0)
         return n < 0 && PyErr_Occurred() ? -1 : 0;
-    PyObject *raw = PyObject_CallMethodNoArgs(s->tls_out, str_read);
+    PyObject *raw = PyObject_CallMethodNoArgs(s->tls_out, e->st->str_read);
     if (raw == NULL || !PyBytes_Check(raw)) {
         Py_XDECREF(raw);
         return -1;
@@ -447,8 +508,8 @@ tls_flush(Engine *e, Slot *s)
             if (w < 0) {
                 if (errno == EINTR)
                     continue;
-                if (errno != EAGAIN && errno != EWOULDBLOCK && e->in_poll)
-                    return kill_slot(e, s, reason_write);
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    return broken_slot(e, s);
                 w = 0;
             }
             if (w < len) {
@@ -460,8 +521,10 @@ tls_flush(Engine *e, Slot *s)
                 }
                 return 0;
             }
-            Py_CLEAR(s->partial);
-            s->partial_off = 0;
+            if (next_partial(s) < 0)
+                return -1;
+            if (s->partial != NULL)
+                continue;
         }
         Py_ssize_t nctl = s->ctl ? PyList_GET_SIZE(s->ctl) : 0;
         if (nctl == 0 && s->q.len == 0 && s->dq.len == 0) {
@@ -493,6 +556,7 @@ tls_flush(Engine *e, Slot *s)
             Py_DECREF(plain);
             return -1;
         }
+        long long pk[2] = {0, 0}, by[2] = {0, 0};
         for (int k = 0; k < 2; k++) {
             Ring *r = k ? &s->dq : &s->q;
             while (r->len > 0) {
@@ -500,25 +564,28 @@ tls_flush(Engine *e, Slot *s)
                 Py_ssize_t len = PyBytes_GET_SIZE(f);
                 memcpy(out, PyBytes_AS_STRING(f), (size_t)len);
                 out += len;
-                e->pk_sent++;
-                e->by_sent += len - RECV_OVERHEAD;
+                pk[k]++;
+                by[k] += len - RECV_OVERHEAD;
                 Py_DECREF(f);
             }
         }
-        PyObject *res = PyObject_CallMethodOneArg(s->tls, str_write, plain);
+        PyObject *res = PyObject_CallMethodOneArg(s->tls, e->st->str_write, plain);
         Py_DECREF(plain);
         if (res == NULL) {
+            /* the packets taken from the rings never left: drops, not sends */
+            for (int k = 0; k < 2; k++) {
+                e->drop_n[DROP_WRITE_ERROR][k] += pk[k];
+                e->drop_b[DROP_WRITE_ERROR][k] += by[k];
+            }
             if (!PyErr_ExceptionMatches(PyExc_OSError))
                 return -1;
             PyErr_Clear(); /* an ssl.SSLError: the session is broken */
-            if (e->in_poll)
-                return kill_slot(e, s, reason_write);
-            s->blocked = 1; /* poll() sees EPOLLOUT and reports it */
-            set_mask(e, s);
-            return 0;
+            return broken_slot(e, s);
         }
         Py_DECREF(res);
-        if (take_tls_output(s) < 0)
+        e->pk_sent += pk[0] + pk[1];
+        e->by_sent += by[0] + by[1];
+        if (take_tls_output(e, s) < 0)
             return -1;
     }
 }
@@ -536,7 +603,7 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
         if (view == NULL)
             return -1;
         PyObject *room = PyLong_FromSsize_t(e->bufcap - end);
-        PyObject *got = room == NULL ? NULL : PyObject_CallMethodObjArgs(s->tls, str_read, room, view, NULL);
+        PyObject *got = room == NULL ? NULL : PyObject_CallMethodObjArgs(s->tls, e->st->str_read, room, view, NULL);
         Py_XDECREF(room);
         /* the memoryview points into e->buf, which grow_buf may move: release it now */
         PyObject *et, *ev, *tb;
@@ -548,11 +615,11 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
         Py_DECREF(view);
         PyErr_Restore(et, ev, tb);
         if (got == NULL) {
-            if (PyErr_ExceptionMatches(exc_want_read)) {
+            if (PyErr_ExceptionMatches(e->st->exc_want_read)) {
                 PyErr_Clear();
                 break;
             }
-            if (PyErr_ExceptionMatches(exc_zero_return)) {
+            if (PyErr_ExceptionMatches(e->st->exc_zero_return)) {
                 PyErr_Clear();
                 *eof_end = end;
                 return -2;
@@ -572,8 +639,15 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
             break;
         end += n;
     }
-    if (take_tls_output(s) < 0) /* a KeyUpdate answer, for example */
+    int more = take_tls_output(e, s); /* a KeyUpdate answer, for example */
+    if (more < 0)
         return -1;
+    if (more > 0) { /* the client asks for answers and does not read them */
+        if (kill_slot(e, s, e->st->reason_tls_limit) < 0)
+            return -1;
+        *eof_end = -1;
+        return -2;
+    }
     if (s->partial != NULL && !s->blocked && mark_dirty(e, s) < 0)
         return -1;
     return end;
@@ -594,6 +668,32 @@ mark_dirty(Engine *e, Slot *s)
     return 0;
 }
 
+/* An exception was raised while poll() served s (a callback, an SSLObject method, memory):
+ * close s's path alone and hand the exception to Python with it (kind 3), so that one
+ * connection's failure does not end every other's.  -1 (exception still set) when it cannot
+ * be pinned on a connection or is not an Exception (KeyboardInterrupt, SystemExit). */
+static int
+contain(Engine *e, Slot *s)
+{
+    if (s == NULL || s->conn == NULL || !PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (ev != NULL && tb != NULL)
+        PyException_SetTraceback(ev, tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    if (ev == NULL)
+        ev = Py_NewRef(Py_None);
+    if (s->state == S_LIVE) {
+        s->state = S_DEAD;
+        s->reading = s->blocked = 0;
+        set_mask(e, s);
+    }
+    return post(e, s, 3, ev);
+}
+
 static int
 flush_dirty(Engine *e)
 {
@@ -602,7 +702,7 @@ flush_dirty(Engine *e)
         Slot *s = &e->slots[e->dirty[i]];
         s->dirty = 0;
         if (rc == 0 && !s->blocked && flush_slot(e, s) < 0)
-            rc = -1;
+            rc = contain(e, s);
     }
     e->ndirty = 0;
     return rc;
@@ -669,9 +769,9 @@ static int
 flush_counters(Engine *e)
 {
     int rc = 0;
-    if (add_attr(e->stats, str_packets_received, e->pk_recv) < 0 || add_attr(e->stats, str_bytes_received, e->by_recv) < 0
-        || add_attr(e->stats, str_disco_received, e->disco_recv) < 0 || add_attr(e->stats, str_packets_sent, e->pk_sent) < 0
-        || add_attr(e->stats, str_bytes_sent, e->by_sent) < 0)
+    if (add_attr(e->stats, e->st->str_packets_received, e->pk_recv) < 0 || add_attr(e->stats, e->st->str_bytes_received, e->by_recv) < 0
+        || add_attr(e->stats, e->st->str_disco_received, e->disco_recv) < 0 || add_attr(e->stats, e->st->str_packets_sent, e->pk_sent) < 0
+        || add_attr(e->stats, e->st->str_bytes_sent, e->by_sent) < 0)
         rc = -1;
     e->pk_recv = e->by_recv = e->disco_recv = e->pk_sent = e->by_sent = 0;
     for (int r = 0; r < DROP_REASONS; r++) {
@@ -704,10 +804,10 @@ hand_back(Engine *e, Slot *s, int kind, const unsigned char *p, Py_ssize_t n)
 
 /* Python's answer for a destination the engine does not own; -1 on error, else "full". */
 static int
-enqueue_python(PyObject *conn, PyObject *frame, int disco)
+enqueue_python(Engine *e, PyObject *conn, PyObject *frame, int disco)
 {
     PyObject *args[3] = {conn, frame, disco ? Py_True : Py_False};
-    PyObject *r = PyObject_VectorcallMethod(str_enqueue, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *r = PyObject_VectorcallMethod(e->st->str_enqueue, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     if (r == NULL)
         return -1;
     int full = PyObject_IsTrue(r);
@@ -718,7 +818,7 @@ enqueue_python(PyObject *conn, PyObject *frame, int disco)
 static Slot *
 slot_of(Engine *e, PyObject *conn)
 {
-    PyObject *v = PyObject_GetAttr(conn, str_engine_slot);
+    PyObject *v = PyObject_GetAttr(conn, e->st->str_engine_slot);
     if (v == NULL) {
         PyErr_Clear();
         return NULL;
@@ -791,7 +891,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
             backlog = 1;
             break;
         }
-        PyObject *saw = PyObject_GetAttr(conn, str_saw_src);
+        PyObject *saw = PyObject_GetAttr(conn, e->st->str_saw_src);
         int seen = saw == NULL ? -1 : PySet_Contains(saw, src);
         Py_XDECREF(saw);
         if (seen == 0) {
@@ -823,7 +923,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         e->frames_left--;
         handled++;
         pos += HEADER_LEN + (Py_ssize_t)n;
-        int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(conn, frame, disco);
+        int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(e, conn, frame, disco);
         Py_DECREF(frame);
         Py_DECREF(conn);
         if (full < 0) {
@@ -854,7 +954,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         set_mask(e, s);
     }
     if (rc == 0 && handled) {
-        PyObject *dup = PyObject_GetAttr(sconn, str_is_dup);
+        PyObject *dup = PyObject_GetAttr(sconn, e->st->str_is_dup);
         int is_dup = dup == NULL ? -1 : PyObject_IsTrue(dup);
         Py_XDECREF(dup);
         if (is_dup < 0) {
@@ -922,7 +1022,7 @@ tls_deliver(Engine *e, int idx, Py_ssize_t have, int passthrough)
         return -1;
     if (end == -2) {
         if (eof_end < 0)
-            return kill_slot(e, s, reason_read);
+            return kill_slot(e, s, e->st->reason_read);
         return hand_back(e, s, 1, e->buf, eof_end);
     }
     if (end == 0)
@@ -954,14 +1054,14 @@ read_slot(Engine *e, int idx, int passthrough)
     if (r < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return 0;
-        return kill_slot(e, s, reason_read) < 0 ? -1 : 0;
+        return kill_slot(e, s, e->st->reason_read) < 0 ? -1 : 0;
     }
     take_left(e, s);
     if (r == 0)
         return hand_back(e, s, 1, e->buf, have) < 0 ? -1 : 0;
     if (s->tls != NULL) {
         PyObject *chunk = PyBytes_FromStringAndSize((const char *)e->raw, r);
-        PyObject *res = chunk == NULL ? NULL : PyObject_CallMethodOneArg(s->tls_in, str_write, chunk);
+        PyObject *res = chunk == NULL ? NULL : PyObject_CallMethodOneArg(s->tls_in, e->st->str_write, chunk);
         Py_XDECREF(chunk);
         if (res == NULL)
             return -1;
@@ -1001,6 +1101,8 @@ drain_backlog(Engine *e, int passthrough)
             rc = tls_deliver(e, list[i], have, passthrough);
         else if (have)
             rc = deliver(e, list[i], have, passthrough) < 0 ? -1 : 0;
+        if (rc < 0)
+            rc = contain(e, s);
         if (rc == 0 && e->ndirty && flush_dirty(e) < 0)
             rc = -1;
     }
@@ -1009,6 +1111,32 @@ drain_backlog(Engine *e, int passthrough)
 }
 
 /* ------------------------------------------------------------------ the type */
+
+/* An Engine made with Engine.__new__ and never initialised (or whose __init__ failed) has no
+ * depth, no buffers and no epoll set: every method refuses it. */
+static int
+not_ready(Engine *e)
+{
+    if (e->depth > 0 && e->active != NULL)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised");
+    return 1;
+}
+
+#define REQUIRE_READY(e)                                                                                         \
+    if (not_ready(e))                                                                                            \
+        return NULL;
+
+/* The rule for callbacks: what poll() calls (watch, note_activity, a connection's enqueue and
+ * attributes, the SSLObject) never re-enters the engine in a way that changes its slots --
+ * add(), remove(), resume(), expire(), poll() -- since poll() holds pointers into the slot
+ * table and add() may move it.  Enforced: those methods raise inside poll(), and the
+ * exception closes the connection being served (see contain()). */
+#define NOT_IN_POLL(e, name)                                                                                    \
+    if ((e)->in_poll) {                                                                                         \
+        PyErr_SetString(PyExc_RuntimeError, name "(): callbacks of poll() must not re-enter the engine");     \
+        return NULL;                                                                                            \
+    }
 
 static PyObject *
 take_events(Engine *e)
@@ -1045,13 +1173,11 @@ event_slot(Engine *e, struct epoll_event *ev)
 static PyObject *
 Engine_poll(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
     int passthrough = PyObject_IsTrue(arg);
     if (passthrough < 0)
         return NULL;
-    if (e->in_poll) {
-        PyErr_SetString(PyExc_RuntimeError, "poll() is not reentrant");
-        return NULL;
-    }
+    NOT_IN_POLL(e, "poll");
     struct epoll_event evs[MAX_EVENTS];
     int n = epoll_wait(e->epfd, evs, MAX_EVENTS, 0);
     if (n < 0) {
@@ -1071,8 +1197,14 @@ Engine_poll(Engine *e, PyObject *arg)
             ssize_t r = read(e->wakefd, &v, sizeof v); /* reset: the backlog is served below */
             (void)r;
         } else if (s != NULL && s->blocked && (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && flush_slot(e, s) < 0) {
-            rc = -1;
+            rc = contain(e, s);
         }
+    }
+    if (e->nbroken) { /* writes that failed outside poll(): close their paths now */
+        e->nbroken = 0;
+        for (int i = 0; i < e->nslots && rc == 0; i++)
+            if (e->slots[i].state == S_LIVE && e->slots[i].broken)
+                rc = kill_slot(e, &e->slots[i], e->st->reason_write);
     }
     if (rc == 0 && e->nbacklog && drain_backlog(e, passthrough) < 0)
         rc = -1;
@@ -1085,14 +1217,14 @@ Engine_poll(Engine *e, PyObject *arg)
         if (s->reading && !s->backlog && (what & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
             Py_ssize_t got = read_slot(e, (int)(s - e->slots), passthrough);
             if (got < 0)
-                rc = -1;
+                rc = contain(e, s);
             else
                 budget -= got;
             /* this sender's packets go out now, not after every other socket's: latency */
             if (rc == 0 && e->ndirty && flush_dirty(e) < 0)
                 rc = -1;
         } else if (!s->reading && !s->blocked && (what & (EPOLLERR | EPOLLHUP))) {
-            rc = kill_slot(e, s, reason_read);
+            rc = kill_slot(e, s, e->st->reason_read);
         }
     }
     if (flush_dirty(e) < 0)
@@ -1108,6 +1240,8 @@ Engine_poll(Engine *e, PyObject *arg)
 static PyObject *
 Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "add");
     if (nargs < 2 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "add(fd, conn[, (sslobject, incoming, outgoing)])");
         return NULL;
@@ -1120,7 +1254,7 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     int fd = (int)PyLong_AsLong(args[0]);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *key = PyObject_GetAttr(args[1], str_key);
+    PyObject *key = PyObject_GetAttr(args[1], e->st->str_key);
     if (key == NULL)
         return NULL;
     if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != KEY_LEN) {
@@ -1175,6 +1309,8 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "resume");
     if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "resume(slot, bytes[, pass_once])");
         return NULL;
@@ -1203,8 +1339,8 @@ Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     if (s->tls != NULL && !s->backlog) {
         /* records already in the SSLObject (read by trio before the takeover) need no socket
          * event: let the next poll() decrypt them */
-        PyObject *p = PyObject_CallMethodNoArgs(s->tls, str_pending);
-        PyObject *q = p == NULL ? NULL : PyObject_GetAttr(s->tls_in, str_pending);
+        PyObject *p = PyObject_CallMethodNoArgs(s->tls, e->st->str_pending);
+        PyObject *q = p == NULL ? NULL : PyObject_GetAttr(s->tls_in, e->st->str_pending);
         long more = (p == NULL || q == NULL) ? -1 : PyLong_AsLong(p) + PyLong_AsLong(q);
         Py_XDECREF(p);
         Py_XDECREF(q);
@@ -1256,6 +1392,7 @@ release_slot(Engine *e, Slot *s)
     Py_CLEAR(s->tls);
     Py_CLEAR(s->tls_in);
     Py_CLEAR(s->tls_out);
+    Py_CLEAR(s->tls_more);
 }
 
 /* Take idx out of an unordered index list (the dirty and backlog lists). */
@@ -1273,6 +1410,8 @@ list_discard(int *list, int *n, int idx)
 static PyObject *
 Engine_remove(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "remove");
     Slot *s = get_slot(e, arg);
     if (s == NULL)
         return NULL;
@@ -1302,6 +1441,7 @@ Engine_remove(Engine *e, PyObject *arg)
 static PyObject *
 Engine_enqueue(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
     if (nargs != 3 || !PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) < RECV_OVERHEAD) {
         PyErr_SetString(PyExc_TypeError, "enqueue(slot, frame, disco)");
         return NULL;
@@ -1321,6 +1461,7 @@ Engine_enqueue(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Engine_send_control(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
+    REQUIRE_READY(e);
     if (nargs != 2 || !PyBytes_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "send_control(slot, frame)");
         return NULL;
@@ -1350,6 +1491,7 @@ Engine_send_control(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Engine_pending(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
     Slot *s = get_slot(e, arg);
     if (s == NULL)
         return NULL;
@@ -1360,6 +1502,8 @@ Engine_pending(Engine *e, PyObject *arg)
 static PyObject *
 Engine_expire(Engine *e, PyObject *arg)
 {
+    REQUIRE_READY(e);
+    NOT_IN_POLL(e, "expire");
     double timeout = PyFloat_AsDouble(arg);
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
@@ -1369,7 +1513,7 @@ Engine_expire(Engine *e, PyObject *arg)
         if (s->state != S_LIVE || !s->blocked || s->blocked_since == 0 || now - s->blocked_since < timeout)
             continue;
         drop_queued(e, s, DROP_WRITE_ERROR);
-        if (kill_slot(e, s, reason_timeout) < 0)
+        if (kill_slot(e, s, e->st->reason_timeout) < 0)
             return NULL;
     }
     if (flush_counters(e) < 0)
@@ -1380,18 +1524,21 @@ Engine_expire(Engine *e, PyObject *arg)
 static PyObject *
 Engine_backlogged(Engine *e, PyObject *Py_UNUSED(ignored))
 {
+    REQUIRE_READY(e);
     return PyBool_FromLong(e->nbacklog > 0);
 }
 
 static PyObject *
 Engine_fileno(Engine *e, PyObject *unused)
 {
+    REQUIRE_READY(e);
     return PyLong_FromLong(e->epfd);
 }
 
 static PyObject *
 Engine_count(Engine *e, PyObject *unused)
 {
+    REQUIRE_READY(e);
     long live = 0;
     for (int i = 0; i < e->nslots; i++)
         live += e->slots[i].state != S_FREE;
@@ -1408,6 +1555,12 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTuple(args, "O!OOOO!nLin", &PyDict_Type, &active, &watch, &note, &stats, &PyBytes_Type, &magic,
                           &disco_min, &send_limit, &depth, &recv_size))
         return -1;
+    if (e->depth != 0) {
+        /* the rings were sized for the first depth: a second __init__ would index them with
+         * the new one */
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
     if (depth < 1 || recv_size < 1) {
         PyErr_SetString(PyExc_ValueError, "depth and recv_size must be positive");
         return -1;
@@ -1454,11 +1607,17 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+static struct PyModuleDef module;
+
 static PyObject *
 Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
+    PyObject *m = PyType_GetModuleByDef(type, &module);
+    if (m == NULL)
+        return NULL;
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (e != NULL) {
+        e->st = PyModule_GetState(m);
         e->epfd = -1;
         e->wakefd = -1;
         e->free_head = -1;
@@ -1466,30 +1625,70 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)e;
 }
 
-static void
-Engine_dealloc(Engine *e)
+/* The garbage collector's view.  An Engine holds its connections, which (through the relay
+ * that owns the engine) hold it: a cycle the collector must be able to see and break. */
+static int
+Engine_traverse(Engine *e, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(e));
+    Py_VISIT(e->active);
+    Py_VISIT(e->watch);
+    Py_VISIT(e->note_activity);
+    Py_VISIT(e->stats);
+    Py_VISIT(e->events);
+    for (int i = 0; i < e->nslots; i++) {
+        Slot *s = &e->slots[i];
+        if (s->state == S_FREE)
+            continue;
+        Py_VISIT(s->conn);
+        Py_VISIT(s->ctl);
+        Py_VISIT(s->tls);
+        Py_VISIT(s->tls_in);
+        Py_VISIT(s->tls_out);
+    }
+    return 0;
+}
+
+/* Break the cycles: every slot let go, the callbacks dropped.  Afterwards the engine refuses
+ * every method (not_ready), as one never initialised does; poll() is never running here (a
+ * running poll() keeps the engine reachable). */
+static int
+Engine_clear(Engine *e)
 {
     for (int i = 0; i < e->nslots; i++) {
         Slot *s = &e->slots[i];
         if (s->state != S_FREE)
             release_slot(e, s);
+        s->state = S_FREE;
     }
-    PyMem_Free(e->slots);
-    PyMem_Free(e->raw);
-    PyMem_Free(e->dirty);
-    PyMem_Free(e->backlog);
-    PyMem_Free(e->buf);
+    e->nslots = e->ndirty = e->nbacklog = 0;
+    e->free_head = -1;
     Py_CLEAR(e->events);
     Py_CLEAR(e->active);
     Py_CLEAR(e->watch);
     Py_CLEAR(e->note_activity);
     Py_CLEAR(e->stats);
     Py_CLEAR(e->magic);
+    return 0;
+}
+
+static void
+Engine_dealloc(Engine *e)
+{
+    PyTypeObject *tp = Py_TYPE(e);
+    PyObject_GC_UnTrack(e);
+    Engine_clear(e);
+    PyMem_Free(e->slots);
+    PyMem_Free(e->raw);
+    PyMem_Free(e->dirty);
+    PyMem_Free(e->backlog);
+    PyMem_Free(e->buf);
     if (e->epfd >= 0)
         close(e->epfd);
     if (e->wakefd >= 0)
         close(e->wakefd);
-    Py_TYPE(e)->tp_free((PyObject *)e);
+    tp->tp_free((PyObject *)e);
+    Py_DECREF(tp);
 }
 
 static PyMethodDef Engine_methods[] = {
@@ -1507,26 +1706,32 @@ static PyMethodDef Engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "derpd._dataplane.Engine",
-    .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = Engine_new,
-    .tp_init = (initproc)Engine_init,
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_methods = Engine_methods,
-    .tp_doc = "The relay's packet path for plain-TCP clients (see derpd/relay/dataplane.py).",
+static PyType_Slot Engine_slots[] = {
+    {Py_tp_doc, "The relay's packet path for plain-TCP and TLS clients (see derpd/relay/dataplane.py)."},
+    {Py_tp_new, Engine_new},
+    {Py_tp_init, Engine_init},
+    {Py_tp_dealloc, Engine_dealloc},
+    {Py_tp_traverse, Engine_traverse},
+    {Py_tp_clear, Engine_clear},
+    {Py_tp_methods, Engine_methods},
+    {0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "derpd._dataplane", NULL, -1, NULL};
+static PyType_Spec Engine_spec = {
+    .name = "derpd._dataplane.Engine",
+    .basicsize = sizeof(Engine),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Engine_slots,
+};
 
-#define INTERN(var, text)                                                                                        \
-    if ((var = PyUnicode_InternFromString(text)) == NULL)                                                       \
-        return NULL;
+#define INTERN(field, text)                                                                                      \
+    if ((st->field = PyUnicode_InternFromString(text)) == NULL)                                                 \
+        return -1;
 
-PyMODINIT_FUNC
-PyInit__dataplane(void)
+static int
+dp_exec(PyObject *m)
 {
+    dp_state *st = PyModule_GetState(m);
     INTERN(str_saw_src, "saw_src");
     INTERN(str_enqueue, "enqueue");
     INTERN(str_key, "key");
@@ -1541,27 +1746,77 @@ PyInit__dataplane(void)
     INTERN(reason_read, "read_error");
     INTERN(reason_write, "write_error");
     INTERN(reason_timeout, "write_timeout");
+    INTERN(reason_tls_limit, "tls_output_limit");
     INTERN(str_write, "write");
     INTERN(str_read, "read");
     INTERN(str_pending, "pending");
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (ssl == NULL)
-        return NULL;
-    exc_want_read = PyObject_GetAttrString(ssl, "SSLWantReadError");
-    exc_zero_return = PyObject_GetAttrString(ssl, "SSLZeroReturnError");
+        return -1;
+    st->exc_want_read = PyObject_GetAttrString(ssl, "SSLWantReadError");
+    st->exc_zero_return = PyObject_GetAttrString(ssl, "SSLZeroReturnError");
     Py_DECREF(ssl);
-    if (exc_want_read == NULL || exc_zero_return == NULL)
-        return NULL;
-    if (PyType_Ready(&EngineType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL)
-        return NULL;
-    Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
-        Py_DECREF(&EngineType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    if (st->exc_want_read == NULL || st->exc_zero_return == NULL)
+        return -1;
+    st->engine_type = PyType_FromModuleAndSpec(m, &Engine_spec, NULL);
+    if (st->engine_type == NULL)
+        return -1;
+    return PyModule_AddType(m, (PyTypeObject *)st->engine_type);
+}
+
+#define STATE_FIELDS(X)                                                                                          \
+    X(engine_type) X(str_saw_src) X(str_enqueue) X(str_key) X(str_is_dup) X(str_engine_slot) X(str_drop)         \
+    X(str_packets_received) X(str_bytes_received) X(str_disco_received) X(str_packets_sent) X(str_bytes_sent)   \
+    X(reason_read) X(reason_write) X(reason_timeout) X(reason_tls_limit) X(str_write) X(str_read)              \
+    X(str_pending) X(exc_want_read) X(exc_zero_return)
+
+static int
+dp_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    dp_state *st = PyModule_GetState(m);
+#define VISIT(f) Py_VISIT(st->f);
+    STATE_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+dp_clear(PyObject *m)
+{
+    dp_state *st = PyModule_GetState(m);
+#define CLEAR(f) Py_CLEAR(st->f);
+    STATE_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+dp_free(void *m)
+{
+    dp_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot dp_slots[] = {
+    {Py_mod_exec, dp_exec},
+#ifdef Py_mod_gil
+    /* every Engine call relies on the GIL: one thread at a time in the engine */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "derpd._dataplane",
+    .m_size = sizeof(dp_state),
+    .m_slots = dp_slots,
+    .m_traverse = dp_traverse,
+    .m_clear = dp_clear,
+    .m_free = dp_free,
+};
+
+PyMODINIT_FUNC
+PyInit__dataplane(void)
+{
+    return PyModuleDef_Init(&module);
 }

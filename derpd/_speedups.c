@@ -23,7 +23,9 @@
  *     first passed to ``watch(dst_conn, src)`` (PeerGone bookkeeping).  Stops at the
  *     first frame it does not handle (another type, a payload shorter than a key, an unknown
  *     destination) or after an enqueue that returns True (full = 1); ``index`` is the frame
- *     to resume at.
+ *     to resume at.  The callbacks may do anything, ``frames`` and ``active`` included (no
+ *     borrowed reference is held across them); route_packets keeps no state between calls,
+ *     so calling it again from a callback is safe too.
  *
  *   box_key(shared)
  *     NaCl's crypto_box key from an X25519 shared secret: HSalsa20 of the 32-byte secret with
@@ -39,8 +41,10 @@
 #define HEADER_LEN 5
 #define KEY_LEN 32
 
-static PyObject *str_enqueue;
-static PyObject *str_saw_src;
+/* Module state (multi-phase init: one per module object): two interned attribute names. */
+typedef struct {
+    PyObject *str_enqueue, *str_saw_src;
+} sp_state;
 
 static PyObject *
 split_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -141,12 +145,15 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t disco_min = PyLong_AsSsize_t(args[6]);
     if (PyErr_Occurred())
         return NULL;
+    sp_state *st = PyModule_GetState(self);
     const char *mag = PyBytes_AS_STRING(magic);
     Py_ssize_t maglen = PyBytes_GET_SIZE(magic);
     Py_ssize_t npk = 0, nbytes = 0, ndisco = 0;
     int full = 0;
-    Py_ssize_t nframes = PyList_GET_SIZE(frames);
-    while (i < nframes) {
+    /* The callbacks (saw_src, watch, enqueue) run Python, which may change ``frames``: the
+     * list's size is read again for every frame, and the frame's tuple (so its payload) is
+     * held with a reference of our own until the frame is done. */
+    while (i >= 0 && i < PyList_GET_SIZE(frames)) {
         PyObject *item = PyList_GET_ITEM(frames, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
             break;
@@ -156,13 +163,17 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t n = PyBytes_GET_SIZE(payload);
         if (n < KEY_LEN)
             break;
+        Py_INCREF(item);
         const char *p = PyBytes_AS_STRING(payload);
         PyObject *dst = PyBytes_FromStringAndSize(p, KEY_LEN);
-        if (dst == NULL)
+        if (dst == NULL) {
+            Py_DECREF(item);
             return NULL;
+        }
         PyObject *conn = PyDict_GetItemWithError(active, dst);
         if (conn == NULL) {
             Py_DECREF(dst);
+            Py_DECREF(item);
             if (PyErr_Occurred())
                 return NULL;
             break;
@@ -170,7 +181,7 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(conn);
         int disco = n >= KEY_LEN + disco_min && n - KEY_LEN >= maglen && memcmp(p + KEY_LEN, mag, (size_t)maglen) == 0;
         Py_DECREF(dst);
-        PyObject *saw = PyObject_GetAttr(conn, str_saw_src);
+        PyObject *saw = PyObject_GetAttr(conn, st->str_saw_src);
         int seen = saw == NULL ? -1 : PySet_Contains(saw, srcobj);
         Py_XDECREF(saw);
         if (seen == 0) {
@@ -182,11 +193,13 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (seen < 0) {
             Py_DECREF(conn);
+            Py_DECREF(item);
             return NULL;
         }
         PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_LEN + n);
         if (frame == NULL) {
             Py_DECREF(conn);
+            Py_DECREF(item);
             return NULL;
         }
         unsigned char *f = (unsigned char *)PyBytes_AS_STRING(frame);
@@ -197,12 +210,13 @@ route_packets(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         f[4] = (unsigned char)n;
         memcpy(f + HEADER_LEN, src, KEY_LEN);
         memcpy(f + HEADER_LEN + KEY_LEN, p + KEY_LEN, (size_t)(n - KEY_LEN));
+        Py_DECREF(item);
         npk++;
         nbytes += n - KEY_LEN;
         ndisco += disco;
         i++;
         PyObject *callargs[3] = {conn, frame, disco ? Py_True : Py_False};
-        PyObject *r = PyObject_VectorcallMethod(str_enqueue, callargs, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        PyObject *r = PyObject_VectorcallMethod(st->str_enqueue, callargs, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         Py_DECREF(frame);
         Py_DECREF(conn);
         if (r == NULL)
@@ -296,14 +310,62 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "derpd._speedups", NULL, -1, methods};
+static int
+sp_exec(PyObject *m)
+{
+    sp_state *st = PyModule_GetState(m);
+    st->str_enqueue = PyUnicode_InternFromString("enqueue");
+    st->str_saw_src = PyUnicode_InternFromString("saw_src");
+    return st->str_enqueue == NULL || st->str_saw_src == NULL ? -1 : 0;
+}
+
+static int
+sp_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    sp_state *st = PyModule_GetState(m);
+    Py_VISIT(st->str_enqueue);
+    Py_VISIT(st->str_saw_src);
+    return 0;
+}
+
+static int
+sp_clear(PyObject *m)
+{
+    sp_state *st = PyModule_GetState(m);
+    Py_CLEAR(st->str_enqueue);
+    Py_CLEAR(st->str_saw_src);
+    return 0;
+}
+
+static void
+sp_free(void *m)
+{
+    sp_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot sp_slots[] = {
+    {Py_mod_exec, sp_exec},
+#ifdef Py_mod_gil
+    /* split_frames and box_key would not need it; route_packets calls back into Python
+     * objects (dicts, sets, connections) that the relay shares without locks */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "derpd._speedups",
+    .m_size = sizeof(sp_state),
+    .m_methods = methods,
+    .m_slots = sp_slots,
+    .m_traverse = sp_traverse,
+    .m_clear = sp_clear,
+    .m_free = sp_free,
+};
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    str_enqueue = PyUnicode_InternFromString("enqueue");
-    str_saw_src = PyUnicode_InternFromString("saw_src");
-    if (str_enqueue == NULL || str_saw_src == NULL)
-        return NULL;
-    return PyModule_Create(&module);
+    return PyModuleDef_Init(&module);
 }

@@ -1,7 +1,7 @@
 """The optional compiled speed-ups, or ``None``.
 
 ``derpd._speedups`` (derpd/_speedups.c) and, on Linux, ``derpd._dataplane``
-(derpd/_dataplane.c, the plain-TCP packet path) are built by setup.py when a C compiler is there.
+(derpd/_dataplane.c, the packet path of plain-TCP and TLS clients) are built by setup.py when a C compiler is there.
 Every caller keeps a pure-Python path that behaves the same; ``DERPD_PURE=1`` in the
 environment forces that path even when the module was built (CI runs the suite both ways).
 """
@@ -31,14 +31,13 @@ dataplane: ModuleType | None = _load("_dataplane")
 def data_plane() -> str:
     """Which packet path this process runs, for ``derpd serve``'s start-up line:
     ``compiled (...)`` naming the extensions loaded, ``partly compiled (...)``, or
-    ``pure Python (why)``.  Also asks ``stund.server`` (imported here, not at module load:
-    this module stays free of trio for the sans-IO core)."""
-    from stund.server import COMPILED as stun_compiled
+    ``pure Python (why)``, with stund's own selector for its extension."""
+    from stund import accel as stund_accel
 
     if PURE:
         return "pure Python (DERPD_PURE is set)"
     loaded = {"derpd._dataplane": dataplane is not None, "derpd._speedups": speedups is not None,
-              "stund._mmsg": stun_compiled}
+              "stund._mmsg": stund_accel.mmsg is not None}
     have = [name for name, ok in loaded.items() if ok]
     lack = [name for name, ok in loaded.items() if not ok]
     if not lack:

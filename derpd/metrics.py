@@ -105,6 +105,7 @@ class RelayStats:
         self.home_moves_in = 0
         self.home_moves_out = 0
         self.write_timeouts = 0
+        self.dataplane_errors = 0
         self.unknown_frames = 0
         self.rate_limit_waits = 0
         self.frames_received: Counter[str] = Counter(dict.fromkeys(FRAME_TYPES, 0))
@@ -176,6 +177,8 @@ class RelayCollector(Collector):
         yield counter("derp_home_moves_out", "NotePreferred changes away from home after the first 5 s.",
                       s.home_moves_out)
         yield counter("derp_write_timeouts", "Send loops ended by the write deadline.", s.write_timeouts)
+        yield counter("derp_dataplane_errors", "Exceptions in the compiled data plane (each closes one connection).",
+                      s.dataplane_errors)
         yield counter("derp_unknown_frames", "Frames of unknown types skipped after login.", s.unknown_frames)
         yield counter("derp_rate_limit_waits", "Times a client's reader waited for its receive rate limit.",
                       s.rate_limit_waits)

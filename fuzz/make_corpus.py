@@ -64,6 +64,22 @@ STUN = {
     "plain_request": h("0001 0000 2112a442 0102030405060708090a0b0c"),
 }
 
+# fuzz/engine.py programs: a first byte (bit 0: the third client speaks TLS), then steps of
+# (operation, client, arguments); see that file for the operations.
+POLL = bytes([3, 0, 0, 0])
+ENGINE = {
+    "send_and_poll": bytes([0, 1, 0, 0, 0x01, 5]) + b"hello" + bytes([3]) + POLL + bytes([9, 1]) + POLL,
+    "tls_records_split": bytes([1, 1, 2, 1, 0x00, 4]) + b"abcd" + bytes([0x21, 2]) + b"zz" + bytes([7]) + POLL * 3
+    + bytes([9, 0]),
+    "unknown_key_then_resume": bytes([0, 1, 0, 0, 0x04, 3]) + b"xyz" + bytes([0]) + POLL + bytes([4, 0, 3]) + b"\x04\x00\x00"
+    + bytes([0]) + POLL,
+    "half_close_mid_frame": bytes([0, 0, 0, 3]) + b"\x04\x00\x00" + bytes([1, 8, 0]) + POLL + POLL,
+    "zero_and_oversize_lengths": bytes([0, 1, 1, 1, 0x41, 0, 0x40, 0, 0]) + POLL + POLL,
+    "queue_control_remove": bytes([0, 5, 1, 10, 1, 6, 1, 5]) + b"hello" + bytes([9, 1]) + POLL + bytes([7, 1, 10, 0, 1])
+    + POLL,
+    "close_mid_stream": bytes([0, 1, 0, 2, 0x12, 9]) + bytes(36) + bytes([0x02, 1, 0, 5, 11, 0]) + POLL + POLL,
+}
+
 
 def write(target: str, seeds: dict[str, bytes], prefix: bytes = b"\x00") -> None:
     d = ROOT / target
@@ -82,4 +98,5 @@ if __name__ == "__main__":
     write("http_front", HTTP)
     write("http_front", {"upgrade_then_client_info": UPGRADE + FRAMES["client_info"]}, b"\x20")
     write("stun", STUN, b"")
+    write("engine", ENGINE, b"")
     print(f"wrote {sum(1 for _ in ROOT.rglob('*') if _.is_file())} seeds under {ROOT.name}/")

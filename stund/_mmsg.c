@@ -49,6 +49,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,20 +62,28 @@
 #define MAX_BATCH 64
 #define MAX_DATAGRAM 2048
 
-static char bufs[MAX_BATCH][MAX_DATAGRAM]; /* used only with the GIL held */
+/* Module state: recv_batch's receive buffers (MAX_BATCH x MAX_DATAGRAM).  recv_batch runs
+ * from start to end with the GIL held (it never releases it) and the module declares that it
+ * needs the GIL (Py_mod_gil), so two calls never use them at once; FastStun's thread has a
+ * batch of its own (struct batch). */
+typedef struct {
+    PyObject *faststun_type;
+    char (*bufs)[MAX_DATAGRAM];
+} mmsg_state;
 
 /* The sender's packed IP (4 bytes for IPv4 and v4-mapped IPv6, else 16; 0 for other
- * families) and port. */
+ * families, and for an address shorter than its family's: namelen is what the kernel filled
+ * in) and port. */
 static int
-peer_of(const struct sockaddr_storage *ss, const unsigned char **ip, unsigned short *port)
+peer_of(const struct sockaddr_storage *ss, socklen_t namelen, const unsigned char **ip, unsigned short *port)
 {
-    if (ss->ss_family == AF_INET) {
+    if (namelen >= (socklen_t)sizeof(struct sockaddr_in) && ss->ss_family == AF_INET) {
         const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
         *ip = (const unsigned char *)&a->sin_addr;
         *port = ntohs(a->sin_port);
         return 4;
     }
-    if (ss->ss_family == AF_INET6) {
+    if (namelen >= (socklen_t)sizeof(struct sockaddr_in6) && ss->ss_family == AF_INET6) {
         const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
         *ip = (const unsigned char *)&a->sin6_addr;
         *port = ntohs(a->sin6_port);
@@ -95,7 +104,9 @@ make_item(const char *data, unsigned int len, const struct sockaddr_storage *ss,
 {
     const unsigned char *ip;
     unsigned short port;
-    int iplen = peer_of(ss, &ip, &port);
+    if (namelen > (socklen_t)sizeof(*ss)) /* a truncated address: never for UDP */
+        namelen = (socklen_t)sizeof(*ss);
+    int iplen = peer_of(ss, namelen, &ip, &port);
     return Py_BuildValue("(y#y#Hy#)", data, (Py_ssize_t)len, (const char *)ip, (Py_ssize_t)iplen, port,
                          (const char *)ss, (Py_ssize_t)namelen);
 }
@@ -110,6 +121,7 @@ recv_batch(PyObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "ii", &fd, &n))
         return NULL;
+    char (*bufs)[MAX_DATAGRAM] = ((mmsg_state *)PyModule_GetState(self))->bufs;
     if (n < 1)
         n = 1;
     if (n > MAX_BATCH)
@@ -210,7 +222,8 @@ send_batch(PyObject *self, PyObject *args)
 enum { KIND_TAILSCALE, KIND_RFC5389, KIND_RFC3489 };
 
 static const unsigned char COOKIE[4] = {0x21, 0x12, 0xa4, 0x42};
-static uint32_t crc_table[256];
+static uint32_t crc_table[256]; /* written once (pthread_once), then only read */
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
 
 static void
 crc_init(void)
@@ -478,16 +491,38 @@ FastStun_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)s;
 }
 
+/* The garbage collector's view: callback and pending may be part of a cycle (a bound method
+ * of an object that holds this FastStun).  While run() runs it holds a reference of its own,
+ * so a running FastStun is never cleared. */
+static int
+FastStun_traverse(FastStun *s, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(s));
+    Py_VISIT(s->callback);
+    Py_VISIT(s->pending);
+    return 0;
+}
+
+static int
+FastStun_clear(FastStun *s)
+{
+    Py_CLEAR(s->callback);
+    Py_CLEAR(s->pending);
+    return 0;
+}
+
 static void
 FastStun_dealloc(FastStun *s)
 {
+    PyTypeObject *tp = Py_TYPE(s);
+    PyObject_GC_UnTrack(s);
     if (s->wake_fd >= 0)
         close(s->wake_fd);
     if (s->have_counts)
         PyBuffer_Release(&s->counts);
-    Py_XDECREF(s->callback);
-    Py_XDECREF(s->pending);
-    Py_TYPE(s)->tp_free((PyObject *)s);
+    FastStun_clear(s);
+    tp->tp_free((PyObject *)s);
+    Py_DECREF(tp);
 }
 
 static PyObject *
@@ -683,7 +718,7 @@ FastStun_run(FastStun *s, PyObject *unused)
         for (int i = 0; i < got; i++) {
             const unsigned char *ip;
             unsigned short port;
-            int iplen = peer_of(&b->names[i], &ip, &port);
+            int iplen = peer_of(&b->names[i], b->rmsg[i].msg_hdr.msg_namelen, &ip, &port);
             int kind = 0, len = 0;
             if (!(b->rmsg[i].msg_hdr.msg_flags & MSG_TRUNC))
                 len = fast_answer((const unsigned char *)b->in[i], b->rmsg[i].msg_len, ip, iplen, port,
@@ -750,16 +785,22 @@ static PyMethodDef FastStun_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject FastStunType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "stund._mmsg.FastStun",
-    .tp_basicsize = sizeof(FastStun),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The STUN answering loop of one UDP socket (see the module docstring).",
-    .tp_new = FastStun_new,
-    .tp_init = (initproc)FastStun_init,
-    .tp_dealloc = (destructor)FastStun_dealloc,
-    .tp_methods = FastStun_methods,
+static PyType_Slot FastStun_slots[] = {
+    {Py_tp_doc, "The STUN answering loop of one UDP socket (see the module docstring)."},
+    {Py_tp_new, FastStun_new},
+    {Py_tp_init, FastStun_init},
+    {Py_tp_dealloc, FastStun_dealloc},
+    {Py_tp_traverse, FastStun_traverse},
+    {Py_tp_clear, FastStun_clear},
+    {Py_tp_methods, FastStun_methods},
+    {0, NULL},
+};
+
+static PyType_Spec FastStun_spec = {
+    .name = "stund._mmsg.FastStun",
+    .basicsize = sizeof(FastStun),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = FastStun_slots,
 };
 
 static PyMethodDef methods[] = {
@@ -769,25 +810,75 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "stund._mmsg", NULL, -1, methods};
+/* Multi-phase initialisation: every import (each interpreter) gets its own module object, type
+ * and buffers; nothing mutable is shared but the CRC table, written once. */
+static int
+mmsg_exec(PyObject *m)
+{
+    mmsg_state *st = PyModule_GetState(m);
+    pthread_once(&crc_once, crc_init);
+    st->bufs = PyMem_Malloc(sizeof(char[MAX_BATCH][MAX_DATAGRAM]));
+    if (st->bufs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    st->faststun_type = PyType_FromModuleAndSpec(m, &FastStun_spec, NULL);
+    if (st->faststun_type == NULL)
+        return -1;
+    if (PyModule_AddType(m, (PyTypeObject *)st->faststun_type) < 0)
+        return -1;
+    return PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH);
+}
+
+static int
+mmsg_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    mmsg_state *st = PyModule_GetState(m);
+    Py_VISIT(st->faststun_type);
+    return 0;
+}
+
+static int
+mmsg_clear(PyObject *m)
+{
+    mmsg_state *st = PyModule_GetState(m);
+    Py_CLEAR(st->faststun_type);
+    return 0;
+}
+
+static void
+mmsg_free(void *m)
+{
+    mmsg_state *st = PyModule_GetState((PyObject *)m);
+    mmsg_clear((PyObject *)m);
+    PyMem_Free(st->bufs);
+    st->bufs = NULL;
+}
+
+static PyModuleDef_Slot mmsg_slots[] = {
+    {Py_mod_exec, mmsg_exec},
+#ifdef Py_mod_gil
+    /* recv_batch's buffers and the callback's bookkeeping rely on the GIL (see mmsg_state) */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "stund._mmsg",
+    .m_size = sizeof(mmsg_state),
+    .m_methods = methods,
+    .m_slots = mmsg_slots,
+    .m_traverse = mmsg_traverse,
+    .m_clear = mmsg_clear,
+    .m_free = mmsg_free,
+};
 
 PyMODINIT_FUNC
 PyInit__mmsg(void)
 {
-    crc_init();
-    if (PyType_Ready(&FastStunType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL)
-        return NULL;
-    Py_INCREF(&FastStunType);
-    if (PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH) < 0
-        || PyModule_AddObject(m, "FastStun", (PyObject *)&FastStunType) < 0) {
-        Py_DECREF(&FastStunType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModuleDef_Init(&module);
 }
 
 #else /* not Linux: no module, stund uses recvfrom/sendto */

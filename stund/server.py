@@ -7,9 +7,10 @@ other tasks run and carries on without waiting.  Per datagram the work is: one a
 in a small cache, :func:`stund.binding.answer`, one counter increment and one send.  A full
 send buffer drops the reply (counted as a write error): UDP callers retransmit.
 
-With the optional compiled helper ``stund._mmsg`` (built by setup.py; ``DERPD_PURE=1``
-disables it) one ``recvmmsg`` takes up to 64 datagrams and one ``sendmmsg`` sends their
-replies, and the sender's address arrives packed (no text round trip).
+With the optional compiled helper ``stund._mmsg`` (built by setup.py; ``DERPD_PURE=1`` or
+``STUND_PURE=1`` disable it, see stund/accel.py) one ``recvmmsg`` takes up to 64 datagrams
+and one ``sendmmsg`` sends their replies, and the sender's address arrives packed (no text
+round trip).
 
 The answering thread: with the helper, every socket outside an RFC 5780 grid is served by a
 dedicated OS thread running ``stund._mmsg.FastStun.run``, which never takes the GIL for a
@@ -40,7 +41,6 @@ from __future__ import annotations
 import errno
 import logging
 import multiprocessing
-import os
 import signal
 import socket
 import sys
@@ -51,6 +51,7 @@ from typing import Any
 
 import trio
 
+from . import accel
 from .binding import Grid, Ignore, answer
 from .message import StunError
 from .metrics import PROCESS_STATS, StunStats, add_source, add_worker_process, slot_count
@@ -60,16 +61,8 @@ __all__ = ["BATCH", "RCVBUF", "StunConfigError", "serve_stun", "run_workers", "p
 log = logging.getLogger("stund")
 
 # Optional compiled helper (setup.py builds it when a C compiler is there): recvmmsg/sendmmsg.
-# DERPD_PURE=1 forces the pure-Python path, which behaves the same.
-_mmsg: Any
-try:
-    if os.environ.get("DERPD_PURE", "") not in ("", "0"):
-        raise ImportError("DERPD_PURE is set")
-    from . import _mmsg  # type: ignore[attr-defined,no-redef]
-except ImportError:
-    _mmsg = None
-#: Whether the compiled helper is loaded (``derpd serve`` names it in its start-up line).
-COMPILED = _mmsg is not None
+# stund.accel chooses (STUND_PURE=1 or DERPD_PURE=1 force the pure-Python path, which behaves the same).
+_mmsg: Any = accel.mmsg
 
 #: Datagrams handled per wakeup before yielding to other tasks.
 BATCH = 256

@@ -1,7 +1,7 @@
-"""``DataPlane``: the Trio side of the compiled packet path for plain-TCP clients.
+"""``DataPlane``: the Trio side of the compiled packet path for plain-TCP and TLS clients.
 
 With the optional extension ``derpd._dataplane`` (derpd/_dataplane.c, Linux) a logged-in
-plain-TCP client no longer has a reader and a writer task.  Its socket joins one epoll set
+plain-TCP or TLS-on-TCP client no longer has a reader and a writer task.  Its socket joins one epoll set
 owned by the extension; one task here waits until that set has work and calls ``poll()``,
 which reads every ready socket once, routes each SendPacket to its destination and writes
 each destination's queue with one ``writev`` -- with no Python per packet.  A wakeup that
@@ -15,6 +15,18 @@ closed (read or write error, write timeout) is closed through ``close(reason)``.
 
 Without the extension (no C compiler, not Linux, ``DERPD_PURE=1``) ``DataPlane.engine`` is
 None and every connection keeps its Python reader and writer.
+
+Failure policy: an exception raised while the engine serves one connection (a callback, an
+``SSLObject`` method, memory) closes that connection alone ("engine_error"), counted in
+``derp_dataplane_errors`` with one warning line; an exception out of ``poll()`` that belongs to
+no connection is counted and logged the same way and the loop goes on (the engine keeps the
+events it had not returned for the next call).  No failure of the engine ends the relay's
+other connections, as none does on the Python path.
+
+The engine calls back into Python while it routes (the registry's ``watch_peer_gone`` and
+``note_activity``, a connection's ``enqueue`` and attributes, an ``SSLObject``); those callbacks
+never re-enter the engine to add, remove or resume a slot or to poll (the engine raises there,
+and the failure policy above closes the connection being served).
 
 Dependencies: this module is below ``client_connection`` (which uses it) and knows
 connections only through the ``Handoff`` interface.
@@ -34,7 +46,10 @@ from ..protocol.messages import DISCO_MAGIC, DISCO_MIN_LEN
 
 log = logging.getLogger("derpd.relay")
 
-KIND_DATA, KIND_EOF, KIND_CLOSED = 0, 1, 2
+#: After an exception out of poll() that no connection caused, the loop waits this long.
+ERROR_PAUSE = 0.01
+
+KIND_DATA, KIND_EOF, KIND_CLOSED, KIND_FAILED = 0, 1, 2, 3
 
 
 class Handoff(Protocol):
@@ -97,7 +112,12 @@ class DataPlane:
                 await checkpoint()
             else:
                 await wait_readable(fd)
-            events = poll(passthrough())
+            try:
+                events = poll(passthrough())
+            except Exception as e:  # no connection to pin it on: count it and go on
+                self._failed(None, e)
+                await trio.sleep(ERROR_PAUSE)  # a failure that repeats costs no busy loop
+                continue
             if events:
                 deliver(events)
 
@@ -106,9 +126,18 @@ class DataPlane:
         tick = min(0.5, timeout / 4)
         while True:
             await trio.sleep(tick)
-            events = self.engine.expire(timeout)
+            try:
+                events = self.engine.expire(timeout)
+            except Exception as e:
+                self._failed(None, e)
+                continue
             if events:
                 self._deliver(events)
+
+    def _failed(self, conn: Handoff | None, exc: object) -> None:
+        self.stats.dataplane_errors += 1
+        who = conn.public.short() if conn is not None else "no connection"
+        log.warning("data plane error (%s): %r%s", who, exc, ", closing it" if conn is not None else "")
 
     def _deliver(self, events: list[tuple[Handoff, int, Any]]) -> None:
         for conn, kind, data in events:
@@ -116,7 +145,13 @@ class DataPlane:
                 if data == "write_timeout":
                     self.stats.write_timeouts += 1
                     log.debug("write timeout to %s, closing", conn.public.short())
+                elif data == "tls_output_limit":
+                    self.stats.connection_errors[data] += 1
+                    log.debug("%s asks for TLS answers it does not read, closing", conn.public.short())
                 conn.close(data)
+            elif kind == KIND_FAILED:
+                self._failed(conn, data)
+                conn.close("engine_error")
             else:
                 conn.engine_handoff(data, kind == KIND_EOF)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
 import trio
 
 from derpd import client as derp_client
@@ -200,3 +201,84 @@ async def test_tls_clients_take_the_compiled_path_too(nursery, tmp_path):
                 assert all(relay.server.registry.active[k.public.raw].engine_slot >= 0 for k in (a, b))
         stats = relay.server.stats
         assert stats.unknown_frames == 1 and stats.sent_pong == 1 and stats.packets_sent == 81
+
+
+@pytest.mark.skipif(PURE or dataplane is None, reason="the engine's failure policy; the Python path has no engine")
+async def test_a_failure_while_serving_one_client_closes_that_client_only(nursery, monkeypatch):
+    """An exception raised while the engine routes a sender's packet (here: the PeerGone
+    bookkeeping fails for one sender) closes that sender alone and is counted; the other
+    clients, served by the same poll(), go on."""
+    from derpd.relay.registry import Registry
+
+    a, b, c = NodePrivate.generate(), NodePrivate.generate(), NodePrivate.generate()
+    real = Registry.watch_peer_gone
+
+    def failing(self, receiver, src):
+        if src == a.public.raw:
+            raise LookupError("injected failure")
+        real(self, receiver, src)
+
+    monkeypatch.setattr(Registry, "watch_peer_gone", failing)
+    relay = await start_relay(nursery)
+    with trio.fail_after(20):
+        async with derp_client.connect(relay.derp_url, b) as cb, derp_client.connect(relay.derp_url, c) as cc:
+            stream = await raw_login(relay, a)
+            await stream.send_all(encode_frame(FrameType.SEND_PACKET, b.public.raw + b"from a"))
+            while await stream.receive_some(65536):  # the relay closes a
+                pass
+            await cc.send(b.public, b"from c")
+            assert await recv_skipping_keepalives(cb) == RecvPacket(c.public, b"from c")
+            await cb.send(c.public, b"from b")
+            assert await recv_skipping_keepalives(cc) == RecvPacket(b.public, b"from b")
+    assert relay.server.stats.dataplane_errors == 1
+
+
+async def test_an_exception_out_of_poll_that_no_connection_caused_is_counted_and_the_loop_goes_on():
+    """The poll loop's failure policy (derpd/relay/dataplane.py), with a stand-in engine whose
+    poll() fails once outside any connection (as the engine's counter flush can): counted,
+    logged, and the next poll()'s events are still delivered.  Runs on both paths."""
+    import socket
+
+    from derpd.metrics import RelayStats
+    from derpd.relay.dataplane import DataPlane
+
+    class Conn:
+        def __init__(self) -> None:
+            self.closed: list[str] = []
+            self.event = trio.Event()
+
+        def close(self, reason: str) -> None:
+            self.closed.append(reason)
+            self.event.set()
+
+    conn = Conn()
+    a, b = socket.socketpair()
+
+    class Engine:
+        calls = 0
+
+        def fileno(self) -> int:
+            return a.fileno()
+
+        def backlogged(self) -> bool:
+            return False
+
+        def poll(self, passthrough):
+            Engine.calls += 1
+            if Engine.calls == 1:
+                raise MemoryError("injected")
+            a.recv(100)  # consumed: the descriptor is quiet again
+            return [(conn, 2, "read_error")]
+
+    stats = RelayStats()
+    dp = DataPlane({}, print, print, stats, send_limit=65536, depth=4, recv_size=65536, write_timeout=0,
+                   passthrough=lambda: False)
+    dp.engine = Engine()
+    with a, b:
+        b.send(b"x")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dp.run)
+                await conn.event.wait()
+                nursery.cancel_scope.cancel()
+    assert stats.dataplane_errors == 1 and conn.closed == ["read_error"] and Engine.calls == 2

@@ -239,6 +239,31 @@ def test_appendix_a_send_packet_routes_to_the_recv_packet_vector():
         assert server.stats.packets_received == 1 and server.stats.bytes_received == 5
 
 
+@needs_c
+def test_route_packets_survives_callbacks_that_change_its_frames():
+    """A callback that empties the frame list under route_packets: the frame being routed is
+    still whole (route_packets holds its own reference) and the loop stops at the list's new
+    end instead of reading past it."""
+    dst, src = bytes(range(32)), bytes(32)
+    frames = [(4, dst + b"first" + bytes(100)), (4, dst + b"second")]
+    enqueued = []
+
+    class Dest:
+        saw_src: set = set()
+
+        def enqueue(self, frame, disco):
+            enqueued.append(frame)
+            return False
+
+    def watch(conn, key):
+        frames.clear()  # drops the last reference to the payload being routed
+
+    got = _speedups.route_packets(frames, 0, {dst: Dest()}, src, watch, DISCO_MAGIC, 0)
+    assert got == (1, 1, 105, 0, 0)
+    assert enqueued == [bytes([5, 0, 0, 0, 137]) + src + b"first" + bytes(100)]
+    assert _speedups.route_packets([(4, dst + b"x")], -1, {dst: Dest()}, src, watch, DISCO_MAGIC, 0)[0] == -1
+
+
 # Points of small order and their non-canonical encodings (u, u + p): no shared secret.
 SMALL_ORDER = [bytes.fromhex(h) for h in (
     "0000000000000000000000000000000000000000000000000000000000000000",  # u = 0

@@ -311,3 +311,54 @@ def test_the_thread_folds_what_the_callback_counted(udp_pair):
     assert reply == answer(tailscale_request(txid), ip, port).data
     assert got == [b"garbage"]
     assert (counts[0], counts[6], counts[20], pending[20]) == (1, 1, 1, 0)
+
+
+@needs_c
+def test_recv_batch_reports_no_address_when_the_kernel_gave_none(udp_pair):
+    """A datagram socket whose sender has no address (an unnamed AF_UNIX socket: the kernel
+    fills in fewer bytes than an IPv4 address): no IP and port 0, not whatever the address
+    buffer held before (here: the IPv4 sender received just before, at the same place)."""
+    srv, cli = udp_pair
+    cli.sendto(b"v4", srv.getsockname())
+    ((data, ip, port, _),) = _mmsg.recv_batch(srv.fileno(), 1)
+    assert (data, ip, port) == (b"v4", pack_ip("127.0.0.1"), cli.getsockname()[1])
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        b.setblocking(False)
+        a.send(b"unix")
+        ((data, ip, port, name),) = _mmsg.recv_batch(b.fileno(), 1)
+        assert (data, ip, port) == (b"unix", b"", 0) and len(name) <= 2
+
+
+@needs_c
+def test_recv_batch_keeps_each_callers_datagrams_apart_across_threads():
+    """recv_batch's receive buffers belong to the module and are used with the GIL held from
+    start to end: threads calling it at once on their own sockets each get their own bytes."""
+    n_threads, rounds = 4, 200
+    errors: list[str] = []
+
+    def worker(tag: int) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as cli:
+            srv.bind(("127.0.0.1", 0))
+            srv.setblocking(False)
+            for r in range(rounds):
+                want = [bytes([tag, r % 256, k]) * (100 + k) for k in range(8)]
+                for d in want:
+                    cli.sendto(d, srv.getsockname())
+                got: list[bytes] = []
+                for _ in range(1000):
+                    got += [d for d, _, _, _ in _mmsg.recv_batch(srv.fileno(), 64)]
+                    if len(got) >= len(want):
+                        break
+                if got != want:
+                    errors.append(f"thread {tag} round {r}: {got[:1]!r}...")
+                    return
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 3)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
