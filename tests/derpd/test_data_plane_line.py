@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import stund.server
+import stund.accel
 
 from derpd import accel
 
@@ -34,7 +34,7 @@ def test_each_mix_of_built_extensions(monkeypatch: pytest.MonkeyPatch, built: tu
     monkeypatch.setattr(accel, "PURE", False)
     monkeypatch.setattr(accel, "speedups", object() if speedups else None)
     monkeypatch.setattr(accel, "dataplane", object() if dataplane else None)
-    monkeypatch.setattr(stund.server, "COMPILED", mmsg)
+    monkeypatch.setattr(stund.accel, "mmsg", object() if mmsg else None)
     assert accel.data_plane() == line
     monkeypatch.setattr(accel, "PURE", True)
     assert accel.data_plane() == "pure Python (DERPD_PURE is set)"
