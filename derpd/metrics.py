@@ -105,7 +105,9 @@ class RelayStats:
         self.home_moves_in = 0
         self.home_moves_out = 0
         self.write_timeouts = 0
-        self.dataplane_errors = 0
+        # Unexpected exceptions, each contained to one connection: in its Python tasks or in the
+        # compiled data plane.
+        self.internal_errors: Counter[str] = Counter({"connection": 0, "dataplane": 0})
         self.unknown_frames = 0
         self.rate_limit_waits = 0
         self.frames_received: Counter[str] = Counter(dict.fromkeys(FRAME_TYPES, 0))
@@ -177,12 +179,12 @@ class RelayCollector(Collector):
         yield counter("derp_home_moves_out", "NotePreferred changes away from home after the first 5 s.",
                       s.home_moves_out)
         yield counter("derp_write_timeouts", "Send loops ended by the write deadline.", s.write_timeouts)
-        yield counter("derp_dataplane_errors", "Exceptions in the compiled data plane (each closes one connection).",
-                      s.dataplane_errors)
         yield counter("derp_unknown_frames", "Frames of unknown types skipped after login.", s.unknown_frames)
         yield counter("derp_rate_limit_waits", "Times a client's reader waited for its receive rate limit.",
                       s.rate_limit_waits)
         for name, doc, label, values in (
+            ("derp_internal_errors", "Unexpected exceptions (a bug), each closing one connection, by where: "
+             "its Python tasks or the compiled data plane.", "where", s.internal_errors),
             ("derp_frames_received", "Control frames received after login, by type.", "type", s.frames_received),
             ("derp_handshake_failures", "Failed HTTP upgrades and logins, by reason.", "reason",
              s.handshake_failures),

@@ -18,7 +18,7 @@ None and every connection keeps its Python reader and writer.
 
 Failure policy: an exception raised while the engine serves one connection (a callback, an
 ``SSLObject`` method, memory) closes that connection alone ("engine_error"), counted in
-``derp_dataplane_errors`` with one warning line; an exception out of ``poll()`` that belongs to
+``derp_internal_errors{where="dataplane"}`` with one warning line; an exception out of ``poll()`` that belongs to
 no connection is counted and logged the same way and the loop goes on (the engine keeps the
 events it had not returned for the next call).  No failure of the engine ends the relay's
 other connections, as none does on the Python path.
@@ -135,7 +135,7 @@ class DataPlane:
                 self._deliver(events)
 
     def _failed(self, conn: Handoff | None, exc: object) -> None:
-        self.stats.dataplane_errors += 1
+        self.stats.internal_errors["dataplane"] += 1
         who = conn.public.short() if conn is not None else "no connection"
         log.warning("data plane error (%s): %r%s", who, exc, ", closing it" if conn is not None else "")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..keys import NodePublic
+from ..metrics import RelayStats
 from ..settings import RelaySettings, split_host_port
 from ..protocol.errors import RemoteProtocolError
 from .client_address import is_trusted, read_proxy_header
@@ -200,6 +201,23 @@ async def _serve_stream(stream: trio.SocketStream, handler: Handler, peer: tuple
         stream.socket.close()  # what aclose_forcefully does, without its cancel scope and checkpoint
 
 
+def _contained(handler: Handler, stats: RelayStats) -> Handler:
+    """``handler``, with its unexpected exceptions (bugs) contained to its own connection: such a
+    connection is closed, counted in ``derp_internal_errors{where="connection"}`` and logged in
+    one warning line (the traceback at debug level), and every other connection goes on.  The
+    compiled data plane has the same policy (``derpd.relay.dataplane``)."""
+
+    async def contained(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
+        try:
+            await handler(stream, remote)
+        except Exception as e:  # noqa: BLE001 -- the policy itself; Cancelled is a BaseException
+            stats.internal_errors["connection"] += 1
+            log.warning("internal error on a connection from %s, closing it: %r", remote[0], e)
+            log.debug("internal error on a connection from %s", remote[0], exc_info=True)
+
+    return contained
+
+
 GC_YOUNG_THRESHOLD = 10_000
 
 
@@ -327,11 +345,12 @@ async def serve_relay(
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as acceptors:
             for ls in listeners:
-                acceptors.start_soon(_accept_loop, ls, relay_handler, settings, connections, bucket, rejected)
+                acceptors.start_soon(_accept_loop, ls, _contained(relay_handler, stats), settings, connections,
+                                     bucket, rejected)
             for ls in redirect_listeners:
-                acceptors.start_soon(_accept_loop, ls, redirect_handler, settings, connections)
+                acceptors.start_soon(_accept_loop, ls, _contained(redirect_handler, stats), settings, connections)
             for ls in internal:
-                acceptors.start_soon(_accept_loop, ls, internal_handler, settings, connections)
+                acceptors.start_soon(_accept_loop, ls, _contained(internal_handler, stats), settings, connections)
             if server.cert is not None:
                 acceptors.start_soon(_watch_cert_files, server)
             connections.start_soon(server.run_keepalives)

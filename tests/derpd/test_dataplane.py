@@ -203,11 +203,11 @@ async def test_tls_clients_take_the_compiled_path_too(nursery, tmp_path):
         assert stats.unknown_frames == 1 and stats.sent_pong == 1 and stats.packets_sent == 81
 
 
-@pytest.mark.skipif(PURE or dataplane is None, reason="the engine's failure policy; the Python path has no engine")
 async def test_a_failure_while_serving_one_client_closes_that_client_only(nursery, monkeypatch):
-    """An exception raised while the engine routes a sender's packet (here: the PeerGone
-    bookkeeping fails for one sender) closes that sender alone and is counted; the other
-    clients, served by the same poll(), go on."""
+    """An exception raised while a sender's packet is routed (here: the PeerGone bookkeeping
+    fails for one sender) closes that sender alone and is counted; the other clients go on.
+    The same policy on both paths: the engine's poll() (``where="dataplane"``) and the Python
+    connection's tasks (``where="connection"``, derpd.relay.listener)."""
     from derpd.relay.registry import Registry
 
     a, b, c = NodePrivate.generate(), NodePrivate.generate(), NodePrivate.generate()
@@ -230,7 +230,8 @@ async def test_a_failure_while_serving_one_client_closes_that_client_only(nurser
             assert await recv_skipping_keepalives(cb) == RecvPacket(c.public, b"from c")
             await cb.send(c.public, b"from b")
             assert await recv_skipping_keepalives(cc) == RecvPacket(b.public, b"from b")
-    assert relay.server.stats.dataplane_errors == 1
+    where = "connection" if relay.server.dataplane.engine is None else "dataplane"
+    assert relay.server.stats.internal_errors == {"connection": 0, "dataplane": 0, where: 1}
 
 
 async def test_an_exception_out_of_poll_that_no_connection_caused_is_counted_and_the_loop_goes_on():
@@ -281,4 +282,4 @@ async def test_an_exception_out_of_poll_that_no_connection_caused_is_counted_and
                 nursery.start_soon(dp.run)
                 await conn.event.wait()
                 nursery.cancel_scope.cancel()
-    assert stats.dataplane_errors == 1 and conn.closed == ["read_error"] and Engine.calls == 2
+    assert stats.internal_errors["dataplane"] == 1 and conn.closed == ["read_error"] and Engine.calls == 2
