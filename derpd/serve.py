@@ -35,7 +35,7 @@ from .keys import KeyFormatError, NodePrivate, parse_mesh_key
 from .mesh import parse_mesh_with, run_mesh
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
-from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port
+from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port, split_listen_addr
 
 if TYPE_CHECKING:
     from .acme import AcmeConfig
@@ -103,7 +103,7 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     config = opts["config"]
     hostname = str(opts["hostname"])
     startup = logging.getLogger("derpd.startup")
-    split_host_port(addr)  # a bad -a fails here, before a key file is written
+    split_listen_addr(addr)  # a bad -a fails here, before a key file is written (no port: refused, as derper)
     if dev:
         if addr == ":443":
             addr = ":3340"
