@@ -36,6 +36,7 @@ from .coordinator.config import CoordinatorConfig
 from .coordinator.model import DerpMap, DerpNode, DerpRegion
 from .coordinator.server import RunningCoordinator, serve_coordinator
 from .keys import NodePrivate
+from .logsetup import per_request_logs
 from .relay.listener import BindError
 from .settings import SettingsError
 
@@ -234,6 +235,7 @@ def dev_command(directory: Path | None, derp_port: int, stun_port: int, map_port
     """
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    per_request_logs(verbose)
     directory = directory or Path(tempfile.gettempdir()) / "derpd-dev"
     try:
         run_trio(_run_dev, directory, derp_port, stun_port, map_port, probe_interval)

@@ -32,6 +32,7 @@ from . import __version__
 from .derperflags import cert_settings, default_key_file, default_mesh_psk_file
 from .keyfile import load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
+from .logsetup import per_request_logs
 from .mesh import parse_mesh_with, run_mesh
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
@@ -58,6 +59,7 @@ def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("derpd.startup").setLevel(logging.INFO)
+    per_request_logs(verbose)  # httpx's line per request: -vv only
 
 
 @dataclass(frozen=True)
