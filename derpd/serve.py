@@ -142,6 +142,8 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
             raise SettingsError(f"cannot read the mesh key file {path}: {e.strerror}") from e
         except KeyFormatError as e:
             raise SettingsError(f"{path}: the mesh key must be 64 hex digits ({e})") from e
+        startup.info("mesh key from %s%s", path, "" if opts["mesh_psk_file"] is not None else
+                     " (derper's default path; --mesh-psk-file names another)")
     settings = RelaySettings(
         private_key=key,
         addr=addr,
