@@ -142,8 +142,6 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
             raise SettingsError(f"cannot read the mesh key file {path}: {e.strerror}") from e
         except KeyFormatError as e:
             raise SettingsError(f"{path}: the mesh key must be 64 hex digits ({e})") from e
-        startup.info("mesh key from %s%s", path, "" if opts["mesh_psk_file"] is not None else
-                     " (derper's default path; --mesh-psk-file names another)")
     settings = RelaySettings(
         private_key=key,
         addr=addr,
@@ -174,12 +172,16 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
     stun_port = int(opts["stun_port"]) if opts["stun"] else -1  # type: ignore[call-overload]
+    registration = registration_from_flags(opts)
+    bootstrap_dns, acme = bootstrap_dns_from_flags(opts), acme_from_flags(opts, settings)
+    if mesh_file is not None:  # after every check: a config error stays one line
+        startup.info("mesh key from %s%s", mesh_file, "" if opts["mesh_psk_file"] is not None else
+                     " (derper's default path; --mesh-psk-file names another)")
     return ServeOptions(settings, stun_port, metrics_addr,  # type: ignore[arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
                         int(opts["region_id"]), opts["node_name"],  # type: ignore[call-overload,arg-type]
-                        registration_from_flags(opts),
-                        bootstrap_dns=bootstrap_dns_from_flags(opts), acme=acme_from_flags(opts, settings))
+                        registration, bootstrap_dns=bootstrap_dns, acme=acme)
 
 
 def bootstrap_dns_from_flags(opts: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
