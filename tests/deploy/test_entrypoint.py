@@ -5,6 +5,8 @@ relay would run with: the container's arguments override the DERPD_* defaults.""
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,10 +18,22 @@ from derpd.cli import serve
 from .conftest import DEPLOY, require_tool
 
 SCRIPT = DEPLOY / "container" / "entrypoint.sh"
-# The image's defaults (deploy/container/Containerfile) that the entrypoint turns into flags.
-IMAGE_ENV = {"DERPD_ADDR": ":443", "DERPD_HTTP_PORT": "80", "DERPD_STUN_PORT": "3478",
-             "DERPD_CERTMODE": "letsencrypt", "DERPD_CERTDIR": "/var/lib/derpd/certs",
-             "DERPD_KEY_FILE": "/var/lib/derpd/derper.key", "DERPD_METRICS_ADDR": ":9090", "DERPD_VERBOSE": "1"}
+
+
+def _image_env() -> dict[str, str]:
+    """The image's DERPD_* defaults, from the Containerfile's ENV instructions."""
+    text = re.sub(r"\\\n\s*", " ", (DEPLOY / "container" / "Containerfile").read_text())
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for word in shlex.split(line[4:]):
+                key, _, value = word.partition("=")
+                if key.startswith("DERPD_"):
+                    env[key] = value
+    return env
+
+
+IMAGE_ENV = _image_env()
 
 
 @pytest.fixture
@@ -55,9 +69,12 @@ def settings(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
 
 
 def test_the_image_defaults_without_arguments(run_entrypoint) -> None:
+    assert {"DERPD_ADDR", "DERPD_CERTMODE", "DERPD_KEY_FILE", "DERPD_VERBOSE"} <= set(IMAGE_ENV), IMAGE_ENV
     p = settings(run_entrypoint(DERPD_HOSTNAME="derp.example.com"))
-    assert (p["addr"], p["certmode"], p["hostname"], p["verbose"]) == (":443", "letsencrypt", "derp.example.com", 1)
-    assert str(p["config"]) == "/var/lib/derpd/derper.key" and p["metrics_addr"] == ":9090"
+    assert (p["addr"], p["certmode"], p["hostname"]) == (IMAGE_ENV["DERPD_ADDR"], IMAGE_ENV["DERPD_CERTMODE"],
+                                                         "derp.example.com")
+    assert p["verbose"] == min(2, int(IMAGE_ENV["DERPD_VERBOSE"] or 0))
+    assert str(p["config"]) == IMAGE_ENV["DERPD_KEY_FILE"] and p["metrics_addr"] == IMAGE_ENV["DERPD_METRICS_ADDR"]
 
 
 @pytest.mark.parametrize("args", [
