@@ -36,7 +36,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 @click.group(name="derpd", cls=OneLineGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="derpd")
+@click.version_option(__version__, prog_name="derpd", message="%(prog)s %(version)s")  # as `serve -version`
 def main() -> None:
     """derpd: a Tailscale-compatible DERP relay with STUN and a DERP-map coordinator.
 

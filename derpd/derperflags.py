@@ -47,7 +47,8 @@ _SETEC = ("setec is Tailscale's internal secrets service, which derpd does not s
 
 DERPER_FLAGS: tuple[DerperFlag, ...] = (
     DerperFlag("a", "string", ":443", "same",
-               "TLS when the port is 443 or --certmode is manual, plain HTTP otherwise (as derper)"),
+               "TLS when the port is 443 or --certmode is manual, plain HTTP otherwise; an address without a "
+               "port (8443, 127.0.0.1) is refused (as derper)"),
     DerperFlag("accept-connection-burst", "int", "MaxInt", "same"),
     DerperFlag("accept-connection-limit", "float", "+Inf", "same"),
     DerperFlag("ace", "bool", "false", "refused",

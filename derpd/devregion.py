@@ -19,6 +19,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import shlex
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -36,12 +37,16 @@ from .coordinator.config import CoordinatorConfig
 from .coordinator.model import DerpMap, DerpNode, DerpRegion
 from .coordinator.server import RunningCoordinator, serve_coordinator
 from .keys import NodePrivate
+from .logsetup import per_request_logs
 from .relay.listener import BindError
 from .settings import SettingsError
 
 log = logging.getLogger("derpd.dev")
 
 HOSTNAME = "localhost"
+# The derpprobe the banner recommends: the Tailscale release the interop suite is pinned to
+# (tests/interop/go.mod; a test keeps the two equal).
+DERPPROBE_MODULE = "tailscale.com/cmd/derpprobe@v1.98.10"
 _MIN_REMAINING = dt.timedelta(days=8)  # derpprobe's TLS probe wants > 7 days left
 
 
@@ -156,8 +161,11 @@ class RunningDevRegion:
             f"  status       {c}/status",
             f"  test CA      {self.certs.ca_path}",
             "",
-            "Probe it with Tailscale's derpprobe:",
+            f"Probe it with Tailscale's derpprobe (install: go install {DERPPROBE_MODULE}):",
             f"  SSL_CERT_FILE={self.certs.ca_path} derpprobe -derp-map={self.map_url} -once -spread=false",
+            "",
+            "Relay packets between two clients through it:",
+            f"  derpd check https://{HOSTNAME}:{self.relay_port}/derp --ca-file {shlex.quote(str(self.certs.ca_path))}",
             "",
             "headscale config (config.yaml):",
             "  derp:",
@@ -230,11 +238,12 @@ def dev_command(directory: Path | None, derp_port: int, stun_port: int, map_port
                 verbose: int) -> None:
     """Run a whole DERP region on loopback: relay (TLS), STUN and the map coordinator.
 
-    Prints the DERP map URL, the test CA, a derpprobe command line and the headscale
-    derp.urls snippet. Ctrl-C stops it.
+    Prints the DERP map URL, the test CA, a derpprobe command line (and where to get derpprobe),
+    a `derpd check` command line and the headscale derp.urls snippet. Ctrl-C stops it.
     """
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    per_request_logs(verbose)
     directory = directory or Path(tempfile.gettempdir()) / "derpd-dev"
     try:
         run_trio(_run_dev, directory, derp_port, stun_port, map_port, probe_interval)

@@ -33,10 +33,11 @@ from .accel import data_plane
 from .derperflags import cert_settings, default_key_file, default_mesh_psk_file
 from .keyfile import load_or_create
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
+from .logsetup import per_request_logs
 from .mesh import parse_mesh_with, run_mesh
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
-from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port
+from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split_host_port, split_listen_addr
 
 if TYPE_CHECKING:
     from .acme import AcmeConfig
@@ -59,6 +60,7 @@ def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("derpd.startup").setLevel(logging.INFO)
+    per_request_logs(verbose)  # httpx's line per request: -vv only
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     config = opts["config"]
     hostname = str(opts["hostname"])
     startup = logging.getLogger("derpd.startup")
-    split_host_port(addr)  # a bad -a fails here, before a key file is written
+    split_listen_addr(addr)  # a bad -a fails here, before a key file is written (no port: refused, as derper)
     if dev:
         if addr == ":443":
             addr = ":3340"
@@ -179,12 +181,16 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
     if metrics_addr is not None:
         split_host_port(str(metrics_addr), default_port=9090)
     stun_port = int(opts["stun_port"]) if opts["stun"] else -1  # type: ignore[call-overload]
+    registration = registration_from_flags(opts)
+    bootstrap_dns, acme = bootstrap_dns_from_flags(opts), acme_from_flags(opts, settings)
+    if mesh_file is not None:  # after every check: a config error stays one line
+        startup.info("mesh key from %s%s", mesh_file, "" if opts["mesh_psk_file"] is not None else
+                     " (derper's default path; --mesh-psk-file names another)")
     return ServeOptions(settings, stun_port, metrics_addr,  # type: ignore[arg-type]
                         str(opts["mesh_with"]), opts["mesh_ca_file"],  # type: ignore[arg-type]
                         int(opts["workers"]), int(opts["verbose"]),  # type: ignore[call-overload]
                         int(opts["region_id"]), opts["node_name"],  # type: ignore[call-overload,arg-type]
-                        registration_from_flags(opts),
-                        bootstrap_dns=bootstrap_dns_from_flags(opts), acme=acme_from_flags(opts, settings))
+                        registration, bootstrap_dns=bootstrap_dns, acme=acme)
 
 
 def bootstrap_dns_from_flags(opts: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -51,6 +51,37 @@ def split_host_port(addr: str, default_port: int = 443) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def split_listen_addr(addr: str, flag: str = "-a") -> tuple[str, int]:
+    """``-a`` as derper reads it (Go's ``net.SplitHostPort``): ``:port``, ``host:port`` or
+    ``[v6]:port``.  An address without a port (``8443``, ``127.0.0.1``, ``[::1]``) or with
+    an unbracketed IPv6 address (``::1``) is refused, as derper refuses it, instead of being
+    guessed at (``8443`` as a port would bind every interface).
+
+    Raises:
+        SettingsError: one line naming the form to write.
+    """
+    text = addr.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        host, rest = (text[1:end], text[end + 1:]) if end > 0 else (text[1:], "")
+        missing = not rest.startswith(":") or rest == ":"
+    else:
+        host, _, port = text.rpartition(":")
+        if host.count(":"):
+            raise SettingsError(f"{flag} {addr!r}: too many colons in address; write an IPv6 address in "
+                                f"brackets with its port, e.g. [{text}]:443")
+        missing = not port or not host and ":" not in text
+        if ":" not in text:
+            host = text
+    if missing:
+        if host.isdigit():
+            example = f":{host} (every interface) or 127.0.0.1:{host}"
+        else:
+            example = f"[{host}]:443" if ":" in host else f"{host}:443"
+        raise SettingsError(f"{flag} {addr!r}: missing port in address; write {example}")
+    return split_host_port(text)
+
+
 def parse_networks(flag: str, text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """A comma-separated list of CIDRs (a bare address is a /32 or /128).
 

@@ -13,6 +13,7 @@ import click
 import trio
 from stund.oneline import StartupError, format_addr, listen_error, run_trio
 
+from ..logsetup import per_request_logs
 from ..settings import SettingsError, split_host_port
 from ..relay.client_address import parse_cidrs
 from .config import ConfigError, CoordinatorConfig, load_config, read_token_file
@@ -90,6 +91,7 @@ def coordinator_command(config_path: Path | None, listen: str | None, token_file
     """
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    per_request_logs(verbose)  # a line per probe: -vv only
     try:
         config = load_config(config_path) if config_path else CoordinatorConfig()
         if token_file is not None:

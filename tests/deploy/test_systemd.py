@@ -5,6 +5,7 @@ real, and its ExecReload signal sent to the running service."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -167,12 +168,46 @@ def test_coordinator_service_command_lines_run_and_reload(tmp_path: Path, proces
     assert r.returncode == 0 and '"Regions"' in r.stdout, r.stdout + r.stderr
     proc = processes(cmd("ExecStart"), name="derpd-coordinator.service")
     proc.expect(rf"map at http://127\.0\.0\.1:{port}/derpmap/default")
-    def map_ok() -> bool:
+    def map_has(name: str) -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/derpmap/default", timeout=5) as resp:
-            return resp.status == 200 and b"Regions" in resp.read()
+            return resp.status == 200 and json.loads(resp.read())["Regions"]["900"]["RegionName"] == name
 
-    assert poll(map_ok, 30, "the coordinator's map")
+    assert poll(lambda: map_has("Home DERP"), 30, "the coordinator's map")
+    # The reload takes the edited file: the map shows the region's new name.
+    config.write_text(config.read_text().replace('name = "Home DERP"', 'name = "Home DERP, reloaded"'))
     proc.popen.send_signal(_reload_signal("derpd-coordinator.service"))
-    proc.expect(r"config reloaded from ")  # ExecStart runs with -v
-    assert poll(map_ok, 30, "the coordinator's map after the reload")
+    assert poll(lambda: map_has("Home DERP, reloaded"), 30, "the coordinator's map after the reload")
     assert proc.popen.poll() is None, proc.output()
+    assert "HTTP Request" not in proc.output(), proc.output()  # its probes are not logged at the default level
+
+
+VERBOSE_FLAGS = re.compile(r"-v+|--?verbose(=.*)?")
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_run_at_the_default_verbosity(unit: str, tmp_path: Path) -> None:
+    """Warnings and start-up lines only: -v would log every notable event, -vv every request."""
+    for key in ("ExecStart", "ExecStartPre"):
+        if key in _unit_settings(unit):
+            argv = _command(unit, key, tmp_path, {})
+            assert not [a for a in argv if VERBOSE_FLAGS.fullmatch(a)], argv
+
+
+# Each unit's ExecStart with one bad setting: a usage or config error, exit status 2, one line.
+BAD_SETTING = {
+    "derpd.service": {"DERPD_ADDR": "8443"},  # no port: refused, as derper refuses it
+    "stund.service": {"STUND_ADDR": "127.0.0.1:x"},
+    "derpd-coordinator.service": {"COORDINATOR_ADDR": "nowhere"},
+}
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_a_config_error_exits_2_and_is_not_restarted(unit: str, tmp_path: Path) -> None:
+    assert _unit_settings(unit).get("RestartPreventExitStatus") == ["2"], unit
+    (tmp_path / "derpd" / "certs").mkdir(parents=True)
+    argv = _command(unit, "ExecStart", tmp_path, BAD_SETTING[unit])
+    argv = [str(DEPLOY / "coordinator.example.toml") if a == "/etc/derpd/coordinator.toml" else a for a in argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**os.environ, "STATE_DIRECTORY": str(tmp_path)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
