@@ -74,7 +74,7 @@ MESH_PUSHBACK_TIMEOUT = 5.0  # derper's mesh write timeout
 _RECV_HEADER = struct.Struct(">BI")
 _FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
 _RECV_OVERHEAD = 5 + KEY_LEN  # header + source key in front of each queued packet
-QD_MASK = 63  # one packet in 64 has its queue delay measured (derp_queue_delay_seconds)
+QD_EVERY = 64  # one packet in 64 has its queue delay measured (derp_queue_delay_seconds)
 # The compiled SendPacket loop (derpd/_speedups.c), or None: the Python loop below does the same.
 _route_packets = speedups.route_packets if speedups is not None else None
 
@@ -184,7 +184,7 @@ class ClientConnection:
         # part in its slot; ``counters()`` adds them up).
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.drops_queue = self.drops_unknown = 0
-        # Queue delay: one packet in QD_MASK + 1 is stamped when queued and observed when written.
+        # Queue delay: one packet in QD_EVERY is stamped when queued and observed when written.
         self._qd_tick = 0
         self._qd_frame: bytes | None = None
         self._qd_t = 0.0
@@ -203,10 +203,14 @@ class ClientConnection:
         engine = self._engine
         if engine is not None:
             return engine.enqueue(self.engine_slot, frame, disco)
-        tick = self._qd_tick = self._qd_tick + 1
-        if not tick & QD_MASK and self._qd_frame is None:
-            self._qd_frame = frame
-            self._qd_t = perf_counter()
+        tick = self._qd_tick  # counts down to 0 (small ints: no allocation per packet)
+        if tick:
+            self._qd_tick = tick - 1
+        else:
+            self._qd_tick = QD_EVERY - 1
+            if self._qd_frame is None:
+                self._qd_frame = frame
+                self._qd_t = perf_counter()
         if self._parked and self._raw is not None:
             # The writer is idle, so nothing is queued: write now and save its wakeup.  What
             # the kernel did not take goes first in the writer's never-dropped control queue.
