@@ -184,13 +184,16 @@ async def test_relay_problem_reaches_clients_but_not_probers_or_mesh_peers(nurse
     with trio.fail_after(20):
         async with (
             derp_client.connect(relay.derp_url) as regular,
+            derp_client.connect(relay.url.replace("http://", "ws://") + "/derp") as websocket,
             derp_client.connect(relay.derp_url, is_prober=True) as prober,
             derp_client.connect(relay.derp_url, mesh_key=bytes(range(32))) as mesh,
         ):
             relay.server.set_relay_problem("upgrading at 14:00 UTC")
             assert await next_health(regular) == "upgrading at 14:00 UTC"
+            assert await next_health(websocket) == "upgrading at 14:00 UTC"
             relay.server.set_relay_problem(None)
             assert await next_health(regular) == ""
+            assert await next_health(websocket) == ""
             await prober.ping()  # a round trip after the two ticks: no Health before the Pong
             await mesh.ping()
             for c in (prober, mesh):
