@@ -63,8 +63,8 @@ def text_rate_limited(bytes_per_sec: int, burst: int) -> str:
 
 
 def text_dropping(share: float) -> str:
-    return (f"this relay dropped {share:.0%} of the packets for this device in the last {DROP_WINDOW:.0f} s "
-            "because they came faster than the device read them; check this device's network")
+    return (f"this relay recently dropped {share:.0%} of the packets for this device because they came "
+            "faster than the device read them; check this device's network")
 
 
 def _size(n: float) -> str:
