@@ -107,8 +107,9 @@ class HealthBoard:
     (``ClientConnection`` sets it to None for regular clients, False for mesh peers and
     probers)."""
 
-    def __init__(self, hold: float = HOLD) -> None:
+    def __init__(self, hold: float = HOLD, period: float = 1.0) -> None:
         self.hold = hold
+        self.period = period  # how often the relay calls ``tick``
         self.relay: dict[str, str] = {}
         self.watch: set[Any] = set()
         self.frames_sent = 0  # Health frames queued, for metrics
@@ -128,6 +129,11 @@ class HealthBoard:
         for c in conns:
             self._track(c)
         return True
+
+    def linger(self, now: float) -> float:
+        """When a problem noted now should end if nothing renews it: ``hold`` seconds, and at
+        least two ticks, so that a tick sees it."""
+        return now + max(self.hold, 2 * self.period)
 
     def set_client(self, conn: Any, name: str, text: str | None, until: float = math.inf) -> None:
         """Set (text, lasting until ``until``) or clear (None) one client's problem."""

@@ -215,7 +215,7 @@ class RelayServer:
     def note_rate_limited(self, conn: ClientConnection) -> None:
         config = self.client_rate_limits.config
         self.health.set_client(conn, "rate_limited", text_rate_limited(config.bytes_per_sec, config.burst),
-                               until=trio.current_time() + self.health.hold)
+                               until=self.health.linger(trio.current_time()))
 
     def note_admission_fail_open(self, failing: bool) -> None:
         """The admission check's endpoint stopped answering and clients are admitted unchecked
@@ -227,13 +227,14 @@ class RelayServer:
         for m in members:
             self.health.set_client(m, "cloned_key", text)
 
-    async def run_health(self, tick: float = 1.0) -> None:
-        """Queue the Health frames that are due, every ``tick``; every ``health.DROP_WINDOW``
-        seconds, look at the share of each receiver's packets dropped (only after drops)."""
+    async def run_health(self) -> None:
+        """Queue the Health frames that are due, every ``health.period`` (1 s); every
+        ``health.DROP_WINDOW`` seconds, look at the share of each receiver's packets dropped
+        (only after drops)."""
         board = self.health
         drops_seen = -1
         while True:
-            await trio.sleep(tick)
+            await trio.sleep(board.period)
             now = trio.current_time()
             if board.drop_window_due(now):
                 dropped = self.stats.dropped_packets["queue_head", "other"]
