@@ -32,6 +32,9 @@
  *   remove(slot)              enqueue(slot, frame, disco) -> full
  *   send_control(slot, frame) pending(slot) -> bool       poll(passthrough) -> [(conn, kind, data)]
  *   expire(timeout) -> [(conn, 2, "write_timeout")]     backlogged() -> poll() again without waiting
+ *   slot_stats(slot) -> (queued, queued_disco, control, packets_in, bytes_in, packets_out, bytes_out, drops_full)
+ *   queue_delay() -> (bounds, counts, sum): one packet in 64 is stamped when queued and observed
+ *                    when written (clock_gettime on those only); counts has one more bucket (+Inf)
  *
  * The epoll set also holds an eventfd: resume() writes to it when the slot it resumes has TLS
  * records already read (so no socket event will come for them), which makes the epoll
@@ -64,6 +67,10 @@
 /* TLS: ciphertext OpenSSL makes on its own (a KeyUpdate answer) while the client does not read
  * what waits already; a client that asks for more than this is closed ("tls_output_limit") */
 #define TLS_MORE_MAX (64 * 1024)
+#define QD_MASK 63              /* one packet in 64 has its queue delay measured */
+#define QD_N 15
+static const double qd_bounds[QD_N] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                       0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0}; /* diagnostics.QD_BUCKETS */
 
 enum { S_FREE = 0, S_LIVE, S_DEAD };
 enum { DROP_QUEUE_HEAD = 0, DROP_GONE, DROP_WRITE_ERROR, DROP_REASONS };
@@ -98,6 +105,9 @@ typedef struct {
     Py_ssize_t leftlen;
     double blocked_since;
     int next_free;
+    long long rx_pk, rx_by, tx_pk, tx_by, drop_full; /* this client's totals (/debug/clients) */
+    PyObject *qd_frame; /* borrowed: the queued packet whose delay is measured, or NULL */
+    double qd_t;
 } Slot;
 
 /* Module state: the names and exception types the engine uses, one set per module object
@@ -135,6 +145,9 @@ typedef struct {
     PyObject *events;
     long long pk_recv, by_recv, disco_recv, pk_sent, by_sent;
     long long drop_n[DROP_REASONS][2], drop_b[DROP_REASONS][2];
+    unsigned int qd_tick;
+    long long qd_counts[QD_N + 1];
+    double qd_sum;
 } Engine;
 
 
@@ -144,6 +157,19 @@ now_mono(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* The stamped packet f of s is written: count how long it waited. */
+static void
+qd_observe(Engine *e, Slot *s)
+{
+    double d = now_mono() - s->qd_t;
+    int i = 0;
+    while (i < QD_N && d > qd_bounds[i])
+        i++;
+    e->qd_counts[i]++;
+    e->qd_sum += d;
+    s->qd_frame = NULL;
 }
 
 /* ------------------------------------------------------------------ rings */
@@ -348,6 +374,10 @@ flush_slot(Engine *e, Slot *s)
                 if (s->partial_pkt) {
                     e->pk_sent++;
                     e->by_sent += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
+                    s->tx_pk++;
+                    s->tx_by += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
+                    if (s->partial == s->qd_frame)
+                        qd_observe(e, s);
                 }
                 Py_CLEAR(s->partial);
                 s->partial_off = 0;
@@ -387,6 +417,10 @@ flush_slot(Engine *e, Slot *s)
                     left -= len;
                     e->pk_sent++;
                     e->by_sent += (long long)len - RECV_OVERHEAD;
+                    s->tx_pk++;
+                    s->tx_by += (long long)len - RECV_OVERHEAD;
+                    if (f == s->qd_frame)
+                        qd_observe(e, s);
                     Py_DECREF(f);
                 } else {
                     s->partial = f;
@@ -566,6 +600,8 @@ tls_flush(Engine *e, Slot *s)
                 out += len;
                 pk[k]++;
                 by[k] += len - RECV_OVERHEAD;
+                if (f == s->qd_frame)
+                    qd_observe(e, s); /* encrypted now; the ciphertext is written next */
                 Py_DECREF(f);
             }
         }
@@ -585,6 +621,8 @@ tls_flush(Engine *e, Slot *s)
         Py_DECREF(res);
         e->pk_sent += pk[0] + pk[1];
         e->by_sent += by[0] + by[1];
+        s->tx_pk += pk[0] + pk[1];
+        s->tx_by += by[0] + by[1];
         if (take_tls_output(e, s) < 0)
             return -1;
     }
@@ -724,11 +762,18 @@ enqueue_slot(Engine *e, Slot *s, PyObject *frame, int disco)
         PyObject *old = ring_pop(r, e->depth);
         e->drop_n[DROP_QUEUE_HEAD][disco]++;
         e->drop_b[DROP_QUEUE_HEAD][disco] += PyBytes_GET_SIZE(old) - RECV_OVERHEAD;
+        s->drop_full++;
+        if (old == s->qd_frame)
+            s->qd_frame = NULL;
         Py_DECREF(old);
     }
     Py_INCREF(frame);
     r->items[(r->head + r->len) % e->depth] = frame;
     r->len++;
+    if ((++e->qd_tick & QD_MASK) == 0 && s->qd_frame == NULL) {
+        s->qd_frame = frame;
+        s->qd_t = now_mono();
+    }
     if (!s->blocked) {
         if (!e->in_poll || r->len >= e->flush_at) {
             if (flush_slot(e, s) < 0)
@@ -849,6 +894,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
     const char *mag = PyBytes_AS_STRING(e->magic);
     Py_ssize_t maglen = PyBytes_GET_SIZE(e->magic);
     int handled = 0, rc = 0, backlog = 0;
+    long long rx_by = 0;
     while (end - pos >= HEADER_LEN) {
         const unsigned char *h = buf + pos;
         unsigned long long n = ((unsigned long long)h[1] << 24) | ((unsigned long long)h[2] << 16)
@@ -922,6 +968,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         e->disco_recv += disco;
         e->frames_left--;
         handled++;
+        rx_by += plen;
         pos += HEADER_LEN + (Py_ssize_t)n;
         int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(e, conn, frame, disco);
         Py_DECREF(frame);
@@ -938,6 +985,10 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         }
     }
     s = &e->slots[idx];
+    if (s->state != S_FREE && s->conn == sconn) {
+        s->rx_pk += handled;
+        s->rx_by += rx_by;
+    }
     if (rc == 0 && pos < end && s->state == S_LIVE) {
         s->left = PyMem_Malloc((size_t)(end - pos));
         if (s->left == NULL) {
@@ -1365,6 +1416,7 @@ drop_queued(Engine *e, Slot *s, int reason)
 {
     ring_clear(e, &s->q, 0, reason);
     ring_clear(e, &s->dq, 1, reason);
+    s->qd_frame = NULL;
     if (s->partial != NULL && s->partial_pkt) {
         e->drop_n[reason][0]++;
         e->drop_b[reason][0] += PyBytes_GET_SIZE(s->partial) - RECV_OVERHEAD;
@@ -1519,6 +1571,44 @@ Engine_expire(Engine *e, PyObject *arg)
     if (flush_counters(e) < 0)
         return NULL;
     return take_events(e);
+}
+
+static PyObject *
+Engine_slot_stats(Engine *e, PyObject *arg)
+{
+    REQUIRE_READY(e);
+    Slot *s = get_slot(e, arg);
+    if (s == NULL)
+        return NULL;
+    Py_ssize_t nctl = (s->ctl ? PyList_GET_SIZE(s->ctl) : 0) + (s->partial != NULL);
+    return Py_BuildValue("(iinLLLLL)", s->q.len, s->dq.len, nctl, s->rx_pk, s->rx_by, s->tx_pk, s->tx_by,
+                         s->drop_full);
+}
+
+static PyObject *
+Engine_queue_delay(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    REQUIRE_READY(e);
+    PyObject *bounds = PyTuple_New(QD_N), *counts = PyTuple_New(QD_N + 1);
+    if (bounds == NULL || counts == NULL)
+        goto fail;
+    for (int i = 0; i <= QD_N; i++) {
+        PyObject *c = PyLong_FromLongLong(e->qd_counts[i]);
+        if (c == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(counts, i, c);
+        if (i < QD_N) {
+            PyObject *b = PyFloat_FromDouble(qd_bounds[i]);
+            if (b == NULL)
+                goto fail;
+            PyTuple_SET_ITEM(bounds, i, b);
+        }
+    }
+    return Py_BuildValue("(NNd)", bounds, counts, e->qd_sum);
+fail:
+    Py_XDECREF(bounds);
+    Py_XDECREF(counts);
+    return NULL;
 }
 
 static PyObject *
@@ -1702,6 +1792,8 @@ static PyMethodDef Engine_methods[] = {
     {"poll", (PyCFunction)Engine_poll, METH_O, "poll(passthrough) -> events or None"},
     {"expire", (PyCFunction)Engine_expire, METH_O, "expire(timeout) -> events or None"},
     {"count", (PyCFunction)Engine_count, METH_NOARGS, "slots in use"},
+    {"slot_stats", (PyCFunction)Engine_slot_stats, METH_O, "slot_stats(slot) -> queue depths and totals"},
+    {"queue_delay", (PyCFunction)Engine_queue_delay, METH_NOARGS, "queue_delay() -> (bounds, counts, sum)"},
     {"backlogged", (PyCFunction)Engine_backlogged, METH_NOARGS, "frames wait for a full destination: poll again soon"},
     {NULL, NULL, 0, NULL},
 };

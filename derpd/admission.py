@@ -315,6 +315,9 @@ class VerifyClientURL:
         self._max_in_flight = max_in_flight
         self._client: httpx.AsyncHTTPTransport | None = None  # made in the running event loop, on first use
         self._unreachable_logged = False
+        # Called with True when the endpoint stops answering while fail-open admits clients
+        # unchecked, and with False once it answers again (the relay's Health frames).
+        self.on_fail_open: Callable[[bool], None] | None = None
 
     async def check(self, key: NodePublic, info: object, ip: str) -> Decision:
         cache_key = (key.raw, ip)
@@ -360,9 +363,7 @@ class VerifyClientURL:
                 return self._unreachable(e)
             except _BadAnswer:
                 return False, "verify_bad_response"
-        if self._unreachable_logged:
-            self._unreachable_logged = False
-            log.warning("admission controller %s answers again", self.url)
+        self._answered()
         return parse_verify_response(status, body)
 
     async def _ask_query(self, key: NodePublic, ip: str) -> Decision:
@@ -374,10 +375,15 @@ class VerifyClientURL:
                     decision = await self.query(key, ip)
             except (VerifyUnreachable, trio.TooSlowError) as e:
                 return self._unreachable(e)
+        self._answered()
+        return decision
+
+    def _answered(self) -> None:
         if self._unreachable_logged:
             self._unreachable_logged = False
             log.warning("admission controller %s answers again", self.url)
-        return decision
+            if self.fail_open and self.on_fail_open is not None:
+                self.on_fail_open(False)
 
     def _unreachable(self, error: BaseException) -> Decision:
         why = "timed out" if isinstance(error, trio.TooSlowError) else str(error)
@@ -387,6 +393,8 @@ class VerifyClientURL:
                       else "refusing clients until it answers" if self.query is not None
                       else "refusing clients (pass --verify-client-url-fail-open to admit them instead)")
             log.error("admission controller %s unreachable (%s): %s", self.url, why, action)
+            if self.fail_open and self.on_fail_open is not None:
+                self.on_fail_open(True)
         return (True, "") if self.fail_open else (False, "verify_unreachable")
 
 
@@ -517,6 +525,7 @@ class Protection:
         for verify in (self.tailscaled, self.verify):  # tailscaled first, as derper
             if verify is not None:
                 server.admission_checks.append(FairShare().wrap(verify.check))
+                verify.on_fail_open = server.note_admission_fail_open
                 log.info("admission: asking %s (fail-open %s)", verify.url, verify.fail_open)
         if self.rate_config_path is not None:
             limits = server.client_rate_limits

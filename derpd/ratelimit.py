@@ -168,28 +168,30 @@ class ByteRateLimiter:
         self._tokens = float(limits.config.burst)
         self._stamp = trio.current_time()
 
-    async def wait(self, nbytes: int) -> None:
+    async def wait(self, nbytes: int) -> bool:
+        """Returns True if the reader had to wait (the client is over the limit)."""
         limits = self._limits
         config = limits.config
         if not config.enabled:
-            return
+            return False
         now = trio.current_time()
         self._tokens = min(float(config.burst), self._tokens + (now - self._stamp) * config.bytes_per_sec) - nbytes
         self._stamp = now
         if self._tokens >= 0:
-            return
+            return False
         limits.stats.rate_limit_waits += 1
         while self._tokens < 0:
             config = limits.config
             if not config.enabled:
                 self._tokens = 0.0
-                return
+                return True
             changed = limits._changed
             with trio.move_on_after(-self._tokens / config.bytes_per_sec):
                 await changed.wait()  # a reload re-plans the wait with the new rate
             now = trio.current_time()
             self._tokens = min(float(config.burst), self._tokens + (now - self._stamp) * config.bytes_per_sec)
             self._stamp = now
+        return True
 
 
 # ------------------------------------------------------------------------------ open files

@@ -101,6 +101,7 @@ class Debug:
     path: bytes  # "/debug/..." without the query
     head_only: bool = False
     forwarded: bool = False  # X-Forwarded-For present: relayed by a proxy, never trusted (as derper)
+    target: bytes = b""  # the request target, for query parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +274,8 @@ def route_request(request: h11.Request, *, home: str = "", derp_enabled: bool = 
     if path == b"/debug":  # Go's ServeMux redirects to the subtree
         return Response(301, ((b"Location", b"/debug/"),), head_only=head)
     if path.startswith(b"/debug/"):
-        return Debug(path, head_only=head, forwarded=_header(request, b"x-forwarded-for") is not None)
+        return Debug(path, head_only=head, forwarded=_header(request, b"x-forwarded-for") is not None,
+                     target=request.target)
     if home.startswith(("http://", "https://")) and path == b"/":
         return Response(302, ((b"Location", home.encode()),))
     body = b"" if home == "blank" else HOME_PAGE

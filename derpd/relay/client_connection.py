@@ -33,6 +33,7 @@ import logging
 import random
 import struct
 from collections import deque
+from time import perf_counter
 from typing import Protocol
 
 import trio
@@ -59,6 +60,8 @@ from ..protocol.messages import (
 from ..settings import RelaySettings
 from ..transport.raw_socket import raw_io_for
 from .dataplane import DataPlane
+from .diagnostics import QueueDelay
+from .health import HealthBoard
 from .registry import Forwarder, Registry, present_flags
 
 log = logging.getLogger("derpd.relay")
@@ -71,6 +74,7 @@ MESH_PUSHBACK_TIMEOUT = 5.0  # derper's mesh write timeout
 _RECV_HEADER = struct.Struct(">BI")
 _FRAME_NAMES = {int(t): t.name.lower() for t in FrameType}
 _RECV_OVERHEAD = 5 + KEY_LEN  # header + source key in front of each queued packet
+QD_EVERY = 64  # one packet in 64 has its queue delay measured (derp_queue_delay_seconds)
 # The compiled SendPacket loop (derpd/_speedups.c), or None: the Python loop below does the same.
 _route_packets = speedups.route_packets if speedups is not None else None
 
@@ -82,6 +86,8 @@ class ConnectionHost(Protocol):
     stats: RelayStats
     registry: Registry
     dataplane: DataPlane
+    queue_delay: QueueDelay
+    health: HealthBoard
 
     def route_elsewhere(
         self, sender: ClientConnection, src: bytes, dst: bytes, packet: bytes, disco: bool, *, forwarded: bool
@@ -92,6 +98,10 @@ class ConnectionHost(Protocol):
 
     def close_peer(self, target: NodePublic) -> None:
         """Close every local connection of ``target`` (a mesh peer's ClosePeer)."""
+        ...
+
+    def note_rate_limited(self, conn: ClientConnection) -> None:
+        """``conn``'s reader just waited for its receive rate limit (a Health problem)."""
         ...
 
 
@@ -106,7 +116,8 @@ class ClientConnection:
         "_queue", "_disco_queue", "_control", "_pong", "_lot", "_depth", "_write_timeout",
         "_nothere_tokens", "_nothere_stamp", "_cancel", "saw_src", "rate_limiter", "close_reason", "_writing",
         "_parked", "keepalive_interval", "next_keepalive", "_congested", "_ctl_tokens", "_ctl_stamp",
-        "_ctl_logged", "_raw", "engine_slot", "_engine", "_handoff",
+        "_ctl_logged", "_raw", "engine_slot", "_engine", "_handoff", "health", "rx_packets", "rx_bytes",
+        "tx_packets", "tx_bytes", "drops_queue", "drops_unknown", "_qd_tick", "_qd_frame", "_qd_t",
     )
 
     def __init__(
@@ -166,6 +177,17 @@ class ClientConnection:
         self.engine_slot = -1
         self._engine = None
         self._handoff: tuple[bytes, bool] | None = None
+        # Health frames (derpd/relay/health.py): None until this client has a problem; False for
+        # mesh peers and probers, which get none.
+        self.health = False if can_mesh or is_prober else None
+        # This connection's own counters for /debug/clients (the compiled data plane keeps its
+        # part in its slot; ``counters()`` adds them up).
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+        self.drops_queue = self.drops_unknown = 0
+        # Queue delay: one packet in QD_EVERY is stamped when queued and observed when written.
+        self._qd_tick = 0
+        self._qd_frame: bytes | None = None
+        self._qd_t = 0.0
 
     # ------------------------------------------------------------------ called by other tasks
 
@@ -181,6 +203,14 @@ class ClientConnection:
         engine = self._engine
         if engine is not None:
             return engine.enqueue(self.engine_slot, frame, disco)
+        tick = self._qd_tick  # counts down to 0 (small ints: no allocation per packet)
+        if tick:
+            self._qd_tick = tick - 1
+        else:
+            self._qd_tick = QD_EVERY - 1
+            if self._qd_frame is None:
+                self._qd_frame = frame
+                self._qd_t = perf_counter()
         if self._parked and self._raw is not None:
             # The writer is idle, so nothing is queued: write now and save its wakeup.  What
             # the kernel did not take goes first in the writer's never-dropped control queue.
@@ -192,7 +222,12 @@ class ClientConnection:
                 stats = self.server.stats
                 stats.packets_sent += 1
                 stats.bytes_sent += len(frame) - _RECV_OVERHEAD
+                self.tx_packets += 1
+                self.tx_bytes += len(frame) - _RECV_OVERHEAD
                 if n == len(frame):
+                    if self._qd_frame is frame:  # written at once: it waited for nothing
+                        self._qd_frame = None
+                        self.server.queue_delay.observe(0.0)
                     return False
                 self._control.append(frame[n:])
                 self._parked = False
@@ -202,6 +237,9 @@ class ClientConnection:
         if len(q) >= self._depth:
             old = q.popleft()
             self.server.stats.drop("queue_head", disco, len(old) - _RECV_OVERHEAD)
+            self.drops_queue += 1
+            if old is self._qd_frame:
+                self._qd_frame = None
         q.append(frame)
         if self._parked:
             self._parked = False
@@ -225,6 +263,38 @@ class ClientConnection:
         if self._engine is not None:
             return self._engine.pending(self.engine_slot)
         return bool(self._queue or self._disco_queue or self._control or self._writing)
+
+    def counters(self) -> dict[str, int]:
+        """Queue depth and this connection's totals, for /debug/clients and the drop-share
+        Health check: what the Python reader and writer counted plus the data plane's part."""
+        c = {
+            "queued": len(self._queue), "queued_disco": len(self._disco_queue),
+            "queued_control": len(self._control) + (self._pong is not None),
+            "packets_in": self.rx_packets, "bytes_in": self.rx_bytes,
+            "packets_out": self.tx_packets, "bytes_out": self.tx_bytes,
+            "drops_queue_full": self.drops_queue, "drops_unknown_dest": self.drops_unknown,
+        }
+        if self._engine is not None:
+            (c["queued"], c["queued_disco"], c["queued_control"], rx_pk, rx_by, tx_pk, tx_by,
+             drops) = self._engine.slot_stats(self.engine_slot)
+            c["packets_in"] += rx_pk
+            c["bytes_in"] += rx_by
+            c["packets_out"] += tx_pk
+            c["bytes_out"] += tx_by
+            c["drops_queue_full"] += drops
+        return c
+
+    def tcp_socket(self):  # noqa: ANN201
+        """The TCP socket under this connection (TLS and WebSocket included), or None."""
+        stream = self.stream
+        for _ in range(4):  # WebSocket over TLS over TCP at most
+            sock = getattr(stream, "socket", None)
+            if sock is not None:
+                return sock
+            stream = getattr(stream, "transport_stream", None) or getattr(stream, "ssl", None)
+            if stream is None:
+                return None
+        return None
 
     def close(self, reason: str) -> None:
         """End this connection from outside (ClosePeer, shutdown).  Takes effect whenever it
@@ -263,6 +333,7 @@ class ClientConnection:
             fd, obj, incoming, outgoing = parts
             self.engine_slot = engine.add(fd, self, (obj, incoming, outgoing))
         self._engine = engine
+        self._qd_frame = None
         for frame in self._control:
             engine.send_control(self.engine_slot, frame)
         self._control.clear()
@@ -291,6 +362,7 @@ class ClientConnection:
                 q.clear()
         self._control.clear()
         self.server.registry.forget_receiver(self)
+        self.server.health.left(self)
         if self.preferred:
             stats.current_home_connections -= 1
         if self.not_ideal:
@@ -323,7 +395,8 @@ class ClientConnection:
                         # A destination queue filled up: let its writer drain it first.
                         await trio.lowlevel.checkpoint()
                 if frames and self.rate_limiter is not None:
-                    await self.rate_limiter.wait(sum(len(p) for _, p in frames))
+                    if await self.rate_limiter.wait(sum(len(p) for _, p in frames)):
+                        self.server.note_rate_limited(self)
                 if decoder.skipped_frames:  # unknown frame types, discarded by the decoder
                     self.server.stats.unknown_frames += decoder.skipped_frames
                     self._ctl_tokens -= decoder.skipped_frames
@@ -435,6 +508,8 @@ class ClientConnection:
             if nfwd:
                 stats.packets_forwarded_in += nfwd
                 stats.bytes_forwarded_in += nfwd_bytes
+            self.rx_packets += npk + nfwd
+            self.rx_bytes += nbytes + nfwd_bytes
             if self.is_dup:
                 server.registry.note_activity(self)
         return i
@@ -548,6 +623,7 @@ class ClientConnection:
                         self._pong = None
                         stats.sent_pong += 1
                     npk = len(queue) + len(disco_queue)
+                    qd = self._qd_frame  # a stamped packet is in this write (a drop forgets it)
                     if npk:
                         pbytes = sum(map(len, queue)) + sum(map(len, disco_queue)) - _RECV_OVERHEAD * npk
                         parts.extend(queue)
@@ -570,6 +646,12 @@ class ClientConnection:
                     if npk:
                         stats.packets_sent += npk
                         stats.bytes_sent += pbytes
+                        self.tx_packets += npk
+                        self.tx_bytes += pbytes
+                    if qd is not None:
+                        if qd is self._qd_frame:
+                            self._qd_frame = None
+                        self.server.queue_delay.observe(perf_counter() - self._qd_t)
             if deadline.cancelled_caught:
                 stats.write_timeouts += 1
                 stats.drop("write_error", False, pbytes, npk)

@@ -178,7 +178,7 @@ def _answer_debug_or_dns(server: RelayServer, route: Debug | BootstrapDNS, ip: s
                 ("TLS hostname", server.settings.hostname), ("Mesh key", str(server.settings.mesh_key is not None)))
         allowed = server.settings.serve_metrics and not relayed and debug_allowed(server, ip)
         return debug_response(route, allowed=allowed,
-                              metrics=server.metrics_text, info=info)
+                              metrics=server.metrics_text, info=info, clients=server.clients_json)
     # derper: JSON, browser headers, and no keep-alive (these requests are one-off and cross-region)
     return Response(200, (*BROWSER_HEADERS, (b"Content-Type", b"application/json"), (b"Connection", b"close")),
                     server.bootstrap_dns(route.query, ip), head_only=route.head_only)

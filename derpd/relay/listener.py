@@ -354,6 +354,7 @@ async def serve_relay(
             if server.cert is not None:
                 acceptors.start_soon(_watch_cert_files, server)
             connections.start_soon(server.run_keepalives)
+            connections.start_soon(server.run_health)
             connections.start_soon(server.dataplane.run)
             task_status.started(running)
             grace = await running.wait_shutdown()

@@ -16,6 +16,7 @@ from ``client_connection``, ``server``, ``http_front`` or ``listener`` (they imp
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -80,6 +81,11 @@ class Registry(GaugeSource):
         # node, left out of the connection, client and watcher gauges.
         self.internal_keys: frozenset[bytes] = frozenset()
         self._changed = trio.Event()
+        # Keys whose duplicate set has two live senders (an older member sent after a newer one
+        # logged in: a cloned key, not a reconnect whose old connection is dead), and who hears
+        # of it: on_cloned(members, True) once, then (remaining, False) when one is left.
+        self.cloned: set[bytes] = set()
+        self.on_cloned: Callable[[list[Member], bool], None] | None = None
 
     def _notify(self) -> None:
         self._changed.set()
@@ -105,6 +111,8 @@ class Registry(GaugeSource):
                 m.is_dup = True
             log.info("duplicate connection for %s from %s (%d now)", conn.public.short(), conn.remote_ip,
                      len(members))
+            if conn.key in self.cloned and self.on_cloned is not None:
+                self.on_cloned([conn], True)
         self.active[conn.key] = conn
         self.stats.current_connections += 1
         self._notify()
@@ -125,11 +133,16 @@ class Registry(GaugeSource):
         if members:
             if len(members) == 1:
                 members[0].is_dup = False
+                if conn.key in self.cloned:
+                    self.cloned.discard(conn.key)
+                    if self.on_cloned is not None:
+                        self.on_cloned(members, False)
             if self.active.get(conn.key) is conn:
                 self.active[conn.key] = members[-1]
             return
         del self._members[conn.key]
         del self.active[conn.key]
+        self.cloned.discard(conn.key)
         if self.watchers:
             frame = encode_peer_gone(conn.key, PeerGoneReason.DISCONNECTED)
             for w in self.watchers:
@@ -144,6 +157,10 @@ class Registry(GaugeSource):
             members.remove(conn)
             members.append(conn)
             self.active[conn.key] = conn
+            if conn.key not in self.cloned:
+                self.cloned.add(conn.key)
+                if self.on_cloned is not None:
+                    self.on_cloned(list(members), True)
 
     def connections(self, key: bytes) -> list[Member]:
         return list(self._members.get(key, ()))

@@ -36,6 +36,8 @@ from ..transport.websocket_stream import WebSocketStream
 from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
 from .dataplane import DataPlane
+from .diagnostics import QueueDelay, clients_report
+from .health import HealthBoard, text_admission, text_cloned_key, text_rate_limited, text_restarting
 from .registry import Forwarder, Registry
 from .tls import CertificateFiles, ChallengeResponder, ServerCert
 
@@ -56,6 +58,9 @@ class RelayServer:
         self.public_key = settings.private_key.public
         self.stats = RelayStats()
         self.registry = Registry(self.stats, self.public_key.raw)
+        self.health = HealthBoard()  # Health frames to clients (derpd/relay/health.py)
+        self.registry.on_cloned = self._cloned
+        self.queue_delay = QueueDelay()  # derp_queue_delay_seconds, Python writers' part
         self.admission_checks: list[AdmissionCheck] = []
         self.ssl_context: ssl.SSLContext | None = None
         self.cert: ServerCert | None = None
@@ -148,6 +153,8 @@ class RelayServer:
         g["derp_mesh_peers_connected"] = ("Mesh peers this relay is logged in to.", self.mesh_peers_connected)
         g["derp_mesh_peers_configured"] = ("Mesh peers this relay should be logged in to.",
                                            self.mesh_peers_configured)
+        g["derp_health_problem_clients"] = ("Clients whose last Health frame reported a problem.",
+                                            sum(1 for c in self.health.watch if c.health and c.health.sent))
         return g
 
     def internal_connections(self) -> int:
@@ -164,7 +171,9 @@ class RelayServer:
             keys.add_metric([link.target.host], len(link.keys))
             up.add_metric([link.target.host], 1 if link.connected else 0)
             reconnects.add_metric([link.target.host], link.reconnects)
-        return [keys, up, reconnects]
+        health = CounterMetricFamily("derp_health_frames", "Health frames sent to clients (problems and clears).",
+                                     value=self.health.frames_sent)
+        return [keys, up, reconnects, health, self.queue_delay.family(self.dataplane.engine)]
 
     async def run_keepalives(self, tick: float = 1.0) -> None:
         """Queue a KeepAlive on every connection whose period has come (spec 5.6).  One ticker
@@ -177,6 +186,55 @@ class RelayServer:
                 if now >= c.next_keepalive:
                     c.next_keepalive = max(c.next_keepalive + c.keepalive_interval, now)
                     c.send_control(KEEP_ALIVE_FRAME)
+
+    # ------------------------------------------------------------------ Health frames
+
+    def set_relay_problem(self, text: str | None, source: str = "operator") -> None:
+        """Tell every regular client that the relay has a problem (``text``), or that it is
+        over (None).  ``source`` names the problem, so that several can be current at once
+        ("restarting" for a drain, "admission" for a verify URL that fails open)."""
+        if self.health.set_relay(source, text, self.registry.all_connections()):
+            log.info("relay problem %s: %s", source, text or "cleared")
+
+    def note_rate_limited(self, conn: ClientConnection) -> None:
+        config = self.client_rate_limits.config
+        self.health.set_client(conn, "rate_limited", text_rate_limited(config.bytes_per_sec, config.burst),
+                               until=self.health.linger(trio.current_time()))
+
+    def note_admission_fail_open(self, failing: bool) -> None:
+        """The admission check's endpoint stopped answering and clients are admitted unchecked
+        (True), or it answers again (False)."""
+        self.set_relay_problem(text_admission() if failing else None, "admission")
+
+    def _cloned(self, members: list, cloned: bool) -> None:
+        text = text_cloned_key() if cloned else None
+        for m in members:
+            self.health.set_client(m, "cloned_key", text)
+
+    async def run_health(self) -> None:
+        """Queue the Health frames that are due, every ``health.period`` (1 s); every
+        ``health.DROP_WINDOW`` seconds, look at the share of each receiver's packets dropped
+        (only after drops)."""
+        board = self.health
+        drops_seen = -1
+        while True:
+            await trio.sleep(board.period)
+            now = trio.current_time()
+            if board.drop_window_due(now):
+                dropped = self.stats.dropped_packets["queue_head", "other"]
+                if dropped != drops_seen or any(c.health and c.health.dropping for c in board.watch):
+                    drops_seen = dropped
+                    for c in cast("list[ClientConnection]", self.registry.all_connections()):
+                        if c.health is not False:
+                            k = c.counters()
+                            if k["drops_queue_full"] or (c.health and c.health.dropping):
+                                board.note_drops(c, k["drops_queue_full"], k["packets_out"], now)
+            for conn, frame in board.tick(now):
+                conn.send_control(frame)
+
+    def clients_json(self, key: str = "", limit: int = 100) -> bytes:
+        """``/debug/clients`` (derpd/relay/diagnostics.py)."""
+        return clients_report(self.registry.all_connections(), trio.current_time(), key=key, limit=limit)
 
     # ------------------------------------------------------------------ per-IP limit
 
@@ -210,6 +268,9 @@ class RelayServer:
         """Tell every client we are restarting, then let their queues empty for at most
         ``grace`` seconds.  Returns how many connections still had packets queued."""
         frame = self.restarting_frame = encode_restarting(reconnect_in_ms, try_for_ms)
+        self.set_relay_problem(text_restarting(), "restarting")
+        for conn, health in self.health.tick(trio.current_time()):  # before Restarting
+            conn.send_control(health)
         conns = self.all_connections()
         for c in conns:
             c.send_control(frame)
@@ -291,6 +352,7 @@ class RelayServer:
             # Register before ServerInfo (packets may queue from now on), but start the writer only
             # after ServerInfo is out, so it is the first frame after ServerKey (P-3).
             self.registry.register(conn)
+            self.health.joined(conn)
             if self.restarting_frame is not None:  # a login that finished while we shut down
                 conn.send_control(self.restarting_frame)
             if not_ideal:
@@ -343,6 +405,7 @@ class RelayServer:
                 self.stats.bytes_forwarded_out += len(packet)
             return fwd if fwd.congested else None
         self.stats.drop("unknown_dest_on_fwd" if forwarded else "unknown_dest", disco, len(packet))
+        sender.drops_unknown += 1
         if disco:
             sender.not_here(dst)
         return None

@@ -38,6 +38,11 @@ class WebSocketStream(trio.abc.Stream):
         if initial:
             self._ws.receive_data(initial)
 
+    @property
+    def transport_stream(self) -> trio.abc.Stream:
+        """The stream under the WebSocket framing (as trio's SSLStream names it)."""
+        return self._transport
+
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
             await self._transport.send_all(data)

@@ -9,7 +9,7 @@ import trio
 from derpd import client as derp_client
 from derpd.keys import NodePrivate, NodePublic
 from derpd.protocol.errors import RemoteProtocolError
-from derpd.protocol.messages import KeepAlive, PeerPresent, Restarting
+from derpd.protocol.messages import Health, KeepAlive, PeerPresent, Restarting
 
 from .conftest import assert_relay_still_serves, start_relay
 
@@ -114,7 +114,7 @@ async def test_logins_that_finish_during_shutdown_are_told_to_reconnect(nursery)
                         async with derp_client.connect(relay.derp_url, NodePrivate.generate()) as c:
                             logged_in += 1
                             while not isinstance(ev := await c.recv(), Restarting):
-                                assert isinstance(ev, KeepAlive | PeerPresent)
+                                assert isinstance(ev, KeepAlive | PeerPresent | Health)  # Health: "restarting"
                             told += 1
                     except (RemoteProtocolError, trio.BrokenResourceError, trio.EndOfChannel, OSError,
                             derp_client.DerpClientError):

@@ -13,7 +13,7 @@ import trio.testing
 
 from derpd import client as derp_client
 from derpd.keys import NodePrivate
-from derpd.protocol.messages import PeerGone, RecvPacket, Restarting
+from derpd.protocol.messages import Health, PeerGone, RecvPacket, Restarting
 from derpd.relay.tls import generate_self_signed_ip_cert
 
 from .conftest import raw_connect, read_until_closed, recv_skipping_keepalives, start_relay
@@ -45,6 +45,8 @@ async def test_graceful_shutdown_sends_restarting_and_drains_queues(nursery):
                 ev = await recv_skipping_keepalives(cr)
                 if isinstance(ev, Restarting):
                     restarting = ev
+                elif isinstance(ev, Health):  # the user's warning, ahead of Restarting
+                    assert "restarting" in ev.problem and restarting is None
                 else:
                     assert isinstance(ev, RecvPacket)
                     got.append(int.from_bytes(ev.data, "big"))

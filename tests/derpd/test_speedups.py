@@ -182,6 +182,7 @@ def route_trace(frames: list[tuple[int, bytes]], full_every: int, compiled: bool
         server.registry.active[k] = FakeDest(f"d{i}", log, full_every)
     conn = ClientConnection.__new__(ClientConnection)
     conn.server, conn.key, conn.can_mesh, conn.is_dup = server, SRC, False, False
+    conn.rx_packets = conn.rx_bytes = 0
     conn._congested = None
     conn._pong = None
     conn._engine = None
@@ -232,6 +233,7 @@ def test_appendix_a_send_packet_routes_to_the_recv_packet_vector():
         server.registry.active[v.CLIENT_PUBLIC] = FakeDest("client", log, 0)
         conn = ClientConnection.__new__(ClientConnection)
         conn.server, conn.key, conn.can_mesh, conn.is_dup = server, v.SERVER_PUBLIC, False, False
+        conn.rx_packets = conn.rx_bytes = 0
         conn._congested = None
         with path(compiled):
             assert conn._handle_frames(frames, 0) == 1

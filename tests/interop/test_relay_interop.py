@@ -100,3 +100,13 @@ async def test_ping(start_relay, scenario) -> None:
     relay = await start_relay()
     r = await scenario("ping", "--url", derp_url(relay), "--count", "5")
     assert len(r.data["rtt_ms"]) == 5
+
+
+async def test_health_frames_reach_the_go_client(start_relay, scenario) -> None:
+    """A cloned node key: derp.Client parses the relay's Health frames as HealthMessage (what
+    tailscaled shows in `tailscale status`), on both connections, then the empty one."""
+    relay = await start_relay()
+    relay.server.health.hold = 0.5  # 10 s in production
+    r = await scenario("health", "--url", derp_url(relay))
+    assert "node key" in r.data["older_problem"] and r.data["older_problem"] == r.data["newer_problem"]
+    assert r.data["cleared"] is True

@@ -19,6 +19,7 @@
 //	derpinterop meshpair   --url-a U1 --url-b U2 [--pairs N] [--packets M] [--ca FILE]
 //	derpinterop derpmap    --url COORDINATOR
 //	derpinterop goflags    --cases FILE
+//	derpinterop health     --url U [--ca FILE]
 package main
 
 import (
@@ -78,6 +79,7 @@ var scenarios = map[string]scenario{
 	"meshpair":   {runMeshPair, "clients on two meshed relays exchange packets both ways; PeerGone crosses the mesh"},
 	"derpmap":    {runDERPMap, "a coordinator's JSON and YAML map, decoded as headscale does (encoding/json, yaml.v3)"},
 	"goflags":    {runGoFlags, "command lines parsed by Go's flag package (derper's flags), for derpd's reader to match"},
+	"health":     {runHealth, "a cloned node key: both connections get a HealthMessage, the survivor an empty one"},
 }
 
 var verbose bool
