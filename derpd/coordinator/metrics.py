@@ -16,7 +16,7 @@ PROBE_KINDS = ("https", "derp", "stun")
 #: Results of POST /v1/nodes: the ``result`` label.
 REGISTRATION_RESULTS = (
     "created", "refreshed", "unauthorized", "bad_request", "too_large", "slow_body", "truncated",
-    "forbidden", "conflict", "rate_limited", "full", "disabled",
+    "forbidden", "conflict", "rate_limited", "full", "disabled", "draining",
 )
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
