@@ -200,3 +200,18 @@ async def test_sigterm_without_a_coordinator_stops_at_once(nursery: trio.Nursery
             assert await relay.proc.wait() == 0
     assert trio.current_time() - t0 < 25  # --shutdown-grace 5s at most, never the drain grace
     assert b"registers with no coordinator" not in relay.log
+
+
+async def test_workers_parent_announces_the_drain(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """With --workers the parent registers: it announces the drain; each worker waits for its
+    clients; the service exits once they are gone."""
+    with trio.fail_after(90):
+        coord = await start_coordinator(nursery, FakeProbe())
+        relay = await registered_relay(nursery, tmp_path, coord, "--workers", "2", "--drain-grace", "120s")
+        await relay.wait_for(rb"2 workers on port")
+        async with derp_client.connect(f"http://127.0.0.1:{relay.port}/derp", NodePrivate.generate()) as c:
+            relay.proc.send_signal(signal.SIGTERM)
+            await map_becomes(coord, no_home)
+            await c.ping()  # still relaying
+        assert await relay.proc.wait() == 0  # its only client left: long before the 120 s grace
+    assert b"Traceback" not in relay.log
