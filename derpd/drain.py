@@ -69,11 +69,13 @@ async def announce_drain(announcer: Announcer | None, draining: bool = True) -> 
                     url, ANNOUNCE_TIMEOUT)
 
 
-async def wait_for_clients_to_leave(running: RunningRelay, grace: float) -> int:
-    """Waits until no client is connected, at most ``grace`` seconds.  Returns the clients left."""
+async def wait_for_clients_to_leave(running: RunningRelay, grace: float, start: float | None = None) -> int:
+    """Waits until no client is connected, at most until ``grace`` seconds after ``start``
+    (trio's clock; default now).  Returns the clients left."""
     server = running.server
-    start = trio.current_time()
-    with trio.move_on_after(grace):
+    if start is None:
+        start = trio.current_time()
+    with trio.move_on_at(start + grace):
         while server.client_count():
             await trio.sleep(POLL_INTERVAL)
     left = server.client_count()
@@ -168,8 +170,10 @@ class Maintenance:
 
     async def _run_drain(self, scope: trio.CancelScope) -> None:
         with scope:
-            await announce_drain(self.announcer)
-            await wait_for_clients_to_leave(self.running, self.settings.drain_grace)
+            start = trio.current_time()  # the grace counts from here, the announcement included
+            with trio.move_on_at(start + self.settings.drain_grace):
+                await announce_drain(self.announcer)
+            await wait_for_clients_to_leave(self.running, self.settings.drain_grace, start)
         if scope.cancelled_caught:
             return
         self._drain = None

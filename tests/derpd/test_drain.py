@@ -88,10 +88,10 @@ def no_home(r: dict | None) -> bool:
 
 
 async def registered_relay(nursery: trio.Nursery, tmp_path: Path, coord: RunningCoordinator,
-                           *args: str) -> Relay:
+                           *args: str, also: str = "") -> Relay:
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
-    relay = await start_relay(nursery, "--coordinator", coord.url, "--coordinator-token-file", str(token),
+    relay = await start_relay(nursery, "--coordinator", coord.url + also, "--coordinator-token-file", str(token),
                               "--region-id", "901", "--region-code", "edge", "--node-name", "901d", *args)
     await map_becomes(coord, published)
     return relay
@@ -215,3 +215,16 @@ async def test_workers_parent_announces_the_drain(nursery: trio.Nursery, tmp_pat
             await c.ping()  # still relaying
         assert await relay.proc.wait() == 0  # its only client left: long before the 120 s grace
     assert b"Traceback" not in relay.log
+
+
+async def test_a_coordinator_that_does_not_take_the_drain_is_named(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        coord = await start_coordinator(nursery, FakeProbe())
+        dead = "http://127.0.0.1:1"  # nothing listens there
+        relay = await registered_relay(nursery, tmp_path, coord, "--drain-grace", "30s", also="," + dead)
+        relay.proc.send_signal(signal.SIGTERM)
+        await map_becomes(coord, no_home)  # the live one took it
+        assert await relay.proc.wait() == 0  # no client: it stops without waiting for the grace
+    lines = [line for line in relay.log.decode().splitlines() if "did not take the drain" in line]
+    assert len(lines) == 1 and dead in lines[0], relay.log.decode()
+    assert "Traceback" not in relay.log.decode()
