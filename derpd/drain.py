@@ -9,8 +9,10 @@ A drain
    ``NoMeasureNoHome`` so clients pick another home but still reach peers homed here;
 2. keeps relaying while the clients move (headscale sends them the new map; Tailscale
    clients reconnect to the region's other node, or pick another home region), for at most
-   ``--drain-grace``, and ends as soon as no client is left (mesh peers and probers are not
-   clients here);
+   ``--drain-grace``, and ends once no client has been connected for QUIET seconds (mesh
+   peers and probers are not clients here).  A client that moved away comes back for a
+   moment to reach a peer that is still here, or whose home it still believes this is, until
+   control tells it where the peer went; the quiet period covers that;
 3. then, for SIGTERM, the usual shutdown follows: Restarting to whoever is left, queues
    drain for ``--shutdown-grace``, exit 0.
 
@@ -45,6 +47,8 @@ startup = logging.getLogger("derpd.startup")  # what the operator asked for, and
 ANNOUNCE_TIMEOUT = 5.0
 #: How often a drain looks at the number of clients left.
 POLL_INTERVAL = 0.1
+#: A drain ends once no client has been connected for this long.
+QUIET = 3.0
 
 #: The signals a relay process handles.
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -69,21 +73,30 @@ async def announce_drain(announcer: Announcer | None, draining: bool = True) -> 
                     url, ANNOUNCE_TIMEOUT)
 
 
-async def wait_for_clients_to_leave(running: RunningRelay, grace: float, start: float | None = None) -> int:
-    """Waits until no client is connected, at most until ``grace`` seconds after ``start``
-    (trio's clock; default now).  Returns the clients left."""
+async def wait_for_clients_to_leave(running: RunningRelay, grace: float, start: float | None = None,
+                                    quiet: float = QUIET) -> int:
+    """Waits until no client has been connected for ``quiet`` seconds, at most until ``grace``
+    seconds after ``start`` (trio's clock; default now).  Returns the client connections left."""
     server = running.server
     if start is None:
         start = trio.current_time()
+    quiet_since = trio.current_time()
+    done = False
     with trio.move_on_at(start + grace):
-        while server.client_count():
+        while True:
+            now = trio.current_time()
+            if server.client_count():
+                quiet_since = now
+            elif now - quiet_since >= quiet:
+                done = True
+                break
             await trio.sleep(POLL_INTERVAL)
     left = server.client_count()
     took = trio.current_time() - start
-    if left:
-        log.info("drain: %d client connection(s) still here after %.1f s (--drain-grace)", left, took)
+    if done:
+        log.info("drain: done after %.1f s: no client connected for %.0f s", took, quiet)
     else:
-        log.info("drain: no clients left after %.1f s", took)
+        log.info("drain: %d client connection(s) still here after %.1f s (--drain-grace)", left, took)
     return left
 
 
