@@ -148,8 +148,8 @@ class WorkerCount(click.ParamType):
               help="On SIGTERM: how long to let queued packets drain after telling clients to reconnect.")
 @click.option("--drain-grace", type=GoDuration(), default="30s", show_default=True,
               help="On SIGTERM with --coordinator, and on SIGUSR1 (derpd drain): announce draining, so the "
-                   "coordinator moves clients to other nodes, and keep relaying until none is left or this "
-                   "long; 0 = stop at once, as derper does.")
+                   "coordinator moves clients to other nodes, and keep relaying until none has been connected "
+                   "for 5 s, or this long; 0 = stop at once, as derper does.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
 @click.option("--coordinator", default=None, metavar="URL[,URL...]",

@@ -48,7 +48,7 @@ ANNOUNCE_TIMEOUT = 5.0
 #: How often a drain looks at the number of clients left.
 POLL_INTERVAL = 0.1
 #: A drain ends once no client has been connected for this long.
-QUIET = 3.0
+QUIET = 5.0
 
 #: The signals a relay process handles.
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
