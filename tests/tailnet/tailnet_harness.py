@@ -310,6 +310,11 @@ class Transfer:
     seconds: float
     max_stall: float = 0.0  # the longest wait between two reads after the first byte
     stall_end: float = 0.0  # when it ended (time.monotonic())
+    stalls: list[tuple[float, float]] = field(default_factory=list)  # (ended at, seconds), for waits over 0.5 s
+
+    def longest_stall(self, start: float, end: float) -> float:
+        """The longest wait between two reads that overlaps [start, end] (time.monotonic())."""
+        return max((gap for at, gap in self.stalls if at >= start and at - gap <= end), default=0.0)
 
     def __repr__(self) -> str:
         return (f"Transfer({self.nbytes} bytes, sha256 {self.sha256[:12]}..., {self.seconds:.2f} s, "
@@ -381,12 +386,15 @@ class Node:
         n = 0
         start = time.monotonic()
         last = stall = stall_end = 0.0
+        stalls: list[tuple[float, float]] = []
         try:
             assert proc.stdout is not None
             while chunk := proc.stdout.read1(1 << 20):
                 now = time.monotonic()
                 if n and now - last > stall:
                     stall, stall_end = now - last, now
+                if n and now - last > 0.5:
+                    stalls.append((now, now - last))
                 last = now
                 h.update(chunk)
                 n += len(chunk)
@@ -404,7 +412,7 @@ class Node:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         if proc.returncode not in (0, None) and n == 0:
             raise TailnetError(f"{self.name}: `tailscale nc {peer_ip} {port}` exited {proc.returncode}: {err[-1500:]}")
-        return Transfer(n, h.hexdigest(), seconds, stall, stall_end)
+        return Transfer(n, h.hexdigest(), seconds, stall, stall_end, stalls)
 
     def localapi(self, method: str, path: str, timeout: float) -> tuple[int, bytes]:
         """One LocalAPI request over tailscaled's unix socket (a file, reachable from outside
@@ -480,6 +488,11 @@ class PingLog:
         """The longest time without a pong between two answered pings (sent-at to sent-at)."""
         ok = [t for t, rtt, _ in self.results if rtt is not None]
         return max((b - a for a, b in zip(ok, ok[1:])), default=0.0)
+
+    def window(self, start: float, end: float) -> PingLog:
+        """The pings sent in [start, end] (time.monotonic()), as a log of their own."""
+        return PingLog(self.node, self.peer_ip, self.interval, self.timeout,
+                       [r for r in self.results if start <= r[0] <= end])
 
     def lost_at(self, origin: float) -> list[float]:
         """When the lost pings were sent, in seconds after ``origin`` (time.monotonic())."""
