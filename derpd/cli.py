@@ -146,6 +146,10 @@ class WorkerCount(click.ParamType):
                    "name the real client.")
 @click.option("--shutdown-grace", type=GoDuration(), default="5s", show_default=True,
               help="On SIGTERM: how long to let queued packets drain after telling clients to reconnect.")
+@click.option("--drain-grace", type=GoDuration(), default="30s", show_default=True,
+              help="On SIGTERM with --coordinator, and on SIGUSR1 (derpd drain): announce draining, so the "
+                   "coordinator moves clients to other nodes, and keep relaying until none has been connected "
+                   "for 5 s, or this long; 0 = stop at once, as derper does.")
 @click.option("--queue-depth", type=click.IntRange(1, 100000), default=32, show_default=True,
               help="Packets queued per client (and again for disco) before the oldest is dropped.")
 @click.option("--coordinator", default=None, metavar="URL[,URL...]",
@@ -374,3 +378,25 @@ def close_peer_command(url: str, nodekey: str, mesh_psk_file: Path, ca_file: str
     except (DerpClientError, OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as e:
         _fail(f"cannot ask {url} to close {target.short()}: {explain_failure(e, url, mesh=True)}", 1)
     click.echo(f"asked {url} to close {target}")
+
+
+# ---------------------------------------------------------------------------- drain
+
+
+@main.command("drain")
+@click.argument("relay", metavar="PID|PIDFILE")
+@click.option("--undo", is_flag=True, help="End the drain: the coordinator publishes the relay again once its "
+                                           "probes pass.")
+def drain_command(relay: str, undo: bool) -> None:
+    """Drain the running `derpd serve` with this PID (or whose PID is in PIDFILE) for maintenance,
+    without stopping it: it tells its coordinators it is draining (they take it out of the map,
+    clients move to other nodes) and logs when its clients are gone; then stop it (SIGTERM) or
+    end the drain (--undo).  The same as sending it SIGUSR1 (--undo: SIGUSR2)."""
+    from .drain import DrainError, signal_relay
+
+    try:
+        pid = signal_relay(relay, undo=undo)
+    except DrainError as e:
+        _fail(str(e), e.code)
+    click.echo(f"asked derpd (pid {pid}) to {'end its drain' if undo else 'drain'}; "
+               f"it logs what happens (-v)")

@@ -16,7 +16,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from .settings import RelaySettings, SettingsError, is_ip, parse_networks, split
 
 if TYPE_CHECKING:
     from .acme import AcmeConfig
+    from .coordinator.announce import Announcer
     from .admission import Protection
     from .relay.tls import ServerCert
 
@@ -169,6 +169,7 @@ def options_from_flags(opts: dict[str, object]) -> ServeOptions:
         accept_connection_burst=int(opts["accept_connection_burst"]),  # type: ignore[call-overload]
         max_connections_per_ip=int(opts["max_connections_per_ip"]),  # type: ignore[call-overload]
         shutdown_grace=float(opts["shutdown_grace"]),  # type: ignore[arg-type]
+        drain_grace=float(opts.get("drain_grace", 30.0)),  # type: ignore[arg-type]
         debug_allow=parse_networks("--debug-allow", str(opts.get("debug_allow") or "")),
         proxy_protocol=bool(opts.get("proxy_protocol", False)),
         trusted_proxies=tuple(c.strip() for c in str(opts.get("trusted_proxies") or "").split(",") if c.strip()),
@@ -387,6 +388,7 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
                                                 settings.mesh_key, own_hostname=settings.hostname,
                                                 ssl_context=ctx))
             startup.info("meshing with %s", ", ".join(p.target.host for p in peers) or "nobody")
+        announcer = None
         if options.registration is not None:
             from .coordinator.announce import Announcer
 
@@ -396,7 +398,8 @@ async def _serve_node(options: ServeOptions, signals: AsyncIterator[int]) -> Non
                                   interval=float(reg.get("interval", 15.0)))  # type: ignore[arg-type]
             server.cert_hooks.append(announcer.notify)  # a new pin goes out at once, not at the next heartbeat
             nursery.start_soon(announcer.run)  # never holds up the relay's start
-        await handle_signals(signals, running, settings, nursery.cancel_scope)
+        await handle_signals(signals, running, settings, nursery.cancel_scope, announcer,
+                             registered=options.registration is not None)
 
 
 async def start_stun(nursery: trio.Nursery, settings: RelaySettings, port: int) -> list[tuple[str, int]]:
@@ -443,36 +446,24 @@ def announce_node(options: ServeOptions, running: RunningRelay, stun_port: int) 
 
 
 def open_signals() -> ContextManager[AsyncIterator[int]]:
-    """The signals a relay process handles (SIGTERM, SIGINT, SIGHUP), caught from here on: open
-    it before binding, so a signal that arrives during start-up is handled, not fatal."""
-    return trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    """The signals a relay process handles (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2), caught
+    from here on: open it before binding, so a signal that arrives during start-up is handled,
+    not fatal."""
+    from .drain import HANDLED_SIGNALS
+
+    return trio.open_signal_receiver(*HANDLED_SIGNALS)
 
 
 async def handle_signals(signals: AsyncIterator[int], running: RunningRelay, settings: RelaySettings,
-                         scope: trio.CancelScope) -> None:
-    """SIGHUP reloads (certificates, allow-lists, rate limits); SIGTERM/SIGINT shut down
-    gracefully (Restarting to every client, then drain); a second one stops at once.
-    ``signals`` comes from ``open_signals``."""
-    startup = logging.getLogger("derpd.startup")
-    stopping_since: float | None = None
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGHUP:
-            startup.info("received SIGHUP, reloading")
-            running.server.reload()
-        elif stopping_since is None or trio.current_time() - stopping_since < 1.0:
-            # A repeat within a second is the same stop reaching us twice (a process group
-            # signal plus the --workers parent forwarding it), not an operator's second one.
-            if stopping_since is not None:
-                continue
-            stopping_since = trio.current_time()
-            startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
-                         "(send it again to stop at once)", name, settings.shutdown_grace)
-            running.shutdown(settings.shutdown_grace)
-        else:
-            startup.info("received %s again, stopping now", name)
-            scope.cancel()
-            return
+                         scope: trio.CancelScope, announcer: Announcer | None = None, *,
+                         registered: bool = False) -> None:
+    """SIGHUP reloads (certificates, allow-lists, rate limits); SIGTERM/SIGINT drain (with a
+    coordinator, for ``--drain-grace``) and shut down gracefully (Restarting to every client,
+    then queues drain); a second one stops at once; SIGUSR1 drains without stopping, SIGUSR2
+    ends that drain (see ``derpd.drain``).  ``signals`` comes from ``open_signals``."""
+    from .drain import Maintenance
+
+    await Maintenance(running, settings, scope, announcer, registered=registered).handle(signals)
 
 
 __all__ = ["LISTEN_FLAGS", "ServeOptions", "announce_node", "bind_error_message", "handle_signals",

@@ -134,6 +134,7 @@ class RelaySettings:
     accept_connection_limit: float = float("inf")  # new connections per second
     accept_connection_burst: int = 1 << 30
     shutdown_grace: float = 5.0
+    drain_grace: float = 30.0  # maintenance drain before a stop (derpd.drain); 0 = none
     serve_metrics: bool = True  # /metrics on the relay port, loopback peers only
     debug_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # /debug/ beyond loopback
     proxy_protocol: bool = False  # PROXY protocol v1/v2 on the relay listener, from trusted_proxies only

@@ -35,11 +35,12 @@ import signal
 import socket
 from collections import defaultdict, deque
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from stund.oneline import run_trio
 
+from .drain import HANDLED_SIGNALS
 from .keys import NodePrivate
 from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
 from .relay.server import RelayServer
@@ -47,6 +48,9 @@ from .serve import (ServeOptions, announce_node, bind_error_message, handle_sign
                     install_cert_pin_check, node_registration, open_signals, protection_from_flags, setup_logging,
                     start_stun)
 from .settings import SettingsError
+
+if TYPE_CHECKING:
+    from .coordinator.announce import Announcer
 
 log = logging.getLogger("derpd.workers")
 
@@ -221,7 +225,9 @@ async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, m
                 run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
                 client_key=link_key, skip_self_check=True, scheme="http", internal=True))
             conn.send(("ready", {"url": running.url, "http_port": running.http_port}))
-            await handle_signals(signals, running, settings, nursery.cancel_scope)
+            # The parent announces the drain to the coordinators; each worker waits for its clients.
+            await handle_signals(signals, running, settings, nursery.cancel_scope,
+                                 registered=options.registration is not None)
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -416,7 +422,7 @@ def run_workers(options: ServeOptions, count: int, protection_flags: dict[str, o
 async def _parent(sup: Supervisor, server: RelayServer) -> int:
     options, settings = sup.options, sup.options.settings
     startup = logging.getLogger("derpd.startup")
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         try:
             async with trio.open_nursery() as nursery:
                 stun_bound = await start_stun(nursery, settings, options.stun_port)
@@ -452,7 +458,8 @@ async def _parent(sup: Supervisor, server: RelayServer) -> int:
                         task_status.started()
                     nursery.cancel_scope.cancel()  # every worker is gone: stopped by a signal
 
-                nursery.start_soon(_forward_signals, sup, server, signals)
+                announcers: list[Announcer] = []  # the registration, once every worker serves
+                nursery.start_soon(_forward_signals, sup, server, signals, announcers)
                 await nursery.start(all_workers)
                 if sup.stopping:
                     return 0
@@ -475,6 +482,7 @@ async def _parent(sup: Supervisor, server: RelayServer) -> int:
                     announcer = Announcer(reg["url"], str(reg["token"]),  # type: ignore[arg-type]
                                           partial(node_registration, reg, running, settings, stun_port))
                     server.cert_hooks.append(announcer.notify)  # a new pin goes out at once
+                    announcers.append(announcer)
                     nursery.start_soon(announcer.run)
         except BaseException:
             sup.stop_all()
@@ -485,20 +493,33 @@ async def _parent(sup: Supervisor, server: RelayServer) -> int:
     return 0
 
 
-async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any) -> None:
+async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any, announcers: list[Announcer]) -> None:
     """SIGHUP: reload this process's certificate (for the pin it registers) and the workers';
-    SIGTERM/SIGINT: stop restarting and pass the signal on (a second one stops them at once)."""
+    SIGTERM/SIGINT: stop restarting and pass the signal on (a second one stops them at once);
+    SIGUSR1/SIGUSR2: pass it on.  A drain (SIGUSR1, or SIGTERM with --drain-grace) is announced
+    to the coordinators from here, where the registration runs; the workers wait for their clients."""
+    from .drain import announce_drain
+
     startup = logging.getLogger("derpd.startup")
-    async for signum in signals:
-        if signum == signal.SIGHUP:
-            startup.info("received SIGHUP, reloading")
-            server.reload_tls()
-        elif not sup.stopping:
-            startup.info("received %s: telling clients to reconnect, draining for up to %.1fs "
-                         "(send it again to stop at once)", signal.Signals(signum).name,
-                         sup.options.settings.shutdown_grace)
-            sup.request_stop()
-        sup.signal_all(signum)
+    settings = sup.options.settings
+    async with trio.open_nursery() as nursery:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                startup.info("received SIGHUP, reloading")
+                server.reload_tls()
+            elif signum in (signal.SIGUSR1, signal.SIGUSR2):
+                if announcers and not sup.stopping:
+                    nursery.start_soon(announce_drain, announcers[0], signum == signal.SIGUSR1)
+            elif not sup.stopping:
+                draining = settings.drain_grace > 0 and sup.options.registration is not None
+                startup.info("received %s: %sthen telling clients to reconnect, draining queues for up to %.1fs "
+                             "(send it again to stop at once)", signal.Signals(signum).name,
+                             f"draining for up to {settings.drain_grace:.1f}s (--drain-grace), " if draining else "",
+                             settings.shutdown_grace)
+                sup.request_stop()
+                if draining and announcers:
+                    nursery.start_soon(announce_drain, announcers[0], True)
+            sup.signal_all(signum)
 
 
 __all__ = ["Supervisor", "WorkersFailed", "aggregate_metrics", "available_cpus", "run_workers"]

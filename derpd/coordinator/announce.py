@@ -18,6 +18,11 @@ coordinator side).  Transport errors are retried with exponential backoff capped
 
 The hook the relay needs is small: ``Announcer(urls, token, node_info)``, a task running
 :meth:`Announcer.run`, and ``notify`` in its reload path.
+
+Maintenance: :meth:`Announcer.drain` adds ``"Draining": true`` to the entry and sends it to
+every coordinator at once (each takes the node out of its map); ``drain(False)`` ends it.
+:meth:`Announcer.wait_drain_announced` waits until every coordinator has answered the
+change (or failed to), and says which did not take it.
 """
 
 from __future__ import annotations
@@ -129,14 +134,48 @@ class Announcer:
         self.node_info = node_info
         self.interval = interval
         self.sent = 0  # successful registrations, all coordinators together
+        self.draining = False
         self._wake = [trio.Event() for _ in self.urls]
         #: per coordinator: the heartbeat interval in force (``interval`` until it answers)
         self.intervals = [interval] * len(self.urls)
+        # per coordinator, since the last drain(): None (no answer yet), "" (taken) or why not
+        self._drain_result: list[str | None] = [None] * len(self.urls)
+        self._drain_answered = trio.Event()
 
     def notify(self) -> None:
         """The node's entry changed (a new certificate): send it to every coordinator now."""
         for event in self._wake:
             event.set()
+
+    def drain(self, draining: bool = True) -> None:
+        """Announce (or, with False, end) a maintenance drain to every coordinator now."""
+        self.draining = draining
+        self._drain_result = [None] * len(self.urls)
+        self._drain_answered = trio.Event()
+        if not self.urls:
+            self._drain_answered.set()
+        self.notify()
+
+    async def wait_drain_announced(self) -> list[tuple[str, str]]:
+        """Waits until every coordinator has answered the last :meth:`drain` (a refusal or a
+        transport error counts as an answer; a 429 is retried first).  Bound it with a timeout.
+
+        Returns:
+            ``(url, why)`` for each coordinator that did not take it (none: every one did).
+        """
+        await self._drain_answered.wait()
+        return [(url, why) for url, why in zip(self.urls, self._drain_result) if why]
+
+    def drain_pending(self) -> list[str]:
+        """The coordinators that have not answered the last :meth:`drain` yet."""
+        return [url for url, why in zip(self.urls, self._drain_result) if why is None]
+
+    def _drain_answer(self, index: int, info: dict[str, Any], why: str) -> None:
+        if bool(info.get("Draining")) != self.draining or self._drain_result[index] is not None:
+            return  # an answer to an entry sent before the last drain(), or already known
+        self._drain_result[index] = why
+        if all(r is not None for r in self._drain_result):
+            self._drain_answered.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Announces until cancelled.  ``started`` comes after the first attempt with each
@@ -160,6 +199,8 @@ class Announcer:
             self._wake[index] = trio.Event()
             delay = self.intervals[index]
             info = self.node_info()
+            if self.draining:
+                info = {**info, "Draining": True}
             try:
                 with trio.fail_after(max(5.0, min(self.interval, 10.0))):
                     answer = await announce_once(url, self.token, info, client=client)
@@ -168,6 +209,7 @@ class Announcer:
                 if asked is not None and asked != self.intervals[index]:
                     log.info("coordinator %s asks for a heartbeat every %g s", url, asked)
                     self.intervals[index] = delay = asked
+                self._drain_answer(index, info, "")
                 if last_error:
                     log.info("registered with coordinator %s again", url)
                 elif not started:
@@ -178,7 +220,10 @@ class Announcer:
                 msg = str(exc) or "timed out"
                 if isinstance(exc, AnnounceRefused):
                     delay = 1.0 if exc.status == 429 else self.intervals[index]  # up; it told us what is wrong
+                    if exc.status != 429:
+                        self._drain_answer(index, info, msg)
                 else:
+                    self._drain_answer(index, info, msg)
                     delay = backoff
                     backoff = min(backoff * 2, self.interval)
                 if msg != last_error:

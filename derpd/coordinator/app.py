@@ -4,7 +4,8 @@ Routes:
 
     GET  /derpmap/default        the DERPMap JSON (ETag, If-None-Match -> 304, Cache-Control)
     GET  /derpmap/default.yaml   the same map as headscale ``derp.paths`` YAML
-    POST /v1/nodes               self-registration / heartbeat (Authorization: Bearer <token>)
+    POST /v1/nodes               self-registration / heartbeat (Authorization: Bearer <token>);
+                                 with "Draining": true, a relay going down for maintenance
     GET  /status                 HTML status page (no external assets, refreshes itself)
     GET  /status.json            the data behind it
     GET  /metrics                Prometheus text
@@ -186,13 +187,16 @@ class CoordinatorApp:
             await _send(send, exc.status, _json(exc.to_json()), b"application/json", extra,
                         close=exc.status in (408, 413))
             return
-        m.labels("created" if created else "refreshed").inc()
-        await _send(send, 200, _json({
+        m.labels("draining" if reg.draining else "created" if created else "refreshed").inc()
+        answer = {
             "ok": True,
             "changed": created,
             "node_ttl": cfg.node_ttl,
             "heartbeat_interval": self.state.heartbeat_interval(),
-        }), b"application/json")
+        }
+        if reg.draining:
+            answer["draining"] = True
+        await _send(send, 200, _json(answer), b"application/json")
 
     @staticmethod
     def _bearer(scope: Scope) -> bytes | None:

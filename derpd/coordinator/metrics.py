@@ -27,7 +27,7 @@ MAP_STATUSES = ("200", "304")
 #: Results of POST /v1/nodes: the ``result`` label.
 REGISTRATION_RESULTS = (
     "created", "refreshed", "unauthorized", "bad_request", "too_large", "slow_body", "truncated",
-    "forbidden", "conflict", "rate_limited", "full", "disabled", "out_of_scope",
+    "forbidden", "conflict", "rate_limited", "full", "disabled", "out_of_scope", "draining",
 )
 
 #: Why a request's token was refused: the ``reason`` label of ``auth_refusals``.

@@ -10,8 +10,11 @@ A registration is a JSON object whose keys are Tailscale's DERPNode field names,
 
 Keys are case-sensitive and unknown keys are refused, so typos fail loudly instead of
 publishing a half-configured node.  ``InsecureForTests: true`` is refused: a registration
-must never turn certificate checks off for every client of the map.  Every failure is a :class:`RegistrationError` with an
-HTTP status and a message naming the field.
+must never turn certificate checks off for every client of the map.  ``Draining: true``
+announces maintenance: the coordinator takes the node out of the map (or marks its region
+``NoMeasureNoHome`` when it is the region's last healthy node) while the relay keeps
+serving; the relay's next registration without it ends the drain.  Every failure is a
+:class:`RegistrationError` with an HTTP status and a message naming the field.
 """
 
 from __future__ import annotations
@@ -50,13 +53,14 @@ class Registration:
     region_code: str = ""
     region_name: str = ""
     public_key: str = ""
+    draining: bool = False  # "Draining": true, the relay is about to stop for maintenance
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "Name": (str,), "RegionID": (int,), "HostName": (str,), "CertName": (str,),
     "IPv4": (str,), "IPv6": (str,), "STUNPort": (int,), "STUNOnly": (bool,), "DERPPort": (int,),
     "InsecureForTests": (bool,), "STUNTestIP": (str,), "CanPort80": (bool,),
-    "RegionCode": (str,), "RegionName": (str,), "PublicKey": (str,),
+    "RegionCode": (str,), "RegionName": (str,), "PublicKey": (str,), "Draining": (bool,),
 }
 _REQUIRED = ("Name", "RegionID", "HostName")
 _KEY_TO_ATTR = {key: attr for attr, key in NODE_JSON_KEYS.items()}
@@ -105,4 +109,5 @@ def parse_registration(body: bytes) -> Registration:
     if problems:
         p = problems[0]
         raise RegistrationError(400, p.message, NODE_JSON_KEYS.get(p.attr, p.attr))
-    return Registration(node, doc.get("RegionCode", ""), doc.get("RegionName", ""), public_key)
+    return Registration(node, doc.get("RegionCode", ""), doc.get("RegionName", ""), public_key,
+                        doc.get("Draining", False))

@@ -24,6 +24,14 @@ default) instead of vanishing, so clients homed there still have something to re
 peers stay reachable once it recovers; with the option off the region leaves the map.
 Regions without nodes are left out.
 
+A relay about to stop for maintenance registers with ``Draining: true``: the node leaves
+the published map at once while the region has another healthy node that is not
+draining; when it is the region's last one, the region stays with its draining nodes and
+``NoMeasureNoHome: true``, so clients pick another home but still reach peers homed there.
+A registration without ``Draining`` from a node that was draining (the relay is back)
+makes it ``down``: it is published again after two good probe rounds, like any node that
+recovers.
+
 Every change (registration of something new, a probe result that flips health, expiry,
 reload) rebuilds the map once; the JSON and YAML bytes and the ETag are computed then,
 so serving the map is a dict lookup.  The bytes depend only on the state, never on the
@@ -130,6 +138,7 @@ class NodeEntry:
     change_tokens: float = 3.0  # changed registrations allowed now (see CoordinatorState.register)
     streak: int = 0  # consecutive probe results that disagree with ``status``
     note: str = ""  # e.g. "DERP probe refused by admission"
+    draining: bool = False  # the relay announced maintenance (registration with "Draining": true)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +292,8 @@ class CoordinatorState:
             raise RegistrationError(
                 409, f"node name {node.name!r} is registered with another key until that registration "
                      f"expires (in {left:.0f} s without heartbeats); pick another --node-name", "PublicKey")
-        unchanged = entry is not None and entry.node == node and entry.source_addr == source
+        unchanged = (entry is not None and entry.node == node and entry.source_addr == source
+                     and entry.draining == reg.draining)
         # A plain heartbeat may come once per min_heartbeat_interval.  A changed entry (a new
         # certificate pin right after a reload) is not a heartbeat: it spends one of a few
         # change tokens, which come back at the same pace.
@@ -310,17 +320,27 @@ class CoordinatorState:
             entry.last_change = now
             if entry.node.region_id != rid:
                 self.metrics.forget_node(node.name, entry.node.region_id)
-            log.info("registered node %s changed: %s", node.name, node.to_json())
+            if entry.node != node or entry.source_addr != source:
+                log.info("registered node %s changed: %s", node.name, node.to_json())
+                entry.status = "unknown"
+                entry.streak = 0
+                entry.note = ""
+            if reg.draining and not entry.draining:
+                log.info("node %s is draining for maintenance: out of the map", node.name)
+            elif entry.draining and not reg.draining:
+                # Back from maintenance: published again once its probes pass (twice in a row).
+                log.info("node %s is back from maintenance; published again after its probes pass", node.name)
+                entry.status = "down"
+                entry.streak = 0
+                self.metrics.node_up.labels(node.name, str(rid)).set(0)
+            entry.draining = reg.draining
             entry.node = node
             entry.source_addr = source
-            entry.status = "unknown"
-            entry.streak = 0
-            entry.note = ""
         else:
             self.entries[node.name] = NodeEntry(node, "registered", reg.public_key, now, self._wall(),
-                                                source_addr=source, last_change=now)
-            log.info("node %s registered in region %d (%s:%d)", node.name, rid, node.host_name,
-                     node.derp_port or 443)
+                                                source_addr=source, last_change=now, draining=reg.draining)
+            log.info("node %s registered in region %d (%s:%d)%s", node.name, rid, node.host_name,
+                     node.derp_port or 443, ", draining" if reg.draining else "")
         self._rebuild(force_save=True)
         if self.on_new_node is not None:
             self.on_new_node()
@@ -446,15 +466,21 @@ class CoordinatorState:
         by_region = self._members()
         for rid, meta in sorted(self.region_meta().items()):
             members = by_region.get(rid, [])
-            healthy = [e.node for e in members if e.status != "down"]
-            if healthy:
-                nodes = healthy
+            healthy = [e for e in members if e.status != "down"]
+            serving = [e.node for e in healthy if not e.draining]
+            no_home = meta.no_measure_no_home
+            if serving:
+                nodes = serving
+            elif healthy:  # its last healthy nodes are draining: no new homes, peers stay reachable
+                nodes, no_home = [e.node for e in healthy], True
             elif self.config.keep_region_when_down:
-                nodes = [e.node for e in members]  # all down: keep them all rather than vanish
+                # all down: keep them all rather than vanish (those not draining, if any)
+                nodes = [e.node for e in members if not e.draining] or [e.node for e in members]
+                no_home = no_home or all(e.draining for e in members)
             else:
                 nodes = []
             if nodes:
-                regions.append(replace(meta, nodes=tuple(nodes)))
+                regions.append(replace(meta, nodes=tuple(nodes), no_measure_no_home=no_home))
         dmap = DerpMap(tuple(regions), omit_default_regions=self.config.static_map.omit_default_regions)
         body = dmap.to_json_bytes()
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
@@ -483,6 +509,8 @@ class CoordinatorState:
                 continue
             nodes.append({"node": e.node.to_json(), "public_key": e.public_key, "source": e.source_addr,
                           "status": e.status, "registered_at": e.registered_at_wall})
+            if e.draining:
+                nodes[-1]["draining"] = True
         regions = [{"RegionID": r.region_id, "RegionCode": r.region_code, "RegionName": r.region_name}
                    for _, r in sorted(self._registered_regions.items())]
         down = sorted(name for name, e in self.entries.items() if e.source == "static" and e.status == "down")
@@ -521,7 +549,8 @@ class CoordinatorState:
                 status = "down" if raw.get("status") == "down" else "unknown"
                 self.entries[reg.node.name] = NodeEntry(
                     reg.node, "registered", reg.public_key, now, float(raw.get("registered_at") or 0.0),
-                    status=status, source_addr=str(raw.get("source") or ""), restored=True)
+                    status=status, source_addr=str(raw.get("source") or ""), restored=True,
+                    draining=raw.get("draining") is True)
             except (KeyError, TypeError, ValueError, RegistrationError) as exc:
                 log.warning("state file: skipping a node entry (%s): %.200r", exc, raw)
         log.info("restored %d registered node(s) from the state file; each is kept for %g s without "
@@ -549,6 +578,7 @@ class CoordinatorState:
                     "name": e.node.name,
                     "source": e.source,
                     "status": e.status,
+                    "draining": e.draining,
                     "note": e.note,
                     "published": e.node.name in published,
                     "host": e.node.host_name,

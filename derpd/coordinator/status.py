@@ -75,6 +75,8 @@ def render_status(doc: dict[str, Any], *, refresh: int = 5) -> str:
             kept = ('<div class="kept">kept in map: every node of the region is down</div>'
                     if status == "down" and n["published"] else "")
             note = f'<div class="kept">{escape(n["note"])}</div>' if n.get("note") else ""
+            if n.get("draining"):
+                note += '<div class="kept">draining for maintenance: clients are moved away</div>'
             unpublished = (' <span class="meta">(not in map)</span>'
                            if not n["published"] and status != "down" else "")
             expires = (f'<div class="meta">registered; expires in {n["expires_in"]:.0f} s</div>'

@@ -25,7 +25,7 @@ from ..keys import NodePublic, mesh_keys_equal
 
 from ..metrics import ProcessMetrics, RelayCollector, RelayStats
 from ..protocol.errors import RemoteProtocolError
-from ..protocol.frames import SERVER_READ_LIMITS, FrameType
+from ..protocol.frames import SERVER_READ_LIMITS, FrameType, PeerPresentFlags
 from ..protocol.handshake import NEED_DATA, ClientAuthenticated, ServerHandshake
 from ..protocol.messages import KEEP_ALIVE_FRAME, encode_restarting
 from ..protocol.upgrade import derp_switching_protocols
@@ -68,6 +68,7 @@ class RelayServer:
         self.connections_per_ip: dict[str, int] = {}
         self.trusted_proxies = parse_cidrs(settings.trusted_proxies)
         self.restarting_frame: bytes | None = None  # set once shutdown has begun (drain)
+        self.draining = False  # a maintenance drain is under way (derpd.drain): clients are moving away
         self.port = 0  # the relay port, once bound
         self.mesh_peers_connected = 0  # outgoing mesh links that are logged in (derpd.mesh)
         self.mesh_peers_configured = 0
@@ -151,6 +152,8 @@ class RelayServer:
                 "1 if the DERP map pins the served certificate (a sha256-raw CertName): a new certificate "
                 "needs a new pin in the map.", 1 if self.cert_pinned() else 0)
         g["derp_mesh_peers_connected"] = ("Mesh peers this relay is logged in to.", self.mesh_peers_connected)
+        g["derp_draining"] = ("1 while a maintenance drain moves clients away (SIGUSR1, or SIGTERM with "
+                              "--drain-grace).", 1 if self.draining else 0)
         g["derp_mesh_peers_configured"] = ("Mesh peers this relay should be logged in to.",
                                            self.mesh_peers_configured)
         g["derp_health_problem_clients"] = ("Clients whose last Health frame reported a problem.",
@@ -263,6 +266,13 @@ class RelayServer:
 
     def all_connections(self) -> list[ClientConnection]:
         return [c for key in list(self.registry.active) for c in self.registry.connections(key)]
+
+    def client_count(self) -> int:
+        """Connections of clients: mesh peers and probers (which come and go by themselves) not
+        counted.  A drain waits for this to reach 0."""
+        skip = PeerPresentFlags.IS_MESH_PEER | PeerPresentFlags.IS_PROBER
+        return sum(1 for c in cast("list[ClientConnection]", self.registry.all_connections())
+                   if not c.can_mesh and not c.present_flags & skip)
 
     async def drain(self, grace: float, reconnect_in_ms: int = 1000, try_for_ms: int = 10000) -> int:
         """Tell every client we are restarting, then let their queues empty for at most

@@ -308,6 +308,17 @@ class Transfer:
     nbytes: int
     sha256: str
     seconds: float
+    max_stall: float = 0.0  # the longest wait between two reads after the first byte
+    stall_end: float = 0.0  # when it ended (time.monotonic())
+    stalls: list[tuple[float, float]] = field(default_factory=list)  # (ended at, seconds), for waits over 0.5 s
+
+    def longest_stall(self, start: float, end: float) -> float:
+        """The longest wait between two reads that overlaps [start, end] (time.monotonic())."""
+        return max((gap for at, gap in self.stalls if at >= start and at - gap <= end), default=0.0)
+
+    def __repr__(self) -> str:
+        return (f"Transfer({self.nbytes} bytes, sha256 {self.sha256[:12]}..., {self.seconds:.2f} s, "
+                f"longest stall {self.max_stall:.2f} s)")
 
     @property
     def mbit_s(self) -> float:
@@ -374,9 +385,17 @@ class Node:
         h = hashlib.sha256()
         n = 0
         start = time.monotonic()
+        last = stall = stall_end = 0.0
+        stalls: list[tuple[float, float]] = []
         try:
             assert proc.stdout is not None
             while chunk := proc.stdout.read1(1 << 20):
+                now = time.monotonic()
+                if n and now - last > stall:
+                    stall, stall_end = now - last, now
+                if n and now - last > 0.5:
+                    stalls.append((now, now - last))
+                last = now
                 h.update(chunk)
                 n += len(chunk)
                 if progress is not None and n >= progress_at:
@@ -393,7 +412,95 @@ class Node:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         if proc.returncode not in (0, None) and n == 0:
             raise TailnetError(f"{self.name}: `tailscale nc {peer_ip} {port}` exited {proc.returncode}: {err[-1500:]}")
-        return Transfer(n, h.hexdigest(), seconds)
+        return Transfer(n, h.hexdigest(), seconds, stall, stall_end, stalls)
+
+    def localapi(self, method: str, path: str, timeout: float) -> tuple[int, bytes]:
+        """One LocalAPI request over tailscaled's unix socket (a file, reachable from outside
+        the namespace); returns (status, body)."""
+        import http.client
+        import socket as socket_mod
+
+        conn = http.client.HTTPConnection("local-tailscaled.sock", timeout=timeout)
+        sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.socket))
+            conn.sock = sock
+            conn.request(method, path, headers={"Host": "local-tailscaled.sock"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def disco_ping(self, peer_ip: str, timeout: float) -> dict[str, Any] | None:
+        """One disco ping through the LocalAPI (what `tailscale ping` sends, without its
+        one-second pause); the PingResult, or None when no pong came within ``timeout``."""
+        try:
+            status, body = self.localapi("POST", f"/localapi/v0/ping?ip={peer_ip}&type=disco", timeout + 1)
+        except OSError:
+            return None
+        if status != 200:
+            return None
+        doc = json.loads(body)
+        return None if doc.get("Err") else doc
+
+
+@dataclass
+class PingLog:
+    """Disco pings from one node to a peer every ``interval`` seconds in a thread, each
+    allowed ``timeout``; ``results`` holds (sent at, round trip or None if lost, DERP region)."""
+
+    node: Node
+    peer_ip: str
+    interval: float = 0.2
+    timeout: float = 3.0
+    results: list[tuple[float, float | None, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> PingLog:
+        self._thread = threading.Thread(target=self._run, name=f"ping-{self.node.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            doc = self.node.disco_ping(self.peer_ip, self.timeout)
+            rtt = time.monotonic() - sent if doc is not None else None
+            self.results.append((sent, rtt, int(doc.get("DERPRegionID") or 0) if doc else 0))
+            next_at = max(next_at + self.interval, time.monotonic())
+            self._stop.wait(next_at - time.monotonic())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout + 10)
+
+    def lost(self) -> int:
+        return sum(1 for _, rtt, _ in self.results if rtt is None)
+
+    def slowest(self) -> float:
+        return max((rtt for _, rtt, _ in self.results if rtt is not None), default=0.0)
+
+    def longest_gap(self) -> float:
+        """The longest time without a pong between two answered pings (sent-at to sent-at)."""
+        ok = [t for t, rtt, _ in self.results if rtt is not None]
+        return max((b - a for a, b in zip(ok, ok[1:])), default=0.0)
+
+    def window(self, start: float, end: float) -> PingLog:
+        """The pings sent in [start, end] (time.monotonic()), as a log of their own."""
+        return PingLog(self.node, self.peer_ip, self.interval, self.timeout,
+                       [r for r in self.results if start <= r[0] <= end])
+
+    def lost_at(self, origin: float) -> list[float]:
+        """When the lost pings were sent, in seconds after ``origin`` (time.monotonic())."""
+        return [round(t - origin, 1) for t, rtt, _ in self.results if rtt is None]
+
+    def summary(self) -> str:
+        return (f"{len(self.results)} pings every {self.interval * 1000:.0f} ms, {self.lost()} lost, slowest "
+                f"{self.slowest() * 1000:.0f} ms, longest gap between pongs {self.longest_gap():.2f} s")
 
 
 @dataclass
@@ -527,10 +634,10 @@ class Tailnet:
     # -- headscale ------------------------------------------------------------------
 
     def start_headscale(self, derp_urls: Iterable[str] = (), derp_paths: Iterable[Path] = (),
-                        auto_update: bool = True, timeout: float = 60.0) -> str:
+                        auto_update: bool = True, timeout: float = 60.0, update_frequency: str = "10s") -> str:
         """headscale on loopback with SQLite, its embedded DERP off, re-reading the DERP map
-        every 10 s unless ``auto_update`` is false; returns a reusable pre-auth key for a
-        fresh user."""
+        every ``update_frequency`` unless ``auto_update`` is false; returns a reusable
+        pre-auth key for a fresh user."""
         d = self.workdir / "headscale"
         d.mkdir(exist_ok=True)
         hs = PORTS["headscale"]
@@ -543,7 +650,7 @@ class Tailnet:
             "noise": {"private_key_path": str(d / "noise_private.key")},
             "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
             "derp": {"server": {"enabled": False}, "urls": list(derp_urls), "paths": [str(p) for p in derp_paths],
-                     "auto_update_enabled": auto_update, "update_frequency": "10s"},
+                     "auto_update_enabled": auto_update, "update_frequency": update_frequency},
             "disable_check_updates": True,
             "database": {"type": "sqlite", "sqlite": {"path": str(d / "db.sqlite"), "write_ahead_log": True}},
             "log": {"level": "info", "format": "text"},
@@ -638,11 +745,13 @@ class Tailnet:
                                f"want {path.stat().st_size} with {digest}")
         return t
 
-    def serve_file(self, path: Path, port: int = PORTS["blob"], timeout: float = 20.0) -> Proc:
+    def serve_file(self, path: Path, port: int = PORTS["blob"], timeout: float = 20.0, rate: int = 0) -> Proc:
         """A TCP service on 127.0.0.1:port in the namespace that sends ``path`` to each
-        client and closes.  A userspace-networking tailscaled forwards connections to its
-        own tailnet address to 127.0.0.1, so this is what both nodes serve."""
-        proc = self.start(f"blob-{port}", [sys.executable, str(HERE / "blobserve.py"), str(path), str(port)])
+        client (at ``rate`` bytes per second; 0: as fast as it goes) and closes.  A
+        userspace-networking tailscaled forwards connections to its own tailnet address to
+        127.0.0.1, so this is what both nodes serve."""
+        proc = self.start(f"blob-{port}", [sys.executable, str(HERE / "blobserve.py"), str(path), str(port),
+                                           *([str(rate)] if rate else [])])
         proc.wait_for(r"serving", timeout)
         return proc
 
