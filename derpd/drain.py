@@ -178,7 +178,7 @@ class Maintenance:
 
     def _begin(self, nursery: trio.Nursery) -> None:
         self._drain = trio.CancelScope()
-        self.running.server.draining = True
+        self.running.server.set_draining(True)
         nursery.start_soon(self._run_drain, self._drain)
 
     async def _run_drain(self, scope: trio.CancelScope) -> None:
@@ -206,7 +206,7 @@ class Maintenance:
             self._drain.cancel()
         self._drain = None
         self._drained = False
-        self.running.server.draining = False
+        self.running.server.set_draining(False)
         startup.info("received SIGUSR2: drain ended; the coordinator publishes this node again once its probes "
                      "pass")
         nursery.start_soon(announce_drain, self.announcer, False)

@@ -47,6 +47,11 @@ def text_restarting() -> str:
     return "this relay is restarting; your device will reconnect to it or use another relay shortly"
 
 
+def text_draining() -> str:
+    return ("this relay is being drained for maintenance; your device moves to another relay of this "
+            "network shortly, and nothing is lost meanwhile")
+
+
 def text_admission() -> str:
     return ("this relay cannot reach its admission check and admits devices unchecked; "
             "its operator should check --verify-client-url")

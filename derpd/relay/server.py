@@ -37,7 +37,14 @@ from .client_address import parse_cidrs
 from .client_connection import RECV_SIZE, ClientConnection
 from .dataplane import DataPlane
 from .diagnostics import QueueDelay, clients_report
-from .health import HealthBoard, text_admission, text_cloned_key, text_rate_limited, text_restarting
+from .health import (
+    HealthBoard,
+    text_admission,
+    text_cloned_key,
+    text_draining,
+    text_rate_limited,
+    text_restarting,
+)
 from .registry import Forwarder, Registry
 from .tls import CertificateFiles, ChallengeResponder, ServerCert
 
@@ -198,6 +205,12 @@ class RelayServer:
         ("restarting" for a drain, "admission" for a verify URL that fails open)."""
         if self.health.set_relay(source, text, self.registry.all_connections()):
             log.info("relay problem %s: %s", source, text or "cleared")
+
+    def set_draining(self, on: bool) -> None:
+        """A maintenance drain starts (``derpd.drain``) or ends: ``derp_draining`` and, for every
+        regular client, a Health text saying that its device moves to another relay."""
+        self.draining = on
+        self.set_relay_problem(text_draining() if on else None, "draining")
 
     def note_rate_limited(self, conn: ClientConnection) -> None:
         config = self.client_rate_limits.config

@@ -205,6 +205,23 @@ async def test_relay_problem_reaches_clients_but_not_probers_or_mesh_peers(nurse
                     assert not isinstance(ev, Health)
 
 
+async def test_a_maintenance_drain_tells_clients_and_its_end_clears_it(nursery):
+    """derpd.drain's SIGUSR1/SIGTERM drain (server.set_draining): every regular client is told
+    that its device moves to another relay, derp_draining is 1, and the end of the drain clears
+    both."""
+    relay = await start_relay(nursery)
+    fast_health(relay)
+    with trio.fail_after(20):
+        async with derp_client.connect(relay.derp_url) as client:
+            relay.server.set_draining(True)
+            text = await next_health(client)
+            assert "drained for maintenance" in text and "another relay" in text
+            assert relay.server.draining
+            relay.server.set_draining(False)
+            assert await next_health(client) == ""
+            assert not relay.server.draining
+
+
 async def test_rate_limited_client_is_told_the_limit(nursery):
     relay = await start_relay(nursery)
     fast_health(relay)
