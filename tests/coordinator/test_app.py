@@ -101,14 +101,26 @@ async def test_bad_registrations_get_clear_4xx_and_change_nothing(coordinator: R
     assert (await http(coordinator.url + "/healthz")).body == b"ok\n"
 
 
-async def test_heartbeat_storm_is_throttled(coordinator: RunningCoordinator) -> None:
+async def test_heartbeat_storm_is_throttled(nursery: trio.Nursery, fake_probe: FakeProbe) -> None:
+    """Heartbeats faster than min_heartbeat_interval are refused (429 with Retry-After) and never
+    duplicate the node.  The interval is 60 s here, so the 50 heartbeats land inside it however
+    slow the machine running the test is."""
+    from dataclasses import replace
+
+    from derpd.coordinator.server import serve_coordinator
+
+    from .conftest import make_config
+    with trio.fail_after(10):
+        coordinator = await nursery.start(lambda task_status: serve_coordinator(
+            replace(make_config(), min_heartbeat_interval=60.0), listen="127.0.0.1:0", probe=fake_probe,
+            probing=False, task_status=task_status))
     assert (await register(coordinator.url, EDGE)).status == 200
     statuses = []
     for _ in range(50):
         statuses.append((await register(coordinator.url, EDGE)).status)
     assert set(statuses) == {429}
     resp = await register(coordinator.url, EDGE)
-    assert resp.headers["retry-after"] == "1"
+    assert resp.headers["retry-after"] == "60"
     assert "too fast" in json.loads(resp.body)["error"]
     assert node_names(json.loads((await http(coordinator.url + "/derpmap/default")).body)).count("901a") == 1
 
