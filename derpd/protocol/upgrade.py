@@ -19,7 +19,7 @@ is WebSocket; ``Upgrade: derp`` or a bare ``Upgrade: websocket`` is binary DERP 
 from __future__ import annotations
 
 import re
-from email.utils import formatdate
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -53,6 +53,19 @@ HOME_PAGE = b"""<!doctype html>
 """
 
 
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(when: float) -> bytes:
+    """``when`` (a Unix time) as an HTTP ``Date`` (RFC 9110 IMF-fixdate), as Go's net/http
+    sends it: ``Mon, 07 Dec 2026 18:06:00 GMT``.  No locale and no ``email.utils`` (which
+    imports ``socket``)."""
+    t = time.gmtime(when)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT").encode()
+
 @dataclass(frozen=True, slots=True)
 class DerpUpgrade:
     fast_start: bool = False
@@ -81,7 +94,7 @@ class Response:
         """The response as h11 events, with its reason phrase ("200 OK"), a Date (as Go's
         net/http sends, so clients and ``derpd doctor`` can see a skewed clock) and a
         Content-Length, except on 204 and 304, which must not carry one (RFC 9110 §8.6)."""
-        headers = [*self.headers, (b"Date", formatdate(usegmt=True).encode())]
+        headers = [*self.headers, (b"Date", http_date(time.time()))]
         if self.status not in (204, 304):
             headers.append((b"Content-Length", str(len(self.body)).encode()))
         body = None if self.head_only or not self.body else h11.Data(data=self.body)

@@ -23,7 +23,7 @@ BASE_IMAGE = "localhost/derpd-ci-base:bookworm"
 IMAGE = "localhost/derpd:ci"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.artefact]
 
 
 def _run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -31,7 +31,7 @@ def test_per_request_lines_only_at_vv(tmp_path: Path, processes: Any, verbose: s
     token.write_text(TOKEN + "\n")
     config = tmp_path / "coordinator.toml"
     config.write_text(f'[coordinator]\nlisten = "127.0.0.1:{port}"\nprobe_interval = 1\nprobe_timeout = 1\n'
-                      "min_heartbeat_interval = 1\nomit_default_regions = true\n")
+                      "min_heartbeat_interval = 1\nomit_default_regions = true\nallow_loopback_nodes = true\n")
     coordinator = processes([derpd_bin(), "coordinator", verbose, "--config", str(config), "--token-file", str(token),
                              "--state-dir", str(tmp_path / "state")], name="coordinator")
     coordinator.expect(r"map at http://")

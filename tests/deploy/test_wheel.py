@@ -19,7 +19,7 @@ import pytest
 
 from .conftest import BIN, DEPLOY, missing
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.artefact]
 
 COMPILED = "compiled (derpd._dataplane, derpd._speedups, stund._mmsg)"
 EXTENSIONS = ("derpd/_speedups", "derpd/_dataplane", "stund/_mmsg")

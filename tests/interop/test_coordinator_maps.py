@@ -20,6 +20,7 @@ from .conftest import RunScenario
 CONFIG = """
 [coordinator]
 omit_default_regions = true
+allow_loopback_nodes = true
 
 [[regions]]
 id = 900

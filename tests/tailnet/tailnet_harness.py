@@ -610,7 +610,9 @@ class Tailnet:
         extra = [f"{k} = {json.dumps(v)}" for k, v in (settings or {}).items()]
         lines = ["[coordinator]", f'listen = "127.0.0.1:{PORTS["coordinator"]}"',
                  f"probe_interval = {probe_interval}", f"probe_timeout = {max(1.0, probe_interval - 0.5)}",
-                 f'ca_file = "{self.ca.ca_file}"', "omit_default_regions = true", *extra,
+                 f'ca_file = "{self.ca.ca_file}"', "omit_default_regions = true",
+                 "allow_loopback_nodes = true",  # every relay of the test tailnet is on loopback
+                 *extra,
                  "[[regions]]", f"id = {REGION_ID}", f'code = "{REGION_CODE}"', 'name = "derpd tailnet test"']
         for node in nodes:
             lines.append("[[regions.nodes]]")
