@@ -25,22 +25,18 @@ import time
 def measure(rounds: int, batches: int, size: int) -> list[float]:
     from derpd import _dataplane
 
-    class Stats:
-        packets_received = bytes_received = disco_packets_received = packets_sent = bytes_sent = 0
-
-        def drop(self, *args) -> None:
-            pass
-
     class Conn:
         def __init__(self, key: bytes) -> None:
-            self.key, self.saw_src, self.is_dup, self.engine_slot = key, set(), False, -1
+            self.key, self.saw_src, self.engine_slot = key, set(), -1
 
         def enqueue(self, frame: bytes, disco: bool) -> bool:
             return False
 
     active: dict[bytes, Conn] = {}
-    engine = _dataplane.Engine(active, lambda c, s: c.saw_src.add(s), lambda c: None, Stats(),
-                               b"TS\xf0\x9f\x92\xac", 2, 65536, 32, 65536)
+    engine = _dataplane.Engine(active, watch=lambda c, s: c.saw_src.add(s), note_activity=lambda c: None,
+                               enqueue=lambda c, s, f, d: False, count=lambda *counts: None,
+                               drop=lambda *args: None, clock=time.monotonic, disco_magic=b"TS\xf0\x9f\x92\xac",
+                               disco_min_len=2, send_limit=65536, depth=32, recv_size=65536)
     ends = []
     for key in (b"a" * 32, b"b" * 32):
         ours, peer = socket.socketpair()
@@ -49,7 +45,7 @@ def measure(rounds: int, batches: int, size: int) -> list[float]:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         conn = Conn(key)
-        conn.engine_slot = engine.add(ours.fileno(), conn)
+        conn.engine_slot = engine.add(ours.fileno(), conn, key, conn.saw_src)
         active[key] = conn
         engine.resume(conn.engine_slot, b"")
         ends.append((ours, peer))

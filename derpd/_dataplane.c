@@ -6,10 +6,10 @@
  *
  *   - reads each ready socket once (at most recv_size bytes, after the slot's leftover partial
  *     frame), splits every complete SendPacket, looks the destination up in the registry's
- *     ``active`` dict, keeps the PeerGone bookkeeping (``dst.saw_src`` / ``watch(dst, src)``),
- *     builds the RecvPacket frame and queues it on the destination: on its Engine slot, or
- *     through ``dst.enqueue(frame, disco)`` for a connection the engine does not own (TLS,
- *     WebSocket, mesh);
+ *     ``active`` dict, keeps the PeerGone bookkeeping (the destination's ``saw_src`` set, given
+ *     to add(), and ``watch(dst, src)``), builds the RecvPacket frame and queues it on the
+ *     destination: on its Engine slot, or through ``enqueue(dst, src, frame, disco)`` for a
+ *     connection the engine does not own (WebSocket, mesh, a TLS stream not taken over);
  *   - writes each destination's queue (the partial frame first, then control frames, then
  *     packets, then disco packets; the same order as ClientConnection's Python writer) with one
  *     writev after each sender's read, and waits for EPOLLOUT when the kernel did not take
@@ -25,16 +25,32 @@
  * Queues: two rings of ``depth`` packets (other, disco) dropping the oldest when full, and a
  * control list that is never dropped from; a frame the kernel took in part is kept whole-first
  * (``partial``), so frames on the wire stay whole.  Counters (packets and bytes received and
- * sent, drops by reason and kind) are added to the RelayStats object at the end of every call.
+ * sent, drops by reason and kind) go to ``count`` and ``drop`` at the end of every call.
  *
- *   Engine(active, watch, note_activity, stats, disco_magic, disco_min_len, send_limit, depth, recv_size)
- *   fileno() -> int           add(fd, conn) -> slot        resume(slot, leftover)
+ * The contract with Python (module attribute CONTRACT, checked by tests/derpd/test_contract.py):
+ * a connection is an opaque token to the engine -- it is handed to the callbacks and returned in
+ * events, hashed by identity, and no attribute of it is ever read or called.  What the engine
+ * needs is passed in: the callbacks at construction, the key and the ``saw_src`` set at add().
+ * The only objects whose methods it calls by name are the standard library's ssl.SSLObject and
+ * ssl.MemoryBIO of a TLS slot, bound once at add() (and a BIO's ``pending`` at resume()).
+ *
+ *   Engine(active, *, watch, note_activity, enqueue, count, drop, clock, disco_magic, disco_min_len,
+ *          send_limit, depth, recv_size)
+ *     watch(conn, src)                      a destination hears PeerGone when src leaves
+ *     note_activity(conn)                   a duplicate connection sent: it becomes the active one
+ *     enqueue(conn, src, frame, disco)->full  a destination the engine does not own
+ *     count(pk_in, bytes_in, disco_in, pk_out, bytes_out)   drop(reason, disco, nbytes, n)
+ *     clock() -> seconds                    the relay's clock (trio.current_time): read once at the
+ *                                           start of poll(), enqueue(), send_control() and expire(),
+ *                                           for write deadlines and queue delays
+ *   fileno() -> int           add(fd, conn, key, saw_src[, tls]) -> slot        resume(slot, leftover)
  *   remove(slot)              enqueue(slot, frame, disco) -> full
  *   send_control(slot, frame) pending(slot) -> bool       poll(passthrough) -> [(conn, kind, data)]
- *   expire(timeout) -> [(conn, 2, "write_timeout")]     backlogged() -> poll() again without waiting
+ *   expire(timeout) -> [(conn, 2, "write_timeout")] (writes waiting since clock() - timeout or longer)
+ *   backlogged() -> poll() again without waiting
  *   slot_stats(slot) -> (queued, queued_disco, control, packets_in, bytes_in, packets_out, bytes_out, drops_full)
  *   queue_delay() -> (bounds, counts, sum): one packet in 64 is stamped when queued and observed
- *                    when written (clock_gettime on those only); counts has one more bucket (+Inf)
+ *                    when written (on the clock as read by that call); counts has one more bucket (+Inf)
  *
  * The epoll set also holds an eventfd: resume() writes to it when the slot it resumes has TLS
  * records already read (so no socket event will come for them), which makes the epoll
@@ -54,7 +70,6 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
 #define HEADER_LEN 5
@@ -90,8 +105,9 @@ typedef struct {
     int blocked;    /* EPOLLOUT wanted: a write is waiting */
     int dirty;      /* on the engine's flush list */
     int backlog;    /* complete frames wait in ``left``: a destination was full (see process) */
-    PyObject *conn; /* strong */
-    PyObject *key;  /* strong: conn.key */
+    PyObject *conn; /* strong: an opaque token (see CONTRACT) */
+    PyObject *key;  /* strong: the 32-byte key given to add() */
+    PyObject *saw;  /* strong: the connection's saw_src set given to add() */
     Ring q, dq;
     PyObject *ctl;  /* list of bytes, or NULL */
     PyObject *partial;
@@ -100,6 +116,7 @@ typedef struct {
     int pass_once;  /* hand back everything the next read brings (Python is skipping a frame) */
     int broken;     /* a write failed outside poll(): the next poll() closes the path */
     PyObject *tls, *tls_in, *tls_out; /* TLS: the ssl.SSLObject and its two MemoryBIOs, or NULL */
+    PyObject *tls_read, *tls_write, *tls_pending, *in_write, *out_read; /* their methods, bound at add() */
     PyObject *tls_more; /* TLS: a bytearray of ciphertext made while ``partial`` waits, or NULL */
     unsigned char *left;
     Py_ssize_t leftlen;
@@ -114,8 +131,6 @@ typedef struct {
  * (multi-phase init); an Engine reaches them through ``st`` (its type holds the module). */
 typedef struct {
     PyObject *engine_type;
-    PyObject *str_saw_src, *str_enqueue, *str_key, *str_is_dup, *str_engine_slot, *str_drop;
-    PyObject *str_packets_received, *str_bytes_received, *str_disco_received, *str_packets_sent, *str_bytes_sent;
     PyObject *reason_read, *reason_write, *reason_timeout, *reason_tls_limit;
     PyObject *str_write, *str_read, *str_pending, *exc_want_read, *exc_zero_return;
 } dp_state;
@@ -131,7 +146,9 @@ typedef struct {
     Py_ssize_t recv_size;
     long long send_limit;
     Py_ssize_t disco_min;
-    PyObject *active, *watch, *note_activity, *stats, *magic;
+    PyObject *active, *watch, *note_activity, *enqueue_other, *count, *drop, *clock, *magic;
+    PyObject *owned; /* dict: conn -> slot index (PyLong), for the slots add() made */
+    double now;      /* clock() as read at the start of the current call */
     unsigned char *buf;
     Py_ssize_t bufcap;
     unsigned char *raw; /* one TLS read of ciphertext */
@@ -151,19 +168,30 @@ typedef struct {
 } Engine;
 
 
-static double
-now_mono(void)
+/* Read the relay's clock into e->now.  Called once at the start of every method that may stamp
+ * or compare times (poll, enqueue, send_control, expire), before anything changes: a clock that
+ * fails makes that call raise with the engine untouched, and nothing inside can fail on time. */
+static int
+tick(Engine *e)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+    PyObject *t = PyObject_CallNoArgs(e->clock);
+    if (t == NULL)
+        return -1;
+    double now = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    if (now == -1.0 && PyErr_Occurred())
+        return -1;
+    e->now = now;
+    return 0;
 }
 
 /* The stamped packet f of s is written: count how long it waited. */
 static void
 qd_observe(Engine *e, Slot *s)
 {
-    double d = now_mono() - s->qd_t;
+    double d = e->now - s->qd_t;
+    if (d < 0)
+        d = 0;
     int i = 0;
     while (i < QD_N && d > qd_bounds[i])
         i++;
@@ -301,7 +329,7 @@ broken_slot(Engine *e, Slot *s)
     }
     if (!s->blocked) {
         s->blocked = 1;
-        s->blocked_since = now_mono();
+        s->blocked_since = e->now;
         set_mask(e, s);
     }
     wake(e);
@@ -447,7 +475,7 @@ flush_slot(Engine *e, Slot *s)
 blocked:
     if (!s->blocked) {
         s->blocked = 1;
-        s->blocked_since = now_mono();
+        s->blocked_since = e->now;
         set_mask(e, s);
     }
     return 0;
@@ -513,20 +541,17 @@ next_partial(Slot *s)
     return s->partial == NULL ? -1 : 0;
 }
 
-/* Collect what the SSLObject wrote into the outgoing BIO. */
+/* Collect what the SSLObject wrote into the outgoing BIO (its read() is b"" when there is none). */
 static int
 take_tls_output(Engine *e, Slot *s)
 {
-    PyObject *pending = PyObject_GetAttr(s->tls_out, e->st->str_pending);
-    if (pending == NULL)
+    (void)e;
+    PyObject *raw = PyObject_CallNoArgs(s->out_read);
+    if (raw == NULL)
         return -1;
-    long n = PyLong_AsLong(pending);
-    Py_DECREF(pending);
-    if (n <= 0)
-        return n < 0 && PyErr_Occurred() ? -1 : 0;
-    PyObject *raw = PyObject_CallMethodNoArgs(s->tls_out, e->st->str_read);
-    if (raw == NULL || !PyBytes_Check(raw)) {
-        Py_XDECREF(raw);
+    if (!PyBytes_Check(raw)) {
+        Py_DECREF(raw);
+        PyErr_SetString(PyExc_TypeError, "MemoryBIO.read() must return bytes");
         return -1;
     }
     return append_raw(s, raw);
@@ -550,7 +575,7 @@ tls_flush(Engine *e, Slot *s)
                 s->partial_off += w;
                 if (!s->blocked) {
                     s->blocked = 1;
-                    s->blocked_since = now_mono();
+                    s->blocked_since = e->now;
                     set_mask(e, s);
                 }
                 return 0;
@@ -605,7 +630,7 @@ tls_flush(Engine *e, Slot *s)
                 Py_DECREF(f);
             }
         }
-        PyObject *res = PyObject_CallMethodOneArg(s->tls, e->st->str_write, plain);
+        PyObject *res = PyObject_CallOneArg(s->tls_write, plain);
         Py_DECREF(plain);
         if (res == NULL) {
             /* the packets taken from the rings never left: drops, not sends */
@@ -641,7 +666,7 @@ tls_decrypt(Engine *e, Slot *s, Py_ssize_t have, Py_ssize_t *eof_end)
         if (view == NULL)
             return -1;
         PyObject *room = PyLong_FromSsize_t(e->bufcap - end);
-        PyObject *got = room == NULL ? NULL : PyObject_CallMethodObjArgs(s->tls, e->st->str_read, room, view, NULL);
+        PyObject *got = room == NULL ? NULL : PyObject_CallFunctionObjArgs(s->tls_read, room, view, NULL);
         Py_XDECREF(room);
         /* the memoryview points into e->buf, which grow_buf may move: release it now */
         PyObject *et, *ev, *tb;
@@ -772,7 +797,7 @@ enqueue_slot(Engine *e, Slot *s, PyObject *frame, int disco)
     r->len++;
     if ((++e->qd_tick & QD_MASK) == 0 && s->qd_frame == NULL) {
         s->qd_frame = frame;
-        s->qd_t = now_mono();
+        s->qd_t = e->now;
     }
     if (!s->blocked) {
         if (!e->in_poll || r->len >= e->flush_at) {
@@ -787,45 +812,26 @@ enqueue_slot(Engine *e, Slot *s, PyObject *frame, int disco)
 
 /* ------------------------------------------------------------------ counters */
 
-static int
-add_attr(PyObject *obj, PyObject *name, long long v)
-{
-    if (v == 0)
-        return 0;
-    PyObject *cur = PyObject_GetAttr(obj, name);
-    if (cur == NULL)
-        return -1;
-    PyObject *inc = PyLong_FromLongLong(v);
-    if (inc == NULL) {
-        Py_DECREF(cur);
-        return -1;
-    }
-    PyObject *sum = PyNumber_Add(cur, inc);
-    Py_DECREF(cur);
-    Py_DECREF(inc);
-    if (sum == NULL)
-        return -1;
-    int r = PyObject_SetAttr(obj, name, sum);
-    Py_DECREF(sum);
-    return r;
-}
-
+/* Hand the counts since the last call to ``count`` and ``drop``, and reset them. */
 static int
 flush_counters(Engine *e)
 {
     int rc = 0;
-    if (add_attr(e->stats, e->st->str_packets_received, e->pk_recv) < 0 || add_attr(e->stats, e->st->str_bytes_received, e->by_recv) < 0
-        || add_attr(e->stats, e->st->str_disco_received, e->disco_recv) < 0 || add_attr(e->stats, e->st->str_packets_sent, e->pk_sent) < 0
-        || add_attr(e->stats, e->st->str_bytes_sent, e->by_sent) < 0)
-        rc = -1;
+    if (e->pk_recv || e->by_recv || e->disco_recv || e->pk_sent || e->by_sent) {
+        PyObject *res = PyObject_CallFunction(e->count, "LLLLL", e->pk_recv, e->by_recv, e->disco_recv, e->pk_sent,
+                                              e->by_sent);
+        if (res == NULL)
+            rc = -1;
+        Py_XDECREF(res);
+    }
     e->pk_recv = e->by_recv = e->disco_recv = e->pk_sent = e->by_sent = 0;
     for (int r = 0; r < DROP_REASONS; r++) {
         for (int d = 0; d < 2; d++) {
             if (e->drop_n[r][d] == 0)
                 continue;
             if (rc == 0) {
-                PyObject *res = PyObject_CallMethod(e->stats, "drop", "sOLL", drop_names[r], d ? Py_True : Py_False,
-                                                    e->drop_b[r][d], e->drop_n[r][d]);
+                PyObject *res = PyObject_CallFunction(e->drop, "sOLL", drop_names[r], d ? Py_True : Py_False,
+                                                      e->drop_b[r][d], e->drop_n[r][d]);
                 if (res == NULL)
                     rc = -1;
                 Py_XDECREF(res);
@@ -847,12 +853,13 @@ hand_back(Engine *e, Slot *s, int kind, const unsigned char *p, Py_ssize_t n)
     return post(e, s, kind, PyBytes_FromStringAndSize((const char *)p, n));
 }
 
-/* Python's answer for a destination the engine does not own; -1 on error, else "full". */
+/* A destination the engine does not own: Python's ``enqueue(conn, src, frame, disco)`` keeps its
+ * PeerGone bookkeeping and queues the frame.  -1 on error, else "full". */
 static int
-enqueue_python(Engine *e, PyObject *conn, PyObject *frame, int disco)
+enqueue_python(Engine *e, PyObject *conn, PyObject *src, PyObject *frame, int disco)
 {
-    PyObject *args[3] = {conn, frame, disco ? Py_True : Py_False};
-    PyObject *r = PyObject_VectorcallMethod(e->st->str_enqueue, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *args[4] = {conn, src, frame, disco ? Py_True : Py_False};
+    PyObject *r = PyObject_Vectorcall(e->enqueue_other, args, 4, NULL);
     if (r == NULL)
         return -1;
     int full = PyObject_IsTrue(r);
@@ -860,16 +867,17 @@ enqueue_python(Engine *e, PyObject *conn, PyObject *frame, int disco)
     return full;
 }
 
+/* conn's slot, when add() made one for it (the engine's own table: nothing is read from conn).
+ * NULL with no exception: not the engine's; NULL with an exception: the lookup failed. */
 static Slot *
 slot_of(Engine *e, PyObject *conn)
 {
-    PyObject *v = PyObject_GetAttr(conn, e->st->str_engine_slot);
-    if (v == NULL) {
-        PyErr_Clear();
+    PyObject *v = PyDict_GetItemWithError(e->owned, conn); /* borrowed */
+    if (v == NULL)
         return NULL;
-    }
-    long i = PyLong_Check(v) ? PyLong_AsLong(v) : -1;
-    Py_DECREF(v);
+    long i = PyLong_AsLong(v);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
     if (i < 0 || i >= e->nslots || e->slots[i].conn != conn || e->slots[i].state == S_FREE)
         return NULL;
     return &e->slots[i];
@@ -929,6 +937,11 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         }
         Py_INCREF(conn);
         Slot *d = slot_of(e, conn);
+        if (d == NULL && PyErr_Occurred()) {
+            Py_DECREF(conn);
+            rc = -1;
+            break;
+        }
         Py_ssize_t plen = (Py_ssize_t)n - KEY_LEN;
         int disco = plen >= e->disco_min && plen >= maglen && memcmp(p + KEY_LEN, mag, (size_t)maglen) == 0;
         if (d != NULL && d->blocked && (disco ? d->dq.len : d->q.len) >= e->depth && handled) {
@@ -937,15 +950,17 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
             backlog = 1;
             break;
         }
-        PyObject *saw = PyObject_GetAttr(conn, e->st->str_saw_src);
-        int seen = saw == NULL ? -1 : PySet_Contains(saw, src);
-        Py_XDECREF(saw);
+        /* PeerGone bookkeeping for the engine's own destinations (Python's enqueue keeps it
+         * for the others) */
+        int seen = d == NULL ? 1 : PySet_Contains(d->saw, src);
         if (seen == 0) {
             PyObject *wargs[2] = {conn, src};
             PyObject *w = PyObject_Vectorcall(e->watch, wargs, 2, NULL);
             seen = w == NULL ? -1 : 1;
             Py_XDECREF(w);
-            d = slot_of(e, conn); /* the watch callback ran Python */
+            d = seen < 0 ? NULL : slot_of(e, conn); /* the watch callback ran Python */
+            if (d == NULL && PyErr_Occurred())
+                seen = -1;
         }
         if (seen < 0) {
             Py_DECREF(conn);
@@ -970,7 +985,7 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         handled++;
         rx_by += plen;
         pos += HEADER_LEN + (Py_ssize_t)n;
-        int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(e, conn, frame, disco);
+        int full = d != NULL ? enqueue_slot(e, d, frame, disco) : enqueue_python(e, conn, src, frame, disco);
         Py_DECREF(frame);
         Py_DECREF(conn);
         if (full < 0) {
@@ -1005,12 +1020,12 @@ process(Engine *e, int idx, unsigned char *buf, Py_ssize_t end)
         set_mask(e, s);
     }
     if (rc == 0 && handled) {
-        PyObject *dup = PyObject_GetAttr(sconn, e->st->str_is_dup);
-        int is_dup = dup == NULL ? -1 : PyObject_IsTrue(dup);
-        Py_XDECREF(dup);
-        if (is_dup < 0) {
+        /* a duplicate that is not the active connection for its key sent: it becomes the active
+         * one (the registry's rule; read from ``active``, not from the connection) */
+        PyObject *cur = PyDict_GetItemWithError(e->active, src); /* borrowed */
+        if (cur == NULL && PyErr_Occurred()) {
             rc = -1;
-        } else if (is_dup) {
+        } else if (cur != NULL && cur != sconn) {
             PyObject *a = PyObject_CallOneArg(e->note_activity, sconn);
             if (a == NULL)
                 rc = -1;
@@ -1112,7 +1127,7 @@ read_slot(Engine *e, int idx, int passthrough)
         return hand_back(e, s, 1, e->buf, have) < 0 ? -1 : 0;
     if (s->tls != NULL) {
         PyObject *chunk = PyBytes_FromStringAndSize((const char *)e->raw, r);
-        PyObject *res = chunk == NULL ? NULL : PyObject_CallMethodOneArg(s->tls_in, e->st->str_write, chunk);
+        PyObject *res = chunk == NULL ? NULL : PyObject_CallOneArg(s->in_write, chunk);
         Py_XDECREF(chunk);
         if (res == NULL)
             return -1;
@@ -1229,6 +1244,8 @@ Engine_poll(Engine *e, PyObject *arg)
     if (passthrough < 0)
         return NULL;
     NOT_IN_POLL(e, "poll");
+    if (tick(e) < 0)
+        return NULL;
     struct epoll_event evs[MAX_EVENTS];
     int n = epoll_wait(e->epfd, evs, MAX_EVENTS, 0);
     if (n < 0) {
@@ -1293,11 +1310,12 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
 {
     REQUIRE_READY(e);
     NOT_IN_POLL(e, "add");
-    if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "add(fd, conn[, (sslobject, incoming, outgoing)])");
+    if (nargs < 4 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "add(fd, conn, key, saw_src[, (sslobject, incoming, outgoing)])");
         return NULL;
     }
-    PyObject *tls = nargs == 3 && args[2] != Py_None ? args[2] : NULL;
+    PyObject *conn = args[1], *key = args[2], *saw = args[3];
+    PyObject *tls = nargs == 5 && args[4] != Py_None ? args[4] : NULL;
     if (tls != NULL && (!PyTuple_Check(tls) || PyTuple_GET_SIZE(tls) != 3)) {
         PyErr_SetString(PyExc_TypeError, "add(): tls must be (sslobject, incoming, outgoing)");
         return NULL;
@@ -1305,37 +1323,67 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     int fd = (int)PyLong_AsLong(args[0]);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *key = PyObject_GetAttr(args[1], e->st->str_key);
-    if (key == NULL)
-        return NULL;
     if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != KEY_LEN) {
-        Py_DECREF(key);
-        PyErr_SetString(PyExc_TypeError, "conn.key must be 32 bytes");
+        PyErr_SetString(PyExc_TypeError, "add(): key must be 32 bytes");
         return NULL;
     }
-    int idx;
+    if (!PyAnySet_Check(saw)) {
+        PyErr_SetString(PyExc_TypeError, "add(): saw_src must be a set");
+        return NULL;
+    }
+    int known = PyDict_Contains(e->owned, conn);
+    if (known < 0)
+        return NULL;
+    if (known) {
+        PyErr_SetString(PyExc_ValueError, "add(): this connection already has a slot");
+        return NULL;
+    }
+    /* TLS: the methods the engine calls, bound once (the SSLObject's read, write and pending;
+     * the incoming BIO's write; the outgoing BIO's read) */
+    PyObject *bound[5] = {NULL, NULL, NULL, NULL, NULL};
+    if (tls != NULL) {
+        PyObject *owner[5] = {PyTuple_GET_ITEM(tls, 0), PyTuple_GET_ITEM(tls, 0), PyTuple_GET_ITEM(tls, 0),
+                              PyTuple_GET_ITEM(tls, 1), PyTuple_GET_ITEM(tls, 2)};
+        PyObject *name[5] = {e->st->str_read, e->st->str_write, e->st->str_pending, e->st->str_write, e->st->str_read};
+        for (int i = 0; i < 5; i++) {
+            if ((bound[i] = PyObject_GetAttr(owner[i], name[i])) == NULL) {
+                for (int j = 0; j < i; j++)
+                    Py_DECREF(bound[j]);
+                return NULL;
+            }
+        }
+    }
+    if (e->free_head < 0 && e->nslots == e->cap) {
+        int ncap = e->cap ? e->cap * 2 : 64;
+        Slot *ns = PyMem_Realloc(e->slots, (size_t)ncap * sizeof(Slot));
+        if (ns != NULL)
+            e->slots = ns;
+        int *nd = PyMem_Realloc(e->dirty, (size_t)ncap * sizeof(int));
+        if (nd != NULL)
+            e->dirty = nd;
+        int *nb = PyMem_Realloc(e->backlog, (size_t)ncap * sizeof(int));
+        if (nb != NULL)
+            e->backlog = nb;
+        if (ns == NULL || nd == NULL || nb == NULL) {
+            for (int j = 0; j < 5; j++)
+                Py_XDECREF(bound[j]);
+            return PyErr_NoMemory();
+        }
+        e->cap = ncap;
+    }
+    int idx = e->free_head >= 0 ? e->free_head : e->nslots;
+    PyObject *index = PyLong_FromLong(idx);
+    if (index == NULL || PyDict_SetItem(e->owned, conn, index) < 0) {
+        Py_XDECREF(index);
+        for (int j = 0; j < 5; j++)
+            Py_XDECREF(bound[j]);
+        return NULL;
+    }
+    /* committed: nothing below fails */
     if (e->free_head >= 0) {
-        idx = e->free_head;
         e->free_head = e->slots[idx].next_free;
     } else {
-        if (e->nslots == e->cap) {
-            int ncap = e->cap ? e->cap * 2 : 64;
-            Slot *ns = PyMem_Realloc(e->slots, (size_t)ncap * sizeof(Slot));
-            int *nd = PyMem_Realloc(e->dirty, (size_t)ncap * sizeof(int));
-            if (nd != NULL)
-                e->dirty = nd;
-            int *nb = PyMem_Realloc(e->backlog, (size_t)ncap * sizeof(int));
-            if (ns != NULL)
-                e->slots = ns;
-            if (nb != NULL)
-                e->backlog = nb;
-            if (ns == NULL || nd == NULL || nb == NULL) {
-                Py_DECREF(key);
-                return PyErr_NoMemory();
-            }
-            e->cap = ncap;
-        }
-        idx = e->nslots++;
+        e->nslots++;
         e->slots[idx].gen = 0;
     }
     Slot *s = &e->slots[idx];
@@ -1346,15 +1394,20 @@ Engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     s->fd = fd;
     s->mask = -1;
     s->next_free = -1;
-    Py_INCREF(args[1]);
-    s->conn = args[1];
-    s->key = key;
+    s->conn = Py_NewRef(conn);
+    s->key = Py_NewRef(key);
+    s->saw = Py_NewRef(saw);
     if (tls != NULL) {
         s->tls = Py_NewRef(PyTuple_GET_ITEM(tls, 0));
         s->tls_in = Py_NewRef(PyTuple_GET_ITEM(tls, 1));
         s->tls_out = Py_NewRef(PyTuple_GET_ITEM(tls, 2));
+        s->tls_read = bound[0];
+        s->tls_write = bound[1];
+        s->tls_pending = bound[2];
+        s->in_write = bound[3];
+        s->out_read = bound[4];
     }
-    return PyLong_FromLong(idx);
+    return index;
 }
 
 static PyObject *
@@ -1390,7 +1443,7 @@ Engine_resume(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     if (s->tls != NULL && !s->backlog) {
         /* records already in the SSLObject (read by trio before the takeover) need no socket
          * event: let the next poll() decrypt them */
-        PyObject *p = PyObject_CallMethodNoArgs(s->tls, e->st->str_pending);
+        PyObject *p = PyObject_CallNoArgs(s->tls_pending);
         PyObject *q = p == NULL ? NULL : PyObject_GetAttr(s->tls_in, e->st->str_pending);
         long more = (p == NULL || q == NULL) ? -1 : PyLong_AsLong(p) + PyLong_AsLong(q);
         Py_XDECREF(p);
@@ -1441,9 +1494,15 @@ release_slot(Engine *e, Slot *s)
     Py_CLEAR(s->ctl);
     Py_CLEAR(s->conn);
     Py_CLEAR(s->key);
+    Py_CLEAR(s->saw);
     Py_CLEAR(s->tls);
     Py_CLEAR(s->tls_in);
     Py_CLEAR(s->tls_out);
+    Py_CLEAR(s->tls_read);
+    Py_CLEAR(s->tls_write);
+    Py_CLEAR(s->tls_pending);
+    Py_CLEAR(s->in_write);
+    Py_CLEAR(s->out_read);
     Py_CLEAR(s->tls_more);
 }
 
@@ -1468,6 +1527,12 @@ Engine_remove(Engine *e, PyObject *arg)
     if (s == NULL)
         return NULL;
     int idx = (int)(s - e->slots);
+    /* the conn -> slot entry goes first (a failure here changes nothing: slot_of checks identity) */
+    if (PyDict_DelItem(e->owned, s->conn) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return NULL;
+        PyErr_Clear();
+    }
     s->state = S_DEAD;
     s->reading = s->blocked = 0;
     set_mask(e, s);
@@ -1504,6 +1569,8 @@ Engine_enqueue(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     int disco = PyObject_IsTrue(args[2]);
     if (disco < 0)
         return NULL;
+    if (!e->in_poll && tick(e) < 0) /* inside poll(): poll()'s reading holds */
+        return NULL;
     int full = enqueue_slot(e, s, args[1], disco);
     if (flush_counters(e) < 0 || full < 0)
         return NULL;
@@ -1523,6 +1590,8 @@ Engine_send_control(Engine *e, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (s->state != S_LIVE)
         Py_RETURN_NONE;
+    if (!e->in_poll && tick(e) < 0)
+        return NULL;
     if (s->ctl == NULL && (s->ctl = PyList_New(0)) == NULL)
         return NULL;
     if (PyList_Append(s->ctl, args[1]) < 0)
@@ -1559,10 +1628,12 @@ Engine_expire(Engine *e, PyObject *arg)
     double timeout = PyFloat_AsDouble(arg);
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
-    double now = now_mono();
+    if (tick(e) < 0)
+        return NULL;
+    double now = e->now;
     for (int i = 0; i < e->nslots; i++) {
         Slot *s = &e->slots[i];
-        if (s->state != S_LIVE || !s->blocked || s->blocked_since == 0 || now - s->blocked_since < timeout)
+        if (s->state != S_LIVE || !s->blocked || now - s->blocked_since < timeout)
             continue;
         drop_queued(e, s, DROP_WRITE_ERROR);
         if (kill_slot(e, s, e->st->reason_timeout) < 0)
@@ -1635,16 +1706,34 @@ Engine_count(Engine *e, PyObject *unused)
     return PyLong_FromLong(live);
 }
 
+/* The callbacks the engine calls, in CONTRACT["callbacks"] order: every one is required. */
+#define N_CALLBACKS 6
+static const char *callback_names[N_CALLBACKS] = {"watch", "note_activity", "enqueue", "count", "drop", "clock"};
+
 static int
 Engine_init(Engine *e, PyObject *args, PyObject *kwds)
 {
-    PyObject *active, *watch, *note, *stats, *magic;
-    Py_ssize_t disco_min, recv_size;
-    long long send_limit;
-    int depth;
-    if (!PyArg_ParseTuple(args, "O!OOOO!nLin", &PyDict_Type, &active, &watch, &note, &stats, &PyBytes_Type, &magic,
-                          &disco_min, &send_limit, &depth, &recv_size))
+    static char *kwlist[] = {"active", "watch", "note_activity", "enqueue", "count", "drop", "clock", "disco_magic",
+                             "disco_min_len", "send_limit", "depth", "recv_size", NULL};
+    PyObject *active, *magic = NULL;
+    PyObject *cb[N_CALLBACKS] = {NULL, NULL, NULL, NULL, NULL, NULL};
+    Py_ssize_t disco_min = -1, recv_size = 0;
+    long long send_limit = -1;
+    int depth = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!|$OOOOOOO!nLin", kwlist, &PyDict_Type, &active, &cb[0], &cb[1],
+                                     &cb[2], &cb[3], &cb[4], &cb[5], &PyBytes_Type, &magic, &disco_min, &send_limit,
+                                     &depth, &recv_size))
         return -1;
+    for (int i = 0; i < N_CALLBACKS; i++) {
+        if (cb[i] == NULL || !PyCallable_Check(cb[i])) {
+            PyErr_Format(PyExc_TypeError, "Engine(): %s must be given, and callable", callback_names[i]);
+            return -1;
+        }
+    }
+    if (magic == NULL || disco_min < 0 || send_limit < 0) {
+        PyErr_SetString(PyExc_TypeError, "Engine(): disco_magic, disco_min_len and send_limit must be given");
+        return -1;
+    }
     if (e->depth != 0) {
         /* the rings were sized for the first depth: a second __init__ would index them with
          * the new one */
@@ -1679,16 +1768,18 @@ Engine_init(Engine *e, PyObject *args, PyObject *kwds)
             return -1;
         }
     }
-    Py_INCREF(active);
-    Py_INCREF(watch);
-    Py_INCREF(note);
-    Py_INCREF(stats);
-    Py_INCREF(magic);
-    Py_XSETREF(e->active, active);
-    Py_XSETREF(e->watch, watch);
-    Py_XSETREF(e->note_activity, note);
-    Py_XSETREF(e->stats, stats);
-    Py_XSETREF(e->magic, magic);
+    PyObject *owned = PyDict_New();
+    if (owned == NULL)
+        return -1;
+    Py_XSETREF(e->owned, owned);
+    Py_XSETREF(e->active, Py_NewRef(active));
+    Py_XSETREF(e->watch, Py_NewRef(cb[0]));
+    Py_XSETREF(e->note_activity, Py_NewRef(cb[1]));
+    Py_XSETREF(e->enqueue_other, Py_NewRef(cb[2]));
+    Py_XSETREF(e->count, Py_NewRef(cb[3]));
+    Py_XSETREF(e->drop, Py_NewRef(cb[4]));
+    Py_XSETREF(e->clock, Py_NewRef(cb[5]));
+    Py_XSETREF(e->magic, Py_NewRef(magic));
     e->disco_min = disco_min;
     e->send_limit = send_limit;
     e->depth = depth;
@@ -1724,17 +1815,27 @@ Engine_traverse(Engine *e, visitproc visit, void *arg)
     Py_VISIT(e->active);
     Py_VISIT(e->watch);
     Py_VISIT(e->note_activity);
-    Py_VISIT(e->stats);
+    Py_VISIT(e->enqueue_other);
+    Py_VISIT(e->count);
+    Py_VISIT(e->drop);
+    Py_VISIT(e->clock);
+    Py_VISIT(e->owned);
     Py_VISIT(e->events);
     for (int i = 0; i < e->nslots; i++) {
         Slot *s = &e->slots[i];
         if (s->state == S_FREE)
             continue;
         Py_VISIT(s->conn);
+        Py_VISIT(s->saw);
         Py_VISIT(s->ctl);
         Py_VISIT(s->tls);
         Py_VISIT(s->tls_in);
         Py_VISIT(s->tls_out);
+        Py_VISIT(s->tls_read);
+        Py_VISIT(s->tls_write);
+        Py_VISIT(s->tls_pending);
+        Py_VISIT(s->in_write);
+        Py_VISIT(s->out_read);
     }
     return 0;
 }
@@ -1757,7 +1858,11 @@ Engine_clear(Engine *e)
     Py_CLEAR(e->active);
     Py_CLEAR(e->watch);
     Py_CLEAR(e->note_activity);
-    Py_CLEAR(e->stats);
+    Py_CLEAR(e->enqueue_other);
+    Py_CLEAR(e->count);
+    Py_CLEAR(e->drop);
+    Py_CLEAR(e->clock);
+    Py_CLEAR(e->owned);
     Py_CLEAR(e->magic);
     return 0;
 }
@@ -1783,7 +1888,8 @@ Engine_dealloc(Engine *e)
 
 static PyMethodDef Engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor (readable when poll() has work)."},
-    {"add", (PyCFunction)(void (*)(void))Engine_add, METH_FASTCALL, "add(fd, conn) -> slot (not reading yet)"},
+    {"add", (PyCFunction)(void (*)(void))Engine_add, METH_FASTCALL,
+     "add(fd, conn, key, saw_src[, (sslobject, incoming, outgoing)]) -> slot (not reading yet)"},
     {"resume", (PyCFunction)(void (*)(void))Engine_resume, METH_FASTCALL, "resume(slot, leftover): read again"},
     {"remove", (PyCFunction)Engine_remove, METH_O, "remove(slot): forget it; queued packets count as dropped"},
     {"enqueue", (PyCFunction)(void (*)(void))Engine_enqueue, METH_FASTCALL, "enqueue(slot, frame, disco) -> full"},
@@ -1816,6 +1922,38 @@ static PyType_Spec Engine_spec = {
     .slots = Engine_slots,
 };
 
+/* CONTRACT: every name the engine uses on an object Python gave it (tests/derpd/test_contract.py
+ * checks each against its declaration: derpd/relay/dataplane.py and the ssl module).
+ *   connection     attributes read or methods called on a connection: none (an opaque token)
+ *   add            what add() takes from a connection, by the caller (EngineConnection members)
+ *   callbacks      Engine()'s callables, every one required
+ *   ssl.SSLObject, ssl.MemoryBIO   the methods bound at add() for a TLS slot, and the BIO's
+ *                  ``pending`` property read at resume() */
+static int
+add_contract(PyObject *m)
+{
+    PyObject *callbacks = PyTuple_New(N_CALLBACKS);
+    if (callbacks == NULL)
+        return -1;
+    for (int i = 0; i < N_CALLBACKS; i++) {
+        PyObject *name = PyUnicode_FromString(callback_names[i]);
+        if (name == NULL) {
+            Py_DECREF(callbacks);
+            return -1;
+        }
+        PyTuple_SET_ITEM(callbacks, i, name);
+    }
+    PyObject *contract = Py_BuildValue("{s:(),s:(ss),s:O,s:(sss),s:(sss)}", "connection", "add", "key", "saw_src",
+                                       "callbacks", callbacks, "ssl.SSLObject", "read", "write", "pending",
+                                       "ssl.MemoryBIO", "read", "write", "pending");
+    Py_DECREF(callbacks);
+    if (contract == NULL)
+        return -1;
+    int rc = PyModule_AddObjectRef(m, "CONTRACT", contract);
+    Py_DECREF(contract);
+    return rc;
+}
+
 #define INTERN(field, text)                                                                                      \
     if ((st->field = PyUnicode_InternFromString(text)) == NULL)                                                 \
         return -1;
@@ -1824,17 +1962,6 @@ static int
 dp_exec(PyObject *m)
 {
     dp_state *st = PyModule_GetState(m);
-    INTERN(str_saw_src, "saw_src");
-    INTERN(str_enqueue, "enqueue");
-    INTERN(str_key, "key");
-    INTERN(str_is_dup, "is_dup");
-    INTERN(str_engine_slot, "engine_slot");
-    INTERN(str_drop, "drop");
-    INTERN(str_packets_received, "packets_received");
-    INTERN(str_bytes_received, "bytes_received");
-    INTERN(str_disco_received, "disco_packets_received");
-    INTERN(str_packets_sent, "packets_sent");
-    INTERN(str_bytes_sent, "bytes_sent");
     INTERN(reason_read, "read_error");
     INTERN(reason_write, "write_error");
     INTERN(reason_timeout, "write_timeout");
@@ -1853,13 +1980,13 @@ dp_exec(PyObject *m)
     st->engine_type = PyType_FromModuleAndSpec(m, &Engine_spec, NULL);
     if (st->engine_type == NULL)
         return -1;
-    return PyModule_AddType(m, (PyTypeObject *)st->engine_type);
+    if (PyModule_AddType(m, (PyTypeObject *)st->engine_type) < 0)
+        return -1;
+    return add_contract(m);
 }
 
 #define STATE_FIELDS(X)                                                                                          \
-    X(engine_type) X(str_saw_src) X(str_enqueue) X(str_key) X(str_is_dup) X(str_engine_slot) X(str_drop)         \
-    X(str_packets_received) X(str_bytes_received) X(str_disco_received) X(str_packets_sent) X(str_bytes_sent)   \
-    X(reason_read) X(reason_write) X(reason_timeout) X(reason_tls_limit) X(str_write) X(str_read)              \
+    X(engine_type) X(reason_read) X(reason_write) X(reason_timeout) X(reason_tls_limit) X(str_write) X(str_read)              \
     X(str_pending) X(exc_want_read) X(exc_zero_return)
 
 static int

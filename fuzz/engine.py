@@ -74,7 +74,7 @@ class Program:
 
 class Conn:
     def __init__(self, key: bytes) -> None:
-        self.key, self.saw_src, self.is_dup, self.engine_slot = key, set(), False, -1
+        self.key, self.saw_src, self.engine_slot = key, set(), -1
         self.queued = 0
 
     def enqueue(self, frame: bytes, disco: bool) -> bool:
@@ -110,7 +110,7 @@ class Client:
                     cin.write(sout.read())
             self.tls, self.cli, self.cout = (srv, sin, sout), cli, cout
             parts = self.tls
-        self.conn.engine_slot = engine.add(self.ours.fileno(), self.conn, parts)
+        self.conn.engine_slot = engine.add(self.ours.fileno(), self.conn, key, self.conn.saw_src, parts)
         active[key] = self.conn
         engine.resume(self.conn.engine_slot, b"")
         self.open = True
@@ -166,16 +166,20 @@ def one_input(data: bytes) -> None:
     active: dict[bytes, object] = {}
     keys = [bytes([i]) * 32 for i in range(1, 6)]  # 1-3 engine clients, 4 Python's, 5 nobody's
 
-    class Stats:
-        packets_received = bytes_received = disco_packets_received = packets_sent = bytes_sent = 0
-
-        def drop(self, reason, disco, nbytes, count=1):
-            pass
+    clock = [0.0]  # the relay's clock: each step may move it on
 
     def watch(conn, src):
         conn.saw_src.add(src)
 
-    engine = _dataplane.Engine(active, watch, lambda conn: None, Stats(), DISCO, 2, SEND_LIMIT, 4, 4096)
+    def enqueue(conn, src, frame, disco):
+        if src not in conn.saw_src:
+            watch(conn, src)
+        return conn.enqueue(frame, disco)
+
+    engine = _dataplane.Engine(active, watch=watch, note_activity=lambda conn: None, enqueue=enqueue,
+                               count=lambda *counts: None, drop=lambda reason, disco, nbytes, n: None,
+                               clock=lambda: clock[0], disco_magic=DISCO, disco_min_len=2, send_limit=SEND_LIMIT,
+                               depth=4, recv_size=4096)
     clients: list[Client] = []
     try:
         try:
@@ -191,6 +195,7 @@ def one_input(data: bytes) -> None:
                 op, who = prog.byte(), clients[prog.byte() % 3]
             except EOFError:
                 break
+            clock[0] += (op >> 4) * 0.25  # 0 to 3.75 s a step
             slot = who.conn.engine_slot
             try:
                 op %= 12
@@ -224,7 +229,7 @@ def one_input(data: bytes) -> None:
                 elif op == 9:
                     who.drain()
                 elif op == 10:
-                    events = engine.expire(0.0 if prog.byte() & 1 else 3600.0) or []
+                    events = engine.expire((0.0, 1.0, 5.0, 3600.0)[prog.byte() & 3]) or []
                     for conn, kind, _ in events:
                         c = by_conn[id(conn)]
                         if c.conn.engine_slot >= 0:

@@ -324,14 +324,14 @@ class ClientConnection:
         reads and writes from now on, and what was queued since the registration goes first, in
         the writer's order.  False if this stream stays with the Python reader and writer."""
         if self._raw is not None:
-            self.engine_slot = engine.add(self.stream.socket.fileno(), self)
+            self.engine_slot = engine.add(self.stream.socket.fileno(), self, self.key, self.saw_src)
         else:
             takeover = getattr(self.stream, "takeover", None)
             parts = takeover() if takeover is not None else None
             if parts is None:
                 return False
             fd, obj, incoming, outgoing = parts
-            self.engine_slot = engine.add(fd, self, (obj, incoming, outgoing))
+            self.engine_slot = engine.add(fd, self, self.key, self.saw_src, (obj, incoming, outgoing))
         self._engine = engine
         self._qd_frame = None
         for frame in self._control:

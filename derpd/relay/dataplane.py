@@ -23,13 +23,26 @@ no connection is counted and logged the same way and the loop goes on (the engin
 events it had not returned for the next call).  No failure of the engine ends the relay's
 other connections, as none does on the Python path.
 
-The engine calls back into Python while it routes (the registry's ``watch_peer_gone`` and
-``note_activity``, a connection's ``enqueue`` and attributes, an ``SSLObject``); those callbacks
-never re-enter the engine to add, remove or resume a slot or to poll (the engine raises there,
-and the failure policy above closes the connection being served).
+The contract between the C and Python (``_dataplane.CONTRACT``, checked by
+tests/derpd/test_contract.py): a connection is an opaque token to the engine -- handed to the
+callbacks and returned in events, never read or called.  Everything the engine needs comes in
+explicitly: at construction the callbacks (the registry's ``watch_peer_gone`` and
+``note_activity``; ``enqueue`` for a destination the engine does not own, which keeps that
+destination's PeerGone bookkeeping and queues the frame through ``Member.enqueue``; ``count``
+and ``drop`` for the counters; ``clock``), at registration (``Engine.add``) the connection's
+``key`` and ``saw_src`` set (``EngineConnection``); TLS slots come with a standard
+``ssl.SSLObject`` and its BIOs, whose methods are bound once.  Whether a duplicate connection
+becomes the active one is read from the registry's ``active`` dict, not from the connection.
+Those callbacks never re-enter the engine to add, remove or resume a slot or to poll (the
+engine raises there, and the failure policy above closes the connection being served).
+
+Time: the engine reads the relay's clock (``clock``, ``trio.current_time`` by default) once at
+the start of ``poll``, ``enqueue``, ``send_control`` and ``expire``; write deadlines and queue
+delays are measured on it, so trio's ``MockClock`` drives the write timeout in tests as it
+drives the Python writer's.
 
 Dependencies: this module is below ``client_connection`` (which uses it) and knows
-connections only through the ``Handoff`` interface.
+connections only through ``EngineConnection`` and the registry's ``Member``.
 """
 
 from __future__ import annotations
@@ -38,11 +51,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..keys import NodePublic
+
 import trio
 
 from ..accel import dataplane
 from ..metrics import RelayStats
 from ..protocol.messages import DISCO_MAGIC, DISCO_MIN_LEN
+from .registry import Member
 
 log = logging.getLogger("derpd.relay")
 
@@ -52,10 +68,15 @@ ERROR_PAUSE = 0.01
 KIND_DATA, KIND_EOF, KIND_CLOSED, KIND_FAILED = 0, 1, 2, 3
 
 
-class Handoff(Protocol):
-    """A connection as the data plane sees it (``client_connection.ClientConnection``)."""
+class EngineConnection(Protocol):
+    """A connection the engine serves (``client_connection.ClientConnection``): everything the
+    data plane reads or calls on it.  The C itself reads nothing: ``key`` and ``saw_src`` are
+    passed to ``Engine.add`` by the caller (``_dataplane.CONTRACT["add"]``); the rest is used
+    here, on the engine's events."""
 
-    public: Any  # NodePublic
+    public: NodePublic
+    key: bytes  # the raw 32-byte key (Engine.add)
+    saw_src: set[bytes]  # senders whose PeerGone it should hear: the same set for its whole life (Engine.add)
 
     def engine_handoff(self, data: bytes, eof: bool) -> None:
         """Bytes the engine did not handle; the engine stops reading until ``resume``."""
@@ -80,14 +101,39 @@ class DataPlane:
         recv_size: int,
         write_timeout: float,
         passthrough: Callable[[], bool],
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.stats = stats
         self.write_timeout = write_timeout
         self._passthrough = passthrough
+        self._watch = watch
         self.engine: Any = None
         if dataplane is not None:
-            self.engine = dataplane.Engine(active, watch, note_activity, stats, DISCO_MAGIC, DISCO_MIN_LEN,
-                                           send_limit, depth, recv_size)
+            self.engine = dataplane.Engine(
+                active, **self.callbacks(watch, note_activity, clock), disco_magic=DISCO_MAGIC,
+                disco_min_len=DISCO_MIN_LEN, send_limit=send_limit, depth=depth, recv_size=recv_size,
+            )
+
+    def callbacks(self, watch: Callable[[Any, bytes], None], note_activity: Callable[[Any], None],
+                  clock: Callable[[], float]) -> dict[str, Callable[..., Any]]:
+        """The engine's callbacks by name (``_dataplane.CONTRACT["callbacks"]``)."""
+        return {"watch": watch, "note_activity": note_activity, "enqueue": self._enqueue_other,
+                "count": self._count, "drop": self.stats.drop, "clock": clock}
+
+    def _enqueue_other(self, conn: Member, src: bytes, frame: bytes, disco: bool) -> bool:
+        """A packet for a destination the engine does not own (WebSocket, mesh, a TLS stream
+        not taken over): its PeerGone bookkeeping, then its own queue; True when now full."""
+        if src not in conn.saw_src:
+            self._watch(conn, src)
+        return conn.enqueue(frame, disco)
+
+    def _count(self, packets_in: int, bytes_in: int, disco_in: int, packets_out: int, bytes_out: int) -> None:
+        s = self.stats
+        s.packets_received += packets_in
+        s.bytes_received += bytes_in
+        s.disco_packets_received += disco_in
+        s.packets_sent += packets_out
+        s.bytes_sent += bytes_out
 
     async def run(self) -> None:
         """Serve the engine's sockets until cancelled (and expire writes that wait too long)."""
@@ -134,12 +180,12 @@ class DataPlane:
             if events:
                 self._deliver(events)
 
-    def _failed(self, conn: Handoff | None, exc: object) -> None:
+    def _failed(self, conn: EngineConnection | None, exc: object) -> None:
         self.stats.internal_errors["dataplane"] += 1
         who = conn.public.short() if conn is not None else "no connection"
         log.warning("data plane error (%s): %r%s", who, exc, ", closing it" if conn is not None else "")
 
-    def _deliver(self, events: list[tuple[Handoff, int, Any]]) -> None:
+    def _deliver(self, events: list[tuple[EngineConnection, int, Any]]) -> None:
         for conn, kind, data in events:
             if kind == KIND_CLOSED:
                 if data == "write_timeout":
@@ -156,4 +202,4 @@ class DataPlane:
                 conn.engine_handoff(data, kind == KIND_EOF)
 
 
-__all__ = ["DataPlane", "Handoff"]
+__all__ = ["DataPlane", "EngineConnection"]

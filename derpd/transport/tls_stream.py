@@ -8,28 +8,75 @@ After trio's ``receive_some`` returns, this decrypts whatever more is already bu
 incoming BIO, without any further I/O, and returns it in the same call.
 
 trio's SSLStream cannot be subclassed, so this wraps one and forwards everything else to it.
+
+trio's private attributes: draining and the compiled data plane's takeover need the
+``ssl.SSLObject`` and the two ``ssl.MemoryBIO`` objects under a ``trio.SSLStream``, which trio
+does not expose, and the takeover must know that trio holds no ciphertext back.  ``session_of``
+and ``held_back`` below are the only code in derpd that touches trio's private attributes
+(``TRIO_PRIVATE``); tests/derpd/test_tls_adapter.py runs them on a real ``trio.SSLStream`` and
+fails, naming the trio version, when trio's internals change.  Should they change in
+production, ``session_of`` returns None: the relay still works, without draining and with TLS
+clients on the Python reader and writer.
 """
 
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
 _DRAIN_CHUNK = 65536
 
+#: The private attributes of ``trio.SSLStream`` read here (as of trio 0.35): the SSLObject, the
+#: BIO trio writes received ciphertext into, the BIO it sends from (``session_of``), and the
+#: ciphertext it holds back until its first send (``held_back``).
+TRIO_PRIVATE = ("_ssl_object", "_incoming", "_outgoing", "_delayed_outgoing")
+_MISSING = object()
+
+
+class SSLSession(NamedTuple):
+    """The TLS session under a ``trio.SSLStream``."""
+
+    obj: ssl.SSLObject
+    incoming: ssl.MemoryBIO  # ciphertext received, not yet decrypted
+    outgoing: ssl.MemoryBIO  # ciphertext made, not yet sent
+
+
+def session_of(stream: trio.SSLStream) -> SSLSession | None:
+    """The SSLObject and BIOs a ``trio.SSLStream`` uses, or None if trio keeps them elsewhere
+    (then nothing may rely on them).  The one adapter to trio's private attributes."""
+    obj, incoming, outgoing = (getattr(stream, name, None) for name in TRIO_PRIVATE[:3])
+    if isinstance(obj, ssl.SSLObject) and isinstance(incoming, ssl.MemoryBIO) and isinstance(outgoing, ssl.MemoryBIO):
+        return SSLSession(obj, incoming, outgoing)
+    return None
+
+
+def held_back(stream: trio.SSLStream) -> bytes | None:
+    """Ciphertext trio has taken from the outgoing BIO but not sent: a TLS 1.3 server's session
+    tickets wait there for its first send.  b"" when there is none; None when this trio keeps
+    no such thing where we look (then nobody can tell, and nothing may write around trio)."""
+    value = getattr(stream, TRIO_PRIVATE[3], _MISSING)
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return None
+
 
 class DrainingSSLStream(trio.abc.Stream):
     def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, **kwargs: Any) -> None:
         self.ssl = trio.SSLStream(transport, context, **kwargs)
+        # trio makes the SSLObject with the stream and keeps it (an unwrap, which derpd never
+        # does, would end it); without it we simply do not drain
+        self._session = session_of(self.ssl)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data = await self.ssl.receive_some(max_bytes)
-        # The SSLObject is private to trio; without it we simply do not drain.
-        obj = getattr(self.ssl, "_ssl_object", None)
-        if not data or obj is None:
+        session = self._session
+        if not data or session is None:
             return data
+        obj = session.obj
         limit = (max_bytes or (1 << 20)) - len(data)
         chunks = [data]
         try:
@@ -53,17 +100,13 @@ class DrainingSSLStream(trio.abc.Stream):
         incoming and outgoing BIOs, once the handshake is done and nothing is waiting to be
         sent; from then on the caller reads and writes the session.  None when this stream
         cannot be taken over (not directly on a TCP socket, or trio's internals differ)."""
-        inner = self.ssl
-        obj = getattr(inner, "_ssl_object", None)
-        incoming = getattr(inner, "_incoming", None)
-        outgoing = getattr(inner, "_outgoing", None)
-        transport = inner.transport_stream
-        if not (isinstance(obj, ssl.SSLObject) and isinstance(incoming, ssl.MemoryBIO)
-                and isinstance(outgoing, ssl.MemoryBIO) and type(transport) is trio.SocketStream):
+        session = self._session
+        transport = self.ssl.transport_stream
+        if session is None or type(transport) is not trio.SocketStream:
             return None
-        if outgoing.pending or obj.version() is None:
+        if session.outgoing.pending or held_back(self.ssl) != b"" or session.obj.version() is None:
             return None
-        return transport.socket.fileno(), obj, incoming, outgoing
+        return transport.socket.fileno(), session.obj, session.incoming, session.outgoing
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.ssl.wait_send_all_might_not_block()

@@ -283,3 +283,54 @@ async def test_an_exception_out_of_poll_that_no_connection_caused_is_counted_and
                 await conn.event.wait()
                 nursery.cancel_scope.cancel()
     assert stats.internal_errors["dataplane"] == 1 and conn.closed == ["read_error"] and Engine.calls == 2
+
+
+async def test_the_engine_write_deadline_runs_on_trios_clock(autojump_clock):
+    """The engine reads the relay's clock (trio's), so a MockClock drives its write timeout as it
+    drives the Python writer's: a client that reads nothing is closed once its writes have waited
+    write_timeout seconds of trio time (here 30 s, passed in no time)."""
+    import socket
+
+    from derpd.metrics import RelayStats
+    from derpd.relay.dataplane import DataPlane
+
+    if dataplane is None:
+        pytest.skip("the compiled data plane is not built (DERPD_PURE=1 or no compiler)")
+
+    class Conn:
+        def __init__(self) -> None:
+            self.public = NodePrivate.generate().public
+            self.key = self.public.raw
+            self.saw_src: set[bytes] = set()
+            self.closed: list[str] = []
+            self.event = trio.Event()
+
+        def engine_handoff(self, data: bytes, eof: bool) -> None:
+            raise AssertionError("nothing is sent to the relay here")
+
+        def close(self, reason: str) -> None:
+            self.closed.append(reason)
+            self.event.set()
+
+    stats = RelayStats()
+    dp = DataPlane({}, print, print, stats, send_limit=65536, depth=4, recv_size=65536, write_timeout=30.0,
+                   passthrough=lambda: False)
+    engine, conn = dp.engine, Conn()
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slot = engine.add(ours.fileno(), conn, conn.key, conn.saw_src)
+        engine.resume(slot, b"")
+        start = trio.current_time()
+        while not engine.pending(slot):  # the client reads nothing: the engine's writes wait
+            engine.enqueue(slot, encode_frame(FrameType.RECV_PACKET, bytes(32) + bytes(60000)), False)
+        with trio.fail_after(300):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dp.run)
+                await conn.event.wait()
+                nursery.cancel_scope.cancel()
+        waited = trio.current_time() - start
+        engine.remove(slot)
+    assert conn.closed == ["write_timeout"] and stats.write_timeouts == 1
+    assert 30.0 <= waited <= 30.5  # the deadline, checked every 0.5 s of trio time

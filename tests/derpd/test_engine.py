@@ -30,12 +30,12 @@ KIND_DATA, KIND_EOF, KIND_CLOSED, KIND_FAILED = 0, 1, 2, 3
 
 
 class Conn:
-    """What the engine reads and calls on a connection (client_connection.ClientConnection)."""
+    """A connection: the engine reads nothing of it; ``key`` and ``saw_src`` go to add(), and a
+    destination the engine does not own is queued on through the ``enqueue`` callback."""
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.saw_src: set[bytes] = set()
-        self.is_dup = False
         self.engine_slot = -1
         self.enqueued: list[tuple[bytes, bool]] = []
 
@@ -44,16 +44,55 @@ class Conn:
         return False
 
 
+class Clock:
+    """The relay's clock, as the engine sees it: set by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0  # as trio's MockClock starts
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_engine(active: dict, *, stats: RelayStats | None = None, watch=None, note_activity=None, clock=None,
+                depth: int = 8, recv_size: int = 65536):
+    """An Engine with the callbacks the relay gives it (derpd/relay/dataplane.py), by name."""
+    stats = stats if stats is not None else RelayStats()
+    watch = watch or (lambda conn, src: conn.saw_src.add(src))
+
+    def enqueue(conn, src, frame, disco):
+        if src not in conn.saw_src:
+            watch(conn, src)
+        return conn.enqueue(frame, disco)
+
+    def count(pk_in, by_in, disco_in, pk_out, by_out):
+        stats.packets_received += pk_in
+        stats.bytes_received += by_in
+        stats.disco_packets_received += disco_in
+        stats.packets_sent += pk_out
+        stats.bytes_sent += by_out
+
+    return _dataplane.Engine(active, watch=watch, note_activity=note_activity or (lambda conn: None),
+                             enqueue=enqueue, count=count, drop=stats.drop, clock=clock or Clock(),
+                             disco_magic=DISCO_MAGIC, disco_min_len=DISCO_MIN_LEN, send_limit=SEND_LIMIT,
+                             depth=depth, recv_size=recv_size)
+
+
+def add(engine, fd: int, conn, tls=None) -> int:
+    return engine.add(fd, conn, conn.key, conn.saw_src, tls)
+
+
 class Rig:
     """An Engine and the connections it serves, each a socketpair: ``ours`` is the engine's
     end, ``peer`` the client's."""
 
-    def __init__(self, *, watch=None, depth: int = 8, recv_size: int = 65536) -> None:
+    def __init__(self, *, watch=None, note_activity=None, depth: int = 8, recv_size: int = 65536) -> None:
         self.active: dict[bytes, Conn] = {}
         self.stats = RelayStats()
+        self.clock = Clock()
         self.watch_calls: list[tuple[Conn, bytes]] = []
-        self.engine = _dataplane.Engine(self.active, watch or self._watch, lambda conn: None, self.stats, DISCO_MAGIC,
-                                        DISCO_MIN_LEN, SEND_LIMIT, depth, recv_size)
+        self.engine = make_engine(self.active, stats=self.stats, watch=watch or self._watch,
+                                  note_activity=note_activity, clock=self.clock, depth=depth, recv_size=recv_size)
         self.socks: list[socket.socket] = []
 
     def _watch(self, conn: Conn, src: bytes) -> None:
@@ -66,7 +105,7 @@ class Rig:
         peer.settimeout(5)
         self.socks += [ours, peer]
         conn = Conn(key)
-        conn.engine_slot = self.engine.add(ours.fileno(), conn, tls)
+        conn.engine_slot = add(self.engine, ours.fileno(), conn, tls)
         self.active[key] = conn
         self.engine.resume(conn.engine_slot, b"")
         return conn, peer
@@ -117,8 +156,9 @@ def test_a_second_init_on_a_live_engine_is_refused(rig):
     r = rig(depth=2)
     conn, peer = r.join(key(1))
     with pytest.raises(RuntimeError, match="already initialised"):
-        r.engine.__init__(r.active, r._watch, lambda c: None, r.stats, DISCO_MAGIC, DISCO_MIN_LEN, SEND_LIMIT, 4096,
-                          65536)
+        r.engine.__init__(r.active, watch=r._watch, note_activity=print, enqueue=print, count=print, drop=print,
+                          clock=r.clock, disco_magic=DISCO_MAGIC, disco_min_len=DISCO_MIN_LEN, send_limit=SEND_LIMIT,
+                          depth=4096, recv_size=65536)
     # the engine still works with the depth it was made with: two packets kept, the oldest dropped
     peer.shutdown(socket.SHUT_RD)  # nothing is read: the queue fills
     for i in range(5):
@@ -130,7 +170,7 @@ def test_an_engine_never_initialised_refuses_every_method():
     e = _dataplane.Engine.__new__(_dataplane.Engine)
     calls = [
         lambda: e.poll(False), lambda: e.expire(1.0), lambda: e.fileno(), lambda: e.count(), lambda: e.backlogged(),
-        lambda: e.add(0, Conn(key(1))), lambda: e.resume(0, b""), lambda: e.remove(0),
+        lambda: add(e, 0, Conn(key(1))), lambda: e.resume(0, b""), lambda: e.remove(0),
         lambda: e.enqueue(0, recv_packet(key(1), b"x"), False), lambda: e.send_control(0, b"x"),
         lambda: e.pending(0),
     ]
@@ -143,7 +183,9 @@ def test_an_engine_never_initialised_refuses_every_method():
 def test_a_failed_init_leaves_an_engine_that_refuses_too():
     e = _dataplane.Engine.__new__(_dataplane.Engine)
     with pytest.raises(ValueError):
-        e.__init__({}, print, print, RelayStats(), DISCO_MAGIC, DISCO_MIN_LEN, SEND_LIMIT, 0, 65536)
+        e.__init__({}, watch=print, note_activity=print, enqueue=print, count=print, drop=print, clock=print,
+                   disco_magic=DISCO_MAGIC, disco_min_len=DISCO_MIN_LEN, send_limit=SEND_LIMIT, depth=0,
+                   recv_size=65536)
     with pytest.raises(RuntimeError, match="not initialised"):
         e.poll(False)
 
@@ -286,14 +328,13 @@ def test_an_engine_in_a_reference_cycle_is_collected():
     class Owner(Conn):
         pass
 
-    stats = RelayStats()
-    engine = _dataplane.Engine({}, print, print, stats, DISCO_MAGIC, DISCO_MIN_LEN, SEND_LIMIT, 4, 65536)
+    engine = make_engine({}, depth=4)
     assert gc.is_tracked(engine)
     ours, peer = socket.socketpair()
     with ours, peer:
         conn = Owner(key(1))
         conn.engine = engine  # the cycle: engine -> slot -> conn -> engine
-        conn.engine_slot = engine.add(ours.fileno(), conn)
+        conn.engine_slot = add(engine, ours.fileno(), conn)
         alive = weakref.ref(conn)
         del conn, engine
         gc.collect()
@@ -317,7 +358,9 @@ def test_each_import_of_an_extension_has_its_own_state(name):
     assert second is not first
     if name == "derpd._dataplane":
         assert second.Engine is not first.Engine
-        e = second.Engine({}, print, print, RelayStats(), DISCO_MAGIC, DISCO_MIN_LEN, SEND_LIMIT, 4, 65536)
+        callbacks = {name: print for name in second.CONTRACT["callbacks"]} | {"clock": lambda: 0.0}
+        e = second.Engine({}, **callbacks, disco_magic=DISCO_MAGIC, disco_min_len=DISCO_MIN_LEN,
+                          send_limit=SEND_LIMIT, depth=4, recv_size=65536)
         assert e.count() == 0 and e.poll(False) is None
     elif name == "stund._mmsg":
         assert second.FastStun is not first.FastStun
@@ -405,7 +448,7 @@ def test_a_tls_client_asking_for_key_updates_it_never_reads_is_closed(rig):
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     conn = Conn(key(2))
-    conn.engine_slot = r.engine.add(ours.fileno(), conn, (srv, sin, sout))
+    conn.engine_slot = add(r.engine, ours.fileno(), conn, (srv, sin, sout))
     r.active[conn.key] = conn
     r.engine.resume(conn.engine_slot, b"")
     for _ in range(100):  # the client reads nothing: fill its socket until the engine's writes wait
@@ -424,3 +467,48 @@ def test_a_tls_client_asking_for_key_updates_it_never_reads_is_closed(rig):
             break
     assert events == [(conn, KIND_CLOSED, "tls_output_limit")]
     assert 1000 < i < 5000  # each answer is a few dozen bytes: closed at 64 KiB of them
+
+
+# ------------------------------------------------------------------ the relay's clock
+
+
+def _fill(r: Rig, conn: Conn, peer: socket.socket) -> None:
+    """Queue until the engine's writes to ``conn`` wait (its client reads nothing)."""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    while not r.engine.pending(conn.engine_slot):
+        r.engine.enqueue(conn.engine_slot, recv_packet(key(1), bytes(60000)), False)
+
+
+def test_the_write_timeout_runs_on_the_clock_the_engine_is_given(rig):
+    r = rig(depth=4)
+    conn, peer = r.join(key(2))
+    r.clock.now = 100.0
+    _fill(r, conn, peer)  # waiting since 100.0 on the relay's clock
+    r.clock.now = 109.5
+    assert r.engine.expire(10.0) is None
+    r.clock.now = 110.0
+    assert r.engine.expire(10.0) == [(conn, KIND_CLOSED, "write_timeout")]
+    assert r.stats.dropped_packets["write_error", "other"] >= 1
+
+
+def test_a_write_that_waits_since_time_zero_still_times_out(rig):
+    """trio's MockClock starts at 0: a wait stamped 0.0 is a wait like any other."""
+    r = rig(depth=4)
+    conn, peer = r.join(key(2))
+    _fill(r, conn, peer)
+    r.clock.now = 5.0
+    assert r.engine.expire(5.0) == [(conn, KIND_CLOSED, "write_timeout")]
+
+
+def test_a_clock_that_fails_makes_the_call_raise_and_changes_nothing(rig):
+    r = rig(depth=4)
+    conn, peer = r.join(key(2))
+    r.clock.now = "not a time"
+    with pytest.raises(TypeError):
+        r.engine.enqueue(conn.engine_slot, recv_packet(key(1), b"x"), False)
+    with pytest.raises(TypeError):
+        r.engine.poll(False)
+    assert not r.engine.pending(conn.engine_slot)
+    r.clock.now = 1.0
+    r.engine.enqueue(conn.engine_slot, recv_packet(key(1), b"x"), False)
+    assert peer.recv(100) == recv_packet(key(1), b"x")

@@ -370,7 +370,9 @@ def test_dataplane_buckets_match():
 
     if dataplane is None:
         pytest.skip("the compiled data plane is not built (DERPD_PURE=1 or no compiler)")
-    engine = dataplane.Engine({}, lambda *a: None, lambda *a: None, object(), b"x", 1, 1000, 4, 1024)
+    callbacks = {name: (lambda *a: None) for name in dataplane.CONTRACT["callbacks"]}
+    engine = dataplane.Engine({}, **callbacks, disco_magic=b"x", disco_min_len=1, send_limit=1000, depth=4,
+                              recv_size=1024)
     bounds, counts, total = engine.queue_delay()
     assert tuple(bounds) == QD_BUCKETS and len(counts) == len(QD_BUCKETS) + 1 and total == 0.0
     assert not math.isnan(total)
