@@ -31,7 +31,7 @@ flags="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize
 libasan=$("$cc" -print-file-name=libasan.so)
 libubsan=$("$cc" -print-file-name=libubsan.so)
 mkdir -p "$work/reports"
-suites=(tests/derpd/test_engine.py tests/derpd/test_dataplane.py tests/derpd/test_speedups.py
+suites=(tests/derpd/test_engine.py tests/derpd/test_contract.py tests/derpd/test_dataplane.py tests/derpd/test_speedups.py
         tests/stund/test_stun_fastpath.py tests/stund/test_stun_server.py tests/attack/test_attacks.py
         "tests/fuzz/test_fuzz_targets.py::test_seeds_pass" tests/interop/test_relay_interop.py
         tests/interop/test_mixed_interop.py "tests/interop/test_stun_interop.py::test_stun_ipv4_and_ipv6")

@@ -7,7 +7,8 @@ is one of: bytes on a client's socket (raw, or SendPacket frames for any destina
 at a chosen byte, with zero, short, oversize and wrong lengths), a TLS record split across
 writes, ``poll()``, ``resume`` with leftovers, ``enqueue``, ``send_control``, ``remove``
 and re-``add``, a client that half-closes or closes mid-frame, a client that reads (or
-not), ``expire``.  The events poll() returns are answered as the relay would (handed-back
+not), ``expire`` (the relay's clock moves on by 0 to 3.75 s a step), a duplicate connection
+that takes a client's key over (the client's next packets make it the active one again).  The events poll() returns are answered as the relay would (handed-back
 bytes resumed, closed paths removed).
 
 Findings: a crash or sanitizer report in the C (build it with clang's
@@ -176,7 +177,10 @@ def one_input(data: bytes) -> None:
             watch(conn, src)
         return conn.enqueue(frame, disco)
 
-    engine = _dataplane.Engine(active, watch=watch, note_activity=lambda conn: None, enqueue=enqueue,
+    def note_activity(conn):  # the registry's rule: the duplicate that sent becomes the active one
+        active[conn.key] = conn
+
+    engine = _dataplane.Engine(active, watch=watch, note_activity=note_activity, enqueue=enqueue,
                                count=lambda *counts: None, drop=lambda reason, disco, nbytes, n: None,
                                clock=lambda: clock[0], disco_magic=DISCO, disco_min_len=2, send_limit=SEND_LIMIT,
                                depth=4, recv_size=4096)
@@ -198,7 +202,7 @@ def one_input(data: bytes) -> None:
             clock[0] += (op >> 4) * 0.25  # 0 to 3.75 s a step
             slot = who.conn.engine_slot
             try:
-                op %= 12
+                op %= 13
                 if op == 0:
                     who.send(prog.take(prog.byte()), prog.byte())
                 elif op in (1, 2):
@@ -238,6 +242,8 @@ def one_input(data: bytes) -> None:
                 elif op == 11 and who.open:
                     who.peer.close()
                     who.open = False
+                elif op == 12:
+                    active[who.conn.key] = Conn(who.conn.key)  # a duplicate, now the active one
             except EOFError:
                 break
             except (BrokenPipeError, ConnectionResetError, OSError) as e:
