@@ -334,3 +334,23 @@ async def test_the_engine_write_deadline_runs_on_trios_clock(autojump_clock):
         engine.remove(slot)
     assert conn.closed == ["write_timeout"] and stats.write_timeouts == 1
     assert 30.0 <= waited <= 30.5  # the deadline, checked every 0.5 s of trio time
+
+
+async def test_a_receiver_that_never_reads_is_closed_on_trios_clock(nursery, autojump_clock):
+    """Both paths measure the write deadline on trio's clock: with a MockClock, a client that
+    reads nothing is closed on its write deadline (30 s of trio time, passed in no time), and
+    not before."""
+    relay = await start_relay(nursery, write_timeout=30.0)
+    sender, stuck = NodePrivate.generate(), NodePrivate.generate()
+    with trio.fail_after(600):
+        stuck_stream = await raw_login(relay, stuck)  # logs in, then never reads again
+        async with derp_client.connect(relay.derp_url, sender) as cs:
+            start = trio.current_time()
+            for _ in range(100):  # 6 MB: far beyond any socket buffer
+                await cs.send_many([(stuck.public, bytes(1200))] * 50)
+            while stuck.public.raw in relay.server.registry.active:
+                await trio.sleep(1)
+            waited = trio.current_time() - start
+        await stuck_stream.aclose()
+    assert relay.server.stats.write_timeouts == 1
+    assert waited >= 30.0
