@@ -57,7 +57,7 @@ import httpx
 import trio
 
 from .keys import KeyFormatError, NodePublic
-from .settings import SettingsError
+from .settings import AdmissionSettings, SettingsError
 
 log = logging.getLogger("derpd.admission")
 
@@ -477,21 +477,24 @@ class FairShare:
         return fair_check
 
 
-# ------------------------------------------------------------------------------ CLI wiring
+# ------------------------------------------------------------------------------ the node's checks
 
 
 @dataclass(frozen=True, slots=True)
 class Protection:
-    """The admission and rate options of ``derpd serve``, loaded and checked before start-up."""
+    """A node's admission checks and rate limits (``AdmissionSettings``), loaded and checked
+    before it listens; ``install`` puts them in a running relay."""
 
     allow_list: AllowList | None = None
     verify: VerifyClientURL | None = None
     rate_config_path: Path | None = None
-    tailscaled: VerifyClientURL | None = None  # --verify-clients: derpd.serve.protection_from_flags sets it
+    tailscaled: VerifyClientURL | None = None  # --verify-clients: derpd.node.load_protection sets it
 
     @classmethod
-    def from_options(cls, opts: dict[str, object]) -> Protection:
-        """Build from the ``serve`` options (``serve_options`` below).
+    def from_settings(cls, settings: AdmissionSettings) -> Protection:
+        """Load the allow-list and the rate limits and check the verify URL (``tailscaled``,
+        for ``--verify-clients``, is added by ``derpd.node``: ``derpd.localapi`` sits above this
+        module).
 
         Raises:
             SettingsError: an unreadable or malformed file, or a bad URL.
@@ -499,18 +502,15 @@ class Protection:
         from .ratelimit import load_rate_config
 
         allow = None
-        if opts.get("allow_keys") is not None:
-            allow = AllowList(Path(str(opts["allow_keys"])))
+        if settings.allow_keys is not None:
+            allow = AllowList(settings.allow_keys)
             allow.load()
         verify = None
-        if opts.get("verify_client_url"):
-            verify = VerifyClientURL(str(opts["verify_client_url"]),
-                                     fail_open=bool(opts.get("verify_client_url_fail_open", True)))
-        rate_path = None
-        if opts.get("rate_config") is not None:
-            rate_path = Path(str(opts["rate_config"]))
-            load_rate_config(rate_path)  # fail now, not at the first SIGHUP
-        return cls(allow, verify, rate_path)
+        if settings.verify_client_url:
+            verify = VerifyClientURL(settings.verify_client_url, fail_open=settings.verify_client_url_fail_open)
+        if settings.rate_config is not None:
+            load_rate_config(settings.rate_config)  # fail now, not at the first SIGHUP
+        return cls(allow, verify, settings.rate_config)
 
     def install(self, server: Any, nursery: trio.Nursery) -> None:
         """Add the checks to ``server.admission_checks`` (allow-list first: it is cheaper), the
@@ -534,28 +534,3 @@ class Protection:
             server.reload_hooks.append(limits.reload)
         nursery.start_soon(watch_open_files)
 
-
-def serve_options(f: Any) -> Any:
-    """The click options of ``derpd serve`` that this module and ``derpd.ratelimit`` own."""
-    import click
-
-    options = [
-        click.option("--verify-client-url", default=None, metavar="URL",
-                     help="Admit a client only if a POST of its key to URL answers {\"Allow\": true} "
-                          "(derper's protocol; headscale serves it at /verify)."),
-        click.option("--verify-client-url-fail-open/--no-verify-client-url-fail-open", default=True,
-                     show_default=True,
-                     help="Admit clients when the verify URL cannot be reached or times out (5 s)."),
-        click.option("--verify-clients", is_flag=True,
-                     help="Admit only nodes of this tailnet, asking the local tailscaled (derper's flag; fails closed)."),
-        click.option("--socket", default=None, metavar="PATH",
-                     help="tailscaled's LocalAPI socket for --verify-clients [default: /var/run/tailscale/tailscaled.sock]."),
-        click.option("--allow-keys", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Admit only the nodekey:<hex> lines of this file (reloaded on SIGHUP and on change)."),
-        click.option("--rate-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="derper's JSON {\"PerClientRateLimitBytesPerSec\": N, \"PerClientRateBurstBytes\": N}: "
-                          "slows each non-mesh client's sending (never drops); reloaded on SIGHUP."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f

@@ -1,32 +1,36 @@
 """The ``derpd`` command: ``serve`` (derper's flags), ``genkey``, ``check``, and the
 coordinator commands registered at the bottom.
 
-This module only parses flags and reports: the running node is assembled in ``derpd.serve``
-(one process) and ``derpd.workers`` (``--workers N``).  Nothing imports this module but
-``derpd.__main__`` and the console script.
+This module only parses flags and reports.  ``derpd.cli_settings`` turns ``serve``'s flags into
+``NodeSettings``; the running node is assembled in ``derpd.node`` (one process, and ``derpd dev``)
+and ``derpd.workers`` (``--workers N``).  Nothing imports this module but ``derpd.__main__`` and
+the console script; the command line (this module, ``derpd.cli_settings``, ``derpd.derperflags``,
+``derpd.coordinator.cli``) is the only part of derpd that imports click.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
-from stund.oneline import OneLineGroup, run_trio
+from stund.oneline import OneLineGroup, StartupError, format_addr, listen_error, run_trio
 
 from . import __version__
+from .cli_settings import node_settings
 from .coordinator.cli import coordinator_command
-from .devregion import dev_command
+from .derperflags import DerperCommand, GoDuration, GoFloat, GoInt
 from .keyfile import KeyFileError, key_file_json
 from .keys import KeyFormatError, NodePrivate, parse_mesh_key
+from .logsetup import per_request_logs
+from .node import bind_error_message, prepare, run_node, setup_logging
 from .relay.listener import BindError
-from .serve import bind_error_message, options_from_flags, protection_from_flags, run_serve, setup_logging
 from .settings import SettingsError
-from .admission import serve_options as admission_options
-from .derperflags import DerperCommand, GoDuration, GoFloat, GoInt
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -172,25 +176,37 @@ class WorkerCount(click.ParamType):
 @click.option("-v", "--verbose", count=True, help="-v: one line per notable event; -vv: debug lines per connection.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Print the version and exit.")
-@admission_options
-def serve(**opts: object) -> None:
+@click.option("--verify-client-url", default=None, metavar="URL",
+              help="Admit a client only if a POST of its key to URL answers {\"Allow\": true} "
+                   "(derper's protocol; headscale serves it at /verify).")
+@click.option("--verify-client-url-fail-open/--no-verify-client-url-fail-open", default=True, show_default=True,
+              help="Admit clients when the verify URL cannot be reached or times out (5 s).")
+@click.option("--verify-clients", is_flag=True,
+              help="Admit only nodes of this tailnet, asking the local tailscaled (derper's flag; fails closed).")
+@click.option("--socket", default=None, metavar="PATH",
+              help="tailscaled's LocalAPI socket for --verify-clients [default: /var/run/tailscale/tailscaled.sock].")
+@click.option("--allow-keys", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Admit only the nodekey:<hex> lines of this file (reloaded on SIGHUP and on change).")
+@click.option("--rate-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="derper's JSON {\"PerClientRateLimitBytesPerSec\": N, \"PerClientRateBurstBytes\": N}: "
+                   "slows each non-mesh client's sending (never drops); reloaded on SIGHUP.")
+def serve(**flags: Any) -> None:
     """Run a DERP relay (drop-in for Tailscale's derper)."""
-    setup_logging(int(opts["verbose"]))  # type: ignore[call-overload]
+    setup_logging(flags["verbose"])
     try:
-        # admission and rate options (derpd.admission); run_serve (or each worker) installs them
-        options = dataclasses.replace(options_from_flags(opts), protection=protection_from_flags(opts))
+        settings = node_settings(flags)  # flags become typed settings here, and only here
+        parts = prepare(settings)  # admission files and ACME: refused now, before anything listens
     except (SettingsError, KeyFileError, KeyFormatError, ValueError) as e:
         _fail(str(e))
     try:
-        if options.workers > 1:
+        if settings.workers > 1:
             from .workers import WorkersFailed, run_workers
 
             try:
-                # Each worker builds its own admission checks from the flags (they hold trio objects).
-                sys.exit(run_workers(dataclasses.replace(options, protection=None), options.workers, opts))
+                sys.exit(run_workers(settings))  # each worker prepares its own parts (they hold trio objects)
             except WorkersFailed as e:
                 _fail(str(e), e.code)
-        run_trio(run_serve, options)
+        run_trio(run_node, settings, parts)
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
         click.echo("derpd: stopped (interrupted)", err=True)
     except BindError as e:
@@ -199,6 +215,43 @@ def serve(**opts: object) -> None:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot start: {e}")
+
+
+# ---------------------------------------------------------------------------- dev
+
+
+@main.command("dev")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the test CA and certificates live (reused while valid). "
+                   "Default: derpd-dev in the system temp directory.")
+@click.option("--derp-port", default=8443, show_default=True, help="Relay TLS port on 127.0.0.1 (0 = any).")
+@click.option("--stun-port", default=3478, show_default=True, help="STUN UDP port on 127.0.0.1 (0 = any).")
+@click.option("--map-port", default=8080, show_default=True, help="Coordinator HTTP port on 127.0.0.1 (0 = any).")
+@click.option("--probe-interval", default=10.0, show_default=True, help="Seconds between health probes.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def dev_command(directory: Path | None, derp_port: int, stun_port: int, map_port: int, probe_interval: float,
+                verbose: int) -> None:
+    """Run a whole DERP region on loopback: relay (TLS), STUN and the map coordinator.
+
+    Prints the DERP map URL, the test CA, a derpprobe command line (and where to get derpprobe),
+    a `derpd check` command line and the headscale derp.urls snippet. Ctrl-C stops it.
+    """
+    from .devregion import run_dev_region
+
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    per_request_logs(verbose)
+    directory = directory or Path(tempfile.gettempdir()) / "derpd-dev"
+    try:
+        run_trio(partial(run_dev_region, directory, relay_port=derp_port, stun_port=stun_port, map_port=map_port,
+                         probe_interval=probe_interval, show=click.echo))
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler is in place
+        click.echo("derpd dev: stopped (interrupted)")
+    except BindError as e:
+        flag = {"relay": "--derp-port", "stun": "--stun-port", "map": "--map-port"}[e.which]
+        raise StartupError(listen_error(e.cause, format_addr(e.host, e.port), flag + " (0 = any free port)")) from None
+    except (SettingsError, OSError) as e:  # SettingsError includes CertError
+        raise StartupError(f"cannot start: {e}") from None
 
 
 # ---------------------------------------------------------------------------- genkey
@@ -343,7 +396,6 @@ def doctor(url: str, timeout: float, ca_file: str | None, cert_pin: str | None, 
 
 
 main.add_command(coordinator_command, "coordinator")
-main.add_command(dev_command, "dev")
 
 
 # ---------------------------------------------------------------------------- close-peer

@@ -10,6 +10,9 @@ It runs, all on 127.0.0.1:
 It prints the map URL, the CA path, a ready ``derpprobe`` command line and the headscale
 ``derp.urls`` snippet, and stops cleanly on Ctrl-C.  Certificates are kept in ``--dir``
 and reused while valid, so the pin stays the same across restarts.
+
+The relay and STUN are a node like any other, assembled by ``derpd.node`` from
+``NodeSettings``; the command (``derpd dev``'s flags) is in ``derpd.cli``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,12 @@ import logging
 import os
 import shlex
 import signal
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import trio
-from stund.oneline import StartupError, format_addr, listen_error, run_trio, single_error
+from stund.oneline import single_error
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,9 +39,9 @@ from .coordinator.config import CoordinatorConfig
 from .coordinator.model import DerpMap, DerpNode, DerpRegion
 from .coordinator.server import RunningCoordinator, serve_coordinator
 from .keys import NodePrivate
-from .logsetup import per_request_logs
+from .node import RunningNode, prepare, start_node
 from .relay.listener import BindError
-from .settings import SettingsError
+from .settings import NodeSettings, RelaySettings, StunSettings
 
 log = logging.getLogger("derpd.dev")
 
@@ -189,25 +191,24 @@ async def serve_dev_region(
     probe_interval: float = 10.0,
     task_status: trio.TaskStatus[RunningDevRegion] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Runs relay, STUN and coordinator on 127.0.0.1 until cancelled (ports 0 = any free port)."""
-    from stund.server import serve_stun
+    """Runs relay, STUN and coordinator on 127.0.0.1 until cancelled (ports 0 = any free port).
 
-    from .relay.listener import RunningRelay, serve_relay
-    from .settings import RelaySettings
-
+    Raises:
+        BindError: a port is in use (``which``: "relay", "stun" or "map").
+    """
     certs = ensure_dev_certs(directory)
+    settings = NodeSettings(
+        relay=RelaySettings(addr=f"127.0.0.1:{relay_port}", private_key=NodePrivate.generate(), certmode="manual",
+                            certdir=directory, hostname=HOSTNAME),
+        stun=StunSettings(stun_port),
+    )
     async with trio.open_nursery() as nursery:
-        relay: RunningRelay = await nursery.start(serve_relay, RelaySettings(
-            addr=f"127.0.0.1:{relay_port}", private_key=NodePrivate.generate(), certmode="manual",
-            certdir=directory, hostname=HOSTNAME))
-        try:
-            stun_bound: list[tuple[str, int]] = await nursery.start(serve_stun, [("127.0.0.1", stun_port)])
-        except OSError as e:
-            raise BindError(e, "127.0.0.1", stun_port, "stun") from e
-        node = DerpNode("900a", 900, HOSTNAME, cert_name=certs.pin, ipv4="127.0.0.1",
-                        stun_port=stun_bound[0][1], derp_port=relay.port)
+        node: RunningNode = await start_node(nursery, settings, prepare(settings))
+        dev_node = DerpNode("900a", 900, HOSTNAME, cert_name=certs.pin, ipv4="127.0.0.1",
+                            stun_port=node.stun_port, derp_port=node.relay.port)
         config = CoordinatorConfig(
-            static_map=DerpMap((DerpRegion(900, "dev", "derpd dev (loopback)", (node,)),), omit_default_regions=True),
+            static_map=DerpMap((DerpRegion(900, "dev", "derpd dev (loopback)", (dev_node,)),),
+                               omit_default_regions=True),
             listen=f"127.0.0.1:{map_port}",
             probe_interval=probe_interval,
             probe_timeout=probe_interval * 0.8,
@@ -222,48 +223,19 @@ async def serve_dev_region(
             if not isinstance(err, OSError):
                 raise
             raise BindError(err, "127.0.0.1", map_port, "map") from e
-        task_status.started(RunningDevRegion(certs, relay.port, stun_bound[0][1], coordinator))
+        task_status.started(RunningDevRegion(certs, node.relay.port, node.stun_port, coordinator))
 
 
-@click.command("dev")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the test CA and certificates live (reused while valid). "
-                   "Default: derpd-dev in the system temp directory.")
-@click.option("--derp-port", default=8443, show_default=True, help="Relay TLS port on 127.0.0.1 (0 = any).")
-@click.option("--stun-port", default=3478, show_default=True, help="STUN UDP port on 127.0.0.1 (0 = any).")
-@click.option("--map-port", default=8080, show_default=True, help="Coordinator HTTP port on 127.0.0.1 (0 = any).")
-@click.option("--probe-interval", default=10.0, show_default=True, help="Seconds between health probes.")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def dev_command(directory: Path | None, derp_port: int, stun_port: int, map_port: int, probe_interval: float,
-                verbose: int) -> None:
-    """Run a whole DERP region on loopback: relay (TLS), STUN and the map coordinator.
-
-    Prints the DERP map URL, the test CA, a derpprobe command line (and where to get derpprobe),
-    a `derpd check` command line and the headscale derp.urls snippet. Ctrl-C stops it.
-    """
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    per_request_logs(verbose)
-    directory = directory or Path(tempfile.gettempdir()) / "derpd-dev"
-    try:
-        run_trio(_run_dev, directory, derp_port, stun_port, map_port, probe_interval)
-    except KeyboardInterrupt:  # Ctrl-C before the signal handler is in place
-        click.echo("derpd dev: stopped (interrupted)")
-    except BindError as e:
-        flag = {"relay": "--derp-port", "stun": "--stun-port", "map": "--map-port"}[e.which]
-        raise StartupError(listen_error(e.cause, format_addr(e.host, e.port), flag + " (0 = any free port)")) from None
-    except (SettingsError, OSError) as e:  # SettingsError includes CertError
-        raise StartupError(f"cannot start: {e}") from None
-
-
-async def _run_dev(directory: Path, derp_port: int, stun_port: int, map_port: int, probe_interval: float) -> None:
+async def run_dev_region(directory: Path, *, relay_port: int, stun_port: int, map_port: int, probe_interval: float,
+                         show: Callable[[str], None]) -> None:
+    """``derpd dev``: serve the region, ``show`` its banner, and stop on SIGINT or SIGTERM."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             region: RunningDevRegion = await nursery.start(lambda task_status: serve_dev_region(
-                directory, relay_port=derp_port, stun_port=stun_port, map_port=map_port,
+                directory, relay_port=relay_port, stun_port=stun_port, map_port=map_port,
                 probe_interval=probe_interval, task_status=task_status))
-            click.echo(region.banner())
+            show(region.banner())
             async for signum in signals:
-                click.echo(f"derpd dev: stopped ({signal.Signals(signum).name})")
+                show(f"derpd dev: stopped ({signal.Signals(signum).name})")
                 nursery.cancel_scope.cancel()
                 break

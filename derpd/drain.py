@@ -21,7 +21,7 @@ registration goes out without ``Draining`` and the coordinator publishes the nod
 its probes pass.  Without ``--coordinator`` nothing moves clients away: SIGTERM stops at once as
 before, and SIGUSR1 says so in one line and only waits for clients to leave.
 
-Dependencies: ``derpd.serve`` and ``derpd.workers`` use this module; it uses
+Dependencies: ``derpd.node`` and ``derpd.workers`` use this module; it uses
 ``derpd.relay`` (the server and its shutdown) and, for types only, the coordinator announcer.
 """
 

@@ -1,10 +1,13 @@
-"""Relay settings: one frozen dataclass, built once from the CLI (or by tests), then validated."""
+"""Typed settings: the relay's (``RelaySettings``) and the node's around it (``NodeSettings``),
+frozen dataclasses built once at the command line (``derpd.cli_settings``) or by tests, and
+checked as they are built."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .keys import NodePrivate
 
@@ -187,3 +190,159 @@ class RelaySettings:
     def acme(self) -> bool:
         """The certificate comes from an ACME CA (``--certmode letsencrypt`` or ``gcp``)."""
         return self.effective_certmode in ACME_CERTMODES
+
+
+# ----------------------------------------------------------------------------- the node around the relay
+#
+# ``RelaySettings`` is what the relay server itself reads.  A node (``derpd.node``) also runs STUN,
+# a metrics listener, mesh links, admission checks, bootstrap DNS, ACME and its registration with
+# coordinators: each has a frozen group below, and ``NodeSettings`` holds them all.  Every group
+# is plain data (it crosses into ``--workers`` processes as it is); ``__post_init__`` refuses what
+# can be judged from the values alone, in one line naming the flag.  Reading files and parsing
+# what another module owns (mesh entries, coordinator URLs, DNS names) happens where the flags
+# become settings (``derpd.cli_settings``).
+
+
+@dataclass(frozen=True, slots=True)
+class StunSettings:
+    """``--stun-port`` (and ``--stun``): the UDP STUN port on the relay's IP; below 0: no STUN."""
+
+    port: int = 3478
+
+    def __post_init__(self) -> None:
+        if self.port > 65535:
+            raise SettingsError(f"--stun-port {self.port}: give a port number from 0 to 65535, or -1 (no STUN)")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """``--metrics-addr``: a dedicated Prometheus listener; None: /metrics on the relay port only."""
+
+    addr: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.addr is not None:
+            split_host_port(self.addr, default_port=9090)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    """``--mesh-with`` and ``--mesh-ca-file``; the mesh key itself is ``RelaySettings.mesh_key``.
+
+    ``peers`` are derper's ``host[:port][/dialhost]`` entries (``derpd.mesh.parse_mesh_with``
+    reads them); ``key_file`` names where the mesh key came from, for the start-up line, and
+    ``key_file_default`` says it was derper's default path rather than ``--mesh-psk-file``."""
+
+    peers: tuple[str, ...] = ()
+    ca_file: str | None = None
+    key_file: Path | None = None
+    key_file_default: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MapNodeSettings:
+    """How this node appears in a DERP map: the node printed at start (a pinned certificate)
+    and the node registered with coordinators (``--region-id``, ``--node-name`` and friends)."""
+
+    region_id: int = 900
+    region_code: str | None = None
+    region_name: str | None = None
+    node_name: str | None = None  # None: the hostname
+    ipv4: str | None = None  # --advertise-ipv4
+    ipv6: str | None = None  # --advertise-ipv6
+
+    def __post_init__(self) -> None:
+        for flag, value, version in (("--advertise-ipv4", self.ipv4, 4), ("--advertise-ipv6", self.ipv6, 6)):
+            if value is not None and not (is_ip(value) and ipaddress.ip_address(value).version == version):
+                raise SettingsError(f"{flag} {value!r} is not an IPv{version} address")
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceSettings:
+    """``--coordinator URL,...``: register with every coordinator and keep heartbeating."""
+
+    coordinators: tuple[str, ...]
+    token: str  # the contents of --coordinator-token-file
+    interval: float = 15.0  # --heartbeat-interval, until a coordinator sets the pace
+
+    def __post_init__(self) -> None:
+        if not self.coordinators:
+            raise SettingsError("--coordinator needs at least one URL, e.g. http://coordinator:8080")
+        for one in self.coordinators:
+            try:
+                host = urlsplit(one).hostname
+                urlsplit(one).port
+            except ValueError:
+                raise SettingsError(f"--coordinator {one!r}: the port must be a number from 1 to 65535") from None
+            if not host:
+                raise SettingsError(f"--coordinator {one!r} has no host; give http(s)://HOST[:PORT]")
+        if not 1.0 <= self.interval <= 3600:
+            raise SettingsError(f"--heartbeat-interval {self.interval:g}s: give a duration from 1s to 1h, e.g. 15s")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSettings:
+    """Who may log in, and how fast clients may send (``derpd.admission``, ``derpd.ratelimit``,
+    ``derpd.localapi``).  Files are read when the node starts and again on SIGHUP."""
+
+    allow_keys: Path | None = None  # --allow-keys
+    verify_client_url: str | None = None  # --verify-client-url
+    verify_client_url_fail_open: bool = True
+    verify_clients: bool = False  # --verify-clients: ask the local tailscaled
+    socket: str | None = None  # --socket: tailscaled's LocalAPI socket
+    rate_config: Path | None = None  # --rate-config
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeSettings:
+    """The ACME flags beside ``--certmode letsencrypt``/``gcp`` (``derpd.acme.AcmeConfig`` is
+    built from these and ``RelaySettings``)."""
+
+    email: str = ""
+    eab_kid: str = ""
+    eab_key: str = ""
+    directory: str | None = None
+    ip_certs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapDNSSettings:
+    """``--bootstrap-dns-names`` and ``--unpublished-bootstrap-dns-names``, split into names."""
+
+    published: tuple[str, ...] = ()
+    unpublished: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """Everything a node runs with (``derpd.node`` assembles it; ``derpd.cli_settings`` makes it
+    from ``derpd serve``'s flags; ``derpd dev`` and tests write it directly)."""
+
+    relay: RelaySettings
+    stun: StunSettings = field(default_factory=StunSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    mesh: MeshSettings = field(default_factory=MeshSettings)
+    map_node: MapNodeSettings = field(default_factory=MapNodeSettings)
+    announce: AnnounceSettings | None = None  # None: no --coordinator
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    acme: AcmeSettings = field(default_factory=AcmeSettings)
+    bootstrap_dns: BootstrapDNSSettings = field(default_factory=BootstrapDNSSettings)
+    workers: int = 1  # --workers: relay processes sharing the port (derpd.workers)
+    verbose: int = 0  # -v count: each worker process sets up its logging from it
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise SettingsError(f"--workers {self.workers}: give a number from 1 to 64, or auto")
+        if self.mesh.peers and self.relay.mesh_key is None:
+            raise SettingsError("--mesh-with needs the region's mesh key: pass --mesh-psk-file")
+        if not self.relay.acme:
+            acme = self.acme
+            for flag, given in (("--acme-ip-certs", acme.ip_certs), ("--acme-eab-kid", acme.eab_kid),
+                                ("--acme-eab-key", acme.eab_key), ("--acme-directory", acme.directory)):
+                if given:
+                    raise SettingsError(f"{flag} is for --certmode letsencrypt or gcp")
+        elif self.workers > 1:
+            raise SettingsError("ACME with --workers > 1 is not supported yet: run one worker, or get the "
+                                "certificate with an external ACME client and use --certmode manual")
+        if self.workers > 1 and self.mesh.peers:
+            raise SettingsError("--workers cannot be combined with --mesh-with yet: run one process per mesh node")

@@ -21,8 +21,12 @@ through one ForwardPacket hop.  These links log in with client keys the parent g
 (``link_keys``), so every worker can leave them out of its metrics: they are not clients,
 connections, watchers or mesh peers.
 
-Dependencies: ``derpd.cli`` imports this module; it builds each worker from ``derpd.serve``
-(options, signals, logging) and ``derpd.relay``, and never imports ``derpd.cli``.
+Each worker's relay (``start_relay``) and the parent's node around the workers (``start_node``,
+with the workers as its relay: STUN, metrics, start-up lines, registration) are assembled by
+``derpd.node`` from the same ``NodeSettings`` the single process runs with.
+
+Dependencies: ``derpd.cli`` imports this module; it builds each worker and the parent's node with
+``derpd.node``, and never imports the command line.
 """
 
 from __future__ import annotations
@@ -35,22 +39,17 @@ import signal
 import socket
 from collections import defaultdict, deque
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from stund.oneline import run_trio
 
-from .drain import HANDLED_SIGNALS
 from .keys import NodePrivate
-from .relay.listener import BindError, RunningRelay, serve_metrics, serve_relay
+from .node import (NodeParts, RunningNode, bind_error_message, handle_signals, open_signals, prepare, setup_logging,
+                   start_node, start_relay)
+from .relay.listener import BindError, RunningRelay
 from .relay.server import RelayServer
-from .serve import (ServeOptions, announce_node, bind_error_message, handle_signals, install_bootstrap_dns,
-                    install_cert_pin_check, node_registration, open_signals, protection_from_flags, setup_logging,
-                    start_stun)
-from .settings import SettingsError
-
-if TYPE_CHECKING:
-    from .coordinator.announce import Announcer
+from .settings import NodeSettings, SettingsError
 
 log = logging.getLogger("derpd.workers")
 
@@ -175,20 +174,19 @@ async def _scrape(port: int) -> str | None:
 # ---------------------------------------------------------------------------- worker side
 
 
-def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, object] | None,
-                 main_sock: socket.socket, mesh_sock: socket.socket, peer_ports: list[int], mesh_key: bytes,
-                 link_keys: list[bytes], conn: Any) -> None:
+def _worker_main(index: int, settings: NodeSettings, main_sock: socket.socket, mesh_sock: socket.socket,
+                 peer_ports: list[int], mesh_key: bytes, link_keys: list[bytes], conn: Any) -> None:
     """A worker process: serve until a signal stops it.  Tells the parent ("ready", info) once
     it serves, or ("error", one line) if it cannot start."""
-    setup_logging(options.verbose)
-    if options.verbose <= 0:
+    setup_logging(settings.verbose)
+    if settings.verbose <= 0:
         logging.getLogger("derpd.startup").setLevel(logging.WARNING)  # the parent prints the start-up lines
     try:
-        protection = None
-        if protection_flags is not None:
-            protection = protection_from_flags(protection_flags)
-        run_trio(_worker, index, dataclasses.replace(options, protection=protection), main_sock, mesh_sock,
-                 peer_ports, mesh_key, link_keys, conn)
+        relay = dataclasses.replace(settings.relay, mesh_key=settings.relay.mesh_key or mesh_key)
+        if index != 0:
+            relay = dataclasses.replace(relay, http_port=-1)  # worker 0 serves the plain-HTTP companion
+        settings = dataclasses.replace(settings, relay=relay)
+        run_trio(_worker, index, settings, main_sock, mesh_sock, peer_ports, link_keys, conn)
     except KeyboardInterrupt:
         pass
     except BindError as e:  # worker 0's --http-port
@@ -199,35 +197,25 @@ def _worker_main(index: int, options: ServeOptions, protection_flags: dict[str, 
         raise SystemExit(2) from None
 
 
-async def _worker(index: int, options: ServeOptions, main_sock: socket.socket, mesh_sock: socket.socket,
-                  peer_ports: list[int], mesh_key: bytes, link_keys: list[bytes], conn: Any) -> None:
+async def _worker(index: int, settings: NodeSettings, main_sock: socket.socket, mesh_sock: socket.socket,
+                  peer_ports: list[int], link_keys: list[bytes], conn: Any) -> None:
     from .mesh import MeshTarget, run_mesh
 
-    settings = dataclasses.replace(options.settings, mesh_key=options.settings.mesh_key or mesh_key)
-    if index != 0:
-        settings = dataclasses.replace(settings, http_port=-1)  # worker 0 serves the plain-HTTP companion
+    parts = prepare(settings)  # this process's own admission checks (they hold trio objects)
+    mesh_key = settings.relay.mesh_key
+    assert mesh_key is not None  # _worker_main gives the workers one when the region has none
     with open_signals() as signals:
         async with trio.open_nursery() as nursery:
-
-            async def relay_then_stop(task_status: trio.TaskStatus[RunningRelay]) -> None:
-                await serve_relay(settings, sockets=[main_sock], internal_sockets=[mesh_sock], task_status=task_status)
-                nursery.cancel_scope.cancel()
-
-            running = await nursery.start(relay_then_stop)
-            link_key = NodePrivate(link_keys[index])
+            running = await start_relay(nursery, settings, parts, sockets=[main_sock], internal_sockets=[mesh_sock])
             running.server.process_metrics.worker = str(index)
             running.server.registry.internal_keys = frozenset(NodePrivate(k).public.raw for k in link_keys)
-            install_cert_pin_check(options, running.server)
-            if options.protection is not None:
-                options.protection.install(running.server, nursery)
-            install_bootstrap_dns(options, running.server, nursery)
             await nursery.start(partial(
-                run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports], settings.mesh_key,
-                client_key=link_key, skip_self_check=True, scheme="http", internal=True))
+                run_mesh, running.server, [MeshTarget(f"127.0.0.1:{p}") for p in peer_ports],
+                mesh_key, client_key=NodePrivate(link_keys[index]), skip_self_check=True,
+                scheme="http", internal=True))
             conn.send(("ready", {"url": running.url, "http_port": running.http_port}))
             # The parent announces the drain to the coordinators; each worker waits for its clients.
-            await handle_signals(signals, running, settings, nursery.cancel_scope,
-                                 registered=options.registration is not None)
+            await handle_signals(signals, running, settings, nursery.cancel_scope)
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -253,22 +241,20 @@ def _exit_status(code: int | None) -> str:
 class Supervisor:
     """Starts the workers, keeps them alive, and stops them (see the module docstring)."""
 
-    def __init__(self, options: ServeOptions, count: int, protection_flags: dict[str, object] | None,
-                 first_sock: socket.socket, mesh_socks: list[socket.socket]) -> None:
-        self.options = options
-        self.count = count
-        self.protection_flags = protection_flags
-        self.host = options.settings.listen[0]
+    def __init__(self, settings: NodeSettings, first_sock: socket.socket, mesh_socks: list[socket.socket]) -> None:
+        self.settings = settings
+        self.count = settings.workers
+        self.host = settings.relay.listen[0]
         self.port = first_sock.getsockname()[1]
         self._first_sock: socket.socket | None = first_sock
         self.mesh_socks = mesh_socks
         self.mesh_ports = [s.getsockname()[1] for s in mesh_socks]
         self.mesh_key = os.urandom(32)
-        self.link_keys = [NodePrivate.generate().raw for _ in range(count)]  # each worker's links log in with its own
+        self.link_keys = [NodePrivate.generate().raw for _ in range(self.count)]  # each worker's links: its own key
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: dict[int, Any] = {}
         self.ready_info: dict[int, dict[str, Any]] = {}
-        self.restarts = [0] * count
+        self.restarts = [0] * self.count
         self.stopping = False
         self._stop = trio.Event()
 
@@ -284,8 +270,8 @@ class Supervisor:
         others = [p for j, p in enumerate(self.mesh_ports) if j != index]
         proc = self.ctx.Process(
             target=_worker_main, name=f"derpd-worker-{index}", daemon=False,
-            args=(index, self.options, self.protection_flags, sock, self.mesh_socks[index], others, self.mesh_key,
-                  self.link_keys, child_end))
+            args=(index, self.settings, sock, self.mesh_socks[index], others, self.mesh_key, self.link_keys,
+                  child_end))
         try:
             proc.start()
         finally:
@@ -299,7 +285,8 @@ class Supervisor:
         with trio.move_on_after(READY_TIMEOUT):
             await trio.lowlevel.wait_readable(conn.fileno())
             try:
-                return conn.recv()  # type: ignore[no-any-return]
+                reply: tuple[str, Any] = conn.recv()
+                return reply
             except (EOFError, OSError):
                 return "dead", None
         return "dead", None
@@ -382,31 +369,27 @@ class Supervisor:
         return aggregate_metrics(texts)
 
 
-def run_workers(options: ServeOptions, count: int, protection_flags: dict[str, object] | None = None) -> int:
-    """Start ``count`` workers, keep them alive until a signal stops them.  Returns the exit code.
-
-    ``protection_flags`` are the ``serve`` flags that ``admission.Protection.from_options``
-    reads: each worker builds its own checks from them.
+def run_workers(settings: NodeSettings) -> int:
+    """Start ``settings.workers`` workers, keep them alive until a signal stops them.  Returns
+    the exit code.  Each worker prepares its own parts (``derpd.node.prepare``) from ``settings``.
 
     Raises:
-        SettingsError: the options do not combine with workers, or the certificate is unusable.
+        SettingsError: the certificate is unusable.
         BindError: the relay port cannot be bound.
         WorkersFailed: a worker could not start (code 2) or kept dying (code 1).
     """
-    if options.mesh_with:
-        raise SettingsError("--workers cannot be combined with --mesh-with yet: run one process per mesh node")
-    settings = options.settings
-    host, port = settings.listen
-    server = RelayServer(settings)  # this process's copy: the certificate (made here, once) and its pin
+    host, port = settings.relay.listen
+    server = RelayServer(settings.relay)  # this process's copy: the certificate (made here, once) and its pin
     server.load_tls()
     try:
         first = _bind(host, port, reuse_port=True)
     except OSError as e:
         raise BindError(e, host, port, "relay") from e
-    mesh_socks = [_bind("127.0.0.1", 0, reuse_port=False) for _ in range(count)]
-    supervisor = Supervisor(options, count, protection_flags, first, mesh_socks)
+    mesh_socks = [_bind("127.0.0.1", 0, reuse_port=False) for _ in range(settings.workers)]
+    supervisor = Supervisor(settings, first, mesh_socks)
     try:
-        return run_trio(_parent, supervisor, server)  # type: ignore[no-any-return]
+        code: int = run_trio(_parent, supervisor, server)
+        return code
     except BaseExceptionGroup as group:  # several workers failed at once: report the first
         failed = group.subgroup(lambda e: isinstance(e, WorkersFailed))
         while isinstance(failed, BaseExceptionGroup):
@@ -420,70 +403,26 @@ def run_workers(options: ServeOptions, count: int, protection_flags: dict[str, o
 
 
 async def _parent(sup: Supervisor, server: RelayServer) -> int:
-    options, settings = sup.options, sup.options.settings
-    startup = logging.getLogger("derpd.startup")
-    with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+    """The node around the workers (``start_node``, with the workers as its relay) until a
+    signal stops them."""
+    settings = sup.settings
+    with open_signals() as signals:
         try:
             async with trio.open_nursery() as nursery:
-                stun_bound = await start_stun(nursery, settings, options.stun_port)
-                stun_port = stun_bound[0][1] if stun_bound else options.stun_port
-                bound_metrics = None
-                if options.metrics_addr is not None:
-                    cache = {"text": b""}
+                started: list[RunningNode] = []  # the node, with its registration, once every worker serves
+                nursery.start_soon(_forward_signals, sup, server, signals, started)
+                cache = {"text": b""}
 
-                    async def refresh() -> None:
-                        while True:
-                            cache["text"] = await sup.metrics_text()
-                            await trio.sleep(2)
+                async def refresh() -> None:
+                    while True:
+                        cache["text"] = await sup.metrics_text()
+                        await trio.sleep(2)
 
-                    bound_metrics = await nursery.start(serve_metrics, options.metrics_addr, lambda: cache["text"])
+                if settings.metrics.addr is not None:
                     nursery.start_soon(refresh)
-
-                async def all_workers(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                    """Start every worker at once; ``started`` once all serve."""
-                    waiting = [sup.count]
-                    all_ready = trio.Event()
-
-                    async with trio.open_nursery() as keepers:
-
-                        async def start_one(i: int) -> None:
-                            await keepers.start(sup.keep_alive, i)
-                            waiting[0] -= 1
-                            if not waiting[0]:
-                                all_ready.set()
-
-                        for i in range(sup.count):
-                            keepers.start_soon(start_one, i)
-                        await all_ready.wait()
-                        task_status.started()
-                    nursery.cancel_scope.cancel()  # every worker is gone: stopped by a signal
-
-                announcers: list[Announcer] = []  # the registration, once every worker serves
-                nursery.start_soon(_forward_signals, sup, server, signals, announcers)
-                await nursery.start(all_workers)
-                if sup.stopping:
-                    return 0
-                info = sup.ready_info[0]
-                running = RunningRelay(server=server, url=info["url"], host=sup.host, port=sup.port,
-                                       public_key=server.public_key,
-                                       cert_pin=server.cert.pin if server.cert else None,
-                                       http_port=info["http_port"], addresses=[(sup.host or "::", sup.port)])
-                announce_node(options, running, stun_port)
-                startup.info("%d workers on port %d (pids %s)", sup.count, sup.port,
-                             " ".join(str(sup.procs[i].pid) for i in range(sup.count)))
-                if stun_bound:
-                    startup.info("STUN on %s", ", ".join(f"{h}:{p}" for h, p in stun_bound))
-                if bound_metrics is not None:
-                    startup.info("metrics on http://%s:%d/metrics", *bound_metrics)
-                if options.registration is not None:
-                    from .coordinator.announce import Announcer
-
-                    reg = options.registration
-                    announcer = Announcer(reg["url"], str(reg["token"]),  # type: ignore[arg-type]
-                                          partial(node_registration, reg, running, settings, stun_port))
-                    server.cert_hooks.append(announcer.notify)  # a new pin goes out at once
-                    announcers.append(announcer)
-                    nursery.start_soon(announcer.run)
+                # No parts: the admission checks run in the workers, and NodeSettings refuses ACME with workers.
+                started.append(await start_node(nursery, settings, NodeParts(), metrics=lambda: cache["text"],
+                                                relay=partial(_start_workers, sup, server)))
         except BaseException:
             sup.stop_all()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -493,7 +432,41 @@ async def _parent(sup: Supervisor, server: RelayServer) -> int:
     return 0
 
 
-async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any, announcers: list[Announcer]) -> None:
+async def _start_workers(sup: Supervisor, server: RelayServer, nursery: trio.Nursery) -> tuple[RunningRelay, str]:
+    """The parent's relay (``derpd.node.RelayStarter``): every worker, started at once.  Returns
+    once all serve, with the parent's view of the relay (its certificate copy, worker 0's URL).
+    When a signal stops them while they start, never returns: the nursery ends once they are gone."""
+
+    async def all_workers(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        waiting = [sup.count]
+        all_ready = trio.Event()
+
+        async with trio.open_nursery() as keepers:
+
+            async def start_one(i: int) -> None:
+                await keepers.start(sup.keep_alive, i)
+                waiting[0] -= 1
+                if not waiting[0]:
+                    all_ready.set()
+
+            for i in range(sup.count):
+                keepers.start_soon(start_one, i)
+            await all_ready.wait()
+            task_status.started()
+        nursery.cancel_scope.cancel()  # every worker is gone: stopped by a signal
+
+    await nursery.start(all_workers)
+    if sup.stopping:
+        await trio.sleep_forever()
+    info = sup.ready_info[0]
+    running = RunningRelay(server=server, url=info["url"], host=sup.host, port=sup.port,
+                           public_key=server.public_key, cert_pin=server.cert.pin if server.cert else None,
+                           http_port=info["http_port"], addresses=[(sup.host or "::", sup.port)])
+    pids = " ".join(str(sup.procs[i].pid) for i in range(sup.count))
+    return running, f"{sup.count} workers on port {sup.port} (pids {pids})"
+
+
+async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any, started: list[RunningNode]) -> None:
     """SIGHUP: reload this process's certificate (for the pin it registers) and the workers';
     SIGTERM/SIGINT: stop restarting and pass the signal on (a second one stops them at once);
     SIGUSR1/SIGUSR2: pass it on.  A drain (SIGUSR1, or SIGTERM with --drain-grace) is announced
@@ -501,24 +474,24 @@ async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any, a
     from .drain import announce_drain
 
     startup = logging.getLogger("derpd.startup")
-    settings = sup.options.settings
+    settings = sup.settings.relay
     async with trio.open_nursery() as nursery:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 startup.info("received SIGHUP, reloading")
                 server.reload_tls()
             elif signum in (signal.SIGUSR1, signal.SIGUSR2):
-                if announcers and not sup.stopping:
-                    nursery.start_soon(announce_drain, announcers[0], signum == signal.SIGUSR1)
+                if started and not sup.stopping:
+                    nursery.start_soon(announce_drain, started[0].announcer, signum == signal.SIGUSR1)
             elif not sup.stopping:
-                draining = settings.drain_grace > 0 and sup.options.registration is not None
+                draining = settings.drain_grace > 0 and sup.settings.announce is not None
                 startup.info("received %s: %sthen telling clients to reconnect, draining queues for up to %.1fs "
                              "(send it again to stop at once)", signal.Signals(signum).name,
                              f"draining for up to {settings.drain_grace:.1f}s (--drain-grace), " if draining else "",
                              settings.shutdown_grace)
                 sup.request_stop()
-                if draining and announcers:
-                    nursery.start_soon(announce_drain, announcers[0], True)
+                if draining and started:
+                    nursery.start_soon(announce_drain, started[0].announcer, True)
             sup.signal_all(signum)
 
 

@@ -7,7 +7,7 @@ it stops accepting, sends every client a Restarting frame, lets their queues dra
 ``grace`` seconds, closes what is left, and returns.
 
 Dependencies: the top of ``derpd.relay``; imports ``http_front`` and ``server``, and nothing
-in ``derpd.relay`` imports it.  ``derpd.serve`` and the tests start relays from here.
+in ``derpd.relay`` imports it.  ``derpd.node`` and the tests start relays from here.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class RelayServer:
         self.metrics_registry.register(RelayCollector(self.stats, self))
         # process_* and python_* of this process, labelled worker="0" (``--workers`` sets its index)
         self.process_metrics = ProcessMetrics(REGISTRY, "0")
-        # Whether the DERP map pins the served certificate (CertName "sha256-raw:..."); derpd.serve
+        # Whether the DERP map pins the served certificate (CertName "sha256-raw:..."); derpd.node
         # installs the full check (a certificate that does not chain to a trusted root is pinned too).
         self.cert_pinned: Callable[[], bool] = lambda: self.cert is not None and self.cert.self_signed_generated
         # the same every login: ServerKey, and the 101 of a binary upgrade with it (one write)

@@ -18,7 +18,8 @@ import trio
 from cryptography import x509
 
 from derpd import client as derp_client
-from derpd.serve import node_registration
+from derpd.node import node_registration
+from derpd.settings import NodeSettings
 from derpd.keys import NodePrivate
 from derpd.protocol.messages import RecvPacket
 
@@ -84,8 +85,7 @@ async def test_ip_certificate_short_lived_profile(start_acme_relay, tmp_path):
     assert abs(lifetime - dt.timedelta(seconds=518400)) < dt.timedelta(seconds=2)  # Pebble's shortlived profile
     assert r.manager.answered["http-01"] >= 1
     # Publicly trusted: no sha256-raw: pin in the DERP map entry registered for it.
-    reg = {"node_name": None, "region_id": 900, "ipv4": None, "ipv6": None, "region_code": None, "region_name": None}
-    node = node_registration(reg, r.running, r.server.settings, 3478)
+    node = node_registration(NodeSettings(relay=r.server.settings), r.running, 3478)
     assert "CertName" not in node and node["HostName"] == "127.0.0.1"
 
 

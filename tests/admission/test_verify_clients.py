@@ -14,7 +14,8 @@ import trio
 
 from derpd.admission import VerifyClientURL
 from derpd.keys import NodePrivate
-from derpd.serve import protection_from_flags
+from derpd.node import load_protection
+from derpd.settings import AdmissionSettings
 from derpd.localapi import CAPABILITY_VERSION, LocalAPI, judge_whois, tailscaled_verifier
 
 from .conftest import logs_in
@@ -109,9 +110,9 @@ def test_judging_whois_answers(status, body, decision):
 
 
 def test_the_flags_build_the_check(tmp_path):
-    p = protection_from_flags({"verify_clients": True, "socket": str(tmp_path / "ts.sock")})
+    p = load_protection(AdmissionSettings(verify_clients=True, socket=str(tmp_path / "ts.sock")))
     assert p.tailscaled is not None and p.tailscaled.fail_open is False and str(tmp_path) in p.tailscaled.url
-    assert protection_from_flags({"verify_clients": False}).tailscaled is None
+    assert load_protection(AdmissionSettings(verify_clients=False)).tailscaled is None
 
 
 async def test_serve_verify_clients_socket_as_a_real_process(tailscaled, nursery):

@@ -77,7 +77,7 @@ async def test_dev_region_serves_a_healthy_map(nursery: trio.Nursery, tmp_path: 
 
 @needs_relay_tls
 async def test_dev_command_stops_on_ctrl_c(tmp_path: Path) -> None:
-    code = ("from derpd.devregion import dev_command; dev_command(['--dir', %r, '--derp-port', '0', "
+    code = ("from derpd.cli import main; main(['dev', '--dir', %r, '--derp-port', '0', "
             "'--stun-port', '0', '--map-port', '0'])" % str(tmp_path))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

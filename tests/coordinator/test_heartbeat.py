@@ -111,7 +111,7 @@ async def test_a_relay_deaf_to_the_answer_flaps(nursery: trio.Nursery, clock: tr
 
 def test_serve_heartbeat_interval_flag(tmp_path: Path) -> None:
     from derpd.cli import main
-    from derpd.serve import registration_from_flags
+    from derpd.cli_settings import announce_settings
     from derpd.settings import SettingsError
 
     token = tmp_path / "token"
@@ -123,8 +123,8 @@ def test_serve_heartbeat_interval_flag(tmp_path: Path) -> None:
         "advertise_ipv4": None, "advertise_ipv6": None, "coordinator": "http://c:8080", "hostname": "h", "dev": True,
         "coordinator_token_file": token, "region_id": 901, "region_code": None, "region_name": None,
         "node_name": None, "heartbeat_interval": 5.0}
-    reg = registration_from_flags(opts)
-    assert reg is not None and reg["interval"] == 5.0
+    announce = announce_settings(opts)
+    assert announce is not None and announce.interval == 5.0 and announce.coordinators == ("http://c:8080",)
     for bad in (0.0, 0.5, 7200.0):
         with pytest.raises(SettingsError, match="--heartbeat-interval"):
-            registration_from_flags({**opts, "heartbeat_interval": bad})
+            announce_settings({**opts, "heartbeat_interval": bad})

@@ -94,7 +94,7 @@ async def test_per_process_series_carry_worker_0_and_no_gauge_is_named_total(rel
 async def test_cert_pinned_follows_the_derp_map_pin(nursery, tmp_path, monkeypatch):
     """1 for a generated self-signed certificate and for one no system root trusts (the map
     pins both), 0 for one that chains to a trusted root; no series without TLS."""
-    from derpd.serve import ServeOptions, install_cert_pin_check
+    from derpd.node import install_cert_pin_check
 
     def pinned(relay) -> dict:
         return parse(relay.server.metrics_text())[0].get("derp_tls_cert_pinned")
@@ -112,7 +112,7 @@ async def test_cert_pinned_follows_the_derp_map_pin(nursery, tmp_path, monkeypat
         leaf.private_key_pem.write_to_path(certdir / "derp.example.test.key")
         leaf.cert_chain_pems[0].write_to_path(certdir / "derp.example.test.crt")
         signed = await start_relay(nursery, certmode="manual", certdir=certdir, hostname="derp.example.test")
-        install_cert_pin_check(ServeOptions(signed.server.settings, -1, None), signed.server)
+        install_cert_pin_check(signed.server.settings, signed.server)
         assert pinned(signed) == {(): 1.0}  # the system roots do not know this CA: the map pins it
         # Trust the CA as a system root, and renew (the check is cached per certificate).
         ca.cert_pem.write_to_path(tmp_path / "roots.pem")
