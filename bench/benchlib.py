@@ -253,3 +253,94 @@ def median(xs: list[float]) -> float:
     if n == 0:
         return float("nan")
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+# ---------------------------------------------------------------------- process trees
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: [0] state, [1] parent pid, [11]
+    utime, [12] stime, [13] cutime, [14] cstime (clock ticks)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant of it (children, their children, ...), from the parent
+    pids in /proc: a server with ``--workers`` is its parent and the processes it spawned."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):  # gone while we looked
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of ``pid`` and of each live descendant, by pid.  Each figure
+    includes the CPU of that process's own reaped children (a worker that died and was
+    restarted still counts, through its parent)."""
+    out = {}
+    for p in process_tree(pid):
+        try:
+            f = _stat(p)
+        except OSError:
+            continue
+        out[p] = (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / CLK_TCK
+    return out
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds a process tree spent between two ``tree_cpu_seconds`` readings (a process
+    that started in between counts from zero)."""
+    return sum(v - before.get(p, 0.0) for p, v in after.items())
+
+
+def process_starts(pids: list[int]) -> dict[int, str]:
+    """Each live pid's start time (clock ticks after boot), to tell it from a later process
+    that reuses the pid."""
+    out = {}
+    for p in pids:
+        try:
+            out[p] = _stat(p)[19]
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def kill_leftovers(starts: dict[int, str], grace: float = 3.0) -> list[int]:
+    """What a server's tree left behind after its parent stopped: wait up to ``grace`` seconds
+    for the processes of ``starts`` (``process_starts``) to exit on their own (multiprocessing's
+    resource tracker follows its parent within moments; a zombie has exited), then SIGKILL those
+    that still run as the same process.  Returns their pids."""
+
+    def running() -> list[int]:
+        out = []
+        for p, start in starts.items():
+            try:
+                f = _stat(p)
+            except (OSError, IndexError):
+                continue
+            if f[19] == start and f[0] != "Z":
+                out.append(p)
+        return out
+
+    deadline = time.monotonic() + grace
+    while (left := running()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # waiting for a child process's exit, not a test
+    killed = []
+    for p in left:
+        try:
+            os.kill(p, 9)
+            killed.append(p)
+        except ProcessLookupError:
+            pass
+    return killed
