@@ -1,6 +1,6 @@
 /* derpd._speedups: the relay's per-packet work in C (optional).
  *
- * Two functions that do exactly what their pure-Python twins do, only faster; callers pick
+ * Functions that do exactly what their pure-Python twins do, only faster; callers pick
  * this module when it was built and DERPD_PURE is not set (derpd/accel.py), and
  * tests/derpd/test_speedups.py checks that both give identical results.
  *
@@ -16,11 +16,12 @@
  *
  *   route_packets(frames, start, active, src, watch, disco_magic, disco_min_len)
  *       -> (index, packets, bytes, disco, full)
- *     The SendPacket case of ClientConnection._handle_frames (derpd/relay/
- *     client_connection.py): from frames[start] on, every SendPacket whose destination is in
- *     ``active`` becomes one RecvPacket frame (header, src, packet; one allocation) handed to
- *     ``active[dst].enqueue(frame, disco)``; a destination whose ``saw_src`` set lacks src is
- *     first passed to ``watch(dst_conn, src)`` (PeerGone bookkeeping).  Stops at the
+ *     A declared acceleration of the SendPacket case of route() in derpd/relay/router.py
+ *     (tests/derpd/test_router.py holds both to one reference model): from frames[start]
+ *     on, every SendPacket whose destination is in ``active`` becomes one RecvPacket frame
+ *     (header, src, packet; one allocation) handed to ``active[dst].enqueue(frame, disco)``;
+ *     a destination whose ``saw_src`` set lacks src is first passed to ``watch(dst_conn,
+ *     src)`` (PeerGone bookkeeping).  Stops at the
  *     first frame it does not handle (another type, a payload shorter than a key, an unknown
  *     destination) or after an enqueue that returns True (full = 1); ``index`` is the frame
  *     to resume at.  The callbacks may do anything, ``frames`` and ``active`` included (no

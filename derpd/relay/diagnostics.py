@@ -3,7 +3,7 @@
 ``derp_queue_delay_seconds``
     How long a packet waits inside the relay, from the moment it is queued for its receiver to
     the moment the write that carries it returns.  One packet in 64 per receiver is stamped
-    (``QD_EVERY`` in ``client_connection``; the compiled data plane samples the same way and
+    (``QD_EVERY`` in ``sendpath``; the compiled data plane samples the same way and
     keeps its own buckets, ``Engine.queue_delay()``), so the cost per packet is a counter, and
     a clock read only for the stamped ones.  A packet written the moment it arrives counts as
     (close to) zero.
@@ -17,7 +17,7 @@
     for.  ``?key=nodekey:...`` shows one node (all its connections); ``?limit=N`` (default 100,
     at most 1000) bounds the answer.
 
-Dependencies: used by ``server`` and ``debug``; imports nothing from ``derpd.relay``.
+Dependencies: used by ``server``, ``sendpath`` and ``debug``; imports nothing from ``derpd.relay``.
 """
 
 from __future__ import annotations

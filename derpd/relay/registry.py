@@ -30,7 +30,9 @@ log = logging.getLogger("derpd.relay")
 
 
 class Member(Protocol):
-    """A local connection as the registry sees it (``client_connection.Member``)."""
+    """A local connection as the registry sees it (``client_connection.ClientConnection``).
+    ``enqueue`` and ``send_control`` are its send path's (``sendpath.SendPath``), which the
+    router and the registry call directly."""
 
     key: bytes  # the client's public key, raw
     public: NodePublic

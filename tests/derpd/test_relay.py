@@ -500,7 +500,7 @@ async def test_receiver_that_never_reads(nursery):
             packet = bytes(1200)
             for _ in range(100):
                 await cs.send_many([(stuck.public, packet)] * 50)  # 6 MB: far beyond any socket buffer
-                assert len(conn._queue) <= relay.server.settings.queue_depth
+                assert conn.counters()["queued"] <= relay.server.settings.queue_depth
                 if stuck.public.raw not in relay.server.registry.active:
                     break
             await cs.send(other.public, b"sender was never blocked")

@@ -1,6 +1,6 @@
 """The compiled per-packet loops (derpd/_speedups.c) against their pure-Python twins: the same
-frames, errors and routing decisions for the spec's Appendix A vectors and for Hypothesis-made
-buffers.  Both paths are called in one process, whatever DERPD_PURE says."""
+frames and errors for the spec's Appendix A vectors and for Hypothesis-made buffers (routing:
+tests/derpd/test_router.py).  Both paths are called in one process, whatever DERPD_PURE says."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derpd.metrics import RelayStats
 from derpd.protocol import frames as frames_mod
 from derpd.protocol.errors import RemoteProtocolError
 from derpd.protocol.frames import CLIENT_MAX_FRAME_LEN, CLIENT_READ_LIMITS, SERVER_READ_LIMITS, FrameDecoder
 from derpd.protocol.messages import DISCO_MAGIC
-from derpd.relay import client_connection as cc_mod
-from derpd.relay.client_connection import ClientConnection
+from derpd.relay import router as router_mod
 
 from . import vectors as v
 
@@ -38,11 +36,12 @@ def test_the_process_runs_the_path_it_was_asked_for():
 
     if os.environ.get("DERPD_PURE", "") not in ("", "0"):
         assert accel.speedups is None and stund.server._mmsg is None and accel.dataplane is None
-        assert frames_mod._split_frames is None and cc_mod._route_packets is None
+        assert frames_mod._split_frames is None and router_mod.route_send_packets is None
     elif os.environ.get("DERPD_REQUIRE_SPEEDUPS") == "1":
         assert accel.speedups is _speedups and stund.server._mmsg is not None
         assert accel.dataplane is not None, "derpd._dataplane is not built: install gcc and reinstall derpd"
         assert frames_mod._split_frames is _speedups.split_frames
+        assert router_mod.route_send_packets is _speedups.route_packets
     else:
         assert (accel.speedups is None) == (_speedups is None)
 
@@ -54,13 +53,13 @@ LIMITS = [(SERVER_READ_LIMITS, None), (SERVER_READ_LIMITS, 100), (CLIENT_READ_LI
 
 @contextmanager
 def path(compiled: bool):
-    saved = frames_mod._split_frames, cc_mod._route_packets
+    saved = frames_mod._split_frames, router_mod.route_send_packets
     frames_mod._split_frames = _speedups.split_frames if compiled else None
-    cc_mod._route_packets = _speedups.route_packets if compiled else None
+    router_mod.route_send_packets = _speedups.route_packets if compiled else None
     try:
         yield
     finally:
-        frames_mod._split_frames, cc_mod._route_packets = saved
+        frames_mod._split_frames, router_mod.route_send_packets = saved
 
 
 def decode_trace(chunks: list[bytes], limits, max_unknown, most: int, compiled: bool) -> list:
@@ -136,109 +135,7 @@ def test_hypothesis_buffers_split_the_same(frames, garbage, cuts, which, most):
 
 
 # ------------------------------------------------------------------- routing
-
-
-class FakeDest:
-    def __init__(self, name: str, log: list, full_every: int) -> None:
-        self.name, self.log, self.full_every, self.n = name, log, full_every, 0
-        self.saw_src: set[bytes] = set()
-
-    def enqueue(self, frame: bytes, disco: bool) -> bool:
-        self.n += 1
-        self.log.append(("enqueue", self.name, frame, disco))
-        return self.full_every > 0 and self.n % self.full_every == 0
-
-
-class FakeRegistry:
-    def __init__(self, log: list) -> None:
-        self.active: dict[bytes, FakeDest] = {}
-        self.log = log
-
-    def watch_peer_gone(self, receiver: FakeDest, src: bytes) -> None:
-        receiver.saw_src.add(src)
-        self.log.append(("watch", receiver.name, src))
-
-
-class FakeServer:
-    def __init__(self, log: list) -> None:
-        self.registry = FakeRegistry(log)
-        self.stats = RelayStats()
-        self.log = log
-
-    def route_elsewhere(self, sender, src, dst, packet, disco, *, forwarded):
-        self.log.append(("elsewhere", src, dst, packet, disco, forwarded))
-        return "congested" if len(packet) % 7 == 3 else None
-
-
-SRC = v.CLIENT_PUBLIC
-KEYS = [bytes([i]) * 32 for i in range(1, 4)]
-UNKNOWN = bytes([9]) * 32
-
-
-def route_trace(frames: list[tuple[int, bytes]], full_every: int, compiled: bool) -> tuple:
-    log: list = []
-    server = FakeServer(log)
-    for i, k in enumerate(KEYS):
-        server.registry.active[k] = FakeDest(f"d{i}", log, full_every)
-    conn = ClientConnection.__new__(ClientConnection)
-    conn.server, conn.key, conn.can_mesh, conn.is_dup = server, SRC, False, False
-    conn.rx_packets = conn.rx_bytes = 0
-    conn._congested = None
-    conn._pong = None
-    conn._engine = None
-    conn._parked = False
-    conn._ctl_tokens = 0.0
-    steps: list = []
-    with path(compiled):
-        done = 0
-        try:
-            while done < len(frames):
-                done = conn._handle_frames(frames, done)
-                steps.append((done, conn._congested))
-                conn._congested = None
-        except RemoteProtocolError as e:
-            steps.append(("error", e.reason))
-    stats = {k: val for k, val in vars(server.stats).items()}
-    return steps, log, stats, {d.name: sorted(d.saw_src) for d in server.registry.active.values()}
-
-
-send_st = st.builds(
-    lambda dst, disco, body: (4, dst + (DISCO_MAGIC + body if disco else body)),
-    st.sampled_from([*KEYS, UNKNOWN]),
-    st.booleans(),
-    st.binary(max_size=80),
-)
-other_st = st.one_of(
-    st.builds(lambda d: (0x12, d), st.binary(min_size=8, max_size=8)),
-    st.builds(lambda d: (4, d), st.binary(max_size=31)),  # too short: a protocol error
-    st.just((6, b"")),
-)
-
-
-@needs_c
-@settings(max_examples=300, deadline=None)
-@given(frames=st.lists(st.one_of(send_st, send_st, send_st, other_st), max_size=20),
-       full_every=st.sampled_from([0, 1, 3]))
-def test_hypothesis_frames_route_the_same(frames, full_every):
-    assert route_trace(frames, full_every, compiled=True) == route_trace(frames, full_every, compiled=False)
-
-
-@needs_c
-def test_appendix_a_send_packet_routes_to_the_recv_packet_vector():
-    # Appendix A: SendPacket from the client to the server key becomes this RecvPacket.
-    frames = [(4, v.SEND_PACKET[5:])]
-    for compiled in (False, True):
-        log: list = []
-        server = FakeServer(log)
-        server.registry.active[v.CLIENT_PUBLIC] = FakeDest("client", log, 0)
-        conn = ClientConnection.__new__(ClientConnection)
-        conn.server, conn.key, conn.can_mesh, conn.is_dup = server, v.SERVER_PUBLIC, False, False
-        conn.rx_packets = conn.rx_bytes = 0
-        conn._congested = None
-        with path(compiled):
-            assert conn._handle_frames(frames, 0) == 1
-        assert log == [("watch", "client", v.SERVER_PUBLIC), ("enqueue", "client", v.RECV_PACKET, False)]
-        assert server.stats.packets_received == 1 and server.stats.bytes_received == 5
+# route_packets against the router and its reference model: tests/derpd/test_router.py.
 
 
 @needs_c
