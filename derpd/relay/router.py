@@ -12,10 +12,13 @@ ForwardPacket (derper's handleFrameSendPacket and handleFrameForwardPacket) look
 up in ``Registry.active``, register the source for the destination's PeerGone
 (``watch_peer_gone``, when the destination's ``saw_src`` lacks it), and hand the RecvPacket frame
 to the destination's ``enqueue(frame, disco)``; any other frame goes to the sender's
-``handle_other``.  The two packet cases are branches of one loop, not functions: in Python a
-call costs about as much as the routing itself, and a packet costs one dictionary lookup and its
+``handle_other``.  Each packet frame type only locates its source, destination and body; the
+delivery (the lookup, the PeerGone registration, the RecvPacket header, the disco test) is
+written once after them.  They are branches of one loop, not functions: in Python a call costs
+about as much as the routing itself (a function per frame type measured +18 % instructions per
+one-packet batch on the pure path), and a packet costs one dictionary lookup and its
 destination's ``enqueue``, nothing more.  The disco test is ``messages.looks_like_disco``,
-inlined.
+inlined once.
 
 ``_speedups.route_packets`` (derpd/_speedups.c) is a declared acceleration of the SendPacket
 case: ``route`` calls it first when it is built (``route_send_packets``); it delivers every
@@ -117,46 +120,44 @@ def route(host: RouteHost, sender: Sender, frames: list[tuple[int, bytes]], star
                     break
             ftype, payload = frames[i]
             i += 1
-            if ftype == SEND_PACKET:  # handleFrameSendPacket: dst(32) || packet
-                n = len(payload)
+            # Each packet frame type only says where its keys and body are (handleFrameSendPacket,
+            # handleFrameForwardPacket); the delivery below is the same for both.
+            n = len(payload)
+            if ftype == SEND_PACKET:  # dst(32) || packet
                 if n < klen:
                     raise RemoteProtocolError(f"SendPacket of {n} bytes", "bad_send_packet")
+                psrc = src
                 dst = payload[:klen]
+                at = klen
                 npk += 1
                 nbytes += n - klen
-                disco = n - klen >= min_len and payload.startswith(magic, klen)  # looks_like_disco
-                if disco:
-                    ndisco += 1
-                conn = active.get(dst)
-                if conn is not None:
-                    if src not in conn.saw_src:
-                        registry.watch_peer_gone(conn, src)
-                    if conn.enqueue(pack(RECV_PACKET, n) + src + payload[klen:], disco):
-                        break
-                else:
-                    congested = host.route_elsewhere(sender, src, dst, payload[klen:], disco, forwarded=False)
-                    if congested is not None:
-                        sender.congested = congested
-                        break
-            elif ftype == FORWARD_PACKET and sender.can_mesh:  # handleFrameForwardPacket: src(32) || dst(32) || packet
-                n = len(payload)
+            elif ftype == FORWARD_PACKET and sender.can_mesh:  # src(32) || dst(32) || packet
                 if n < 2 * klen:
                     raise RemoteProtocolError(f"ForwardPacket of {n} bytes", "bad_forward_packet")
-                fsrc = payload[:klen]
+                psrc = payload[:klen]
                 dst = payload[klen : 2 * klen]
+                at = 2 * klen
                 nfwd += 1
-                nfwd_bytes += n - 2 * klen
-                disco = n - 2 * klen >= min_len and payload.startswith(magic, 2 * klen)  # looks_like_disco
-                conn = active.get(dst)
-                if conn is not None:
-                    if fsrc not in conn.saw_src:
-                        registry.watch_peer_gone(conn, fsrc)
-                    if conn.enqueue(pack(RECV_PACKET, n - klen) + fsrc + payload[2 * klen :], disco):
-                        break
-                else:
-                    host.route_elsewhere(sender, fsrc, dst, payload[2 * klen :], disco, forwarded=True)
+                nfwd_bytes += n - at
             else:
                 sender.handle_other(ftype, payload)
+                continue
+            # Delivery, written once: one lookup, then RecvPacket(src || packet) on the local
+            # destination's send path, or elsewhere (a mesh peer, or dropped).
+            disco = n - at >= min_len and payload.startswith(magic, at)  # looks_like_disco
+            if disco and at == klen:
+                ndisco += 1
+            conn = active.get(dst)
+            if conn is not None:
+                if psrc not in conn.saw_src:
+                    registry.watch_peer_gone(conn, psrc)
+                if conn.enqueue(pack(RECV_PACKET, n - at + klen) + psrc + payload[at:], disco):
+                    break
+            else:
+                congested = host.route_elsewhere(sender, psrc, dst, payload[at:], disco, forwarded=at != klen)
+                if congested is not None and at == klen:
+                    sender.congested = congested
+                    break
     finally:
         stats = host.stats
         stats.packets_received += npk
