@@ -160,6 +160,7 @@ class Proc:
         self.dropped = 0
         self.cond = threading.Condition()
         self.closed = False
+        self.terminated = False
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=stdin,
                                       env=env)
         self.reader = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
@@ -213,14 +214,15 @@ class Proc:
         return f"--- {self.name} ({self.log_path}), last lines:\n" + "\n".join(lines)
 
     def terminate(self) -> None:
-        """SIGTERM, if it still runs (``stop`` then waits for it)."""
-        if self.popen.poll() is None:
+        """SIGTERM, once, if it still runs (``stop`` then waits for it)."""
+        if self.popen.poll() is None and not self.terminated:
             self.popen.send_signal(signal.SIGTERM)
+            self.terminated = True
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
