@@ -82,6 +82,7 @@ class Process:
     def __init__(self, argv: list[str], workdir: Path, name: str, env: dict[str, str] | None = None) -> None:
         self.argv = argv
         self.name = name
+        self.terminated = False
         self.out_path = workdir / f"{name}.out"
         self.err_path = workdir / f"{name}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -103,9 +104,15 @@ class Process:
 
         return poll(check, timeout, f"{self.name} to print {pattern!r}")
 
+    def terminate(self) -> None:
+        """SIGTERM, if it still runs (``stop`` then waits for it)."""
+        if self.popen.poll() is None and not self.terminated:
+            self.popen.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout: float = 15.0) -> int:
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -125,5 +132,7 @@ def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
         return p
 
     yield start
+    for p in started:  # all at once: each one's shutdown overlaps the others'
+        p.terminate()
     for p in reversed(started):
         p.stop()

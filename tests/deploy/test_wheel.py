@@ -7,11 +7,13 @@ with --no-deps, as deploy/README.md says; and that venv runs: the compiled exten
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,32 @@ def _run(argv: list[str], timeout: float = 600, **kw: Any) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def lock_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Path]]:
+    """A fresh venv with the runtime dependencies from deploy/requirements.lock
+    (--require-hashes), made in the background while ``dist`` builds (they do not depend on
+    each other); calling the fixture's value waits for it and returns the venv's path."""
+    venv = tmp_path_factory.mktemp("lock-venv") / "venv"
+    v = shlex.quote(str(venv))
+    pip = f"{v}/bin/pip install --quiet --disable-pip-version-check"
+    script = (f"{shlex.quote(sys.executable)} -m venv {v} && "
+              f"{pip} --require-hashes -r {shlex.quote(str(DEPLOY / 'requirements.lock'))}")
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def ready() -> Path:
+        out, _ = proc.communicate(timeout=1020)
+        assert proc.returncode == 0, f"{script}\n{out[-3000:]}"
+        return venv
+
+    try:
+        yield ready
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory, lock_venv: Callable[[], Path]) -> dict[str, Path]:
     if shutil.which("cc") is None:
         missing("no C compiler: install the Debian packages gcc and python3-dev (.ci/setup.d/50-c-compiler.sh)")
     out = tmp_path_factory.mktemp("dist")
@@ -69,11 +96,10 @@ def test_sdist_and_wheel_hold_the_sources_and_extensions_and_pass_twine(dist: di
 
 
 def test_wheel_in_a_fresh_venv_from_the_lock_relays_on_the_compiled_path(dist: dict[str, Path], tmp_path: Path,
+                                                                          lock_venv: Callable[[], Path],
                                                                           processes: Any) -> None:
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    venv = lock_venv()  # a fresh venv with deploy/requirements.lock installed (--require-hashes)
     pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
-    _run([*pip, "--require-hashes", "-r", str(DEPLOY / "requirements.lock")], timeout=900)
     _run([*pip, "--no-index", "--no-deps", str(dist[".whl"])], timeout=300)
     # The lock satisfies every requirement the wheel declares.
     _run([str(venv / "bin" / "pip"), "check", "--disable-pip-version-check"], timeout=120)

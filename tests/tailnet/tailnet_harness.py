@@ -53,6 +53,9 @@ PORTS = {"relay": 8443, "stun": 3478, "coordinator": 8080, "headscale": 8081,
          "headscale_metrics": 9091, "headscale_grpc": 50443, "blob": 9000}
 
 
+CLOSE_GRACE = 5.0  # seconds a closing tailnet gives its processes to exit after SIGTERM, then SIGKILL
+
+
 class TailnetError(Exception):
     """A step of the tailnet failed; the message says which and carries the log tails."""
 
@@ -157,6 +160,7 @@ class Proc:
         self.dropped = 0
         self.cond = threading.Condition()
         self.closed = False
+        self.terminated = False
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=stdin,
                                       env=env)
         self.reader = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
@@ -209,10 +213,16 @@ class Proc:
             lines = self.lines[-n:]
         return f"--- {self.name} ({self.log_path}), last lines:\n" + "\n".join(lines)
 
+    def terminate(self) -> None:
+        """SIGTERM, once, if it still runs (``stop`` then waits for it)."""
+        if self.popen.poll() is None and not self.terminated:
+            self.popen.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -526,8 +536,14 @@ class Tailnet:
         self.close()
 
     def close(self) -> None:
+        """Stops everything at once: SIGTERM to every process, SIGKILL to those still running
+        after CLOSE_GRACE.  (One after the other, a relay started with ``--drain-grace`` would
+        wait for the clients that the later stops had not yet taken away.)"""
+        for proc in self.procs:
+            proc.terminate()
+        deadline = time.monotonic() + CLOSE_GRACE
         for proc in reversed(self.procs):
-            proc.stop()
+            proc.stop(timeout=max(0.0, deadline - time.monotonic()))
         self.procs.clear()
         self.ns.close()
 
