@@ -301,8 +301,10 @@ async def serve_relay(
     trusted = server.trusted_proxies
     stats = server.stats
 
+    acme = settings.acme  # a property that parses --addr: read once, not per connection
+
     async def serve_tls(stream: trio.abc.Stream, remote: tuple[str, int], via_proxy: bool = False) -> None:
-        if not settings.acme:
+        if not acme:
             await handle_connection(server, stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
         elif (chosen := await select_tls(server, stream, remote)) is not None:  # ACME: derpd.relay.tls_select
             await handle_connection(server, chosen[0], remote, tls=chosen[1], via_proxy=via_proxy)
@@ -330,7 +332,7 @@ async def serve_relay(
         if not server.enter_ip(ip):
             return
         try:
-            if settings.acme:
+            if acme:
                 await serve_tls(conn_stream, remote, via_proxy=via_proxy)
             else:  # serve_tls's first case, one coroutine fewer per login
                 await handle_connection(server, conn_stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
