@@ -62,8 +62,28 @@ NEED_DATA = _NeedData()
 _DEFAULT_SERVER_INFO = ServerInfo().to_json()  # what nearly every login sends: encoded once
 
 
+# Nonces are cut from a pool of random bytes filled 256 nonces at a time: one getrandom()
+# system call per 256 logins instead of one per login.  A forked child starts with an empty
+# pool, so no two processes ever hand out the same nonce.
+_NONCES_PER_FILL = 256
+_nonce_pool: list = [b"", 0]
+
+
 def _random_nonce() -> bytes:
-    return os.urandom(NONCE_LEN)
+    pool, at = _nonce_pool
+    if at >= len(pool):
+        pool, at = os.urandom(NONCE_LEN * _NONCES_PER_FILL), 0
+        _nonce_pool[0] = pool
+    _nonce_pool[1] = at + NONCE_LEN
+    return pool[at : at + NONCE_LEN]
+
+
+def _empty_nonce_pool() -> None:
+    _nonce_pool[:] = [b"", 0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_empty_nonce_pool)
 
 
 @dataclass(frozen=True, slots=True)

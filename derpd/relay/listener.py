@@ -140,12 +140,14 @@ async def _accept_loop(
     handler_nursery: trio.Nursery,
     bucket: TokenBucket | None = None,
     on_reject: Callable[[], None] | None = None,
+    stats: RelayStats | None = None,
 ) -> None:
     """Accept forever: every connection the backlog holds per wakeup (at most
     ``ACCEPTS_PER_TURN`` before a checkpoint), with a plain non-blocking ``accept`` on the
     listening descriptor, so an accept costs no scheduler round.  Retries
     only on capacity errors (EMFILE...), with one log line; connections over the accept rate
-    are closed at once and accepting goes on (P-31)."""
+    are closed at once and accepting goes on (P-31).  With ``stats``, the handler's unexpected
+    exceptions are contained to its connection (``_serve_contained``)."""
     tsock = listener.socket
     _tune_socket(tsock, settings)
     # The same descriptor in a stdlib socket (trio's has no synchronous accept); the listener
@@ -153,6 +155,10 @@ async def _accept_loop(
     lsock = socket.socket(tsock.family, tsock.type, fileno=tsock.fileno())
     lsock.setblocking(False)
     tune_each = not _INHERITS_OPTIONS
+    serve = _serve_stream if stats is None else _serve_contained
+    start_soon = handler_nursery.start_soon
+    from_stdlib = trio.socket.from_stdlib_socket
+    stream_type = trio.SocketStream
     out_of_fds_logged = False
     accepted = 0
     try:
@@ -180,10 +186,10 @@ async def _accept_loop(
                 if on_reject is not None:
                     on_reject()
             else:
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                stream = stream_type(from_stdlib(sock))
                 if tune_each:
                     _tune_socket(stream.socket, settings)
-                handler_nursery.start_soon(_serve_stream, stream, handler, (str(addr[0]), int(addr[1])))
+                start_soon(serve, stream, handler, addr[:2], stats)
             accepted += 1
             if accepted >= ACCEPTS_PER_TURN:
                 accepted = 0
@@ -192,7 +198,7 @@ async def _accept_loop(
         lsock.detach()
 
 
-async def _serve_stream(stream: trio.SocketStream, handler: Handler, peer: tuple[str, int]) -> None:
+async def _serve_stream(stream: trio.SocketStream, handler: Handler, peer: tuple[str, int], stats: None) -> None:
     try:
         await handler(stream, peer)
     except OSError:
@@ -201,21 +207,21 @@ async def _serve_stream(stream: trio.SocketStream, handler: Handler, peer: tuple
         stream.socket.close()  # what aclose_forcefully does, without its cancel scope and checkpoint
 
 
-def _contained(handler: Handler, stats: RelayStats) -> Handler:
+async def _serve_contained(stream: trio.SocketStream, handler: Handler, peer: tuple[str, int],
+                           stats: RelayStats) -> None:
     """``handler``, with its unexpected exceptions (bugs) contained to its own connection: such a
     connection is closed, counted in ``derp_internal_errors{where="connection"}`` and logged in
     one warning line (the traceback at debug level), and every other connection goes on.  The
-    compiled data plane has the same policy (``derpd.relay.dataplane``)."""
-
-    async def contained(stream: trio.SocketStream, remote: tuple[str, int]) -> None:
-        try:
-            await handler(stream, remote)
-        except Exception as e:  # noqa: BLE001 -- the policy itself; Cancelled is a BaseException
-            stats.internal_errors["connection"] += 1
-            log.warning("internal error on a connection from %s, closing it: %r", remote[0], e)
-            log.debug("internal error on a connection from %s", remote[0], exc_info=True)
-
-    return contained
+    compiled data plane has the same policy (``derpd.relay.dataplane``).  One coroutine per
+    connection, not a wrapper around ``_serve_stream``: a login is mostly such small costs."""
+    try:
+        await handler(stream, peer)
+    except Exception as e:  # noqa: BLE001 -- the policy itself; Cancelled is a BaseException
+        stats.internal_errors["connection"] += 1
+        log.warning("internal error on a connection from %s, closing it: %r", peer[0], e)
+        log.debug("internal error on a connection from %s", peer[0], exc_info=True)
+    finally:
+        stream.socket.close()
 
 
 GC_YOUNG_THRESHOLD = 10_000
@@ -295,8 +301,10 @@ async def serve_relay(
     trusted = server.trusted_proxies
     stats = server.stats
 
+    acme = settings.acme  # a property that parses --addr: read once, not per connection
+
     async def serve_tls(stream: trio.abc.Stream, remote: tuple[str, int], via_proxy: bool = False) -> None:
-        if not settings.acme:
+        if not acme:
             await handle_connection(server, stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
         elif (chosen := await select_tls(server, stream, remote)) is not None:  # ACME: derpd.relay.tls_select
             await handle_connection(server, chosen[0], remote, tls=chosen[1], via_proxy=via_proxy)
@@ -324,7 +332,10 @@ async def serve_relay(
         if not server.enter_ip(ip):
             return
         try:
-            await serve_tls(conn_stream, remote, via_proxy=via_proxy)
+            if acme:
+                await serve_tls(conn_stream, remote, via_proxy=via_proxy)
+            else:  # serve_tls's first case, one coroutine fewer per login
+                await handle_connection(server, conn_stream, remote, tls=server.ssl_context, via_proxy=via_proxy)
         finally:
             server.leave_ip(ip)
 
@@ -345,12 +356,11 @@ async def serve_relay(
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as acceptors:
             for ls in listeners:
-                acceptors.start_soon(_accept_loop, ls, _contained(relay_handler, stats), settings, connections,
-                                     bucket, rejected)
+                acceptors.start_soon(_accept_loop, ls, relay_handler, settings, connections, bucket, rejected, stats)
             for ls in redirect_listeners:
-                acceptors.start_soon(_accept_loop, ls, _contained(redirect_handler, stats), settings, connections)
+                acceptors.start_soon(_accept_loop, ls, redirect_handler, settings, connections, None, None, stats)
             for ls in internal:
-                acceptors.start_soon(_accept_loop, ls, _contained(internal_handler, stats), settings, connections)
+                acceptors.start_soon(_accept_loop, ls, internal_handler, settings, connections, None, None, stats)
             if server.cert is not None:
                 acceptors.start_soon(_watch_cert_files, server)
             connections.start_soon(server.run_keepalives)

@@ -471,3 +471,32 @@ def test_client_info_remembers_only_the_last_json_and_only_equal_bytes():
     with pytest.raises(RemoteProtocolError):
         ClientInfo.from_json(b'{"version": "2"}')
     assert ClientInfo.from_json(plain) == b
+
+
+def _server_info_nonce(server: NodePrivate, client_info: bytes) -> bytes:
+    hs = ServerHandshake(server)
+    hs.receive_data(client_info)
+    assert isinstance(hs.next_event(), ClientAuthenticated)
+    return hs.server_info_frame()[5 : 5 + 24]  # header, then nonce || box
+
+
+def test_server_info_nonces_never_repeat_across_refills_and_forks():
+    import os
+
+    server, client = NodePrivate.generate(), NodePrivate.generate()
+    info = ClientHandshake(client, ClientInfo(), server_key=server.public).client_info_frame()
+    nonces = {_server_info_nonce(server, info) for _ in range(600)}  # more than one pool of 256
+    assert len(nonces) == 600
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's first nonce must not be the parent's next one
+        try:
+            os.write(w, _server_info_nonce(server, info))
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = os.read(r, 24)
+    os.close(r)
+    os.waitpid(pid, 0)
+    parent = _server_info_nonce(server, info)
+    assert len(child) == 24 and child != parent and child not in nonces
