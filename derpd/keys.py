@@ -32,20 +32,6 @@ from .accel import speedups
 
 _box_key = getattr(speedups, "box_key", None)  # None: libsodium does the whole key agreement
 
-
-def _public_from_bytes():  # noqa: ANN202
-    """``X25519PublicKey.from_public_bytes`` without the OpenSSL-support check the public
-    wrapper repeats on every call (about half of its cost, a few microseconds per login):
-    the check is made once here, and the wrapper is kept wherever its binding is not found."""
-    try:
-        from cryptography.hazmat.bindings._rust import openssl as rust_openssl
-
-        direct = rust_openssl.x25519.from_public_bytes
-        X25519PublicKey.from_public_bytes(bytes(range(1, KEY_LEN + 1)))  # supported here (else raises)
-        return direct
-    except Exception:  # noqa: BLE001 -- any other build of cryptography: its public wrapper
-        return X25519PublicKey.from_public_bytes
-
 KEY_LEN = 32
 NONCE_LEN = 24
 
@@ -53,7 +39,6 @@ _NODE_PREFIX = "nodekey:"
 _PRIV_PREFIX = "privkey:"
 _HEXDIGITS = frozenset("0123456789abcdefABCDEF")
 _ZERO_KEY = bytes(KEY_LEN)
-_x25519_public = _public_from_bytes() if _box_key is not None else X25519PublicKey.from_public_bytes
 
 
 class KeyFormatError(ValueError):
@@ -170,7 +155,7 @@ class NodePrivate:
         try:
             if x25519 is not None and _box_key is not None:
                 # OpenSSL refuses an all-zero shared secret: the peer is a point of small order
-                return SealedBox(_box_key(x25519.exchange(_x25519_public(raw))))
+                return SealedBox(_box_key(x25519.exchange(X25519PublicKey.from_public_bytes(raw))))
             return SealedBox(nacl.bindings.crypto_box_beforenm(raw, self.raw))
         except (ValueError, nacl.exceptions.CryptoError) as e:
             raise KeyFormatError("a key of small order cannot open or seal a box") from e
