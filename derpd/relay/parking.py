@@ -7,7 +7,8 @@ the few milliseconds in between, a packet for it finds no connection here and no
 that holds it, and derper drops it; a disco ping that falls into that gap is lost.
 
 So a packet for a key that was connected in the region until at most ``hold`` seconds ago is
-held here instead (at most ``per_key`` per key, ``total`` in all, oldest dropped first) and
+held here instead (at most ``per_key`` per key, oldest dropped first, and ``total`` packets
+and ``total_bytes`` in all) and
 goes out as soon as the key logs in again here, or a mesh peer announces it.  After ``hold``
 seconds the held packets are dropped and counted (``unknown_dest``, ``unknown_dest_on_fwd``),
 as they would have been at once.  A packet that came over the mesh (``forwarded``) is handed only to a local
@@ -37,6 +38,8 @@ HOLD = 1.5
 PER_KEY = 256
 #: Packets held in all; past it, a packet for a departed key is dropped at once.
 TOTAL = 4096
+#: Bytes held in all (a DERP packet may be 64 KiB), with the same effect.
+TOTAL_BYTES = 4 << 20
 
 
 class Receiver(Protocol):
@@ -55,15 +58,17 @@ class Parking:
     """Packets held per destination key, for keys that left the region recently."""
 
     def __init__(self, stats: RelayStats, hold: float = HOLD, per_key: int = PER_KEY, total: int = TOTAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 total_bytes: int = TOTAL_BYTES, clock: Callable[[], float] = time.monotonic) -> None:
         self.stats = stats
         self.hold = hold
         self.per_key = per_key
         self.total = total
+        self.total_bytes = total_bytes
         self.clock = clock
         self._left: dict[bytes, float] = {}  # key -> when it left; oldest departure first
         self._held: dict[bytes, deque[tuple[bytes, bytes, bool, bool]]] = {}  # key -> (src, packet, disco, fwd)
         self.count = 0  # packets held now
+        self.nbytes = 0  # their bytes
         self.delivered = 0  # held packets that reached their key (tests, diagnostics)
 
     def left(self, key: bytes) -> None:
@@ -77,16 +82,16 @@ class Parking:
         """Holds a packet for ``dst`` if it left recently; False: not held (drop it)."""
         now = self.clock()
         self.expire(now)
-        if dst not in self._left or self.count >= self.total:
+        if dst not in self._left or self.count >= self.total or self.nbytes + len(packet) > self.total_bytes:
             return False
         q = self._held.get(dst)
         if q is None:
             q = self._held[dst] = deque()
         if len(q) >= self.per_key:
-            self.count -= 1
             self._dropped(q.popleft())
         q.append((src, packet, disco, forwarded))
         self.count += 1
+        self.nbytes += len(packet)
         return True
 
     def arrived_here(self, key: bytes, conn: Receiver, watch: Callable[[bytes], None]) -> None:
@@ -96,8 +101,8 @@ class Parking:
         q = self._held.pop(key, None)
         if not q:
             return
-        self.count -= len(q)
         for src, packet, disco, _ in q:
+            self._took(packet)
             watch(src)
             conn.enqueue(encode_frame(FrameType.RECV_PACKET, src + packet), disco)
             self.delivered += 1
@@ -114,13 +119,14 @@ class Parking:
             src, packet, disco, forwarded = item
             if forwarded:
                 kept.append(item)
-            elif link.forward(src, key, packet):
+                continue
+            self._took(packet)
+            if link.forward(src, key, packet):
                 self.delivered += 1
                 self.stats.packets_forwarded_out += 1
                 self.stats.bytes_forwarded_out += len(packet)
             else:
-                self._dropped(item)
-        self.count -= len(q) - len(kept)
+                self._count_drop(item)
         if kept:
             self._held[key] = kept
         else:
@@ -138,15 +144,20 @@ class Parking:
             if now - since < self.hold:
                 return
             del left[key]
-            q = self._held.pop(key, None)
-            if q:
-                self.count -= len(q)
-                for item in q:
-                    self._dropped(item)
+            for item in self._held.pop(key, ()):
+                self._dropped(item)
+
+    def _took(self, packet: bytes) -> None:
+        self.count -= 1
+        self.nbytes -= len(packet)
 
     def _dropped(self, item: tuple[bytes, bytes, bool, bool]) -> None:
+        self._took(item[1])
+        self._count_drop(item)
+
+    def _count_drop(self, item: tuple[bytes, bytes, bool, bool]) -> None:
         _, packet, disco, forwarded = item
         self.stats.drop("unknown_dest_on_fwd" if forwarded else "unknown_dest", disco, len(packet))
 
 
-__all__ = ["HOLD", "PER_KEY", "TOTAL", "Link", "Parking", "Receiver"]
+__all__ = ["HOLD", "PER_KEY", "TOTAL", "TOTAL_BYTES", "Link", "Parking", "Receiver"]

@@ -136,3 +136,8 @@ def test_the_oldest_goes_first_per_key_and_nothing_is_held_past_the_total():
     p.arrived_here(DST, local, lambda src: None)
     assert [f[-1:] for f in local.frames] == [b"2", b"3"]
     assert stats.dropped_packets["unknown_dest", "other"] == 1
+    big = Parking(stats, total_bytes=100, clock=Clock())
+    big.left(DST)
+    assert big.park(SRC, DST, bytes(60), False, False) and not big.park(SRC, DST, bytes(60), False, False)
+    big.arrived_here(DST, Local(), lambda src: None)
+    assert big.count == big.nbytes == 0 and big.park(SRC, OTHER, bytes(60), False, False) is False
