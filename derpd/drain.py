@@ -10,7 +10,8 @@ A drain
 2. keeps relaying while the clients move (headscale sends them the new map; Tailscale
    clients reconnect to the region's other node, or pick another home region), for at most
    ``--drain-grace``, and ends once no client has been connected for QUIET seconds (mesh
-   peers and probers are not clients here).  A client that moved away comes back for a
+   peers and probers are not clients here).  The clients still here HEALTH_AFTER seconds
+   into the drain are told in a Health frame (not earlier: any frame holds a home).  A client that moved away comes back for a
    moment to reach a peer that is still here, or whose home it still believes this is, until
    control tells it where the peer went; the quiet period covers that;
 3. then, for SIGTERM, the usual shutdown follows: Restarting to whoever is left, queues
