@@ -233,8 +233,8 @@ async def test_a_coordinator_that_does_not_take_the_drain_is_named(nursery: trio
 
 
 async def _drain_in_process(nursery: trio.Nursery, health_after: float):  # noqa: ANN202
-    """An in-process relay, a client of it, and a drain (SIGUSR1 through ``Maintenance``) with
-    ``health_after``; returns (relay, client connection, the signal sender)."""
+    """An in-process relay whose signals go through ``Maintenance`` (``health_after`` as given);
+    returns (the running relay, the channel to send it signals on)."""
     from derpd.drain import Maintenance
     from tests.derpd.conftest import start_relay as start_in_process
 
