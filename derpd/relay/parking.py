@@ -32,8 +32,10 @@ from typing import Protocol
 from ..metrics import RelayStats
 from ..protocol.frames import FrameType, encode_frame
 
-#: Seconds a key that left is waited for; longer than a client's reconnection under load.
-HOLD = 1.5
+#: Seconds a key that left is waited for.  A client with a packet to send logs in again at once;
+#: one with nothing to send, only once it has picked its home again after the netcheck that
+#: follows its new map (3 s when UDP is blocked and STUN has to time out).
+HOLD = 5.0
 #: Packets held per key (the oldest goes first when more come).
 PER_KEY = 256
 #: Packets held in all; past it, a packet for a departed key is dropped at once.
