@@ -10,7 +10,8 @@ A drain
 2. keeps relaying while the clients move (headscale sends them the new map; Tailscale
    clients reconnect to the region's other node, or pick another home region), for at most
    ``--drain-grace``, and ends once no client has been connected for QUIET seconds (mesh
-   peers and probers are not clients here).  A client that moved away comes back for a
+   peers and probers are not clients here).  The clients still here HEALTH_AFTER seconds
+   into the drain are told in a Health frame (not earlier: any frame holds a home).  A client that moved away comes back for a
    moment to reach a peer that is still here, or whose home it still believes this is, until
    control tells it where the peer went; the quiet period covers that;
 3. then, for SIGTERM, the usual shutdown follows: Restarting to whoever is left, queues
@@ -49,6 +50,13 @@ ANNOUNCE_TIMEOUT = 5.0
 POLL_INTERVAL = 0.1
 #: A drain ends once no client has been connected for this long.
 QUIET = 5.0
+#: The Health text about the drain goes to the clients still here this long into it, not at its
+#: start.  Any frame from a region keeps it a Tailscale client's home for 8 s when the region has
+#: no measured latency (netcheck's PreferredDERPFrameTime, and a NoMeasureNoHome region never
+#: has one): a text at once would make the idle clients of a region's last node keep their home
+#: at the netcheck that follows the new map, and move only at their next periodic one (20-26 s
+#: later).  Clients that are still here by then are busy, and hear frames from the relay anyway.
+HEALTH_AFTER = 15.0
 
 #: The signals a relay process handles.
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -111,8 +119,10 @@ class Maintenance:
     """
 
     def __init__(self, running: RunningRelay, settings: RelaySettings, scope: trio.CancelScope,
-                 announcer: Announcer | None = None, *, registered: bool = False) -> None:
+                 announcer: Announcer | None = None, *, registered: bool = False,
+                 health_after: float = HEALTH_AFTER) -> None:
         self.running = running
+        self.health_after = health_after
         self.settings = settings
         self.scope = scope
         self.announcer = announcer
@@ -178,15 +188,22 @@ class Maintenance:
 
     def _begin(self, nursery: trio.Nursery) -> None:
         self._drain = trio.CancelScope()
-        self.running.server.set_draining(True)
+        self.running.server.draining = True  # derp_draining; the Health text follows (HEALTH_AFTER)
         nursery.start_soon(self._run_drain, self._drain)
+
+    async def _tell_clients(self, at: float) -> None:
+        await trio.sleep_until(at)
+        self.running.server.set_draining(True)
 
     async def _run_drain(self, scope: trio.CancelScope) -> None:
         with scope:
             start = trio.current_time()  # the grace counts from here, the announcement included
-            with trio.move_on_at(start + self.settings.drain_grace):
-                await announce_drain(self.announcer)
-            await wait_for_clients_to_leave(self.running, self.settings.drain_grace, start)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._tell_clients, start + self.health_after)
+                with trio.move_on_at(start + self.settings.drain_grace):
+                    await announce_drain(self.announcer)
+                await wait_for_clients_to_leave(self.running, self.settings.drain_grace, start)
+                nursery.cancel_scope.cancel()
         if scope.cancelled_caught:
             return
         self._drain = None
@@ -194,6 +211,7 @@ class Maintenance:
         if self._stop_after_drain:
             self._shutdown()
         else:
+            self.running.server.set_draining(True)  # a client that comes now is told
             startup.info("drain: done (%d clients left); stop the relay now (SIGTERM), or end the drain with "
                          "SIGUSR2", self.running.server.client_count())
 

@@ -8,9 +8,10 @@ between, so the registry needs no lock (design rule 6).
 with two or more connections is a *duplicate set*, and whichever member last sent a frame is
 active ("last writer is active", spec 5.8).
 
-Dependencies: the registry is the lowest layer of ``derpd.relay``.  It knows connections only
-through the ``Member`` interface below and mesh links through ``Forwarder``; it imports nothing
-from ``client_connection``, ``server``, ``http_front`` or ``listener`` (they import it).
+Dependencies: the registry is the lowest layer of ``derpd.relay`` but for ``parking`` (packets
+held for a key that is moving), which it uses.  It knows connections only through the
+``Member`` interface below and mesh links through ``Forwarder``; it imports nothing from
+``client_connection``, ``server``, ``http_front`` or ``listener`` (they import it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..keys import NodePublic
 from ..metrics import GaugeSource, RelayStats
 from ..protocol.frames import PeerGoneReason, PeerPresentFlags
 from ..protocol.messages import encode_peer_gone, encode_peer_present
+from .parking import Parking
 
 log = logging.getLogger("derpd.relay")
 
@@ -88,6 +90,8 @@ class Registry(GaugeSource):
         # of it: on_cloned(members, True) once, then (remaining, False) when one is left.
         self.cloned: set[bytes] = set()
         self.on_cloned: Callable[[list[Member], bool], None] | None = None
+        # Packets for keys that left the region a moment ago, until they log in again (parking.py).
+        self.parking = Parking(stats)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -118,6 +122,8 @@ class Registry(GaugeSource):
         self.active[conn.key] = conn
         self.stats.current_connections += 1
         self._notify()
+        if len(members) == 1:
+            self.parking.arrived_here(conn.key, conn, lambda src: self.watch_peer_gone(conn, src))
         if self.watchers:
             frame = encode_peer_present(conn.key, conn.remote_ip, conn.remote_port, conn.present_flags)
             for w in self.watchers:
@@ -192,7 +198,9 @@ class Registry(GaugeSource):
         receiver.saw_src.clear()
 
     def gone_from_region(self, key: bytes) -> None:
-        """``key`` left the region: tell every local client that received from it (5.5)."""
+        """``key`` left the region: tell every local client that received from it (5.5), and
+        hold packets for it a moment in case it is only moving (``parking``)."""
+        self.parking.left(key)
         watchers = self.peer_gone_watchers.pop(key, None)
         if not watchers:
             return
@@ -218,6 +226,8 @@ class Registry(GaugeSource):
         if fwd not in fwds:
             fwds.append(fwd)
             self._notify()
+            if key not in self._members:
+                self.parking.arrived_elsewhere(key, fwd)
 
     def remove_forwarder(self, key: bytes, fwd: Forwarder) -> None:
         fwds = self.forwarders.get(key)
@@ -251,6 +261,8 @@ class Registry(GaugeSource):
                                               sum(len(m) for m in dup_keys)),
             "derp_watchers": ("Mesh peers watching connections.",
                               sum(1 for w in self.watchers if w.key not in internal)),
+            "derp_parked_packets": ("Packets held now for clients that left a moment ago and may log in again.",
+                                    self.parking.count),
             "derp_peer_gone_senders": ("Senders whose departure some live receiver will hear of (PeerGone).",
                                        len(self.peer_gone_watchers)),
         }

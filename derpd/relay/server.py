@@ -183,7 +183,10 @@ class RelayServer:
             reconnects.add_metric([link.target.host], link.reconnects)
         health = CounterMetricFamily("derp_health_frames", "Health frames sent to clients (problems and clears).",
                                      value=self.health.frames_sent)
-        return [keys, up, reconnects, health, self.queue_delay.family(self.dataplane.engine)]
+        parked = CounterMetricFamily("derp_parked_delivered", "Packets held for a client that had just left and "
+                                     "delivered once it logged in again, here or on a mesh peer.",
+                                     value=self.registry.parking.delivered)
+        return [keys, up, reconnects, health, parked, self.queue_delay.family(self.dataplane.engine)]
 
     async def run_keepalives(self, tick: float = 1.0) -> None:
         """Queue a KeepAlive on every connection whose period has come (spec 5.6).  One ticker
@@ -191,6 +194,7 @@ class RelayServer:
         registry = self.registry
         while True:
             await trio.sleep(tick)
+            registry.parking.expire()
             now = trio.current_time()
             for c in cast("list[ClientConnection]", registry.all_connections()):
                 if now >= c.next_keepalive:
@@ -415,7 +419,8 @@ class RelayServer:
         self, sender: ClientConnection, src: bytes, dst: bytes, packet: bytes, disco: bool, *, forwarded: bool
     ) -> Forwarder | None:
         """A packet for a key with no active local connection: forward it one hop to the mesh
-        peer that holds the key, or drop it (spec 5.2).
+        peer that holds the key, hold it a moment if the key left the region just now and may
+        be logging in again (``parking``), or drop it (spec 5.2).
 
         Returns the forwarder when its queue is past its high-water mark: the sender's reader
         then waits (bounded) for it to drain, as derper's reader waits on its mesh write, so an
@@ -427,6 +432,8 @@ class RelayServer:
                 self.stats.packets_forwarded_out += 1
                 self.stats.bytes_forwarded_out += len(packet)
             return fwd if fwd.congested else None
+        if self.registry.parking.park(src, dst, packet, disco, forwarded):  # its key may be moving
+            return None
         self.stats.drop("unknown_dest_on_fwd" if forwarded else "unknown_dest", disco, len(packet))
         sender.drops_unknown += 1
         if disco:

@@ -10,9 +10,11 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from derpd import client as derp_client
 from derpd.coordinator.server import RunningCoordinator, serve_coordinator
@@ -228,3 +230,42 @@ async def test_a_coordinator_that_does_not_take_the_drain_is_named(nursery: trio
     lines = [line for line in relay.log.decode().splitlines() if "did not take the drain" in line]
     assert len(lines) == 1 and dead in lines[0], relay.log.decode()
     assert "Traceback" not in relay.log.decode()
+
+
+async def _drain_in_process(nursery: trio.Nursery, health_after: float):  # noqa: ANN202
+    """An in-process relay whose signals go through ``Maintenance`` (``health_after`` as given);
+    returns (the running relay, the channel to send it signals on)."""
+    from derpd.drain import Maintenance
+    from tests.derpd.conftest import start_relay as start_in_process
+
+    running = await start_in_process(nursery)
+    maintenance = Maintenance(running, replace(running.server.settings, drain_grace=3600.0), nursery.cancel_scope,
+                              registered=True, health_after=health_after)
+    send, receive = trio.open_memory_channel[int](1)
+    nursery.start_soon(maintenance.handle, receive)
+    return running, send
+
+
+async def test_the_drain_tells_clients_only_after_health_after(nursery: trio.Nursery) -> None:
+    """A Health frame is a frame from the region, and any frame keeps a Tailscale client's home
+    without a measured latency for 8 s: the text waits, so idle clients are free to move."""
+    from derpd.protocol.messages import Health
+
+    with trio.fail_after(20):
+        running, send = await _drain_in_process(nursery, health_after=3600.0)
+        async with derp_client.connect(running.derp_url, NodePrivate.generate()) as c:
+            await send.send(signal.SIGUSR1)
+            while not running.server.draining:
+                await trio.sleep(0.01)
+            await c.ping()  # what the relay queued for c before the Pong has arrived
+            await trio.testing.wait_all_tasks_blocked()
+            assert "draining" not in running.server.health.relay
+            assert not [e for e in [c._events.receive_nowait() for _ in
+                                    range(c._events.statistics().current_buffer_used)] if isinstance(e, Health)]
+
+        running, send = await _drain_in_process(nursery, health_after=0.0)
+        async with derp_client.connect(running.derp_url, NodePrivate.generate()) as c:
+            await send.send(signal.SIGUSR1)
+            while not isinstance(ev := await c.recv(), Health):
+                pass
+            assert "drained for maintenance" in ev.problem

@@ -9,8 +9,9 @@ steady pace.
   the drain, the coordinator drops it from the region, headscale hands the clients the new
   map, they move to the other node while the first one still relays, and it exits once they
   are gone.  It starts again, passes its probes and is published again.  The transfer never
-  stalls longer than STALL_BOUND and the file arrives intact; at most MAX_LOST pings are lost
-  (each map change makes the clients pick their home again, which waits 3 s for STUN here).
+  stalls longer than STALL_BOUND and the file arrives intact; no ping is lost, although each
+  map change makes both clients drop their connection to the region and log in again (the
+  relays hold packets for a client that left a moment ago until it is back: parking.py).
   The same restart with ``--drain-grace 0`` (today's stop) is measured for comparison.
 - Two single-node regions: SIGTERM to the home region's relay.  The coordinator publishes
   that region with NoMeasureNoHome; both clients pick the other region as home (tailscale
@@ -35,11 +36,13 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 UPDATE_FREQUENCY = 3  # seconds between headscale's reads of the coordinator's map
 DRAIN_GRACE = 25  # --drain-grace: headscale's period plus time for clients to move, with room on a busy machine
-STALL_BOUND = 5.0  # the longest the transfer may stand still through a drain and restart
+# The longest the transfer may stand still through a drain and restart: a stall that long
+# means lost packets and a TCP retransmission timeout, not a slow relay (measured: under 0.3 s).
+STALL_BOUND = 2.0
 # For the home move: a client that heard from its home in the last 8 s keeps it at the netcheck
 # right after the new map, and moves at its next periodic one (every 20-26 s).
 REGIONS_GRACE = 40
-MAX_LOST = 4  # pings lost through a drain and restart: two region redefinitions, two at most each
+BUSY_GRACE = 12  # for a region whose clients stay: the grace runs out, it need not be longer than the map's trip
 RATE = 1_250_000  # bytes per second: the 50 MB transfer lasts 40 s, across the drain and the restart
 PORT_1, PORT_2 = PORTS["relay"], PORTS["relay"] + 1
 STUN = {PORT_1: PORTS["stun"], PORT_2: PORTS["stun"] + 1}
@@ -168,6 +171,7 @@ def test_restart_of_a_meshed_node_under_load(make_tailnet, blob: tuple[Path, str
     wait_until("pings answered before the stop", lambda: answered_since(flow.pings, start) >= 10, 30, net)
     times = restart_the_busy_relay(net, relays, grace)
     t = flow.finish()
+    parked = sum(net.metrics(p).get("derp_parked_delivered_total", 0.0) for p in relays)
     # The window of the maintenance: from SIGTERM until the clients have had the map with the
     # relay back in it.  Outside it headscale reshuffles the region's two nodes every
     # UPDATE_FREQUENCY and clients reconnect whenever the order changes: not the drain's doing,
@@ -177,7 +181,8 @@ def test_restart_of_a_meshed_node_under_load(make_tailnet, blob: tuple[Path, str
     stall = t.longest_stall(t0, t1)
     print(f"--drain-grace {grace}: the busy relay exited {times['exit']:.2f} s after SIGTERM "
           f"({times['moved']:.0f} clients homed on the other one by then), listened again "
-          f"{times['listening']:.2f} s later and was published {times['published']:.2f} s after that")
+          f"{times['listening']:.2f} s later and was published {times['published']:.2f} s after that; "
+          f"{parked:.0f} packets held for a client between two logins and delivered")
     print(f"--drain-grace {grace}: from SIGTERM to the map with the relay back ({t1 - t0:.1f} s): pings a -> b: "
           f"{window.summary()}; longest transfer stall {stall:.2f} s")
     print(f"--drain-grace {grace}: the whole flow: pings {flow.pings.summary()}, lost at "
@@ -188,26 +193,36 @@ def test_restart_of_a_meshed_node_under_load(make_tailnet, blob: tuple[Path, str
         return
     assert times["moved"] == 2, "the clients were not on the other relay when the drained one exited"
     assert times["exit"] < DRAIN_GRACE, "the drained relay waited for the whole grace"
-    # Each of the two map changes (the node out, the node back) redefines the region: the client
-    # drops its home connection and picks its home again, and netcheck, with no UDP here, waits
-    # 3 s for STUN before it does; a ping that falls into that wait is lost (its timeout is 3 s).
-    assert window.lost() <= MAX_LOST, window.summary()
+    # Each of the two map changes (the node out, the node back) redefines the region: both
+    # clients close their connection to it and log in again, each to the first node listed.  A
+    # packet that reaches a relay while its client is between two logins is held there until
+    # the client is back (here or on the other node), so no ping is lost.  (What remains: a
+    # packet already in a socket buffer when its client closes the connection; no run lost one
+    # in this window, see README.md, "Measured".)
+    assert window.lost() == 0, window.summary()
     assert stall < STALL_BOUND, t
 
 
-def test_drain_moves_homes_to_another_region(make_tailnet, blob: tuple[Path, str]) -> None:
-    net = make_tailnet("drain-regions")
+def two_regions(net: Tailnet, grace: str):  # type: ignore[no-untyped-def]
+    """Regions 900 and 901 with one relay each, both clients homed in 900."""
     coordinator(net)
     # Region 900 first, so both clients make it their home; region 901 joins after them.
-    relays = {PORT_1: relay(net, PORT_1, REGION_ID, f"{REGIONS_GRACE}s")}
+    relays = {PORT_1: relay(net, PORT_1, REGION_ID, grace)}
     wait_until("region 900 in the map", lambda: REGION_ID in published(net), 30, net)
     authkey = net.start_headscale(derp_urls=[f"http://127.0.0.1:{PORTS['coordinator']}/derpmap/default"],
                                   update_frequency=f"{UPDATE_FREQUENCY}s")
     a, b = net.start_node("a", 41641, authkey), net.start_node("b", 41642, authkey)
-    relays[PORT_2] = relay(net, PORT_2, REGION_ID + 1, f"{REGIONS_GRACE}s")
+    relays[PORT_2] = relay(net, PORT_2, REGION_ID + 1, grace)
     wait_until("both regions in the map", lambda: len(published(net)) == 2, 30, net)
+    wait_until("both clients homed in region 900", lambda: {home_region(a), home_region(b)} == {REGION_ID}, 60,
+               net)
+    return relays, a, b
+
+
+def test_drain_moves_homes_to_another_region(make_tailnet, blob: tuple[Path, str]) -> None:
+    net = make_tailnet("drain-regions")
+    relays, a, b = two_regions(net, f"{REGIONS_GRACE}s")
     home, away, port = REGION_ID, REGION_ID + 1, PORT_1
-    wait_until("both clients homed in region 900", lambda: {home_region(a), home_region(b)} == {home}, 60, net)
     b_ip = b.ip()
     # No traffic between a and b before the drain: a Tailscale client keeps a home it heard a
     # frame from in the last 8 s when that home has no measured latency (netcheck's
@@ -244,3 +259,39 @@ def test_drain_moves_homes_to_another_region(make_tailnet, blob: tuple[Path, str
     assert code == 0
     assert pings.results[-1][1] is not None and pings.results[-1][2] == away, pings.results[-5:]
     assert pings.lost() == 0, pings.summary()
+
+
+@pytest.mark.parametrize("grace", ["0", f"{BUSY_GRACE}s"], ids=["today-no-drain", "drain"])
+def test_stop_of_a_busy_home_region(make_tailnet, grace: str) -> None:
+    """The same two regions, but a pings b every 200 ms from before the stop: every pong a
+    relay delivers is a frame from region 900, so neither client leaves that home while its
+    relay relays (docs/coordinator.md), drain or not.  Measured: when the homes moved, how
+    many pings were lost, and the longest time without a pong, with and without the drain."""
+    net = make_tailnet(f"drain-busy-{grace}")
+    relays, a, b = two_regions(net, grace)
+    home, away, proc = REGION_ID, REGION_ID + 1, relays[PORT_1]
+    pings = PingLog(a, b.ip()).start()
+    start = time.monotonic()
+    wait_until("pings answered before the stop", lambda: answered_since(pings, start) >= 10, 30, net)
+    t0 = time.monotonic()
+    proc.popen.send_signal(15)
+    homes_at_exit = []
+
+    def exited() -> bool:
+        homes_at_exit[:] = [home_region(a), home_region(b)]
+        return proc.popen.poll() is not None
+
+    wait_until("the relay of region 900 exited", exited, BUSY_GRACE + 15, net, every=0.5)
+    t_exit = time.monotonic()
+    net.stop(proc)
+    wait_until("both clients homed in the other region", lambda: {home_region(a), home_region(b)} == {away}, 60,
+               net, every=0.2)
+    t_moved = time.monotonic()
+    wait_until("pings answered after the move", lambda: answered_since(pings, t_moved) >= 5, 30, net)
+    pings.stop()
+    print(f"--drain-grace {grace}, region {home} busy: its relay exited {t_exit - t0:.2f} s after SIGTERM "
+          f"(homes then: {homes_at_exit}), both clients homed in {away} {t_moved - t_exit:.2f} s after the exit; "
+          f"pings a -> b: {pings.summary()}, lost at {pings.lost_at(t0)} s after SIGTERM")
+    assert pings.results[-1][1] is not None and pings.results[-1][2] == away, pings.results[-5:]
+    if grace != "0":
+        assert t_exit - t0 >= BUSY_GRACE - 1, "the drained relay exited before its grace although clients used it"
