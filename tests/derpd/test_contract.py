@@ -8,7 +8,6 @@ attribute access: the engine reads nothing of a connection."""
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import time
@@ -22,13 +21,9 @@ from derpd.protocol.messages import DISCO_MAGIC, DISCO_MIN_LEN
 from derpd.relay.client_connection import ClientConnection
 from derpd.relay.dataplane import EngineConnection
 from derpd.relay.registry import Member
+from tests.compiled import optional
 
-try:
-    from derpd import _dataplane
-except ImportError:  # no C compiler, or not Linux
-    _dataplane = None
-    if os.environ.get("DERPD_REQUIRE_SPEEDUPS") == "1":
-        raise ImportError("derpd._dataplane is not built: install a C compiler (gcc) and reinstall derpd") from None
+_dataplane = optional("derpd._dataplane")
 
 pytestmark = pytest.mark.skipif(_dataplane is None, reason="derpd._dataplane not built (no C compiler)")
 

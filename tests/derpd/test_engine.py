@@ -15,13 +15,9 @@ import pytest
 from derpd.metrics import RelayStats
 from derpd.protocol.frames import FrameType, encode_frame
 from derpd.protocol.messages import DISCO_MAGIC, DISCO_MIN_LEN
+from tests.compiled import optional
 
-try:
-    from derpd import _dataplane
-except ImportError:  # no C compiler, or not Linux
-    _dataplane = None
-    if os.environ.get("DERPD_REQUIRE_SPEEDUPS") == "1":
-        raise ImportError("derpd._dataplane is not built: install a C compiler (gcc) and reinstall derpd") from None
+_dataplane = optional("derpd._dataplane")
 
 pytestmark = pytest.mark.skipif(_dataplane is None, reason="derpd._dataplane not built (no C compiler)")
 

@@ -9,7 +9,6 @@ the protocol description, disco boundaries) and Hypothesis-made frame lists."""
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import pytest
@@ -21,15 +20,11 @@ from derpd.protocol.errors import RemoteProtocolError
 from derpd.protocol.frames import FrameType, encode_frame
 from derpd.protocol.messages import DISCO_MAGIC, DISCO_MIN_LEN, looks_like_disco
 from derpd.relay import router
+from tests.compiled import optional
 
 from . import vectors as v
 
-try:
-    from derpd import _speedups
-except ImportError:  # no C compiler when the package was built
-    _speedups = None
-    if os.environ.get("DERPD_REQUIRE_SPEEDUPS") == "1":
-        raise ImportError("derpd._speedups is not built: install a C compiler (gcc) and reinstall derpd") from None
+_speedups = optional("derpd._speedups")
 
 needs_c = pytest.mark.skipif(_speedups is None, reason="derpd._speedups not built (no C compiler)")
 

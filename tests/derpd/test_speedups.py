@@ -16,15 +16,11 @@ from derpd.protocol.errors import RemoteProtocolError
 from derpd.protocol.frames import CLIENT_MAX_FRAME_LEN, CLIENT_READ_LIMITS, SERVER_READ_LIMITS, FrameDecoder
 from derpd.protocol.messages import DISCO_MAGIC
 from derpd.relay import router as router_mod
+from tests.compiled import optional
 
 from . import vectors as v
 
-try:
-    from derpd import _speedups
-except ImportError:  # no C compiler when the package was built
-    _speedups = None
-    if os.environ.get("DERPD_REQUIRE_SPEEDUPS") == "1":
-        raise ImportError("derpd._speedups is not built: install a C compiler (gcc) and reinstall derpd") from None
+_speedups = optional("derpd._speedups")
 
 needs_c = pytest.mark.skipif(_speedups is None, reason="derpd._speedups not built (no C compiler)")
 

@@ -32,16 +32,12 @@ from stund.message import (
     tailscale_request,
 )
 from stund.server import serve_stun
+from tests.compiled import optional
 
 from . import stun_vectors as V
 from .test_stun_server import needs_ipv6, sample
 
-try:
-    from stund import _mmsg
-except ImportError:  # no C compiler when the package was built
-    _mmsg = None
-    if os.environ.get("DERPD_REQUIRE_SPEEDUPS") == "1":
-        raise ImportError("stund._mmsg is not built: install a C compiler (gcc) and reinstall derpd") from None
+_mmsg = optional("stund._mmsg")
 
 needs_c = pytest.mark.skipif(_mmsg is None, reason="stund._mmsg not built (no C compiler)")
 KINDS = (KIND_TAILSCALE, KIND_RFC5389, KIND_RFC3489)
