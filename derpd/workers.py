@@ -485,9 +485,9 @@ async def _forward_signals(sup: Supervisor, server: RelayServer, signals: Any, s
                     nursery.start_soon(announce_drain, started[0].announcer, signum == signal.SIGUSR1)
             elif not sup.stopping:
                 draining = settings.drain_grace > 0 and sup.settings.announce is not None
-                startup.info("received %s: %sthen telling clients to reconnect, draining queues for up to %.1fs "
+                startup.info("received %s: %stelling clients to reconnect, draining queues for up to %.1fs "
                              "(send it again to stop at once)", signal.Signals(signum).name,
-                             f"draining for up to {settings.drain_grace:.1f}s (--drain-grace), " if draining else "",
+                             f"draining for up to {settings.drain_grace:.1f}s (--drain-grace), then " if draining else "",
                              settings.shutdown_grace)
                 sup.request_stop()
                 if draining and started:
